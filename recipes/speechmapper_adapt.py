@@ -80,7 +80,8 @@ class AdaptRecipe:
         if cfg.llm.get("dtype", "bf16") not in DTYPES:
             raise ValueError(f"llm.dtype={cfg.llm.dtype!r}: expected fp32 or bf16 (the loss is always fp32)")
         self.sigma, self.alpha = float(cfg.loss.sigma), float(cfg.loss.alpha)
-        stage2_loss(torch.zeros(()), torch.zeros(()), self.sigma)  # validates sigma
+        self.weighting = str(cfg.loss.get("weighting", "paper"))
+        stage2_loss(torch.zeros(()), torch.zeros(()), self.sigma, self.weighting)  # validates sigma and weighting
         check_alpha(self.alpha)
         self.max_steps = int(cfg.max_steps)
         self.grad_accum = int(cfg.get("gradient_accumulation_steps", 1))
@@ -254,7 +255,9 @@ class AdaptRecipe:
             target = lookup_targets(self.embedding, batch["target_ids"].to(self.device))
             mse = speechmapper_mse(pred[has], target[has], out_lengths[has], batch["num_words"].to(self.device)[has],
                                    self.alpha, float(self.cfg.loss.get("scale", 1e3))).mse
-        return {"loss": stage2_loss(ce, mse, self.sigma), "ce": ce, "mse": mse,
+        # "objective" is what trains; "loss" is always paper Eq. 3, so runs with either weighting compare
+        return {"objective": stage2_loss(ce, mse, self.sigma, self.weighting), "loss": stage2_loss(ce, mse, self.sigma),
+                "ce": ce, "mse": mse,
                 "tokens": int((labels != IGNORE_INDEX).sum()), "speech_vectors": int(span.sum())}
 
     def train(self) -> None:
@@ -276,7 +279,7 @@ class AdaptRecipe:
                 ctx = self.projector.no_sync() if (self.world_size > 1 and not last) else contextlib.nullcontext()
                 with ctx:
                     out = self._forward(batch, self.projector)
-                    (out["loss"] / self.grad_accum).backward()
+                    (out["objective"] / self.grad_accum).backward()
                 for k in LOSS_KEYS:
                     sums[k] += float(out[k].detach())
                 tokens += out["tokens"] + out["speech_vectors"]

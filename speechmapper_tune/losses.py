@@ -110,11 +110,38 @@ class Stage1Loss(nn.Module):
         return {"loss": loss, "mse": parts.mse, "mse_word": parts.mse_word, "mse_pad": parts.mse_pad, "cosine": cosine}
 
 
-def stage2_loss(ce: Tensor, mse: Tensor, sigma: float) -> Tensor:
-    """Eq. 3: ``(1 - sigma) * CE + sigma * L_MSE``."""
+LOSS_WEIGHTINGS = ("paper", "balanced")
+
+
+def check_weighting(weighting: str) -> None:
+    if weighting not in LOSS_WEIGHTINGS:
+        raise ValueError(f"loss weighting={weighting!r}: expected one of {LOSS_WEIGHTINGS}")
+
+
+def relative(term: Tensor) -> Tensor:
+    """``term / stopgrad(|term|)``: value +-1, gradient that of ``log|term|``.
+
+    Used by ``weighting="balanced"``: each term then moves the parameters in proportion to
+    its *relative* change, whatever its magnitude (the x1e3-scaled MSE is ~1e4-1e5 while
+    CE is ~1-10, so with the paper's weights CE's gradient is drowned; issue 7).
+    """
+    return term / term.detach().abs().clamp_min(1e-12)
+
+
+def stage2_loss(ce: Tensor, mse: Tensor, sigma: float, weighting: str = "paper") -> Tensor:
+    """Eq. 3: ``(1 - sigma) * CE + sigma * L_MSE``.
+
+    ``weighting="balanced"`` (not in the paper): ``(1 - sigma) * CE/sg(CE) + sigma * MSE/sg(MSE)``,
+    the same mix of the two terms' *relative* gradients; the value is then no longer
+    comparable across weightings, so recipes log ``ce`` and ``mse`` separately.
+    """
     if not 0.0 <= float(sigma) <= 1.0:
         raise ValueError(f"loss sigma={sigma} is outside [0, 1] (paper Eq. 3)")
-    return (1.0 - sigma) * ce.float() + sigma * mse.float()
+    check_weighting(weighting)
+    ce, mse = ce.float(), mse.float()
+    if weighting == "balanced":
+        return (1.0 - sigma) * relative(ce) + sigma * (relative(mse) if bool(mse.detach() != 0) else mse)
+    return (1.0 - sigma) * ce + sigma * mse
 
 
 @torch.no_grad()

@@ -100,3 +100,21 @@ def test_diagnostics():
     assert norm_ratio(pred, target, mask).item() == pytest.approx(
         (pred[0, 0].norm() + pred[0, 1].norm()).item() / 2, rel=1e-6
     )
+
+
+def test_stage2_balanced_weighting_gradients_are_relative():
+    ce = torch.tensor(2.0, requires_grad=True)
+    mse = torch.tensor(5e4, requires_grad=True)
+    loss = stage2_loss(ce, mse, 0.9, weighting="balanced")
+    assert loss.item() == pytest.approx(1.0)  # each relative term is 1
+    loss.backward()
+    assert ce.grad.item() == pytest.approx(0.1 / 2.0)  # gradient of 0.1 * log(ce)
+    assert mse.grad.item() == pytest.approx(0.9 / 5e4)
+    # paper weighting: CE's gradient is 0.1 whatever MSE's size
+    ce2 = torch.tensor(2.0, requires_grad=True)
+    stage2_loss(ce2, torch.tensor(5e4), 0.9).backward()
+    assert ce2.grad.item() == pytest.approx(0.1)
+    # no MSE in the batch (SQA-only items): the MSE term is a plain zero, never 0/0
+    assert torch.isfinite(stage2_loss(torch.tensor(3.0), torch.tensor(0.0), 0.9, weighting="balanced"))
+    with pytest.raises(ValueError, match="weighting"):
+        stage2_loss(torch.tensor(1.0), torch.tensor(1.0), 0.9, weighting="equal")
