@@ -266,6 +266,8 @@ class AdaptRecipe:
         clip = cfg.get("clip_grad_norm")
         batches = self._batches()
         pbar = tqdm(total=self.max_steps, initial=self.step, disable=not self.is_main, desc="stage 2", dynamic_ncols=True)
+        if cfg.get("validate_at_start", False) and self.step == 0:
+            self._log(self.validate())  # the stage-1 projector's baseline, so "val CE falls" is measurable
         t0, tokens = time.perf_counter(), 0
         while self.step < self.max_steps:
             sums = {k: 0.0 for k in LOSS_KEYS}
