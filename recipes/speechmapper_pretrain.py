@@ -7,6 +7,9 @@
 
 No LLM forward ever runs: only the token-embedding tensor is read from the LLM checkpoint
 (paper section 2.2). Loss Eq. 2 in fp32; the projector may run under bf16 autocast.
+``loss`` (Eq. 2) is logged; ``objective`` is what is backpropagated (equal unless the config
+turns on ``loss.weighting: balanced`` or ``loss.classifier_weight``; issue 7). Optional
+``data.augment`` masks training features (never validation ones).
 Copy this file next to your own torchtune recipes to adapt it; it reads top to bottom:
 setup -> train (with validate and save_checkpoint) -> cleanup.
 """
@@ -49,7 +52,7 @@ from speechmapper_tune.losses import nearest_token_accuracy, norm_ratio, positio
 from speechmapper_tune.models.projector import count_parameters
 
 log = utils.get_logger("INFO")
-LOSS_KEYS = ("loss", "mse", "mse_word", "mse_pad", "cosine")
+LOSS_KEYS = ("loss", "objective", "mse", "mse_word", "mse_pad", "cosine")
 
 
 class PretrainRecipe:
@@ -100,6 +103,9 @@ class PretrainRecipe:
             return
 
         self.embedding = load_embedding_table(self.llm_checkpoint, cfg.llm.get("embedding_key")).to(self.device)
+        self.loss_fn.set_embedding(self.embedding)  # for the classifier term and val_classifier_ce
+        # classifier_ce is a training metric only when it trains: a full-vocabulary matmul per step
+        self.loss_keys = LOSS_KEYS + (("classifier_ce",) if self.loss_fn.classifier_weight > 0 else ())
         self.pad_id = pad_id
         self.llm_meta = {
             "checkpoint": str(self.llm_checkpoint),
@@ -148,8 +154,9 @@ class PretrainRecipe:
         )
         if split == "train" and len(sampler) == 0:
             raise ValueError(f"{manifest}: fewer batches than ranks ({world}); add data or lower max_tokens_per_batch")
+        augment = cfg.get("augment") if split == "train" else None  # validation never sees masked features
         loader = DataLoader(
-            Stage1Dataset(examples),
+            Stage1Dataset(examples, augment=augment, seed=int(self.cfg.seed)),
             batch_sampler=sampler,
             collate_fn=Stage1Collator(out_len, self.pad_id),
             num_workers=int(cfg.get("num_workers", 0)),
@@ -192,6 +199,7 @@ class PretrainRecipe:
             else:
                 self.sampler.load_state_dict({"epoch": self.epoch, "consumed": self.consumed, "seed": self.sampler.seed, "world_size": self.world_size})
             first = False
+            self.train_loader.dataset.set_epoch(self.epoch)  # feature masks depend on (seed, epoch, index)
             for batch in self.train_loader:
                 self.consumed += 1
                 yield batch
@@ -205,7 +213,7 @@ class PretrainRecipe:
         target_ids = batch["target_ids"].to(self.device)
         target = lookup_targets(self.embedding, target_ids)
         num_words = batch["num_words"].to(self.device)
-        out = self.loss_fn(pred.float(), target, out_lengths, num_words)
+        out = self.loss_fn(pred.float(), target, out_lengths, num_words, target_ids)
         out.update(pred=pred, target=target, target_ids=target_ids, out_lengths=out_lengths, num_words=num_words)
         return out
 
@@ -220,7 +228,7 @@ class PretrainRecipe:
         t0, vectors = time.perf_counter(), 0
         self.model.train()
         while self.step < self.max_steps:
-            sums = {k: 0.0 for k in LOSS_KEYS}
+            sums = {k: 0.0 for k in self.loss_keys}
             n_micro = 0
             while n_micro < self.grad_accum:
                 batch = next(batches)
@@ -231,8 +239,8 @@ class PretrainRecipe:
                 ctx = self.model.no_sync() if (self.world_size > 1 and not last) else contextlib.nullcontext()
                 with ctx:
                     out = self._forward(batch, self.model)
-                    (out["loss"] / self.grad_accum).backward()
-                for k in LOSS_KEYS:
+                    (out["objective"] / self.grad_accum).backward()
+                for k in self.loss_keys:
                     sums[k] += float(out[k].detach())
                 vectors += count_tokens(batch)[0]
                 n_micro += 1
@@ -281,7 +289,11 @@ class PretrainRecipe:
             out = self._forward(batch, model)
             word, pad = position_masks(out["out_lengths"], out["num_words"], out["pred"].shape[1])
             words_only = word & (torch.arange(word.shape[1], device=word.device)[None] < out["num_words"][:, None])
-            vals = {k: float(out[k]) for k in LOSS_KEYS}
+            vals = {k: float(out[k]) for k in self.loss_keys}
+            if "classifier_ce" not in vals:  # a diagnostic even when the classifier does not train
+                vals["classifier_ce"] = float(
+                    self.loss_fn.classifier_ce(out["pred"], out["target_ids"], out["out_lengths"], out["num_words"])
+                )
             vals["token_acc"] = float(nearest_token_accuracy(out["pred"], out["target_ids"], words_only, self.embedding))
             vals["norm_ratio"] = float(norm_ratio(out["pred"], out["target"], words_only))
             w = float(count_tokens(batch)[0])
@@ -318,9 +330,9 @@ class PretrainRecipe:
         self.metrics.append(self.step, metrics)
 
     def _all_reduce_mean(self, metrics: Dict[str, float]) -> Dict[str, float]:
-        t = torch.tensor([metrics[k] for k in LOSS_KEYS], dtype=torch.float64)
+        t = torch.tensor([metrics[k] for k in self.loss_keys], dtype=torch.float64)
         dist.all_reduce(t)
-        return {k: float(v) / self.world_size for k, v in zip(LOSS_KEYS, t)}
+        return {k: float(v) / self.world_size for k, v in zip(self.loss_keys, t)}
 
     def _gather_rng(self):
         if self.world_size == 1:

@@ -118,3 +118,101 @@ def test_stage2_balanced_weighting_gradients_are_relative():
     assert torch.isfinite(stage2_loss(torch.tensor(3.0), torch.tensor(0.0), 0.9, weighting="balanced"))
     with pytest.raises(ValueError, match="weighting"):
         stage2_loss(torch.tensor(1.0), torch.tensor(1.0), 0.9, weighting="equal")
+
+
+# --- issue 7: balanced weighting and the embedding-table classifier (Stage1Loss) -------------
+
+# One position (the first pad, no words) with two dimensions: the smallest balanced example.
+P2, T2 = torch.tensor([[[1.0, 1.0]]]), torch.tensor([[[1.0, 0.0]]])
+ONE, NONE = torch.tensor([1]), torch.tensor([0])
+
+
+def test_stage1_balanced_gradient_is_the_log_gradient():
+    pred = P2.clone().requires_grad_(True)
+    out = Stage1Loss(alpha=5, gamma=100, weighting="balanced")(pred, T2, ONE, NONE)
+    cos = 1 / math.sqrt(2)
+    # loss stays Eq. 2: MSE = alpha * scale^2 * mean((p - t)^2) = 5 * 1e6 * 1/2
+    assert out["loss"].item() == pytest.approx(5 * 1e6 / 2 - 100 * cos, rel=1e-6)
+    assert out["objective"].item() == pytest.approx(2.0)  # two relative terms, each 1
+    out["objective"].backward()
+    # d log MSE / dp = 2 (p - t) / |p - t|^2 = (0, 2), whatever alpha and scale
+    # d log(1 - cos) / dp = -(t / (|p||t|) - cos p / |p|^2) / (1 - cos) = -(1, -1) / (2 sqrt2 (1 - cos))
+    k = 1 / (2 * math.sqrt(2) * (1 - cos))
+    torch.testing.assert_close(pred.grad[0, 0], torch.tensor([0.0 - k, 2.0 + k]))
+
+
+def test_stage1_paper_weighting_objective_is_the_loss():
+    pred = P2.clone().requires_grad_(True)
+    out = Stage1Loss()(pred, T2, ONE, NONE)
+    assert out["objective"] is out["loss"] and "classifier_ce" not in out
+    with pytest.raises(ValueError, match="weighting"):
+        Stage1Loss(weighting="equal")
+    with pytest.raises(ValueError, match="classifier_temperature"):
+        Stage1Loss(classifier_temperature=0)
+
+
+# Vocabulary of 4 in 2-D; mean squared row norm (1 + 1 + 1 + 4) / 4 = 7/4; pad id 3.
+E4 = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.0, 2.0]])
+
+
+def hand_ce(p, y, temperature):
+    """-log softmax_y of -|p - e_j|^2 / (temperature * 7/4), in plain Python."""
+    logits = [-((p[0] - e[0]) ** 2 + (p[1] - e[1]) ** 2) / (temperature * 7 / 4) for e in E4.tolist()]
+    return math.log(sum(math.exp(l) for l in logits)) - logits[y]
+
+
+def classifier_batch():
+    # sample 0: 4 valid positions, 1 word -> positions 0 (word), 1 (first pad); 2, 3 remaining pads
+    # sample 1: 2 valid positions, 1 word -> positions 0, 1; 2, 3 are batch padding
+    ids = torch.tensor([[2, 3, 3, 3], [1, 3, IGNORE_INDEX, IGNORE_INDEX]])
+    pred = torch.full((2, 4, 2), 50.0)  # excluded positions: far from every row, would dominate the CE
+    pred[0, 0], pred[0, 1] = torch.tensor([-0.5, 0.5]), torch.tensor([0.0, 2.0])
+    pred[1, 0], pred[1, 1] = torch.tensor([0.2, 0.3]), torch.tensor([1.0, 1.0])
+    return pred, ids, torch.tensor([4, 2]), torch.tensor([1, 1])
+
+
+def test_classifier_ce_by_hand_and_its_mask():
+    pred, ids, lengths, words = classifier_batch()
+    loss = Stage1Loss(classifier_weight=1.0, classifier_temperature=0.5)
+    loss.set_embedding(E4)
+    out = loss(pred, E4[ids.clamp_min(0)], lengths, words, ids)
+    kept = [((0, 0), 2), ((0, 1), 3), ((1, 0), 1), ((1, 1), 3)]
+    expected = sum(hand_ce(pred[i, j].tolist(), y, 0.5) for (i, j), y in kept) / 4
+    assert out["classifier_ce"].item() == pytest.approx(expected, rel=1e-5)
+    assert out["objective"].item() == pytest.approx(out["loss"].item() + expected, rel=1e-5)
+    # batched == one sample at a time (each has 2 kept positions, so the mean of the two)
+    singles = [loss(pred[i : i + 1], E4[ids[i : i + 1].clamp_min(0)], lengths[i : i + 1], words[i : i + 1], ids[i : i + 1])
+               for i in range(2)]
+    assert expected == pytest.approx(sum(s["classifier_ce"].item() for s in singles) / 2, rel=1e-5)
+
+
+def test_classifier_exact_rows_score_low_at_the_default_temperature():
+    loss = Stage1Loss(classifier_weight=1.0)
+    loss.set_embedding(E4)
+    ids = torch.tensor([[0, 1, 2, 3]])
+    out = loss(E4[ids], E4[ids], torch.tensor([4]), torch.tensor([3]), ids)
+    assert out["classifier_ce"].item() < 1e-3
+
+
+def test_classifier_without_embedding_or_ids_is_an_error():
+    pred, ids, lengths, words = classifier_batch()
+    with pytest.raises(ValueError, match="set_embedding"):
+        Stage1Loss(classifier_weight=1.0)(pred, E4[ids.clamp_min(0)], lengths, words, ids)
+    with pytest.raises(ValueError, match="target_ids"):
+        Stage1Loss(classifier_weight=1.0)(pred, E4[ids.clamp_min(0)], lengths, words)
+
+
+def test_balanced_classifier_term_is_relative():
+    pred, ids, lengths, words = classifier_batch()
+    pred = pred.requires_grad_(True)
+    loss = Stage1Loss(weighting="balanced", classifier_weight=0.5)
+    loss.set_embedding(E4)
+    out = loss(pred, E4[ids.clamp_min(0)], lengths, words, ids)
+    assert out["objective"].item() == pytest.approx(2.5)  # MSE, cosine, 0.5 x classifier: each 1
+    out["objective"].backward()
+    ref = pred.detach().clone().requires_grad_(True)
+    r = Stage1Loss(classifier_weight=1.0)
+    r.set_embedding(E4)
+    o = r(ref, E4[ids.clamp_min(0)], lengths, words, ids)
+    (o["mse"].log() + (1 - o["cosine"]).log() + 0.5 * o["classifier_ce"].log()).backward()
+    torch.testing.assert_close(pred.grad, ref.grad)

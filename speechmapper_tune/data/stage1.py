@@ -10,13 +10,14 @@ recipe counts it in the main process, whatever the number of loader workers.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from speechmapper_tune.data.augment import FeatureMasking
 from speechmapper_tune.data.features import load_item_features, pad_features
 from speechmapper_tune.data.manifest import FeatureItem, SkipCounter
 from speechmapper_tune.losses import build_stage1_target_ids
@@ -55,8 +56,19 @@ def prepare_stage1_examples(
 
 
 class Stage1Dataset(Dataset):
-    def __init__(self, examples: Sequence[Stage1Example]):
+    """Items' features and token ids; ``augment`` (train only) masks features per (seed, epoch, index).
+
+    ``augment``: None (off) or ``{time_masks, time_width, feature_masks, feature_width}``, see
+    :mod:`speechmapper_tune.data.augment`; call :meth:`set_epoch` before each epoch's iteration.
+    """
+
+    def __init__(self, examples: Sequence[Stage1Example], augment: Optional[Mapping] = None, seed: int = 0):
         self.examples = list(examples)
+        self.masking = FeatureMasking.from_config(augment, seed)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -66,6 +78,8 @@ class Stage1Dataset(Dataset):
         feats, error = load_item_features(ex.item)
         if error:
             return {"id": ex.item.id, "error": error}
+        if self.masking is not None:
+            feats = self.masking(feats, self.epoch, i)
         return {"id": ex.item.id, "features": feats, "token_ids": ex.token_ids}
 
 

@@ -17,12 +17,13 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from speechmapper_tune.data.augment import FeatureMasking
 from speechmapper_tune.data.features import load_item_features, pad_features
 from speechmapper_tune.data.manifest import FeatureItem, SkipCounter
 from speechmapper_tune.losses import IGNORE_INDEX, build_stage1_target_ids
@@ -156,8 +157,17 @@ def _check(ex: Stage2Example, max_seq_len: int, skipped: SkipCounter) -> bool:
 
 
 class Stage2Dataset(Dataset):
-    def __init__(self, examples: Sequence[Stage2Example]):
+    """``augment`` (train only): None or ``{time_masks, time_width, feature_masks, feature_width}``,
+    masking features per (seed, epoch, index), see :mod:`speechmapper_tune.data.augment`;
+    call :meth:`set_epoch` before each epoch's iteration."""
+
+    def __init__(self, examples: Sequence[Stage2Example], augment: Optional[Mapping] = None, seed: int = 0):
         self.examples = list(examples)
+        self.masking = FeatureMasking.from_config(augment, seed)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -167,6 +177,8 @@ class Stage2Dataset(Dataset):
         feats, error = load_item_features(ex.item)
         if error:
             return {"id": ex.item.id, "error": error}
+        if self.masking is not None:
+            feats = self.masking(feats, self.epoch, i)
         return {"id": ex.item.id, "features": feats, "example": ex}
 
 

@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+import torch
 from lhotse import CutSet
 
 from speechmapper_tune.data.features import SafetensorsShardWriter
@@ -76,3 +77,33 @@ def test_collate_shapes_and_targets(manifest):
 def test_unreadable_manifest_names_the_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.jsonl.gz"):
         load_feature_items(tmp_path / "nope.jsonl.gz")
+
+
+AUG = {"time_masks": 2, "time_width": 4, "feature_masks": 1, "feature_width": 3}
+
+
+def test_augment_is_off_by_default_and_masks_per_seed_epoch_index(manifest):
+    examples = prepare_stage1_examples(load_feature_items(manifest), encode, out_len, 10_000, SkipCounter())
+    plain, masked = Stage1Dataset(examples), Stage1Dataset(examples, augment=AUG, seed=3)
+    raw = [plain[i]["features"] for i in range(len(examples))]
+    assert plain.masking is None
+    first = [masked[i]["features"] for i in range(len(examples))]
+    assert all(not torch.equal(a, b) and a.shape == b.shape for a, b in zip(raw, first))
+    assert all(torch.equal(a, masked[i]["features"]) for i, a in enumerate(first))  # same epoch: same masks
+    masked.set_epoch(1)
+    assert all(not torch.equal(a, masked[i]["features"]) for i, a in enumerate(first))  # new epoch: new masks
+    masked.set_epoch(0)
+    assert all(torch.equal(a, masked[i]["features"]) for i, a in enumerate(first))  # resume: epoch 0 again
+
+
+def test_augmented_batch_equals_its_items_one_by_one(manifest):
+    examples = prepare_stage1_examples(load_feature_items(manifest), encode, out_len, 10_000, SkipCounter())
+    ds = Stage1Dataset(examples, augment=AUG, seed=0)
+    ds.set_epoch(5)
+    order = [4, 1, 3]
+    batch = Stage1Collator(out_len, pad_id=0)([ds[i] for i in order])
+    for row, i in enumerate(order):
+        single = ds[i]["features"]
+        n = single.shape[0]
+        assert torch.equal(batch["features"][row, :n], single)
+        assert batch["features"][row, n:].eq(0).all()  # batch padding is never masked

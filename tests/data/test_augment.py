@@ -1,0 +1,103 @@
+import numpy as np
+import pytest
+import torch
+
+from speechmapper_tune.data.augment import FeatureMasking, item_rng, mask_features
+from speechmapper_tune.data.manifest import SkipCounter, load_feature_items
+from speechmapper_tune.data.stage2 import PromptParts, Stage2Dataset, Stage2Example
+from speechmapper_tune.data.synthetic import write_synthetic_split
+
+AUG = {"time_masks": 2, "time_width": 5, "feature_masks": 1, "feature_width": 3}
+
+
+def feats(n=40, d=16, seed=0):
+    return torch.from_numpy(np.random.default_rng(seed).normal(size=(n, d)).astype(np.float32))
+
+
+def changed(a, b):
+    return (torch.as_tensor(a) != torch.as_tensor(b))
+
+
+def test_masks_have_exactly_the_configured_widths_and_hold_the_mean():
+    x = feats()
+    mean = x.mean(0)
+    y = mask_features(x, item_rng(0, 0, 0), time_masks=1, time_width=5)
+    rows = changed(x, y).any(1)
+    assert rows.sum() == 5 and rows.nonzero().flatten().diff().eq(1).all()  # one run of 5 frames
+    torch.testing.assert_close(y[rows], mean.expand(5, -1))
+    z = mask_features(x, item_rng(0, 0, 0), feature_masks=1, feature_width=3)
+    cols = changed(x, z).any(0)
+    assert cols.sum() == 3 and cols.nonzero().flatten().diff().eq(1).all()
+    torch.testing.assert_close(z[:, cols], mean[cols].expand(40, -1))
+    assert torch.equal(x, feats())  # the input is never modified
+
+
+def test_widths_clip_to_the_utterance_and_numpy_arrays_work():
+    x = feats(n=3).numpy()
+    y = mask_features(x, item_rng(0, 0, 0), time_masks=1, time_width=10)
+    assert isinstance(y, np.ndarray)
+    np.testing.assert_allclose(y, np.broadcast_to(x.mean(0), x.shape), rtol=1e-6)
+    assert mask_features(x, item_rng(0, 0, 0)) is not x  # no masks: an unmasked copy
+    np.testing.assert_array_equal(mask_features(x, item_rng(0, 0, 0)), x)
+
+
+def test_same_seed_epoch_index_same_masks_and_different_otherwise():
+    m = FeatureMasking.from_config(AUG, seed=7)
+    x = feats()
+    a, b = m(x, epoch=1, index=3), m(x, epoch=1, index=3)
+    assert torch.equal(a, b)
+    assert not torch.equal(changed(x, a), changed(x, m(x, epoch=2, index=3)))  # next epoch
+    assert not torch.equal(changed(x, a), changed(x, m(x, epoch=1, index=4)))  # next item
+    other_seed = FeatureMasking.from_config(AUG, seed=8)
+    assert not torch.equal(changed(x, a), changed(x, other_seed(x, epoch=1, index=3)))
+
+
+def test_config_is_validated():
+    assert FeatureMasking.from_config(None) is None
+    with pytest.raises(ValueError, match="unknown keys"):
+        FeatureMasking.from_config({"time_masks": 1, "freq_width": 2})
+    with pytest.raises(ValueError, match="time_width=-1"):
+        FeatureMasking.from_config({"time_masks": 1, "time_width": -1})
+    with pytest.raises(ValueError, match="feature_masks=1.5"):
+        FeatureMasking.from_config({"feature_masks": 1.5})
+
+
+def test_stage2_dataset_masks_only_with_augment(tmp_path):
+    items = load_feature_items(write_synthetic_split(tmp_path, "train", 3, 16, seed=0), SkipCounter())
+    examples = [Stage2Example(it, PromptParts([1], [2]), [3], [], it.num_frames // 4) for it in items]
+    plain, masked = Stage2Dataset(examples), Stage2Dataset(examples, augment=AUG, seed=0)
+    for i in range(len(examples)):
+        masked.set_epoch(2)
+        a, b = plain[i]["features"], masked[i]["features"]
+        assert b.shape == a.shape and changed(a, b).any(1).sum() >= AUG["time_width"]
+        assert torch.equal(b, FeatureMasking.from_config(AUG, 0)(a, 2, i))
+
+
+def test_pretrain_recipe_masks_training_features_only_and_logs_the_new_terms(tmp_path):
+    """In process (no `tune` CLI): the stage-1 recipe wires data.augment and the loss options."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    repo = Path(__file__).resolve().parents[2]
+    spec = importlib.util.spec_from_file_location("speechmapper_pretrain", repo / "recipes" / "speechmapper_pretrain.py")
+    recipe_module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe_module)
+    cfg = OmegaConf.load(repo / "configs" / "tiny" / "stage1.yaml")
+    cfg.merge_with({
+        "output_dir": str(tmp_path), "max_steps": 2, "log_every_n_steps": 1, "metric_loggers": [],
+        "data": {"augment": AUG}, "loss": {"weighting": "balanced", "classifier_weight": 1.0},
+    })
+    recipe = recipe_module.PretrainRecipe(cfg)
+    recipe.setup()
+    assert recipe.train_loader.dataset.masking == FeatureMasking.from_config(AUG, seed=0)
+    assert recipe.val_loader.dataset.masking is None
+    assert recipe.validate() == recipe.validate()  # nothing random in validation
+    recipe.train()
+    recipe.cleanup()
+    rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert {"loss", "objective", "classifier_ce"} <= set(rows[0])
+    assert rows[0]["objective"] == pytest.approx(3.0)  # balanced: three relative terms
+    assert {"val_loss", "val_classifier_ce", "val_token_acc"} <= set(rows[-1])
