@@ -9,6 +9,11 @@ L_MSE the stage-1 Eq. 1 between the projector output and the transcript's embedd
 sigma=0.9 keeps the projector in the embedding space (task-agnostic); sigma=0 gives a task
 specialist. The LLM is frozen (``requires_grad=False``, no optimizer state): only the projector
 trains. Reads top to bottom: setup -> train (validate, save_checkpoint) -> cleanup.
+
+Options beyond the paper (issue 7 levers; defaults are the paper's): ``loss.weighting=balanced``
+mixes the relative gradients of CE and MSE (the logged ``loss`` stays Eq. 3);
+``data.train.augment`` masks training features; ``validate_at_start`` logs the starting
+projector's validation losses at step 0.
 """
 
 from __future__ import annotations
@@ -194,7 +199,8 @@ class AdaptRecipe:
         if shuffle and len(sampler) == 0:
             raise ValueError(f"{dcfg.manifest}: {len(examples)} examples make no full batch of {self.cfg.batch_size} per rank")
         log.info(f"{'train' if shuffle else 'val'}: {len(examples)} examples from {dcfg.manifest}")
-        loader = DataLoader(Stage2Dataset(examples), batch_sampler=sampler, collate_fn=Stage2Collator(proj.output_length, self.pad_id),
+        augment = dcfg.get("augment") if shuffle else None  # validation never sees masked features
+        loader = DataLoader(Stage2Dataset(examples, augment=augment, seed=int(self.cfg.seed)), batch_sampler=sampler, collate_fn=Stage2Collator(proj.output_length, self.pad_id),
                             num_workers=int(dcfg.get("num_workers", 0)), generator=torch.Generator().manual_seed(int(self.cfg.seed)))
         return loader, sampler
 
@@ -232,6 +238,7 @@ class AdaptRecipe:
             else:
                 self.sampler.set_epoch(self.epoch)
             first = False
+            self.train_loader.dataset.set_epoch(self.epoch)  # feature masks depend on (seed, epoch, index)
             for batch in self.train_loader:
                 self.consumed += 1
                 yield batch

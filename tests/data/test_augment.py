@@ -101,3 +101,34 @@ def test_pretrain_recipe_masks_training_features_only_and_logs_the_new_terms(tmp
     assert {"loss", "objective", "classifier_ce"} <= set(rows[0])
     assert rows[0]["objective"] == pytest.approx(3.0)  # balanced: three relative terms
     assert {"val_loss", "val_classifier_ce", "val_token_acc"} <= set(rows[-1])
+
+
+def test_adapt_recipe_masks_training_features_only_and_weights_relatively(tmp_path):
+    """In process: the stage-2 recipe wires data.train.augment, loss.weighting and validate_at_start."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    repo = Path(__file__).resolve().parents[2]
+    spec = importlib.util.spec_from_file_location("speechmapper_adapt", repo / "recipes" / "speechmapper_adapt.py")
+    recipe_module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe_module)
+    cfg = OmegaConf.load(repo / "configs" / "tiny" / "stage2.yaml")
+    cfg.merge_with({
+        "output_dir": str(tmp_path), "max_steps": 2, "log_every_n_steps": 1, "metric_loggers": [],
+        "gradient_accumulation_steps": 1, "validate_at_start": True, "data": {"train": {"augment": AUG}},
+        "loss": {"weighting": "balanced"}, "save_every_n_steps": 0, "val_every_n_steps": 0,
+    })
+    recipe = recipe_module.AdaptRecipe(cfg)
+    recipe.setup()
+    assert recipe.train_loader.dataset.masking == FeatureMasking.from_config(AUG, seed=0)
+    assert recipe.val_loader.dataset.masking is None
+    recipe.train()
+    recipe.cleanup()
+    rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["step"] == 0 and {"val_ce", "val_mse"} <= set(rows[0])  # the starting projector's baseline
+    step1 = next(r for r in rows if r["step"] == 1 and "ce" in r)
+    # the logged loss is Eq. 3 whatever the weighting
+    assert step1["loss"] == pytest.approx(0.1 * step1["ce"] + 0.9 * step1["mse"], rel=1e-5)
