@@ -1,10 +1,11 @@
-"""Speed of Whisper feature extraction on this CPU: one utterance per 30-s window vs packed.
+"""Speed of Whisper feature extraction on this CPU: one utterance per 30-s window, trimmed, packed.
 
 Real-time factor here = seconds of audio encoded per wall-clock second (higher is
 faster). The same espeak-ng utterances (2-8 s, several voices) go through whisper
-tiny.en and base, first one by one, then packed several to a window; the packed
-features are also compared with the one-by-one ones (per-frame cosine, relative
-difference max|a-b| / max|b| per utterance). Prints a markdown table.
+tiny.en and base, first one by one (one 30-s window each), then trimmed (``window:
+trimmed``: only the utterance's own frames), then packed several to a window; the trimmed
+and packed features are also compared with the one-by-one ones (per-frame cosine,
+relative difference max|a-b| / max|b| per utterance). Prints a markdown table.
 
     .venv/bin/python bench/extract.py [--utterances 32] [--threads N]
 
@@ -102,22 +103,30 @@ def main() -> None:
     waves = make_utterances(args.utterances)
     audio_s = sum(w.size for w in waves) / 16000
     lengths = [w.size for w in waves]
+    # Load average before and after: other jobs sharing the CPU slow every row.
+    load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     rows = []
     for name in args.models:
-        sfm = build_sfm(name, pack_gap_s=args.gap)
-        sfm.encode(waves[:1])  # warm-up
-        results = {}
-        for pack in (False, True):
+        full = build_sfm(name, pack_gap_s=args.gap)
+        trimmed = build_sfm(name, window="trimmed")
+        trimmed.encoder = full.encoder  # same weights, one copy in memory
+        reference = None
+        for mode, sfm, pack in (("one-by-one", full, False), ("trimmed", trimmed, False), ("packed", full, True)):
+            sfm.encode(waves[:2])  # warm-up (trimmed: also the masked two-utterance path)
             start = time.perf_counter()
-            results[pack] = sfm.encode(waves, pack=pack)
+            feats = sfm.encode(waves, pack=pack)
             wall = time.perf_counter() - start
-            windows = len(plan_windows(lengths, pack, int(args.gap * 16000)))
-            rows.append([name, "packed" if pack else "one-by-one", windows, wall, audio_s / wall])
-        cos_mean, cos_min, rel = closeness(results[True], results[False])
-        rows[-1] += [f"{cos_mean:.3f} / {cos_min:.3f}", f"{rel:.3f}"]
-        rows[-2] += ["1 (reference)", "0"]
+            windows = "-" if mode == "trimmed" else len(plan_windows(lengths, pack, int(args.gap * 16000)))
+            row = [name, mode, windows, wall, audio_s / wall]
+            if reference is None:
+                reference, row = feats, row + ["1 (reference)", "0"]
+            else:
+                cos_mean, cos_min, rel = closeness(feats, reference)
+                row += [f"{cos_mean:.3f} / {cos_min:.3f}", f"{rel:.3f}"]
+            rows.append(row)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(f"\nCPU: {cpu_model()}, {os.cpu_count()} cores, torch threads {args.threads}, load avg {load:.1f}; "
+    print(f"\nCPU: {cpu_model()}, {os.cpu_count()} cores, torch threads {args.threads}, "
+          f"load avg {load_before:.1f} before / {load:.1f} after; "
           f"torch {torch.__version__}, fp32, {len(waves)} espeak-ng utterances, {audio_s:.1f} s of audio\n")
     print("| model | mode | 30-s windows | wall (s) | RTF (audio s / wall s) | cosine vs one-by-one mean / min | rel. diff mean |")
     print("|---|---|---|---|---|---|---|")

