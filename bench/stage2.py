@@ -5,9 +5,12 @@
 Both sides: the small projector (trainable) on Whisper-base-sized features, the frozen real
 SmolLM2-135M-Instruct, a prompt of ~40 tokens + speech span + a ~20-token response, CE on the
 response, AdamW on the projector. Ours assembles the sequence with the project's injector and
-runs torchtune's TransformerDecoder through ``forward_embeds``; the alternative a user would
-write runs ``LlamaForCausalLM(inputs_embeds=..., labels=...)``. Each measurement runs in a fresh
-subprocess (peak RSS is its own). Tokens/s counts every sequence position (text + speech).
+runs torchtune's TransformerDecoder through ``forward_embeds`` with logits at the label
+positions only, as ``speechmapper_adapt`` does; the alternative a user would write runs
+``LlamaForCausalLM(inputs_embeds=...)`` and takes the CE over the full logits. A third row gives
+transformers the same label-positions trick (``model.model`` + ``lm_head`` on the selected
+hidden states), to separate that trick from the decoder implementation. Each measurement runs in a
+fresh subprocess (peak RSS is its own). Tokens/s counts every sequence position (text + speech).
 """
 
 from __future__ import annotations
@@ -39,9 +42,9 @@ def child(impl: str, dtype: str, steps: int, batch: int, device: str) -> dict:
 
         llm, _, _ = load_llm("smollm2_135m", smollm2_dir(), dtype=dt, device=device)
 
-        def logits_of(ids, speech, asm):
+        def logits_of(ids, speech, asm, positions):
             emb = inject_speech(embed_tokens(llm, ids), speech, asm.speech_starts, asm.speech_lengths)
-            return forward_embeds(llm, emb)
+            return forward_embeds(llm, emb, positions=positions)
     else:
         from transformers import LlamaForCausalLM
 
@@ -49,8 +52,10 @@ def child(impl: str, dtype: str, steps: int, batch: int, device: str) -> dict:
         for p in llm.parameters():
             p.requires_grad_(False)
 
-        def logits_of(ids, speech, asm):
+        def logits_of(ids, speech, asm, positions):
             emb = inject_speech(llm.get_input_embeddings()(ids), speech, asm.speech_starts, asm.speech_lengths)
+            if impl == "transformers_label_positions":
+                return llm.lm_head(llm.model(inputs_embeds=emb).last_hidden_state[positions]).float()
             return llm(inputs_embeds=emb).logits
 
     g = torch.Generator().manual_seed(1)
@@ -65,9 +70,13 @@ def child(impl: str, dtype: str, steps: int, batch: int, device: str) -> dict:
         speech, out_len = projector(feats.to(device), lengths.to(device))
         asm = assemble_batch(prefix, suffix, response, out_len.tolist(), 16, 2)
         ids = asm.input_ids.to(device)
-        logits = logits_of(ids, speech, asm)
         labels = asm.labels.to(device)
-        loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX)
+        positions = F.pad(labels[:, 1:] != IGNORE_INDEX, (0, 1), value=False)  # position t predicts label t+1
+        if impl == "transformers":
+            logits = logits_of(ids, speech, asm, None)
+            loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX)
+        else:
+            loss = F.cross_entropy(logits_of(ids, speech, asm, positions), labels[:, 1:][positions[:, :-1]])
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -103,14 +112,14 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     for dtype in ("fp32", "bf16"):
         res = {}
-        for impl in ("ours", "transformers"):
+        for impl in ("ours", "transformers", "transformers_label_positions"):
             args = dict(impl=impl, dtype=dtype, steps=a.steps, batch=a.batch, device=a.device)
             out = subprocess.run([sys.executable, __file__, "--child", json.dumps(args)], capture_output=True, text=True)
             if out.returncode != 0:
                 print(f"| {dtype} | {impl} | error: {out.stderr.strip().splitlines()[-1]} |")
                 continue
             res[impl] = r = json.loads(out.stdout.strip().splitlines()[-1])
-            ratio = f"{res['ours']['tokens_per_s'] / r['tokens_per_s']:.2f}x" if impl == "transformers" and "ours" in res else ""
+            ratio = f"{res['ours']['tokens_per_s'] / r['tokens_per_s']:.2f}x" if impl != "ours" and "ours" in res else ""
             print(f"| {dtype} | {impl} | {r['step_s']:.2f} | {r['tokens_per_s']:.0f} | {r['peak_rss_MB']:.0f} | {r['first_loss']:.3f} | {ratio} |")
 
 

@@ -253,9 +253,11 @@ class AdaptRecipe:
         asm = assemble_batch(batch["prefix"], batch["suffix"], batch["response"], span.tolist(), self.pad_id, self.right_pad_id)
         ids = asm.input_ids.to(self.device)
         embeds = inject_speech(embed_tokens(self.llm, ids), pred, asm.speech_starts, asm.speech_lengths, ids == self.pad_id)
-        logits = forward_embeds(self.llm, embeds)
         labels = asm.labels.to(self.device)
-        ce = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX)
+        # position t predicts label t+1: logits only where that label exists (the LM head is skipped elsewhere)
+        predicts = F.pad(labels[:, 1:] != IGNORE_INDEX, (0, 1), value=False)
+        logits = forward_embeds(self.llm, embeds, positions=predicts)
+        ce = F.cross_entropy(logits, labels[:, 1:][predicts[:, :-1]])
         mse = pred.new_zeros((), dtype=torch.float32)
         has = batch["has_mse"].to(self.device)
         if bool(has.any()):

@@ -369,6 +369,7 @@ def load_llm(
             ) from err
         _init_lora_adapters(model, device)
     _reinit_rope(model, device)
+    _fp32_norm_scales(model)
     leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if leftover:
         raise RuntimeError(f"'{name}': tensors left uninitialized after loading: {leftover[:5]}")
@@ -459,21 +460,38 @@ def embed_tokens(model: TransformerDecoder, ids: torch.Tensor) -> torch.Tensor:
     return model.tok_embeddings(ids)
 
 
+def _fp32_norm_scales(model: nn.Module) -> None:
+    """Keep RMSNorm scales in fp32: torchtune normalises ``x.float()``, and a bf16 scale then
+    blocks PyTorch's fused rms_norm (its "Mismatch dtype" warning). Same math, a few KB more."""
+    from torchtune.modules import RMSNorm
+
+    for m in model.modules():
+        if isinstance(m, RMSNorm):
+            m.scale.data = m.scale.data.float()
+
+
 def forward_embeds(
     model: TransformerDecoder,
     embeds: torch.Tensor,
     mask: Optional[torch.Tensor] = None,
     input_pos: Optional[torch.Tensor] = None,
+    positions: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Run a torchtune decoder on input embeddings instead of token ids.
 
     ``TransformerDecoder.forward`` only embeds ``tokens`` and then runs ``layers`` and
     ``unembed``; this does the same from ``embeds`` [B, L, D], so speech vectors can stand in
     for token embeddings. ``mask``/``input_pos`` as in ``TransformerDecoder.forward`` (KV cache).
+
+    ``positions`` (bool [B, L]): return fp32 logits [N, V] at those positions only. Training
+    needs logits where a label is, a few response tokens out of a long prompt + speech span;
+    the LM head (vocab x dim) is then skipped elsewhere (BENCHMARKS.md, stage 2).
     """
     if embeds.shape[1] > model.max_seq_len:
         raise ValueError(f"sequence of {embeds.shape[1]} positions exceeds the LLM's max_seq_len {model.max_seq_len}")
     h = embeds
     for layer in model.layers:
         h = layer(h, mask=mask, input_pos=input_pos)
-    return model.unembed(h)
+    if positions is None:
+        return model.unembed(h)
+    return model.output(model.norm(h[positions])).float()

@@ -43,7 +43,10 @@ def test_smollm2_logits_match_transformers(smollm2):
 
 def test_smollm2_default_dtype_is_bf16(smollm2):
     model, _, _ = load_llm("smollm2_135m", smollm2)
-    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    dtypes = {n: p.dtype for n, p in model.named_parameters()}
+    # RMSNorm scales stay fp32 (torchtune normalises in fp32; a bf16 scale blocks the fused kernel)
+    assert {d for n, d in dtypes.items() if not n.endswith("scale")} == {torch.bfloat16}
+    assert {d for n, d in dtypes.items() if n.endswith("scale")} == {torch.float32}
     assert model.output.tied_module is model.tok_embeddings  # tied head shares the table
     _assert_frozen(model)
 
@@ -139,3 +142,19 @@ def test_eurollm_values_are_the_cited_ones():
         ' "vocab_size": 128000, "head_dim": 128}'
     )  # utter-project/EuroLLM-9B-Instruct config.json (see the comment in llms.py)
     assert {k: config[k] for k in cited} == cited
+
+
+def test_forward_embeds_positions_equals_full_logits_there(smollm2):
+    """Training asks for logits at label positions only; they equal the full pass's there."""
+    from speechmapper_tune.models.llms import forward_embeds
+
+    model, _, _ = load_llm("smollm2_135m", smollm2, dtype=torch.float32)
+    torch.manual_seed(0)
+    embeds = model.tok_embeddings(torch.randint(0, 1000, (2, 12)))
+    positions = torch.zeros(2, 12, dtype=torch.bool)
+    positions[0, 3:7], positions[1, 9:] = True, True
+    with torch.no_grad():
+        full = forward_embeds(model, embeds)
+        some = forward_embeds(model, embeds, positions=positions)
+    assert some.shape == (7, full.shape[-1]) and some.dtype == torch.float32
+    torch.testing.assert_close(some, full[positions], rtol=1e-5, atol=1e-5)
