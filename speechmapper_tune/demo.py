@@ -34,6 +34,9 @@ LIBRIVOX = Path("/usr/share/pocketsphinx/test/data/librivox")
 SIZES = {"train": 600, "dev": 50, "test": 50}
 SPLITS = ("dev", "test", "real")
 PROBE = "What is the first word of the Speech content? Answer with that word only."
+FEATURES = "features/whisper_base_trimmed"  # the shipped projectors were trained on these features
+SHIPPED = "smollm2_135m_whisper_base_stage2"  # speechmapper_tune/pretrained/<SHIPPED>, evaluated next to the demo's own run
+SYSTEMS = ("topline", "cascade", "shipped", "stage1", "stage2")
 
 
 def tune_bin() -> str:
@@ -82,7 +85,7 @@ class Demo:
 
     def features(self) -> None:
         for split, manifest in self.manifests.items():
-            self.run("features", ["speechmapper_extract", "--config", "features/whisper_base", f"manifest={manifest}",
+            self.run("features", ["speechmapper_extract", "--config", FEATURES, f"manifest={manifest}",
                                   f"output_dir={self.feats(split)}"])
 
     def feats(self, split: str) -> Path:
@@ -110,18 +113,27 @@ class Demo:
             "cascade": ["--config", "smollm2_135M/generate_asr", "span_source=asr", f"projector_checkpoint={self.ckpt2}"],
             "topline": ["--config", "smollm2_135M/generate_asr", "span_source=transcript", f"projector_checkpoint={self.ckpt2}"],
         }
+        shipped = _shipped()
+        if shipped:
+            systems["shipped"] = ["--config", "smollm2_135M/generate_asr", f"projector_checkpoint={shipped}"]
+        else:
+            print(f"[demo] no shipped projector {SHIPPED!r} in this installation: its rows are left out")
         for split in SPLITS:
             for name, args in systems.items():
                 out = self.out / "generations" / f"{name}_{split}"
                 self.run("generation", ["speechmapper_generate", *args, f"manifest={self.feats(split)}/cuts.jsonl.gz",
                                         f"output_dir={out}", *common, *self.items])
                 gens[f"{name}/{split}"] = str(out / "generations.jsonl")
-        probe = self.out / "generations" / "probe_first_word_test"
-        self.run("generation", ["speechmapper_generate", "--config", "smollm2_135M/generate_asr",
-                                f"projector_checkpoint={self.ckpt2}", f"manifest={self.feats('test')}/cuts.jsonl.gz",
-                                f"output_dir={probe}", f"prompt.instruction={PROBE}", "max_new_tokens=8", "stop_at_newline=True",
-                                *self.items])
-        self.probe = probe / "generations.jsonl"
+        self.probes = {}
+        for name, ckpt in (("stage2", self.ckpt2), ("shipped", shipped)):
+            if ckpt is None:
+                continue
+            probe = self.out / "generations" / f"probe_first_word_test_{name}"
+            self.run("generation", ["speechmapper_generate", "--config", "smollm2_135M/generate_asr",
+                                    f"projector_checkpoint={ckpt}", f"manifest={self.feats('test')}/cuts.jsonl.gz",
+                                    f"output_dir={probe}", f"prompt.instruction={PROBE}", "max_new_tokens=8",
+                                    "stop_at_newline=True", *self.items])
+            self.probes[name] = probe / "generations.jsonl"
         return gens
 
     def evaluate(self, gens: Dict[str, str]) -> List[Dict]:
@@ -137,26 +149,33 @@ class Demo:
             system, split = r["name"].split("__")
             rows.append({"split": split, "system": system, "n": r["n"], "wer": r.get("wer"), "cer": r.get("cer"),
                          "wer_without_stuck": r.get("wer_without_stuck"), "stuck": r.get("stuck")})
-        probe_rows = [json.loads(l) for l in Path(self.probe).read_text().splitlines() if l.strip()]
-        hits = sum(_first_word(p["hypothesis"]) == _first_word(p["reference"]) for p in probe_rows)
-        probe = {"instruction": PROBE, "n": len(probe_rows), "first_word_accuracy": 100.0 * hits / max(len(probe_rows), 1),
-                 "examples": [{"reference": p["reference"], "hypothesis": p["hypothesis"]} for p in probe_rows[:5]]}
-        summary = {"rows": rows, "unseen_instruction_probe": probe,
+        probes = {name: _probe(path) for name, path in self.probes.items()}
+        learning = {"stage1": _learning(self.s1, ("val_loss", "val_token_acc", "val_norm_ratio")),
+                    "stage2": _learning(self.s2, ("val_ce", "val_mse"))}
+        summary = {"rows": rows, "unseen_instruction_probe": probes, "training": learning,
                    "wall_seconds": {**{k: round(v, 1) for k, v in self.timings.items()}, "total": round(wall, 1)}}
         (self.out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
         md = ["# SpeechMapper embedded default: results", "",
-              "Whisper-base features -> SmolLM2-135M-Instruct, trained by `make demo` on this machine.", "",
+              "Whisper-base features -> SmolLM2-135M-Instruct: the projector shipped with the package, and the one "
+              "trained from scratch by this `make demo` run on this machine.", "",
               "| split | system | n | WER | CER | WER w/o stuck | stuck |", "|---|---|---|---|---|---|---|"]
-        order = {"topline": 0, "cascade": 1, "stage1": 2, "stage2": 3}
-        for r in sorted(rows, key=lambda r: (SPLITS.index(r["split"]), order.get(r["system"], 9))):
+        for r in sorted(rows, key=lambda r: (SPLITS.index(r["split"]), _order(r["system"]))):
             md.append(f"| {r['split']} | {r['system']} | {r['n']} | {_f(r['wer'])} | {_f(r['cer'])} | "
                       f"{_f(r['wer_without_stuck'])} | {r['stuck']} |")
         md += ["", "Systems: `topline` = the LLM fed the exact transcript's embeddings (the best a projector can do with "
                "this LLM and prompt); `cascade` = Whisper base (faster-whisper) transcript fed to the same LLM and prompt; "
-               "`stage1` = SpeechMapper after stage 1 only, zero-shot prompt (table 11); `stage2` = after stage-2 CE+MSE.", "",
-               f"Unseen instruction (stage 2, test): \"{PROBE}\": first-word accuracy "
-               f"{probe['first_word_accuracy']:.1f}% over {probe['n']} utterances.", "",
-               "| phase | wall seconds |", "|---|---|"]
+               f"`shipped` = the stage-2 projector shipped in the package (`{SHIPPED}`, trained by "
+               "`smollm2_135M/stage1_full` + `stage2_full`); `stage1` = this run's projector after stage 1 only, zero-shot "
+               "prompt (table 11); `stage2` = this run's projector after stage-2 CE+MSE.", "",
+               "Training of this run (validation on held-out voices, first -> last evaluation):", ""]
+        for stage, curves in learning.items():
+            for key, (first, last) in curves.items():
+                md.append(f"- {stage} {key}: {first[1]:.4g} (step {first[0]}) -> {last[1]:.4g} (step {last[0]})")
+        md.append("")
+        for name, pr in probes.items():
+            md.append(f"Unseen instruction ({name}, test): \"{PROBE}\": first-word accuracy "
+                      f"{pr['first_word_accuracy']:.1f}% over {pr['n']} utterances.")
+        md += ["", "| phase | wall seconds |", "|---|---|"]
         md += [f"| {k} | {v:.0f} |" for k, v in summary["wall_seconds"].items()]
         md += ["", "Plots: `loss_curves.png`, `wer.png`."]
         (self.out / "RESULTS.md").write_text("\n".join(md) + "\n")
@@ -169,24 +188,25 @@ class Demo:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-        for ax, run, keys in ((axes[0], self.s1, ("loss", "val_loss")), (axes[1], self.s2, ("ce", "val_ce"))):
+        fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+        for ax, run, keys in ((axes[0], self.s1, ("loss", "val_loss")), (axes[1], self.s1, ("val_token_acc",)),
+                              (axes[2], self.s2, ("ce", "val_ce"))):
             m = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines() if l.strip()]
             for k in keys:
                 pts = [(r["step"], r[k]) for r in m if k in r]
                 if pts:
                     ax.plot(*zip(*pts), marker="o" if k.startswith("val") else None, label=k)
-            ax.set_title(f"{run.name}"), ax.set_xlabel("step"), ax.legend()
+            ax.set_title(f"{run.name}: {', '.join(keys)}"), ax.set_xlabel("step"), ax.legend()
         axes[0].set_yscale("log")
         fig.tight_layout()
         fig.savefig(self.out / "loss_curves.png", dpi=100)
         fig, ax = plt.subplots(figsize=(9, 4))
-        systems = ["topline", "cascade", "stage1", "stage2"]
-        width = 0.2
+        systems = [s for s in SYSTEMS if any(r["system"] == s for r in rows)]
+        width = 0.8 / len(systems)
         for i, sys_ in enumerate(systems):
             vals = [next((r["wer"] for r in rows if r["system"] == sys_ and r["split"] == sp), 0) or 0 for sp in SPLITS]
             ax.bar([x + i * width for x in range(len(SPLITS))], [min(v, 200) for v in vals], width, label=sys_)
-        ax.set_xticks([x + 1.5 * width for x in range(len(SPLITS))], SPLITS)
+        ax.set_xticks([x + 0.4 - width / 2 for x in range(len(SPLITS))], SPLITS)
         ax.set_ylabel("WER % (capped at 200)"), ax.legend()
         fig.tight_layout()
         fig.savefig(self.out / "wer.png", dpi=100)
@@ -204,6 +224,34 @@ def _final(run: Path):
 
     max_steps = torch.load(state, weights_only=False)["config"]["max_steps"] if state.exists() else None
     return latest if max_steps is not None and cfg.get("step") == max_steps else None
+
+
+def _shipped():
+    from speechmapper_tune import pretrained
+
+    return pretrained.shipped_projector(SHIPPED) if SHIPPED in pretrained.available() else None
+
+
+def _order(system: str) -> int:
+    return SYSTEMS.index(system) if system in SYSTEMS else len(SYSTEMS)
+
+
+def _probe(path: Path) -> Dict:
+    rows = [json.loads(l) for l in Path(path).read_text().splitlines() if l.strip()]
+    hits = sum(_first_word(p["hypothesis"]) == _first_word(p["reference"]) for p in rows)
+    return {"instruction": PROBE, "n": len(rows), "first_word_accuracy": 100.0 * hits / max(len(rows), 1),
+            "examples": [{"reference": p["reference"], "hypothesis": p["hypothesis"]} for p in rows[:5]]}
+
+
+def _learning(run: Path, keys) -> Dict[str, tuple]:
+    """(step, value) of the first and the last validation of each key in a run's metrics.jsonl."""
+    m = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines() if l.strip()]
+    out = {}
+    for k in keys:
+        pts = [(r["step"], r[k]) for r in m if k in r]
+        if pts:
+            out[k] = (pts[0], pts[-1])
+    return out
 
 
 def _first_word(text: str) -> str:

@@ -21,11 +21,18 @@ def test_reduced_demo_end_to_end(tmp_path):
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = json.loads((out / "results.json").read_text())
+    from speechmapper_tune import pretrained
+    from speechmapper_tune.demo import SHIPPED
+
+    systems = {"topline", "cascade", "stage1", "stage2"} | ({"shipped"} if SHIPPED in pretrained.available() else set())
     got = {(r["split"], r["system"]) for r in res["rows"]}
-    assert got == {(s, m) for s in ("dev", "test", "real") for m in ("topline", "cascade", "stage1", "stage2")}
+    assert got == {(s, m) for s in ("dev", "test", "real") for m in systems}
     assert all(r["wer"] is not None and r["cer"] is not None and r["stuck"] is not None for r in res["rows"])
     assert {"corpus", "features", "stage1", "stage2", "generation", "evaluation", "total"} <= set(res["wall_seconds"])
-    assert res["unseen_instruction_probe"]["n"] == 2
+    assert {k: v["n"] for k, v in res["unseen_instruction_probe"].items()} == {m: 2 for m in systems & {"stage2", "shipped"}}
+    # the from-scratch run's learning summary: first and last validation of the loss and the diagnostic
+    assert {"val_loss", "val_token_acc"} <= set(res["training"]["stage1"])
+    assert set(res["training"]["stage2"]) == {"val_ce", "val_mse"}
     for f in ("RESULTS.md", "loss_curves.png", "wer.png"):
         assert (out / f).stat().st_size > 0
     assert "| test | cascade |" in (out / "RESULTS.md").read_text()
