@@ -45,3 +45,22 @@ def test_export_writes_fp16_weights_config_curve_and_provenance(tmp_path):
 def test_unknown_shipped_name_lists_what_exists():
     with pytest.raises(FileNotFoundError, match="no shipped projector named 'nope'"):
         pretrained.shipped_projector("nope")
+
+
+@pytest.mark.parametrize("name", ["smollm2_135m_whisper_base_stage1", "smollm2_135m_whisper_base_stage2"])
+def test_shipped_projectors_load_and_say_how_they_were_made(name):
+    assert name in pretrained.available()
+    folder = pretrained.shipped_projector(name)
+    model, meta = load_projector(folder)
+    cfg = meta["projector"]
+    assert (cfg["input_dim"], cfg["output_dim"]) == (512, 576)  # Whisper base -> SmolLM2-135M
+    assert meta["llm"]["dim"] == 576 and meta["llm"]["pad_id"] == 16 and meta["shipped"]["dtype"] == "fp16"
+    provenance = (pretrained.ROOT / name / "PROVENANCE.md").read_text()
+    command = {1: "speechmapper_pretrain --config smollm2_135M/stage1_full", 2: "speechmapper_adapt --config smollm2_135M/stage2_full"}
+    assert f"tune run {command[meta['stage']]}" in provenance
+    curve = [json.loads(l) for l in (pretrained.ROOT / name / "metrics.jsonl").read_text().splitlines()]
+    assert curve[-1]["step"] == meta["step"]
+    x = torch.randn(1, 100, 512)
+    with torch.no_grad():
+        out, n = model.eval()(x, torch.tensor([100]))
+    assert out.shape == (1, int(n), 576) and torch.isfinite(out).all()
