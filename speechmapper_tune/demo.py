@@ -177,7 +177,8 @@ class Demo:
         md.append("")
         for name, pr in probes.items():
             md.append(f"Unseen instruction ({name}, test): \"{PROBE}\": first-word accuracy "
-                      f"{pr['first_word_accuracy']:.1f}% over {pr['n']} utterances.")
+                      f"{pr['first_word_accuracy']:.1f}% over {pr['n']} utterances (always answering the "
+                      f"commonest first word: {pr['majority_baseline']:.1f}%).")
         md += ["", "| phase | wall seconds |", "|---|---|"]
         md += [f"| {k} | {v:.0f} |" for k, v in summary["wall_seconds"].items()]
         md += ["", "Plots: `loss_curves.png`, `wer.png`."]
@@ -242,7 +243,11 @@ def _order(system: str) -> int:
 def _probe(path: Path) -> Dict:
     rows = [json.loads(l) for l in Path(path).read_text().splitlines() if l.strip()]
     hits = sum(_first_word(p["hypothesis"]) == _first_word(p["reference"]) for p in rows)
+    # what always answering the commonest first word ("the") would score: the bar to beat
+    firsts = [_first_word(p["reference"]) for p in rows]
+    baseline = max((firsts.count(w) for w in set(firsts)), default=0)
     return {"instruction": PROBE, "n": len(rows), "first_word_accuracy": 100.0 * hits / max(len(rows), 1),
+            "majority_baseline": 100.0 * baseline / max(len(rows), 1),
             "examples": [{"reference": p["reference"], "hypothesis": p["hypothesis"]} for p in rows[:5]]}
 
 

@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -73,20 +75,25 @@ def test_stage2_dataset_masks_only_with_augment(tmp_path):
         assert torch.equal(b, FeatureMasking.from_config(AUG, 0)(a, 2, i))
 
 
-def test_pretrain_recipe_masks_training_features_only_and_logs_the_new_terms(tmp_path):
-    """In process (no `tune` CLI): the stage-1 recipe wires data.augment and the loss options."""
+def _recipe_and_config(recipe: str, config: str, overrides: dict):
+    """A recipe module loaded from recipes/ (no `tune` CLI) and its packaged config with overrides."""
     import importlib.util
-    import json
     from pathlib import Path
 
     from omegaconf import OmegaConf
 
     repo = Path(__file__).resolve().parents[2]
-    spec = importlib.util.spec_from_file_location("speechmapper_pretrain", repo / "recipes" / "speechmapper_pretrain.py")
-    recipe_module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(recipe_module)
-    cfg = OmegaConf.load(repo / "configs" / "tiny" / "stage1.yaml")
-    cfg.merge_with({
+    spec = importlib.util.spec_from_file_location(recipe, repo / "recipes" / f"{recipe}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    cfg = OmegaConf.load(repo / "configs" / f"{config}.yaml")
+    cfg.merge_with(overrides)
+    return module, cfg
+
+
+def test_pretrain_recipe_masks_training_features_only_and_logs_the_new_terms(tmp_path):
+    """In process (no `tune` CLI): the stage-1 recipe wires data.augment and the loss options."""
+    recipe_module, cfg = _recipe_and_config("speechmapper_pretrain", "tiny/stage1", {
         "output_dir": str(tmp_path), "max_steps": 2, "log_every_n_steps": 1, "metric_loggers": [],
         "data": {"augment": AUG}, "loss": {"weighting": "balanced", "classifier_weight": 1.0},
     })
@@ -105,18 +112,7 @@ def test_pretrain_recipe_masks_training_features_only_and_logs_the_new_terms(tmp
 
 def test_adapt_recipe_masks_training_features_only_and_weights_relatively(tmp_path):
     """In process: the stage-2 recipe wires data.train.augment, loss.weighting and validate_at_start."""
-    import importlib.util
-    import json
-    from pathlib import Path
-
-    from omegaconf import OmegaConf
-
-    repo = Path(__file__).resolve().parents[2]
-    spec = importlib.util.spec_from_file_location("speechmapper_adapt", repo / "recipes" / "speechmapper_adapt.py")
-    recipe_module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(recipe_module)
-    cfg = OmegaConf.load(repo / "configs" / "tiny" / "stage2.yaml")
-    cfg.merge_with({
+    recipe_module, cfg = _recipe_and_config("speechmapper_adapt", "tiny/stage2", {
         "output_dir": str(tmp_path), "max_steps": 2, "log_every_n_steps": 1, "metric_loggers": [],
         "gradient_accumulation_steps": 1, "validate_at_start": True, "data": {"train": {"augment": AUG}},
         "loss": {"weighting": "balanced"}, "save_every_n_steps": 0, "val_every_n_steps": 0,
