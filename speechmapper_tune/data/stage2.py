@@ -41,6 +41,14 @@ class PromptTemplate:
     assistant_prefix: str = ""  # forced answer prefix (paper B.3), part of the prompt
     instructions: Dict[str, str] = field(default_factory=dict)  # per target language (ST, paper B.3)
 
+    def __post_init__(self):
+        # a YAML override like prompt.assistant_prefix=Answer: parses to a mapping, not a string
+        for name in ("user", "instruction", "system", "assistant_prefix"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                raise ValueError(f"prompt.{name} must be a string, got {type(value).__name__} {value!r} "
+                                 f"(quote it on the command line, e.g. 'prompt.{name}=\"Answer: \"')")
+
     def messages(self, instruction: Optional[str] = None) -> List[Dict[str, str]]:
         if self.user.count(SPEECH) != 1:
             raise ValueError(f"prompt user template must contain {SPEECH} exactly once: {self.user!r}")

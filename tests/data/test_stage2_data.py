@@ -51,3 +51,9 @@ def test_too_long_items_are_skipped(tmp_path, chat):
 def test_template_needs_exactly_one_speech_marker():
     with pytest.raises(ValueError, match="exactly once"):
         PromptTemplate(user="no speech here").messages()
+
+
+def test_non_string_prompt_field_is_a_clear_error():
+    # `prompt.assistant_prefix=Answer:` on a command line parses to {"Answer": None}
+    with pytest.raises(ValueError, match="prompt.assistant_prefix must be a string"):
+        PromptTemplate(user="{speech}", assistant_prefix={"Answer": None})
