@@ -27,7 +27,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import List, Optional
 
 import torch
 
@@ -79,14 +79,6 @@ def _run_metrics(checkpoint: Path) -> Optional[Path]:
     """``<output_dir>/metrics.jsonl`` of the run a ``<output_dir>/checkpoints/step_N`` folder belongs to."""
     candidate = checkpoint.parent.parent / METRICS
     return candidate if candidate.is_file() else None
-
-
-def fp16_error(checkpoint: str | Path, name: str) -> Dict[str, float]:
-    """Largest absolute weight difference between a run's checkpoint and its shipped fp16 copy."""
-    a, _ = load_projector(checkpoint)
-    b, _ = load_projector(shipped_projector(name))
-    sb = b.state_dict()
-    return {"max_abs_diff": max(float((v - sb[k]).abs().max()) for k, v in a.state_dict().items() if v.numel())}
 
 
 def main(argv: Optional[List[str]] = None) -> None:
