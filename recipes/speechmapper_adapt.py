@@ -352,7 +352,8 @@ class AdaptRecipe:
                 "config": OmegaConf.to_container(self.cfg, resolve=True),
             }
             meta = {"stage": 2, "llm": self.llm_meta, "recipe": "speechmapper_adapt", "init": self.init_meta,
-                    "sigma": self.sigma, "trim_pad_vectors": bool(self.cfg.get("trim_pad_vectors", False))}
+                    "sigma": self.sigma, "trim_pad_vectors": bool(self.cfg.get("trim_pad_vectors", False)),
+                    "prompt": OmegaConf.to_container(self.cfg.prompt, resolve=True)}  # generation warns on another prompt
             extra = {LORA_FILE: lora_state_dict(self.llm)} if self.lora_params else None
             meta["lora"] = OmegaConf.to_container(self.cfg.lora, resolve=True) if self.lora_params else None
             folder = self.checkpoints.save(self.step, self.projector, meta, state, extra_weights=extra)

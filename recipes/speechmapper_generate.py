@@ -42,6 +42,17 @@ log = utils.get_logger("INFO")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
+
+def _check_trained_prompt(trained, template: PromptTemplate, cfg: DictConfig) -> None:
+    """Warn when the prompt differs from the one the stage-2 checkpoint was trained with (a silent WER loss)."""
+    if not trained or cfg.get("instructions") or cfg.get("task", "asr") != "asr":
+        return
+    diff = {k: (trained.get(k), getattr(template, k)) for k in ("system", "user", "instruction", "assistant_prefix")
+            if k in trained and (trained.get(k) or None) != (getattr(template, k) or None)}
+    if diff:
+        log.warning(f"{cfg.projector_checkpoint} was trained with another prompt: "
+                    + "; ".join(f"prompt.{k}={t!r} in training, {g!r} here" for k, (t, g) in diff.items()))
+
 class GenerateRecipe:
     def __init__(self, cfg: DictConfig):
         self.cfg = cfg
@@ -83,6 +94,7 @@ class GenerateRecipe:
         self.chat = ChatTokenizer.from_dir(_resolve_path(cfg.llm.get("tokenizer")) or ckpt_dir,
                                            chat_format=cfg.llm.chat_format, pad_token=self.pad_id)
         self.template = PromptTemplate(**OmegaConf.to_container(cfg.prompt, resolve=True))
+        _check_trained_prompt(meta.get("prompt") if cfg.span_source == "projector" else None, self.template, cfg)
         self.skipped = SkipCounter()
         items = load_feature_items(cfg.manifest, self.skipped)
         out_len = self.projector.output_length if self.projector else (lambda n: n)

@@ -9,8 +9,8 @@ file doubles as the documentation of how to chain them:
    from PyPI; ``features/whisper_base_trimmed``, the features the shipped projectors know);
 3. stage 1 (``smollm2_135M/stage1_demo``) and stage 2 (``smollm2_135M/stage2_demo``) on SmolLM2,
    from scratch;
-4. generation on dev, test and real speech: the stage-2 projector shipped in the package
-   (``speechmapper_tune/pretrained``), this run's stage 1 (zero-shot) and stage 2, the
+4. generation on dev, test and real speech: the two stage-2 projectors shipped in the package
+   (``speechmapper_tune/pretrained``: the ASR specialist and the task-agnostic one), this run's stage 1 (zero-shot) and stage 2, the
    Whisper-base + LLM cascade, the text-embedding topline, and an unseen-instruction probe;
 5. evaluation and the report: ``demo_out/RESULTS.md``, ``demo_out/results.json``, loss curves
    and a WER bar chart (PNG).
@@ -38,8 +38,12 @@ SIZES = {"train": 600, "dev": 50, "test": 50}
 SPLITS = ("dev", "test", "real")
 PROBE = "What is the first word of the Speech content? Answer with that word only."
 FEATURES = "features/whisper_base_trimmed"  # the shipped projectors were trained on these features
-SHIPPED = "smollm2_135m_whisper_base_stage2"  # speechmapper_tune/pretrained/<SHIPPED>, evaluated next to the demo's own run
-SYSTEMS = ("topline", "cascade", "shipped", "stage1", "stage2")
+# speechmapper_tune/pretrained/<name>, evaluated next to the demo's own run, each with the answer prefix it was
+# trained with: the ASR specialist (sigma 0, GPU) and the task-agnostic projector (sigma 0.9, CPU)
+SHIPPED = {"shipped_asr": ("smollm2_135m_whisper_base_stage2_asr", "Transcript:"),
+           "shipped": ("smollm2_135m_whisper_base_stage2", "")}
+PREFIX = "Transcript:"  # generate_asr's forced answer prefix, which stage2_demo trains with (topline 45.6 -> 37.0% WER)
+SYSTEMS = ("topline", "cascade", "shipped_asr", "shipped", "stage1", "stage2")
 
 
 def tune_bin() -> str:
@@ -110,17 +114,20 @@ class Demo:
     def generate(self) -> Dict[str, str]:
         gens = {}
         common = ["length_cap.tokens_per_second=4.0", "length_cap.extra=4", "stop_at_newline=True"]
+        asr = ["--config", "smollm2_135M/generate_asr", _prefix(PREFIX)]
         systems = {
             "stage1": ["--config", "smollm2_135M/generate_asr_zeroshot", f"projector_checkpoint={self.ckpt1}"],
-            "stage2": ["--config", "smollm2_135M/generate_asr", f"projector_checkpoint={self.ckpt2}"],
-            "cascade": ["--config", "smollm2_135M/generate_asr", "span_source=asr", f"projector_checkpoint={self.ckpt2}"],
-            "topline": ["--config", "smollm2_135M/generate_asr", "span_source=transcript", f"projector_checkpoint={self.ckpt2}"],
+            "stage2": [*asr, f"projector_checkpoint={self.ckpt2}"],
+            "cascade": [*asr, "span_source=asr", f"projector_checkpoint={self.ckpt2}"],
+            "topline": [*asr, "span_source=transcript", f"projector_checkpoint={self.ckpt2}"],
         }
-        shipped = _shipped()
-        if shipped:
-            systems["shipped"] = ["--config", "smollm2_135M/generate_asr", f"projector_checkpoint={shipped}"]
-        else:
-            print(f"[demo] no shipped projector {SHIPPED!r} in this installation: its rows are left out")
+        shipped = {system: _shipped(system) for system in SHIPPED}
+        for system, path in shipped.items():
+            if path:
+                systems[system] = ["--config", "smollm2_135M/generate_asr", _prefix(SHIPPED[system][1]),
+                                   f"projector_checkpoint={path}"]
+            else:
+                print(f"[demo] no shipped projector {SHIPPED[system][0]!r} in this installation: its rows are left out")
         for split in SPLITS:
             for name, args in systems.items():
                 out = self.out / "generations" / f"{name}_{split}"
@@ -128,13 +135,13 @@ class Demo:
                                         f"output_dir={out}", *common, *self.items])
                 gens[f"{name}/{split}"] = str(out / "generations.jsonl")
         self.probes = {}
-        for name, ckpt in (("stage2", self.ckpt2), ("shipped", shipped)):
+        for name, ckpt in (("stage2", self.ckpt2), ("shipped", shipped["shipped"])):  # the task-agnostic ones
             if ckpt is None:
                 continue
             probe = self.out / "generations" / f"probe_first_word_test_{name}"
             self.run("generation", ["speechmapper_generate", "--config", "smollm2_135M/generate_asr",
                                     f"projector_checkpoint={ckpt}", f"manifest={self.feats('test')}/cuts.jsonl.gz",
-                                    f"output_dir={probe}", f"prompt.instruction={PROBE}", "max_new_tokens=8",
+                                    f"output_dir={probe}", f"prompt.instruction={PROBE}", _prefix(""), "max_new_tokens=8",
                                     "stop_at_newline=True", *self.items])
             self.probes[name] = probe / "generations.jsonl"
         return gens
@@ -166,10 +173,12 @@ class Demo:
             md.append(f"| {r['split']} | {r['system']} | {r['n']} | {_f(r['wer'])} | {_f(r['cer'])} | "
                       f"{_f(r['wer_without_stuck'])} | {r['stuck']} |")
         md += ["", "Systems: `topline` = the LLM fed the exact transcript's embeddings (the best a projector can do with "
-               "this LLM and prompt); `cascade` = Whisper base (faster-whisper) transcript fed to the same LLM and prompt; "
-               f"`shipped` = the stage-2 projector shipped in the package (`{SHIPPED}`, trained by "
-               "`smollm2_135M/stage1_full` + `stage2_full`); `stage1` = this run's projector after stage 1 only, zero-shot "
-               "prompt (table 11); `stage2` = this run's projector after stage-2 CE+MSE.", "",
+               f"this LLM and prompt); `cascade` = Whisper base (faster-whisper) transcript fed to the same LLM and prompt "
+               f"(both with the answer prefix {PREFIX!r}); `shipped_asr` = the ASR-specialist stage-2 projector shipped "
+               f"in the package (`{SHIPPED['shipped_asr'][0]}`: sigma 0, `smollm2_135M/stage2_asr_full` on a GPU, "
+               f"prefix {PREFIX!r}); `shipped` = the task-agnostic one (`{SHIPPED['shipped'][0]}`: sigma 0.9, "
+               "`smollm2_135M/stage1_full` + `stage2_full` on this CPU, no prefix); `stage1` = this run's projector after "
+               "stage 1 only, zero-shot prompt (table 11); `stage2` = this run's projector after stage-2 CE+MSE.", "",
                "Training of this run (validation on held-out voices, first -> last evaluation):", ""]
         for stage, curves in learning.items():
             for key, (first, last) in curves.items():
@@ -230,10 +239,15 @@ def _final(run: Path):
     return latest if max_steps is not None and cfg.get("step") == max_steps else None
 
 
-def _shipped():
+def _shipped(system: str):
     from speechmapper_tune import pretrained
 
-    return pretrained.shipped_projector(SHIPPED) if SHIPPED in pretrained.available() else None
+    name = SHIPPED[system][0]
+    return pretrained.shipped_projector(name) if name in pretrained.available() else None
+
+
+def _prefix(text: str) -> str:
+    return f'prompt.assistant_prefix="{text}"'  # quoted: an unquoted "Transcript:" parses as a YAML mapping
 
 
 def _order(system: str) -> int:

@@ -47,7 +47,12 @@ def test_unknown_shipped_name_lists_what_exists():
         pretrained.shipped_projector("nope")
 
 
-@pytest.mark.parametrize("name", ["smollm2_135m_whisper_base_stage1", "smollm2_135m_whisper_base_stage2"])
+COMMANDS = {"smollm2_135m_whisper_base_stage1": "speechmapper_pretrain --config smollm2_135M/stage1_full",
+            "smollm2_135m_whisper_base_stage2": "speechmapper_adapt --config smollm2_135M/stage2_full",
+            "smollm2_135m_whisper_base_stage2_asr": "speechmapper_adapt --config smollm2_135M/stage2_asr_full"}
+
+
+@pytest.mark.parametrize("name", sorted(COMMANDS))
 def test_shipped_projectors_load_and_say_how_they_were_made(name):
     assert name in pretrained.available()
     folder = pretrained.shipped_projector(name)
@@ -56,11 +61,15 @@ def test_shipped_projectors_load_and_say_how_they_were_made(name):
     assert (cfg["input_dim"], cfg["output_dim"]) == (512, 576)  # Whisper base -> SmolLM2-135M
     assert meta["llm"]["dim"] == 576 and meta["llm"]["pad_id"] == 16 and meta["shipped"]["dtype"] == "fp16"
     provenance = (pretrained.ROOT / name / "PROVENANCE.md").read_text()
-    command = {1: "speechmapper_pretrain --config smollm2_135M/stage1_full", 2: "speechmapper_adapt --config smollm2_135M/stage2_full"}
-    assert f"tune run {command[meta['stage']]}" in provenance
+    assert f"tune run {COMMANDS[name]}" in provenance
     curve = [json.loads(l) for l in (pretrained.ROOT / name / "metrics.jsonl").read_text().splitlines()]
     assert curve[-1]["step"] == meta["step"]
     x = torch.randn(1, 100, 512)
     with torch.no_grad():
         out, n = model.eval()(x, torch.tensor([100]))
     assert out.shape == (1, int(n), 576) and torch.isfinite(out).all()
+
+
+def test_asr_specialist_records_the_prompt_it_was_trained_with():
+    _, meta = load_projector(pretrained.shipped_projector("smollm2_135m_whisper_base_stage2_asr"))
+    assert meta["sigma"] == 0.0 and meta["prompt"]["assistant_prefix"] == "Transcript:"

@@ -47,6 +47,7 @@ def test_adapt_from_stage1_learns_and_resumes_exactly(tmp_path, tune, stage1):
     assert val[-1]["val_loss"] < val[0]["val_loss"]
     meta = read_projector_meta(full / "checkpoints" / "step_12")
     assert meta["stage"] == 2 and meta["init"]["stage"] == 1 and meta["sigma"] == 0.5
+    assert meta["prompt"]["instruction"] == "red"  # the training prompt travels with the projector
     load_projector(full / "checkpoints" / "step_12")
 
 

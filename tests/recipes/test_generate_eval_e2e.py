@@ -64,3 +64,17 @@ def test_eval_sqa_judge_and_st_rows(tmp_path, tune, trained):
     assert res["sqa"]["n"] == 3 and "unparsed_judgements" in res["sqa"]  # a random tiny judge: verdicts parsed or counted
     fr = res["st"]["by_language"]["fr"]
     assert 0 < fr["bleu"] < 100 and "nrefs:1" in fr["bleu_signature"] and fr["target_share"] == 50.0
+
+
+def test_generation_warns_when_the_prompt_differs_from_training(caplog):
+    from omegaconf import OmegaConf
+
+    from speechmapper_generate import _check_trained_prompt
+    from speechmapper_tune.data.stage2 import PromptTemplate
+
+    trained = {"system": None, "user": "{speech} {instruction}", "instruction": "red", "assistant_prefix": "Transcript:"}
+    cfg = OmegaConf.create({"projector_checkpoint": "ckpt", "task": "asr", "instructions": None})
+    _check_trained_prompt(trained, PromptTemplate(user="{speech} {instruction}", instruction="red", assistant_prefix="Transcript:"), cfg)
+    assert "another prompt" not in caplog.text
+    _check_trained_prompt(trained, PromptTemplate(user="{speech} {instruction}", instruction="red"), cfg)
+    assert "prompt.assistant_prefix='Transcript:' in training, '' here" in caplog.text
