@@ -275,8 +275,10 @@ class AdaptRecipe:
         clip = cfg.get("clip_grad_norm")
         batches = self._batches()
         pbar = tqdm(total=self.max_steps, initial=self.step, disable=not self.is_main, desc="stage 2", dynamic_ncols=True)
+        validated_at = None
         if cfg.get("validate_at_start", False) and self.step == 0:
             self._log(self.validate())  # the stage-1 projector's baseline, so "val CE falls" is measurable
+            validated_at = 0
         t0, tokens = time.perf_counter(), 0
         while self.step < self.max_steps:
             sums = {k: 0.0 for k in LOSS_KEYS}
@@ -320,7 +322,8 @@ class AdaptRecipe:
             if save_every and self.step % save_every == 0 and self.step < self.max_steps:
                 self.save_checkpoint()
         pbar.close()
-        self._log(self.validate())
+        if validated_at != self.step:  # max_steps=0 with validate_at_start: logged once
+            self._log(self.validate())
         self.save_checkpoint()
         log.info(f"Done: {self.step} steps; skipped items: {self.skipped.total()} ({self.skipped.summary()})")
 
