@@ -42,7 +42,6 @@ log = utils.get_logger("INFO")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-
 def _check_trained_prompt(trained, template: PromptTemplate, cfg: DictConfig) -> None:
     """Warn when the prompt differs from the one the stage-2 checkpoint was trained with (a silent WER loss)."""
     if not trained or cfg.get("instructions") or cfg.get("task", "asr") != "asr":
@@ -52,6 +51,7 @@ def _check_trained_prompt(trained, template: PromptTemplate, cfg: DictConfig) ->
     if diff:
         log.warning(f"{cfg.projector_checkpoint} was trained with another prompt: "
                     + "; ".join(f"prompt.{k}={t!r} in training, {g!r} here" for k, (t, g) in diff.items()))
+
 
 class GenerateRecipe:
     def __init__(self, cfg: DictConfig):

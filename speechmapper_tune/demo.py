@@ -10,7 +10,8 @@ file doubles as the documentation of how to chain them:
 3. stage 1 (``smollm2_135M/stage1_demo``) and stage 2 (``smollm2_135M/stage2_demo``) on SmolLM2,
    from scratch;
 4. generation on dev, test and real speech: the two stage-2 projectors shipped in the package
-   (``speechmapper_tune/pretrained``: the ASR specialist and the task-agnostic one), this run's stage 1 (zero-shot) and stage 2, the
+   (``speechmapper_tune/pretrained``: the ASR specialist and the task-agnostic one, each with
+   the answer prefix it was trained with), this run's stage 1 (zero-shot) and stage 2, the
    Whisper-base + LLM cascade, the text-embedding topline, and an unseen-instruction probe;
 5. evaluation and the report: ``demo_out/RESULTS.md``, ``demo_out/results.json``, loss curves
    and a WER bar chart (PNG).
@@ -38,11 +39,10 @@ SIZES = {"train": 600, "dev": 50, "test": 50}
 SPLITS = ("dev", "test", "real")
 PROBE = "What is the first word of the Speech content? Answer with that word only."
 FEATURES = "features/whisper_base_trimmed"  # the shipped projectors were trained on these features
-# speechmapper_tune/pretrained/<name>, evaluated next to the demo's own run, each with the answer prefix it was
-# trained with: the ASR specialist (sigma 0, GPU) and the task-agnostic projector (sigma 0.9, CPU)
-SHIPPED = {"shipped_asr": ("smollm2_135m_whisper_base_stage2_asr", "Transcript:"),
-           "shipped": ("smollm2_135m_whisper_base_stage2", "")}
-PREFIX = "Transcript:"  # generate_asr's forced answer prefix, which stage2_demo trains with (topline 45.6 -> 37.0% WER)
+# speechmapper_tune/pretrained/<name>, evaluated next to the demo's own run, each with the answer prefix recorded in
+# its config: the ASR specialist (sigma 0, GPU) and the task-agnostic projector (sigma 0.9, CPU)
+SHIPPED = {"shipped_asr": "smollm2_135m_whisper_base_stage2_asr", "shipped": "smollm2_135m_whisper_base_stage2"}
+PREFIX = "Transcript:"  # the forced answer prefix stage2_demo trains with, given to generate_asr (topline 45.6 -> 37.0% WER)
 SYSTEMS = ("topline", "cascade", "shipped_asr", "shipped", "stage1", "stage2")
 
 
@@ -124,10 +124,10 @@ class Demo:
         shipped = {system: _shipped(system) for system in SHIPPED}
         for system, path in shipped.items():
             if path:
-                systems[system] = ["--config", "smollm2_135M/generate_asr", _prefix(SHIPPED[system][1]),
+                systems[system] = ["--config", "smollm2_135M/generate_asr", _prefix(_trained_prefix(path)),
                                    f"projector_checkpoint={path}"]
             else:
-                print(f"[demo] no shipped projector {SHIPPED[system][0]!r} in this installation: its rows are left out")
+                print(f"[demo] no shipped projector {SHIPPED[system]!r} in this installation: its rows are left out")
         for split in SPLITS:
             for name, args in systems.items():
                 out = self.out / "generations" / f"{name}_{split}"
@@ -166,7 +166,7 @@ class Demo:
                    "wall_seconds": {**{k: round(v, 1) for k, v in self.timings.items()}, "total": round(wall, 1)}}
         (self.out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
         md = ["# SpeechMapper embedded default: results", "",
-              "Whisper-base features -> SmolLM2-135M-Instruct: the projector shipped with the package, and the one "
+              "Whisper-base features -> SmolLM2-135M-Instruct: the projectors shipped with the package, and the one "
               "trained from scratch by this `make demo` run on this machine.", "",
               "| split | system | n | WER | CER | WER w/o stuck | stuck |", "|---|---|---|---|---|---|---|"]
         for r in sorted(rows, key=lambda r: (SPLITS.index(r["split"]), _order(r["system"]))):
@@ -175,8 +175,8 @@ class Demo:
         md += ["", "Systems: `topline` = the LLM fed the exact transcript's embeddings (the best a projector can do with "
                f"this LLM and prompt); `cascade` = Whisper base (faster-whisper) transcript fed to the same LLM and prompt "
                f"(both with the answer prefix {PREFIX!r}); `shipped_asr` = the ASR-specialist stage-2 projector shipped "
-               f"in the package (`{SHIPPED['shipped_asr'][0]}`: sigma 0, `smollm2_135M/stage2_asr_full` on a GPU, "
-               f"prefix {PREFIX!r}); `shipped` = the task-agnostic one (`{SHIPPED['shipped'][0]}`: sigma 0.9, "
+               f"in the package (`{SHIPPED['shipped_asr']}`: sigma 0, `smollm2_135M/stage2_asr_full` on a GPU, "
+               f"prefix {PREFIX!r}); `shipped` = the task-agnostic one (`{SHIPPED['shipped']}`: sigma 0.9, "
                "`smollm2_135M/stage1_full` + `stage2_full` on this CPU, no prefix); `stage1` = this run's projector after "
                "stage 1 only, zero-shot prompt (table 11); `stage2` = this run's projector after stage-2 CE+MSE.", "",
                "Training of this run (validation on held-out voices, first -> last evaluation):", ""]
@@ -242,8 +242,15 @@ def _final(run: Path):
 def _shipped(system: str):
     from speechmapper_tune import pretrained
 
-    name = SHIPPED[system][0]
+    name = SHIPPED[system]
     return pretrained.shipped_projector(name) if name in pretrained.available() else None
+
+
+def _trained_prefix(path: str) -> str:
+    """The answer prefix a stage-2 projector was trained with (its recorded prompt; none recorded: no prefix)."""
+    from speechmapper_tune.checkpoint.projector_io import read_projector_meta
+
+    return (read_projector_meta(path).get("prompt") or {}).get("assistant_prefix", "")
 
 
 def _prefix(text: str) -> str:

@@ -8,8 +8,10 @@
 set -euo pipefail
 REPO=$(pwd); VENV=${VENV:-.venv}; PY=$VENV/bin/python
 SP=$($PY -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
-FEATS=(); EXTRA=(); dest=FEATS
-for a in "$@"; do if [ "$a" = "--" ]; then dest=EXTRA; continue; fi; eval "$dest+=(\"\$a\")"; done
+FEATS=(); EXTRA=(); after=0
+for a in "$@"; do
+  if [ "$a" = "--" ]; then after=1; elif [ $after = 1 ]; then EXTRA+=("$a"); else FEATS+=("$a"); fi
+done
 rm -rf .xfer .devsite && mkdir -p .xfer/site .devsite
 # pure-Python packages the image lacks: copied with their metadata (some read their own version)
 for p in datasets dill httpcore2 httpx2 huggingface_hub intervaltree lhotse omegaconf pycparser torchdata torchtune \

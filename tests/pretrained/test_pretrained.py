@@ -70,6 +70,10 @@ def test_shipped_projectors_load_and_say_how_they_were_made(name):
     assert out.shape == (1, int(n), 576) and torch.isfinite(out).all()
 
 
-def test_asr_specialist_records_the_prompt_it_was_trained_with():
+def test_shipped_stage2_projectors_record_the_prompt_they_were_trained_with():
+    from speechmapper_tune.demo import _trained_prefix
+
     _, meta = load_projector(pretrained.shipped_projector("smollm2_135m_whisper_base_stage2_asr"))
     assert meta["sigma"] == 0.0 and meta["prompt"]["assistant_prefix"] == "Transcript:"
+    assert _trained_prefix(pretrained.shipped_projector("smollm2_135m_whisper_base_stage2_asr")) == "Transcript:"
+    assert _trained_prefix(pretrained.shipped_projector("smollm2_135m_whisper_base_stage2")) == ""

@@ -24,7 +24,7 @@ def test_reduced_demo_end_to_end(tmp_path):
     from speechmapper_tune import pretrained
     from speechmapper_tune.demo import SHIPPED
 
-    systems = {"topline", "cascade", "stage1", "stage2"} | {k for k, (name, _) in SHIPPED.items() if name in pretrained.available()}
+    systems = {"topline", "cascade", "stage1", "stage2"} | {k for k, name in SHIPPED.items() if name in pretrained.available()}
     got = {(r["split"], r["system"]) for r in res["rows"]}
     assert got == {(s, m) for s in ("dev", "test", "real") for m in systems}
     assert all(r["wer"] is not None and r["cer"] is not None and r["stuck"] is not None for r in res["rows"])
