@@ -1,7 +1,8 @@
 """Packaged YAML configs, addressable by bare name (``tiny/stage1``) from ``tune run``.
 
 torchtune passes a non-built-in ``--config`` value through unchanged, so every recipe calls
-:func:`resolve_config_argv` before torchtune parses ``sys.argv``. Plain Python: no torchtune.
+:func:`resolve_config_argv` before torchtune parses ``sys.argv``. Plain Python: torchtune is
+imported only by :func:`resolve_path_setting`, which only the recipes call.
 """
 
 from __future__ import annotations
@@ -45,3 +46,14 @@ def resolve_config_argv(argv: Optional[List[str]] = None) -> None:
         if arg.startswith("--config="):
             argv[i] = "--config=" + str(resolve_config(arg.split("=", 1)[1]))
             return
+
+
+def resolve_path_setting(value) -> Optional[str]:
+    """A path setting is a string, or a ``_component_`` returning one (e.g. a cached conversion)."""
+    if value is None:
+        return None
+    if hasattr(value, "get") and "_component_" in value:
+        from torchtune import config  # recipe glue: only the recipes call this
+
+        return str(config.instantiate(value))
+    return str(value)

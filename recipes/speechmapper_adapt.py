@@ -46,7 +46,7 @@ from speechmapper_tune.checkpoint.projector_io import (
     rng_state,
     set_rng_state,
 )
-from speechmapper_tune.configs import resolve_config_argv
+from speechmapper_tune.configs import resolve_config_argv, resolve_path_setting
 from speechmapper_tune.data.manifest import SkipCounter, load_feature_items
 from speechmapper_tune.data.sampler import ShuffledBatchSampler
 from speechmapper_tune.data.stage1 import lookup_targets, sample_subset
@@ -101,7 +101,7 @@ class AdaptRecipe:
             if self.is_main:
                 config.instantiate(cfg.prepare)
             self._barrier()
-        ckpt_dir = _resolve_path(cfg.llm.checkpoint)
+        ckpt_dir = resolve_path_setting(cfg.llm.checkpoint)
         vocab, llm_dim = embedding_shape(ckpt_dir)
         self.pad_id = int(cfg.llm.pad_id)
         if not 0 <= self.pad_id < vocab:
@@ -122,7 +122,7 @@ class AdaptRecipe:
             from torchtune.modules import TransformerSelfAttentionLayer
 
             training.set_activation_checkpointing(self.llm, auto_wrap_policy={TransformerSelfAttentionLayer})
-        self.chat = ChatTokenizer.from_dir(_resolve_path(cfg.llm.get("tokenizer")) or ckpt_dir,
+        self.chat = ChatTokenizer.from_dir(resolve_path_setting(cfg.llm.get("tokenizer")) or ckpt_dir,
                                            chat_format=cfg.llm.chat_format, pad_token=self.pad_id)
         self.right_pad_id = self.chat.eos_id  # never the placeholder, so the span check is exact
 
@@ -385,15 +385,6 @@ class AdaptRecipe:
             lg.close()
         if dist.is_initialized():
             dist.destroy_process_group()
-
-
-def _resolve_path(value):
-    """A path setting is a string, or a ``_component_`` returning one (e.g. a cached conversion)."""
-    if value is None:
-        return None
-    if isinstance(value, DictConfig) and "_component_" in value:
-        return str(config.instantiate(value))
-    return str(value)
 
 
 @config.parse

@@ -28,7 +28,7 @@ from torchtune import config, training, utils
 
 from speechmapper_tune.checkpoint.embedding_table import embedding_shape, load_embedding_table
 from speechmapper_tune.checkpoint.projector_io import embedding_fingerprint, load_projector, read_projector_meta
-from speechmapper_tune.configs import resolve_config_argv
+from speechmapper_tune.configs import resolve_config_argv, resolve_path_setting
 from speechmapper_tune.data.generation_data import SPAN_SOURCES, FasterWhisperTranscriber, append_rows, done_ids
 from speechmapper_tune.data.manifest import SkipCounter, load_feature_items
 from speechmapper_tune.data.sampler import ShuffledBatchSampler
@@ -66,7 +66,7 @@ class GenerateRecipe:
     def setup(self) -> None:
         cfg = self.cfg
         training.set_seed(seed=cfg.get("seed", 0))
-        ckpt_dir = _resolve_path(cfg.llm.checkpoint)
+        ckpt_dir = resolve_path_setting(cfg.llm.checkpoint)
         vocab, llm_dim = embedding_shape(ckpt_dir)
         self.pad_id = int(cfg.llm.pad_id)
         if not 0 <= self.pad_id < vocab:
@@ -91,7 +91,7 @@ class GenerateRecipe:
         if meta.get("lora"):
             raise ValueError(f"{cfg.projector_checkpoint} was trained with LoRA adapters: load them with the LLM "
                              "(not supported by this recipe yet); use a checkpoint trained without LoRA")
-        self.chat = ChatTokenizer.from_dir(_resolve_path(cfg.llm.get("tokenizer")) or ckpt_dir,
+        self.chat = ChatTokenizer.from_dir(resolve_path_setting(cfg.llm.get("tokenizer")) or ckpt_dir,
                                            chat_format=cfg.llm.chat_format, pad_token=self.pad_id)
         self.template = PromptTemplate(**OmegaConf.to_container(cfg.prompt, resolve=True))
         _check_trained_prompt(meta.get("prompt") if cfg.span_source == "projector" else None, self.template, cfg)
@@ -116,7 +116,7 @@ class GenerateRecipe:
             from lhotse import CutSet
 
             self.cuts = {c.id: c for c in CutSet.from_file(cfg.manifest)}
-            self.transcriber = FasterWhisperTranscriber(_resolve_path(cfg.cascade.model_dir), cfg.cascade.get("compute_type", "int8"))
+            self.transcriber = FasterWhisperTranscriber(resolve_path_setting(cfg.cascade.model_dir), cfg.cascade.get("compute_type", "int8"))
         guard = cfg.get("stuck_guard")
         self.guard = StuckGuard(**OmegaConf.to_container(guard, resolve=True)) if guard else None
         self.newlines = newline_token_ids(self.chat) if cfg.get("stop_at_newline", False) else None
@@ -189,14 +189,6 @@ class GenerateRecipe:
 
     def cleanup(self) -> None:
         pass
-
-
-def _resolve_path(value):
-    if value is None:
-        return None
-    if isinstance(value, DictConfig) and "_component_" in value:
-        return str(config.instantiate(value))
-    return str(value)
 
 
 @config.parse

@@ -36,7 +36,7 @@ from torchtune import config, training, utils
 from speechmapper_tune.checkpoint.atomic import MetricsFile
 from speechmapper_tune.checkpoint.embedding_table import embedding_shape, load_embedding_table
 from speechmapper_tune.checkpoint.projector_io import CheckpointManager, embedding_fingerprint, rng_state, set_rng_state
-from speechmapper_tune.configs import resolve_config_argv
+from speechmapper_tune.configs import resolve_config_argv, resolve_path_setting
 from speechmapper_tune.data.manifest import SkipCounter, load_feature_items
 from speechmapper_tune.data.sampler import LengthCappedBatchSampler
 from speechmapper_tune.data.stage1 import (
@@ -84,8 +84,8 @@ class PretrainRecipe:
                 config.instantiate(cfg.prepare)
             self._barrier()
         self.loss_fn = config.instantiate(cfg.loss)  # validates alpha before anything heavy
-        self.llm_checkpoint = _resolve_path(cfg.llm.checkpoint)
-        self.llm_tokenizer = _resolve_path(cfg.llm.get("tokenizer")) or self.llm_checkpoint
+        self.llm_checkpoint = resolve_path_setting(cfg.llm.checkpoint)
+        self.llm_tokenizer = resolve_path_setting(cfg.llm.get("tokenizer")) or self.llm_checkpoint
         vocab, llm_dim = embedding_shape(self.llm_checkpoint, cfg.llm.get("embedding_key"))
         pad_id = int(cfg.llm.pad_id)
         if not 0 <= pad_id < vocab:
@@ -350,15 +350,6 @@ class PretrainRecipe:
             lg.close()
         if dist.is_initialized():
             dist.destroy_process_group()
-
-
-def _resolve_path(value):
-    """A path setting is a string, or a ``_component_`` returning one (e.g. a cached conversion)."""
-    if value is None:
-        return None
-    if isinstance(value, DictConfig) and "_component_" in value:
-        return str(config.instantiate(value))
-    return str(value)
 
 
 @config.parse
