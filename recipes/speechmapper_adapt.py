@@ -39,6 +39,7 @@ from torchtune import config, training, utils
 from speechmapper_tune.checkpoint.atomic import MetricsFile
 from speechmapper_tune.checkpoint.embedding_table import embedding_shape, load_embedding_table
 from speechmapper_tune.checkpoint.projector_io import (
+    LORA_WEIGHTS,
     CheckpointManager,
     embedding_fingerprint,
     load_projector,
@@ -67,7 +68,6 @@ from speechmapper_tune.models.projector import count_parameters
 log = utils.get_logger("INFO")
 LOSS_KEYS = ("loss", "ce", "mse")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-LORA_FILE = "lora_adapters.safetensors"  # saved beside the projector when LoRA is on
 
 
 class AdaptRecipe:
@@ -214,7 +214,7 @@ class AdaptRecipe:
         if self.lora_params:
             from safetensors.torch import load_file
 
-            load_lora_state_dict(self.llm, load_file(str(folder / LORA_FILE)))
+            load_lora_state_dict(self.llm, load_file(str(folder / LORA_WEIGHTS)))
         state = self.checkpoints.load_state(folder)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -357,7 +357,7 @@ class AdaptRecipe:
             meta = {"stage": 2, "llm": self.llm_meta, "recipe": "speechmapper_adapt", "init": self.init_meta,
                     "sigma": self.sigma, "trim_pad_vectors": bool(self.cfg.get("trim_pad_vectors", False)),
                     "prompt": OmegaConf.to_container(self.cfg.prompt, resolve=True)}  # generation warns on another prompt
-            extra = {LORA_FILE: lora_state_dict(self.llm)} if self.lora_params else None
+            extra = {LORA_WEIGHTS: lora_state_dict(self.llm)} if self.lora_params else None
             meta["lora"] = OmegaConf.to_container(self.cfg.lora, resolve=True) if self.lora_params else None
             folder = self.checkpoints.save(self.step, self.projector, meta, state, extra_weights=extra)
             log.info(f"Saved checkpoint {folder}")

@@ -27,7 +27,7 @@ from tqdm import tqdm
 from torchtune import config, training, utils
 
 from speechmapper_tune.checkpoint.embedding_table import embedding_shape, load_embedding_table
-from speechmapper_tune.checkpoint.projector_io import embedding_fingerprint, load_projector, read_projector_meta
+from speechmapper_tune.checkpoint.projector_io import LORA_WEIGHTS, embedding_fingerprint, load_projector, read_projector_meta
 from speechmapper_tune.configs import resolve_config_argv, resolve_path_setting
 from speechmapper_tune.data.generation_data import SPAN_SOURCES, FasterWhisperTranscriber, append_rows, done_ids
 from speechmapper_tune.data.manifest import SkipCounter, load_feature_items
@@ -36,7 +36,7 @@ from speechmapper_tune.data.stage2 import PromptTemplate, Stage2Collator, Stage2
 from speechmapper_tune.generation import StuckGuard, greedy_generate, newline_token_ids
 from speechmapper_tune.models.chat_format import ChatTokenizer
 from speechmapper_tune.models.injector import trailing_pad_lengths
-from speechmapper_tune.models.llms import embed_tokens, load_llm
+from speechmapper_tune.models.llms import embed_tokens, load_llm, load_lora_state_dict
 
 log = utils.get_logger("INFO")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -87,10 +87,17 @@ class GenerateRecipe:
         trim = cfg.get("trim_pad_vectors")
         self.trim = bool(meta.get("trim_pad_vectors", False)) if trim is None else bool(trim)  # default: as trained
         self.embedding = self.embedding.to(self.device)
-        self.llm, _, _ = load_llm(cfg.llm.name, ckpt_dir, dtype=DTYPES[cfg.llm.get("dtype", "bf16")], device=self.device)
-        if meta.get("lora"):
-            raise ValueError(f"{cfg.projector_checkpoint} was trained with LoRA adapters: load them with the LLM "
-                             "(not supported by this recipe yet); use a checkpoint trained without LoRA")
+        lora = meta.get("lora")
+        if lora and not (Path(cfg.projector_checkpoint) / LORA_WEIGHTS).is_file():
+            raise FileNotFoundError(f"{cfg.projector_checkpoint} was trained with LoRA adapters but has no {LORA_WEIGHTS}")
+        self.llm, _, _ = load_llm(cfg.llm.name, ckpt_dir, dtype=DTYPES[cfg.llm.get("dtype", "bf16")], device=self.device,
+                                  lora=lora)
+        if lora:  # the adapters trained with this projector in stage 2 belong to the LLM it feeds
+            from safetensors.torch import load_file
+
+            load_lora_state_dict(self.llm, load_file(str(Path(cfg.projector_checkpoint) / LORA_WEIGHTS)))
+            log.info(f"LoRA adapters (rank {lora['rank']}) loaded from {cfg.projector_checkpoint}/{LORA_WEIGHTS}")
+        self.llm.eval()
         self.chat = ChatTokenizer.from_dir(resolve_path_setting(cfg.llm.get("tokenizer")) or ckpt_dir,
                                            chat_format=cfg.llm.chat_format, pad_token=self.pad_id)
         self.template = PromptTemplate(**OmegaConf.to_container(cfg.prompt, resolve=True))

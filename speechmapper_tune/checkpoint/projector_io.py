@@ -35,6 +35,7 @@ from speechmapper_tune.models.projector import SpeechMapperProjector, build_proj
 WEIGHTS = "projector.safetensors"
 CONFIG = "projector_config.json"
 STATE = "recipe_state.pt"
+LORA_WEIGHTS = "lora_adapters.safetensors"  # beside the projector when stage 2 trained LoRA adapters on the LLM
 
 
 def embedding_fingerprint(embedding: torch.Tensor) -> str:

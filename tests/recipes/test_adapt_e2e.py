@@ -105,3 +105,19 @@ def test_lora_adapters_train_save_and_resume(tmp_path, tune, stage1):
     assert any(not (first[k] == second[k]).all() for k in first)  # adapters kept training after the resume
     meta = read_projector_meta(out / "checkpoints" / "step_4")
     assert meta["lora"]["rank"] == 4
+
+
+def test_generate_loads_the_lora_adapters_trained_with_the_projector(tmp_path, tune, stage1):
+    out = _stage2_dir(tmp_path, stage1, "lora_gen")
+    tune(["run", "speechmapper_adapt", "--config", "tiny/stage2", f"output_dir={out}", "val_every_n_steps=0", "max_steps=2",
+          "save_every_n_steps=2", "lora={rank: 4, alpha: 8, dropout: 0.0, attn_modules: [q_proj, v_proj], apply_to_mlp: False}"],
+         cwd=tmp_path)
+    ckpt = out / "checkpoints" / "step_2"
+    args = ["run", "speechmapper_generate", "--config", "tiny/generate", f"projector_checkpoint={ckpt}",
+            f"manifest={out}/data/val.jsonl.gz", f"llm.checkpoint={out}/data/llm", "max_new_tokens=4", "max_items=4"]
+    proc = tune([*args, f"output_dir={tmp_path}/gen"], cwd=tmp_path)
+    assert f"LoRA adapters (rank 4) loaded from {ckpt}/lora_adapters.safetensors" in proc.stderr + proc.stdout
+    assert len((tmp_path / "gen" / "generations.jsonl").read_text().splitlines()) == 4
+    (ckpt / "lora_adapters.safetensors").unlink()
+    proc = tune([*args, f"output_dir={tmp_path}/gen2"], cwd=tmp_path, check=False)
+    assert proc.returncode != 0 and "was trained with LoRA adapters but has no lora_adapters.safetensors" in proc.stderr
