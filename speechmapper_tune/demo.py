@@ -175,7 +175,7 @@ class Demo:
         md += ["", "Systems: `topline` = the LLM fed the exact transcript's embeddings (the best a projector can do with "
                f"this LLM and prompt); `cascade` = Whisper base (faster-whisper) transcript fed to the same LLM and prompt "
                f"(both with the answer prefix {PREFIX!r}); `shipped_asr` = the ASR-specialist stage-2 projector shipped "
-               f"in the package (`{SHIPPED['shipped_asr']}`: sigma 0, `smollm2_135M/stage2_asr_full` on a GPU, "
+               f"in the package (`{SHIPPED['shipped_asr']}`: sigma 0, `smollm2_135M/stage2_asr_full`, two rounds on a GPU and one on a CPU, "
                f"prefix {PREFIX!r}); `shipped` = the task-agnostic one (`{SHIPPED['shipped']}`: sigma 0.9, "
                "`smollm2_135M/stage1_full` + `stage2_full` on this CPU, no prefix); `stage1` = this run's projector after "
                "stage 1 only, zero-shot prompt (table 11); `stage2` = this run's projector after stage-2 CE+MSE.", "",
