@@ -9,6 +9,7 @@ needs to reproduce it:
         projector_config.json   the projector and LLM description the recipes check
         metrics.jsonl           the training curve of the run that produced it
         PROVENANCE.md           the exact commands and data settings
+        lora_adapters.safetensors   fp16 LoRA adapters, only when stage 2 trained them
 
 Use one anywhere a checkpoint folder is expected::
 
@@ -30,8 +31,9 @@ from pathlib import Path
 from typing import List, Optional
 
 import torch
+from safetensors.torch import load_file, save_file
 
-from speechmapper_tune.checkpoint.projector_io import CONFIG, WEIGHTS, load_projector, save_projector
+from speechmapper_tune.checkpoint.projector_io import CONFIG, LORA_WEIGHTS, WEIGHTS, load_projector, save_projector
 
 ROOT = Path(__file__).resolve().parent
 PROVENANCE = "PROVENANCE.md"
@@ -61,7 +63,14 @@ def export_projector(checkpoint: str | Path, name: str, provenance: Optional[str
     metrics = Path(metrics) if metrics else _run_metrics(checkpoint)
     final, tmp, old = root / name, root / f".{name}.tmp", root / f".{name}.old"
     shutil.rmtree(tmp, ignore_errors=True)
+    lora = checkpoint / LORA_WEIGHTS
+    if meta.get("lora") and not lora.is_file():
+        raise FileNotFoundError(f"{checkpoint} was trained with LoRA adapters but has no {LORA_WEIGHTS}")
     save_projector(tmp, model, meta, dtype=torch.float16)
+    if meta.get("lora"):  # the adapters belong with the projector: generation loads both
+        adapters = load_file(str(lora))
+        save_file({k: v.to(torch.float16) if v.is_floating_point() else v for k, v in adapters.items()},
+                  str(tmp / LORA_WEIGHTS), metadata={"format": "pt"})
     if metrics is not None and metrics.is_file():
         shutil.copyfile(metrics, tmp / METRICS)
     if provenance is not None:

@@ -42,6 +42,25 @@ def test_export_writes_fp16_weights_config_curve_and_provenance(tmp_path):
     assert not (root / "demo_proj" / "PROVENANCE.md").exists()
 
 
+def test_export_carries_the_lora_adapters_in_fp16(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    torch.manual_seed(0)
+    meta = {"stage": 2, "llm": {"dim": 32}, "lora": {"rank": 4}}
+    folder = CheckpointManager(tmp_path / "run").save(3, speechmapper_tiny(), meta, {"step": 3})
+    adapters = {"layers.0.attn.q_proj.lora_a.weight": torch.randn(4, 32),
+                "layers.0.attn.q_proj.lora_b.weight": torch.randn(32, 4)}
+    save_file(adapters, str(folder / "lora_adapters.safetensors"))
+    out = pretrained.export_projector(folder, "lora_proj", root=tmp_path / "shipped")
+    shipped = load_file(str(out / "lora_adapters.safetensors"))
+    assert shipped.keys() == adapters.keys()
+    for k, v in adapters.items():
+        assert shipped[k].dtype == torch.float16 and torch.allclose(shipped[k].float(), v, atol=1e-2)
+    (folder / "lora_adapters.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="trained with LoRA adapters but has no lora_adapters.safetensors"):
+        pretrained.export_projector(folder, "lora_proj2", root=tmp_path / "shipped")
+
+
 def test_unknown_shipped_name_lists_what_exists():
     with pytest.raises(FileNotFoundError, match="no shipped projector named 'nope'"):
         pretrained.shipped_projector("nope")
