@@ -43,6 +43,7 @@ from speechmapper_tune.checkpoint.projector_io import (
     CheckpointManager,
     embedding_fingerprint,
     load_projector,
+    lora_weights_file,
     read_projector_meta,
     rng_state,
     set_rng_state,
@@ -214,7 +215,7 @@ class AdaptRecipe:
         if self.lora_params:
             from safetensors.torch import load_file
 
-            load_lora_state_dict(self.llm, load_file(str(folder / LORA_WEIGHTS)))
+            load_lora_state_dict(self.llm, load_file(str(lora_weights_file(folder))))
         state = self.checkpoints.load_state(folder)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])

@@ -27,7 +27,7 @@ from tqdm import tqdm
 from torchtune import config, training, utils
 
 from speechmapper_tune.checkpoint.embedding_table import embedding_shape, load_embedding_table
-from speechmapper_tune.checkpoint.projector_io import LORA_WEIGHTS, embedding_fingerprint, load_projector, read_projector_meta
+from speechmapper_tune.checkpoint.projector_io import embedding_fingerprint, load_projector, lora_weights_file, read_projector_meta
 from speechmapper_tune.configs import resolve_config_argv, resolve_path_setting
 from speechmapper_tune.data.generation_data import SPAN_SOURCES, FasterWhisperTranscriber, append_rows, done_ids
 from speechmapper_tune.data.manifest import SkipCounter, load_feature_items
@@ -88,15 +88,14 @@ class GenerateRecipe:
         self.trim = bool(meta.get("trim_pad_vectors", False)) if trim is None else bool(trim)  # default: as trained
         self.embedding = self.embedding.to(self.device)
         lora = meta.get("lora")
-        if lora and not (Path(cfg.projector_checkpoint) / LORA_WEIGHTS).is_file():
-            raise FileNotFoundError(f"{cfg.projector_checkpoint} was trained with LoRA adapters but has no {LORA_WEIGHTS}")
+        lora_file = lora_weights_file(cfg.projector_checkpoint) if lora else None  # checked before the LLM loads
         self.llm, _, _ = load_llm(cfg.llm.name, ckpt_dir, dtype=DTYPES[cfg.llm.get("dtype", "bf16")], device=self.device,
                                   lora=lora)
         if lora:  # the adapters trained with this projector in stage 2 belong to the LLM it feeds
             from safetensors.torch import load_file
 
-            load_lora_state_dict(self.llm, load_file(str(Path(cfg.projector_checkpoint) / LORA_WEIGHTS)))
-            log.info(f"LoRA adapters (rank {lora['rank']}) loaded from {cfg.projector_checkpoint}/{LORA_WEIGHTS}")
+            load_lora_state_dict(self.llm, load_file(str(lora_file)))
+            log.info(f"LoRA adapters (rank {lora['rank']}) loaded from {lora_file}")
         self.llm.eval()
         self.chat = ChatTokenizer.from_dir(resolve_path_setting(cfg.llm.get("tokenizer")) or ckpt_dir,
                                            chat_format=cfg.llm.chat_format, pad_token=self.pad_id)

@@ -56,6 +56,14 @@ def save_projector(folder: str | Path, model: nn.Module, meta: Dict[str, Any], d
     atomic_write_json(folder / CONFIG, {"projector": model.config.to_dict(), **meta})
 
 
+def lora_weights_file(folder: str | Path) -> Path:
+    """The LoRA adapter file of a checkpoint whose config names LoRA; a clear error when it is missing."""
+    file = Path(folder) / LORA_WEIGHTS
+    if not file.is_file():
+        raise FileNotFoundError(f"{folder} was trained with LoRA adapters but has no {LORA_WEIGHTS}")
+    return file
+
+
 def read_projector_meta(folder: str | Path) -> Dict[str, Any]:
     file = Path(folder) / CONFIG
     if not file.is_file():

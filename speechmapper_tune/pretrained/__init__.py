@@ -33,7 +33,7 @@ from typing import List, Optional
 import torch
 from safetensors.torch import load_file, save_file
 
-from speechmapper_tune.checkpoint.projector_io import CONFIG, LORA_WEIGHTS, WEIGHTS, load_projector, save_projector
+from speechmapper_tune.checkpoint.projector_io import CONFIG, LORA_WEIGHTS, WEIGHTS, load_projector, lora_weights_file, save_projector
 
 ROOT = Path(__file__).resolve().parent
 PROVENANCE = "PROVENANCE.md"
@@ -63,11 +63,9 @@ def export_projector(checkpoint: str | Path, name: str, provenance: Optional[str
     metrics = Path(metrics) if metrics else _run_metrics(checkpoint)
     final, tmp, old = root / name, root / f".{name}.tmp", root / f".{name}.old"
     shutil.rmtree(tmp, ignore_errors=True)
-    lora = checkpoint / LORA_WEIGHTS
-    if meta.get("lora") and not lora.is_file():
-        raise FileNotFoundError(f"{checkpoint} was trained with LoRA adapters but has no {LORA_WEIGHTS}")
+    lora = lora_weights_file(checkpoint) if meta.get("lora") else None
     save_projector(tmp, model, meta, dtype=torch.float16)
-    if meta.get("lora"):  # the adapters belong with the projector: generation loads both
+    if lora is not None:  # the adapters belong with the projector: generation loads both
         adapters = load_file(str(lora))
         save_file({k: v.to(torch.float16) if v.is_floating_point() else v for k, v in adapters.items()},
                   str(tmp / LORA_WEIGHTS), metadata={"format": "pt"})
