@@ -119,6 +119,7 @@ class AdaptRecipe:
         self.llm, _, _ = load_llm(cfg.llm.name, ckpt_dir, dtype=DTYPES[cfg.llm.get("dtype", "bf16")], device=self.device, lora=lora)
         self.lora_params = [p for p in self.llm.parameters() if p.requires_grad]  # empty unless LoRA is on
         assert bool(self.lora_params) == bool(lora), "the LLM must be frozen except for LoRA adapters"
+        self._init_lora_from_checkpoint()
         if cfg.get("enable_activation_checkpointing", False):
             from torchtune.modules import TransformerSelfAttentionLayer
 
@@ -162,6 +163,7 @@ class AdaptRecipe:
                                  f"({meta['llm'].get('checkpoint')}); its embedding table differs from {cfg.llm.checkpoint}")
             model, meta = load_projector(path)
             log.info(f"Projector from {path} (stage {meta.get('stage')}, step {meta.get('step')})")
+            self.init_lora = meta.get("lora")  # a stage-2 checkpoint trained with LoRA: its adapters go on with it
             return model, {"from": str(path), "stage": meta.get("stage"), "step": meta.get("step")}
         if not cfg.get("from_scratch", False):
             raise ValueError("set projector_checkpoint=<stage-1 checkpoint folder>, or from_scratch=True for an ablation")
@@ -170,6 +172,20 @@ class AdaptRecipe:
             raise ValueError(f"model.output_dim={model.output_dim} but the LLM's embeddings are {llm_dim}-dim")
         log.info("Projector from scratch (ablation: no stage 1)")
         return model, {"from": None}
+
+    def _init_lora_from_checkpoint(self) -> None:
+        # continuing a LoRA-trained stage-2 checkpoint keeps its adapters (else they would restart at zero)
+        path, saved = self.cfg.get("projector_checkpoint"), getattr(self, "init_lora", None)
+        if not saved:
+            return
+        if not self.lora_params:
+            log.warning(f"projector_checkpoint {path} was trained with LoRA adapters on the LLM ({saved}); "
+                        "lora is not set, so they are left out and the LLM stays as pretrained")
+            return
+        from safetensors.torch import load_file
+
+        load_lora_state_dict(self.llm, load_file(str(lora_weights_file(path))))
+        log.info(f"LoRA adapters from {lora_weights_file(path)}")
 
     def _setup_data(self, dcfg: DictConfig, shuffle: bool):
         proj = self.projector

@@ -14,12 +14,12 @@ for a in "$@"; do
 done
 rm -rf .xfer .devsite && mkdir -p .xfer/site .devsite
 # pure-Python packages the image lacks: copied with their metadata (some read their own version)
-for p in datasets dill httpcore2 httpx2 huggingface_hub intervaltree lhotse omegaconf pycparser torchdata torchtune \
+for p in datasets dill httpcore2 httpx2 huggingface_hub intervaltree jiwer lhotse omegaconf pycparser torchdata torchtune \
          truststore kagglehub kagglesdk; do cp -r "$SP/$p" "$SP"/$p-*.dist-info .devsite/; done
 # compiled ones as wheels for the image's Python 3.12
 $PY -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .xfer/whl \
-    cytoolz==1.2.0 cffi==2.1.1 multiprocess==0.70.19 soundfile==0.14.0 torchao==0.13.0
+    cytoolz==1.2.0 cffi==2.1.1 multiprocess==0.70.19 rapidfuzz==3.14.6 soundfile==0.14.0 torchao==0.13.0
 for w in .xfer/whl/*.whl; do (cd .devsite && python3 -m zipfile -e "$REPO/$w" .); done
 find .devsite -name __pycache__ -prune -exec rm -rf {} +
 tar -C .devsite -cJf .xfer/site/devsite.tar.xz . && rm -rf .devsite .xfer/whl
@@ -38,11 +38,13 @@ PY
 for f in "${FEATS[@]}"; do ln -s "$REPO/$f" "$stage/feats/$(basename "$f")"; done
 for e in "${EXTRA[@]}"; do ln -s "$REPO/$e" "$stage/extra/$(basename "$e")"; done
 (cd "$stage" && tar -chf - cache feats extra | xz -1 -T0 > payload.tar.xz)
-# the first piece travels with the package folder, so it is smaller
-head -c 43000000 "$stage/payload.tar.xz" > "$stage/p0"; tail -c +43000001 "$stage/payload.tar.xz" > "$stage/rest"
+# pieces fit the 64-MiB carry limit beside the tracked tree (~21 MiB with three shipped projectors); the first
+# travels with the package folder, so it is smaller. Override with FIRST_BYTES / PIECE_BYTES.
+FIRST=${FIRST_BYTES:-30000000}; PIECE=${PIECE_BYTES:-41500000}
+head -c $FIRST "$stage/payload.tar.xz" > "$stage/p0"; tail -c +$((FIRST + 1)) "$stage/payload.tar.xz" > "$stage/rest"
 mkdir -p .xfer/c10 && mv "$stage/p0" .xfer/c10/part10
-split -b 50000000 -d -a 2 --numeric-suffixes=11 "$stage/rest" "$stage/part"
+split -b $PIECE -d -a 2 --numeric-suffixes=11 "$stage/rest" "$stage/part"
 for f in "$stage"/part*; do n=${f##*part}; mkdir -p .xfer/c$n && mv "$f" .xfer/c$n/; done
-cp bench/device/dev.sh bench/device/smoke.sh .xfer/
+cp bench/device/*.sh .xfer/
 rm -rf "$stage"; ls .xfer
 echo "feature manifests keep absolute paths: on the device they resolve through $REPO/runs/features symlinks (dev.sh)"

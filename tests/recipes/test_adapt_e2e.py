@@ -121,3 +121,22 @@ def test_generate_loads_the_lora_adapters_trained_with_the_projector(tmp_path, t
     (ckpt / "lora_adapters.safetensors").unlink()
     proc = tune([*args, f"output_dir={tmp_path}/gen2"], cwd=tmp_path, check=False)
     assert proc.returncode != 0 and "was trained with LoRA adapters but has no lora_adapters.safetensors" in proc.stderr
+
+
+def test_a_new_run_from_a_lora_checkpoint_goes_on_with_its_adapters(tmp_path, tune, stage1):
+    from safetensors.torch import load_file
+
+    lora = "lora={rank: 4, alpha: 8, dropout: 0.0, attn_modules: [q_proj, v_proj], apply_to_mlp: False}"
+    first, second = _stage2_dir(tmp_path, stage1, "lora_a"), _stage2_dir(tmp_path, stage1, "lora_b")
+    common = ["run", "speechmapper_adapt", "--config", "tiny/stage2", "val_every_n_steps=0", "save_every_n_steps=2",
+              "max_steps=2"]
+    tune([*common, f"output_dir={first}", lora], cwd=tmp_path)
+    ckpt = first / "checkpoints" / "step_2"
+    proc = tune([*common, f"output_dir={second}", f"projector_checkpoint={ckpt}", "from_scratch=False", lora,
+                 "optimizer.lr=0.0"], cwd=tmp_path)  # lr 0: the new run's adapters must equal the loaded ones
+    assert f"LoRA adapters from {ckpt}/lora_adapters.safetensors" in proc.stderr + proc.stdout
+    saved, kept = load_file(str(ckpt / "lora_adapters.safetensors")), load_file(str(second / "checkpoints" / "step_2" / "lora_adapters.safetensors"))
+    assert saved.keys() == kept.keys() and all((saved[k] == kept[k]).all() for k in saved)
+    assert any(k.endswith("lora_b.weight") and saved[k].abs().sum() > 0 for k in saved)  # not the zero init
+    proc = tune([*common, f"output_dir={tmp_path}/no_lora", f"projector_checkpoint={ckpt}", "from_scratch=False"], cwd=tmp_path)
+    assert "was trained with LoRA adapters on the LLM" in proc.stderr + proc.stdout
