@@ -14,7 +14,8 @@ export PYTHONPATH=/root/site:$REPO:$REPO/recipes SPEECHMAPPER_CACHE=/root/cache 
 T() { python3 -m torchtune._cli.tune "$@"; }
 unpack_payload() {  # after every piece has been carried
   [ -f /root/payload.ok ] && return 0
-  mkdir -p /root/payload && cat /root/stash/part* | tar -C /root/payload -xJf - || { echo "payload incomplete"; return 4; }
+  mkdir -p /root/payload && ( set -o pipefail; cat /root/stash/part* | xz -d -T0 | tar -C /root/payload -xf - ) \
+    || { echo "payload incomplete"; return 4; }  # -T0: xz >= 5.4 decompresses the multi-block stream in parallel
   mkdir -p /root/cache && ln -sfn /root/payload/cache/smollm2_135M_instruct /root/cache/smollm2_135M_instruct
   for f in /root/payload/feats/*; do mkdir -p "$REPO/runs/features"; ln -sfn "$f" "$REPO/runs/features/$(basename "$f")"; done
   touch /root/payload.ok

@@ -38,9 +38,12 @@ PY
 for f in "${FEATS[@]}"; do ln -s "$REPO/$f" "$stage/feats/$(basename "$f")"; done
 for e in "${EXTRA[@]}"; do ln -s "$REPO/$e" "$stage/extra/$(basename "$e")"; done
 (cd "$stage" && tar -chf - cache feats extra | xz -1 -T0 > payload.tar.xz)
-# pieces fit the 64-MiB carry limit beside the tracked tree (~21 MiB with three shipped projectors); the first
-# travels with the package folder, so it is smaller. Override with FIRST_BYTES / PIECE_BYTES.
-FIRST=${FIRST_BYTES:-30000000}; PIECE=${PIECE_BYTES:-41500000}
+# pieces fit the 64-MiB carry limit beside the tracked tree (which travels with every call; ~30 MiB with the
+# shipped projectors), with 3 MiB to spare; the first travels with the package folder, so it is smaller.
+TRACKED=$(git ls-files -z | xargs -0 stat -c %s 2>/dev/null | awk '{s += $1} END {print s}')
+PIECE=${PIECE_BYTES:-$(( (64 - 3) * 1048576 - TRACKED ))}
+FIRST=${FIRST_BYTES:-$(( PIECE - $(stat -c %s .xfer/site/devsite.tar.xz) ))}
+echo "tracked tree $((TRACKED / 1048576)) MiB: pieces of $PIECE bytes, the first $FIRST"
 head -c $FIRST "$stage/payload.tar.xz" > "$stage/p0"; tail -c +$((FIRST + 1)) "$stage/payload.tar.xz" > "$stage/rest"
 mkdir -p .xfer/c10 && mv "$stage/p0" .xfer/c10/part10
 split -b $PIECE -d -a 2 --numeric-suffixes=11 "$stage/rest" "$stage/part"

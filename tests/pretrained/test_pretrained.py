@@ -68,7 +68,8 @@ def test_unknown_shipped_name_lists_what_exists():
 
 COMMANDS = {"smollm2_135m_whisper_base_stage1": "speechmapper_pretrain --config smollm2_135M/stage1_full",
             "smollm2_135m_whisper_base_stage2": "speechmapper_adapt --config smollm2_135M/stage2_full",
-            "smollm2_135m_whisper_base_stage2_asr": "speechmapper_adapt --config smollm2_135M/stage2_asr_full"}
+            "smollm2_135m_whisper_base_stage2_asr": "speechmapper_adapt --config smollm2_135M/stage2_asr_full",
+            "smollm2_135m_whisper_base_stage2_asr_lora": "speechmapper_adapt --config smollm2_135M/stage2_asr_full"}
 
 
 @pytest.mark.parametrize("name", sorted(COMMANDS))
@@ -96,3 +97,20 @@ def test_shipped_stage2_projectors_record_the_prompt_they_were_trained_with():
     assert meta["sigma"] == 0.0 and meta["prompt"]["assistant_prefix"] == "Transcript:"
     assert _trained_prefix(pretrained.shipped_projector("smollm2_135m_whisper_base_stage2_asr")) == "Transcript:"
     assert _trained_prefix(pretrained.shipped_projector("smollm2_135m_whisper_base_stage2")) == ""
+
+
+def test_shipped_lora_specialist_carries_adapters_that_fit_smollm2():
+    from safetensors.torch import load_file
+
+    from speechmapper_tune.checkpoint.projector_io import lora_weights_file
+
+    folder = pretrained.shipped_projector("smollm2_135m_whisper_base_stage2_asr_lora")
+    _, meta = load_projector(folder)
+    assert meta["lora"] == {"alpha": 16, "apply_to_mlp": False, "attn_modules": ["q_proj", "v_proj"], "dropout": 0.0, "rank": 8}
+    adapters = load_file(str(lora_weights_file(folder)))
+    # SmolLM2-135M: 30 layers; q 576 -> 576, v 576 -> 192 (3 KV heads of 64); rank 8
+    assert len(adapters) == 30 * 2 * 2 and {v.dtype for v in adapters.values()} == {torch.float16}
+    assert adapters["layers.0.attn.q_proj.lora_a.weight"].shape == (8, 576)
+    assert adapters["layers.0.attn.v_proj.lora_b.weight"].shape == (192, 8)
+    assert all(torch.isfinite(v).all() for v in adapters.values())
+    assert any(k.endswith("lora_b.weight") and v.abs().sum() > 0 for k, v in adapters.items())  # trained, not the zero init
