@@ -42,6 +42,7 @@ from speechmapper_tune.checkpoint.projector_io import (
     LORA_WEIGHTS,
     CheckpointManager,
     embedding_fingerprint,
+    fingerprint_matches,
     load_projector,
     lora_weights_file,
     read_projector_meta,
@@ -111,7 +112,7 @@ class AdaptRecipe:
         embedding = load_embedding_table(ckpt_dir)
         self.llm_meta = {"checkpoint": ckpt_dir, "vocab_size": vocab, "dim": llm_dim, "pad_id": self.pad_id,
                          "fingerprint": embedding_fingerprint(embedding)}
-        self.projector, self.init_meta = self._build_projector(llm_dim)
+        self.projector, self.init_meta = self._build_projector(llm_dim, embedding)
         self.embedding = embedding.to(self.device)
 
         log.info(f"Loading frozen LLM {cfg.llm.name} from {ckpt_dir}")
@@ -148,9 +149,10 @@ class AdaptRecipe:
         log.info(f"Trainable: projector {count_parameters(self.projector):,} + LoRA {n_lora:,} parameters; "
                  f"LLM frozen ({count_parameters(self.llm) / 1e6:.1f}M, no optimizer state)")
 
-    def _build_projector(self, llm_dim: int):
+    def _build_projector(self, llm_dim: int, embedding: torch.Tensor):
         cfg = self.cfg
         path = cfg.get("projector_checkpoint")
+        self.init_lora = None  # the LoRA settings of a stage-2 checkpoint trained with adapters
         if path:
             meta = read_projector_meta(path)
             out_dim = meta["projector"]["output_dim"]
@@ -158,12 +160,12 @@ class AdaptRecipe:
                 raise ValueError(f"projector_checkpoint {path} outputs {out_dim}-dim vectors but the LLM's "
                                  f"embeddings are {llm_dim}-dim")
             fp = meta.get("llm", {}).get("fingerprint")
-            if fp and fp != self.llm_meta["fingerprint"]:
+            if not fingerprint_matches(fp, embedding):
                 raise ValueError(f"projector_checkpoint {path} was trained for another LLM "
                                  f"({meta['llm'].get('checkpoint')}); its embedding table differs from {cfg.llm.checkpoint}")
             model, meta = load_projector(path)
             log.info(f"Projector from {path} (stage {meta.get('stage')}, step {meta.get('step')})")
-            self.init_lora = meta.get("lora")  # a stage-2 checkpoint trained with LoRA: its adapters go on with it
+            self.init_lora = meta.get("lora")  # its adapters go on with it (_init_lora_from_checkpoint)
             return model, {"from": str(path), "stage": meta.get("stage"), "step": meta.get("step")}
         if not cfg.get("from_scratch", False):
             raise ValueError("set projector_checkpoint=<stage-1 checkpoint folder>, or from_scratch=True for an ablation")
@@ -175,7 +177,7 @@ class AdaptRecipe:
 
     def _init_lora_from_checkpoint(self) -> None:
         # continuing a LoRA-trained stage-2 checkpoint keeps its adapters (else they would restart at zero)
-        path, saved = self.cfg.get("projector_checkpoint"), getattr(self, "init_lora", None)
+        path, saved = self.cfg.get("projector_checkpoint"), self.init_lora
         if not saved:
             return
         if not self.lora_params:

@@ -27,7 +27,7 @@ from tqdm import tqdm
 from torchtune import config, training, utils
 
 from speechmapper_tune.checkpoint.embedding_table import embedding_shape, load_embedding_table
-from speechmapper_tune.checkpoint.projector_io import embedding_fingerprint, load_projector, lora_weights_file, read_projector_meta
+from speechmapper_tune.checkpoint.projector_io import fingerprint_matches, load_projector, lora_weights_file, read_projector_meta
 from speechmapper_tune.configs import resolve_config_argv, resolve_path_setting
 from speechmapper_tune.data.generation_data import SPAN_SOURCES, FasterWhisperTranscriber, append_rows, done_ids
 from speechmapper_tune.data.manifest import SkipCounter, load_feature_items
@@ -78,7 +78,7 @@ class GenerateRecipe:
             if meta["projector"]["output_dim"] != llm_dim:
                 raise ValueError(f"{cfg.projector_checkpoint} outputs {meta['projector']['output_dim']}-dim vectors; the LLM takes {llm_dim}")
             fp = meta.get("llm", {}).get("fingerprint")
-            if fp and fp != embedding_fingerprint(self.embedding):
+            if not fingerprint_matches(fp, self.embedding):
                 raise ValueError(f"{cfg.projector_checkpoint} was trained for another LLM ({meta['llm'].get('checkpoint')})")
             self.projector, _ = load_projector(cfg.projector_checkpoint, self.device)
             self.projector.eval()

@@ -35,7 +35,13 @@ from torchtune import config, training, utils
 
 from speechmapper_tune.checkpoint.atomic import MetricsFile
 from speechmapper_tune.checkpoint.embedding_table import embedding_shape, load_embedding_table
-from speechmapper_tune.checkpoint.projector_io import CheckpointManager, embedding_fingerprint, rng_state, set_rng_state
+from speechmapper_tune.checkpoint.projector_io import (
+    CheckpointManager,
+    embedding_fingerprint,
+    fingerprint_matches,
+    rng_state,
+    set_rng_state,
+)
 from speechmapper_tune.configs import resolve_config_argv, resolve_path_setting
 from speechmapper_tune.data.manifest import SkipCounter, load_feature_items
 from speechmapper_tune.data.sampler import LengthCappedBatchSampler
@@ -172,7 +178,7 @@ class PretrainRecipe:
         from speechmapper_tune.checkpoint.projector_io import load_projector
 
         model, meta = load_projector(folder)
-        if meta["llm"]["fingerprint"] != self.llm_meta["fingerprint"]:
+        if not fingerprint_matches(meta["llm"]["fingerprint"], self.embedding):
             raise ValueError(f"{folder} was trained for another LLM embedding table ({meta['llm']['checkpoint']})")
         self.model.load_state_dict(model.state_dict())
         state = self.checkpoints.load_state(folder)

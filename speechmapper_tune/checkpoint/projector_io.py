@@ -39,8 +39,20 @@ LORA_WEIGHTS = "lora_adapters.safetensors"  # beside the projector when stage 2 
 
 
 def embedding_fingerprint(embedding: torch.Tensor) -> str:
-    """A short hash of an embedding table (a strided sample of rows), to recognise the LLM."""
-    rows = embedding[:: max(1, embedding.shape[0] // 64)][:64].float().contiguous()
+    """A short hash of an embedding table, to recognise the LLM: a strided sample of 64 rows at bf16
+    precision, so an fp32 table and its bf16 copy (a bf16 checkpoint, a GPU-side copy) hash alike."""
+    return _hash_rows(embedding, torch.bfloat16)
+
+
+def fingerprint_matches(saved: Optional[str], embedding: torch.Tensor) -> bool:
+    """Whether a checkpoint's recorded fingerprint (None: none recorded) fits ``embedding``. Checkpoints
+    written before the bf16-precision hash carry the hash at the table's own precision: also accepted."""
+    return not saved or saved in (embedding_fingerprint(embedding), _hash_rows(embedding, None))
+
+
+def _hash_rows(embedding: torch.Tensor, dtype: Optional[torch.dtype]) -> str:
+    rows = embedding[:: max(1, embedding.shape[0] // 64)][:64].detach().cpu()
+    rows = (rows.to(dtype) if dtype is not None else rows).float().contiguous()
     return hashlib.sha256(rows.numpy().round(5).tobytes()).hexdigest()[:16]
 
 

@@ -3,6 +3,7 @@ import torch
 from speechmapper_tune.checkpoint.projector_io import (
     CheckpointManager,
     embedding_fingerprint,
+    fingerprint_matches,
     load_projector,
     read_projector_meta,
     save_projector,
@@ -49,3 +50,17 @@ def test_fingerprint_tells_tables_apart():
     a = torch.randn(100, 8)
     assert embedding_fingerprint(a) == embedding_fingerprint(a.clone())
     assert embedding_fingerprint(a) != embedding_fingerprint(torch.randn(100, 8))
+
+
+def test_fingerprint_holds_across_a_bf16_copy_and_accepts_the_older_fp32_hash():
+    import hashlib
+
+    a = torch.randn(1000, 8)
+    assert embedding_fingerprint(a) == embedding_fingerprint(a.to(torch.bfloat16))  # a GPU-side / bf16 checkpoint copy
+    rows = a[:: 1000 // 64][:64].contiguous()
+    legacy = hashlib.sha256(rows.numpy().round(5).tobytes()).hexdigest()[:16]  # how checkpoints before it were hashed
+    assert legacy != embedding_fingerprint(a)
+    assert fingerprint_matches(legacy, a) and fingerprint_matches(embedding_fingerprint(a), a.to(torch.bfloat16))
+    assert fingerprint_matches(None, a)  # none recorded
+    b = torch.randn(1000, 8)
+    assert not fingerprint_matches(embedding_fingerprint(b), a) and not fingerprint_matches(legacy, b)
