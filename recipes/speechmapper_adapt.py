@@ -44,7 +44,6 @@ from speechmapper_tune.checkpoint.projector_io import (
     embedding_fingerprint,
     fingerprint_matches,
     load_projector,
-    lora_weights_file,
     read_projector_meta,
     rng_state,
     set_rng_state,
@@ -64,7 +63,7 @@ from speechmapper_tune.data.stage2 import (
 from speechmapper_tune.losses import IGNORE_INDEX, check_alpha, speechmapper_mse, stage2_loss
 from speechmapper_tune.models.chat_format import ChatTokenizer
 from speechmapper_tune.models.injector import inject_speech, trailing_pad_lengths
-from speechmapper_tune.models.llms import embed_tokens, forward_embeds, load_llm, load_lora_state_dict, lora_state_dict
+from speechmapper_tune.models.llms import embed_tokens, forward_embeds, load_llm, load_lora_adapters, lora_state_dict
 from speechmapper_tune.models.projector import count_parameters
 
 log = utils.get_logger("INFO")
@@ -184,10 +183,7 @@ class AdaptRecipe:
             log.warning(f"projector_checkpoint {path} was trained with LoRA adapters on the LLM ({saved}); "
                         "lora is not set, so they are left out and the LLM stays as pretrained")
             return
-        from safetensors.torch import load_file
-
-        load_lora_state_dict(self.llm, load_file(str(lora_weights_file(path))))
-        log.info(f"LoRA adapters from {lora_weights_file(path)}")
+        log.info(f"LoRA adapters from {load_lora_adapters(self.llm, path)}")
 
     def _setup_data(self, dcfg: DictConfig, shuffle: bool):
         proj = self.projector
@@ -231,9 +227,7 @@ class AdaptRecipe:
         model, _ = load_projector(folder)
         self.projector.load_state_dict(model.state_dict())
         if self.lora_params:
-            from safetensors.torch import load_file
-
-            load_lora_state_dict(self.llm, load_file(str(lora_weights_file(folder))))
+            load_lora_adapters(self.llm, folder)
         state = self.checkpoints.load_state(folder)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])

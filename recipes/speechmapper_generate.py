@@ -36,7 +36,7 @@ from speechmapper_tune.data.stage2 import PromptTemplate, Stage2Collator, Stage2
 from speechmapper_tune.generation import StuckGuard, greedy_generate, newline_token_ids
 from speechmapper_tune.models.chat_format import ChatTokenizer
 from speechmapper_tune.models.injector import trailing_pad_lengths
-from speechmapper_tune.models.llms import embed_tokens, load_llm, load_lora_state_dict
+from speechmapper_tune.models.llms import embed_tokens, load_llm, load_lora_adapters
 
 log = utils.get_logger("INFO")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -92,11 +92,8 @@ class GenerateRecipe:
         self.llm, _, _ = load_llm(cfg.llm.name, ckpt_dir, dtype=DTYPES[cfg.llm.get("dtype", "bf16")], device=self.device,
                                   lora=lora)
         if lora:  # the adapters trained with this projector in stage 2 belong to the LLM it feeds
-            from safetensors.torch import load_file
-
-            load_lora_state_dict(self.llm, load_file(str(lora_file)))
+            load_lora_adapters(self.llm, cfg.projector_checkpoint)
             log.info(f"LoRA adapters (rank {lora['rank']}) loaded from {lora_file}")
-        self.llm.eval()
         self.chat = ChatTokenizer.from_dir(resolve_path_setting(cfg.llm.get("tokenizer")) or ckpt_dir,
                                            chat_format=cfg.llm.chat_format, pad_token=self.pad_id)
         self.template = PromptTemplate(**OmegaConf.to_container(cfg.prompt, resolve=True))

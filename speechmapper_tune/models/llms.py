@@ -446,8 +446,21 @@ def load_lora_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor
             p.copy_(state_dict[k])
 
 
+
+def load_lora_adapters(model: nn.Module, folder: Union[str, Path]) -> Path:
+    """Load the adapters a stage-2 checkpoint folder saved beside its projector into ``model``;
+    returns their file (a clear error when the folder has none)."""
+    from safetensors.torch import load_file
+
+    from speechmapper_tune.checkpoint.projector_io import lora_weights_file
+
+    file = lora_weights_file(folder)
+    load_lora_state_dict(model, load_file(str(file)))
+    return file
+
+
 __all__ = [
-    "HF_LLAMA", "LORA_ATTN_MODULES", "LoraConfig", "hparams_from_hf_config", "load_lora_state_dict",
+    "HF_LLAMA", "LORA_ATTN_MODULES", "LoraConfig", "hparams_from_hf_config", "load_lora_adapters", "load_lora_state_dict",
     "lora_state_dict",
     "EUROLLM_9B", "LLAMA3_1_8B", "LLMS", "LlamaHParams", "SMOLLM2_135M", "check_hf_config",
     "eurollm_9b", "hf_checkpoint_files", "llama3_1_8b", "load_llm", "smollm2_135m", "tiny_hparams",
