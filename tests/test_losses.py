@@ -2,6 +2,7 @@ import math
 
 import pytest
 import torch
+from tolerances import FP32_SHALLOW, assert_close_to_scale
 
 from speechmapper_tune.losses import (
     IGNORE_INDEX,
@@ -138,7 +139,7 @@ def test_stage1_balanced_gradient_is_the_log_gradient():
     # d log MSE / dp = 2 (p - t) / |p - t|^2 = (0, 2), whatever alpha and scale
     # d log(1 - cos) / dp = -(t / (|p||t|) - cos p / |p|^2) / (1 - cos) = -(1, -1) / (2 sqrt2 (1 - cos))
     k = 1 / (2 * math.sqrt(2) * (1 - cos))
-    torch.testing.assert_close(pred.grad[0, 0], torch.tensor([0.0 - k, 2.0 + k]))
+    assert_close_to_scale(pred.grad[0, 0], torch.tensor([0.0 - k, 2.0 + k]), FP32_SHALLOW)
 
 
 def test_stage1_paper_weighting_objective_is_the_loss():
@@ -215,4 +216,4 @@ def test_balanced_classifier_term_is_relative():
     r.set_embedding(E4)
     o = r(ref, E4[ids.clamp_min(0)], lengths, words, ids)
     (o["mse"].log() + (1 - o["cosine"]).log() + 0.5 * o["classifier_ce"].log()).backward()
-    torch.testing.assert_close(pred.grad, ref.grad)
+    assert_close_to_scale(pred.grad, ref.grad, FP32_SHALLOW)  # the same gradient, summed in another order

@@ -3,6 +3,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from tolerances import FP32_SHALLOW, assert_close_to_scale
 
 from speechmapper_tune.data.augment import FeatureMasking, item_rng, mask_features
 from speechmapper_tune.data.manifest import SkipCounter, load_feature_items
@@ -26,11 +27,11 @@ def test_masks_have_exactly_the_configured_widths_and_hold_the_mean():
     y = mask_features(x, item_rng(0, 0, 0), time_masks=1, time_width=5)
     rows = changed(x, y).any(1)
     assert rows.sum() == 5 and rows.nonzero().flatten().diff().eq(1).all()  # one run of 5 frames
-    torch.testing.assert_close(y[rows], mean.expand(5, -1))
+    assert_close_to_scale(y[rows], mean.expand(5, -1), FP32_SHALLOW)  # the mean may be summed in another order
     z = mask_features(x, item_rng(0, 0, 0), feature_masks=1, feature_width=3)
     cols = changed(x, z).any(0)
     assert cols.sum() == 3 and cols.nonzero().flatten().diff().eq(1).all()
-    torch.testing.assert_close(z[:, cols], mean[cols].expand(40, -1))
+    assert_close_to_scale(z[:, cols], mean[cols].expand(40, -1), FP32_SHALLOW)
     assert torch.equal(x, feats())  # the input is never modified
 
 
@@ -38,7 +39,7 @@ def test_widths_clip_to_the_utterance_and_numpy_arrays_work():
     x = feats(n=3).numpy()
     y = mask_features(x, item_rng(0, 0, 0), time_masks=1, time_width=10)
     assert isinstance(y, np.ndarray)
-    np.testing.assert_allclose(y, np.broadcast_to(x.mean(0), x.shape), rtol=1e-6)
+    assert_close_to_scale(y, np.broadcast_to(x.mean(0), x.shape).copy(), FP32_SHALLOW)
     assert mask_features(x, item_rng(0, 0, 0)) is not x  # no masks: an unmasked copy
     np.testing.assert_array_equal(mask_features(x, item_rng(0, 0, 0)), x)
 

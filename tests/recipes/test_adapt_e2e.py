@@ -42,7 +42,7 @@ def test_adapt_from_stage1_learns_and_resumes_exactly(tmp_path, tune, stage1):
     for ra, rb in zip(a, b):
         for k in FIELDS:
             if k in ra:
-                assert rb[k] == pytest.approx(ra[k], rel=1e-5), (ra["step"], k)
+                assert rb[k] == ra[k], (ra["step"], k)  # same kernels, same machine, same data order: exact
     val = [r for r in a if "val_ce" in r]
     assert val[-1]["val_loss"] < val[0]["val_loss"]
     meta = read_projector_meta(full / "checkpoints" / "step_12")

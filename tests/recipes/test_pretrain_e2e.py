@@ -41,11 +41,11 @@ def test_resume_logs_the_same_losses_as_an_uninterrupted_run(tmp_path, tune):
     for ra, rb in zip(a, b):
         for k in LOSS_FIELDS + ("val_loss", "val_cosine"):
             if k in ra:
-                assert rb[k] == pytest.approx(ra[k], rel=1e-5, abs=1e-7), (ra["step"], k)
+                assert rb[k] == ra[k], (ra["step"], k)  # same kernels, same machine, same data order: exact
     wa, _ = load_projector(full / "checkpoints" / "step_24")
     wb, _ = load_projector(part / "checkpoints" / "step_24")
     for (n, p), q in zip(wa.state_dict().items(), wb.state_dict().values()):
-        torch.testing.assert_close(p, q, msg=n)
+        assert torch.equal(p, q), n
 
 
 def test_two_process_ddp_on_cpu(tmp_path, tune):

@@ -6,11 +6,6 @@ import numpy as np
 import torch
 
 
-def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    """max|a - b| / max|b|: the largest error relative to the reference's scale."""
-    return float((a - b).abs().max() / b.abs().max())
-
-
 def min_frame_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     """Smallest cosine similarity between matching frames of two [frames, dim] tensors."""
     return float(torch.nn.functional.cosine_similarity(a, b, dim=-1).min())

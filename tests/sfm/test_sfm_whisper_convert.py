@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from tolerances import FP32_PARITY, assert_close_to_scale
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
 from speechmapper_tune.sfm import build_sfm
@@ -68,7 +69,7 @@ def test_layers_match_transformers_hidden_states(tiny_en, librivox):
         sfm = WhisperSFM(enc, layer=k)
         with torch.inference_mode():
             ours = sfm.forward_features(feats)
-        torch.testing.assert_close(ours, hidden[k], rtol=1e-4, atol=1e-4)
+        assert_close_to_scale(ours, hidden[k], FP32_PARITY)  # ours vs transformers' WhisperEncoder
     assert WhisperSFM(enc, layer=-1).layer == 4 and WhisperSFM(enc).layer == 4
     with pytest.raises(ValueError, match="layer=5 is out of range"):
         WhisperSFM(enc, layer=5)

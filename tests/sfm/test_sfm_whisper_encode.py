@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 from omegaconf import OmegaConf
-from sfm_helpers import noise_waves, rel_diff
+from sfm_helpers import noise_waves
+from tolerances import FP32_DEEP, assert_close_to_scale, rel_diff
 
 from speechmapper_tune.configs import CONFIG_DIR
 from speechmapper_tune.sfm import build_sfm
@@ -22,7 +23,7 @@ def test_frames_cover_the_audio_and_batching_changes_nothing(tiny_en, librivox):
     batched = tiny_en.encode(waves)
     for w, a, b in zip(waves, single, batched):
         assert a.shape == (math.ceil(len(w) / 320), 384)
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+        assert_close_to_scale(b, a, FP32_DEEP)  # batch of 3 vs 1: other kernels through the encoder
         assert a.dtype == torch.float32 and not a.is_inference() and not a.requires_grad
     # The features can feed a module being trained.
     proj = torch.nn.Linear(384, 2)
@@ -54,7 +55,7 @@ def test_packing_keeps_frame_counts_and_first_utterance(tiny_en, librivox):
     cos = torch.nn.functional.cosine_similarity(packed[0], single[0], dim=-1)
     assert cos.mean() > 0.95, float(cos.mean())
     # A lone utterance is packed exactly like an unpacked one.
-    torch.testing.assert_close(tiny_en.encode(librivox[:1], pack=True)[0], single[0])
+    assert_close_to_scale(tiny_en.encode(librivox[:1], pack=True)[0], single[0], FP32_DEEP)
 
 
 def test_trimmed_keeps_num_frames_and_the_30s_window_embeddings(tiny_en):

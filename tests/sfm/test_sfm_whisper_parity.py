@@ -10,7 +10,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from sfm_helpers import min_frame_cosine, rel_diff
+from sfm_helpers import min_frame_cosine
+from tolerances import rel_diff
 
 from speechmapper_tune.sfm.whisper import faster_whisper_dir
 
