@@ -4,11 +4,13 @@
     tune run speechmapper_adapt --config smollm2_135M/stage2_asr_ce_mse projector_checkpoint=runs/smollm2_135M/stage1/checkpoints/step_600
     tune run speechmapper_adapt --config llama3_1_8B/stage2_asr_ce_mse llm.checkpoint=/models/Llama-3.1-8B-Instruct ...
 
-Loss (paper Eq. 3): ``(1 - sigma) * CE + sigma * L_MSE``; CE on the response tokens only,
-L_MSE the stage-1 Eq. 1 between the projector output and the transcript's embeddings.
-sigma=0.9 keeps the projector in the embedding space (task-agnostic); sigma=0 gives a task
-specialist. The LLM is frozen (``requires_grad=False``, no optimizer state): only the projector
-trains. Reads top to bottom: setup -> train (validate, save_checkpoint) -> cleanup.
+Loss (paper Eq. 3, the ``loss`` component ``speechmapper_tune.losses.Stage2Loss``):
+``(1 - sigma) * CE + sigma * L_MSE``; CE on the response tokens only, L_MSE the stage-1 Eq. 1
+between the projector output and the transcript's embeddings. sigma=0.9 keeps the projector in
+the embedding space (task-agnostic); sigma=0 gives a task specialist. The LLM is frozen
+(``requires_grad=False``, no optimizer state): only the projector (and optional LoRA adapters)
+trains. The LLM input is built by ``SpeechLM.forward``, the same builder generation uses.
+Reads top to bottom: setup -> train (validate, save_checkpoint) -> cleanup.
 
 Options beyond the paper (issue 7 levers; defaults are the paper's): ``loss.weighting=balanced``
 mixes the relative gradients of CE and MSE (the logged ``loss`` stays Eq. 3);
@@ -28,7 +30,6 @@ from typing import Any, Dict, Iterator, List
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
@@ -37,38 +38,27 @@ from tqdm import tqdm
 from torchtune import config, training, utils
 
 from speechmapper_tune.checkpoint.atomic import MetricsFile
-from speechmapper_tune.checkpoint.embedding_table import embedding_shape, load_embedding_table
 from speechmapper_tune.checkpoint.projector_io import (
     LORA_WEIGHTS,
     CheckpointManager,
-    embedding_fingerprint,
-    fingerprint_matches,
     load_projector,
+    lora_weights_file,
     read_projector_meta,
     rng_state,
     set_rng_state,
 )
 from speechmapper_tune.configs import resolve_config_argv, resolve_path_setting
+from speechmapper_tune.data.extract import features_record
 from speechmapper_tune.data.manifest import SkipCounter, load_feature_items
 from speechmapper_tune.data.sampler import ShuffledBatchSampler
 from speechmapper_tune.data.stage1 import lookup_targets, sample_subset
-from speechmapper_tune.data.stage2 import (
-    PromptTemplate,
-    Stage2Collator,
-    Stage2Dataset,
-    assemble_batch,
-    prepare_asr_examples,
-    prepare_instruction_examples,
-)
-from speechmapper_tune.losses import IGNORE_INDEX, check_alpha, speechmapper_mse, stage2_loss
-from speechmapper_tune.models.chat_format import ChatTokenizer
-from speechmapper_tune.models.injector import inject_speech, trailing_pad_lengths
-from speechmapper_tune.models.llms import embed_tokens, forward_embeds, load_llm, load_lora_adapters, lora_state_dict
+from speechmapper_tune.data.stage2 import PromptTemplate, Stage2Collator, Stage2Dataset, prepare_asr_examples, prepare_instruction_examples
+from speechmapper_tune.models.llms import load_lora_adapters, lora_state_dict
 from speechmapper_tune.models.projector import count_parameters
+from speechmapper_tune.models.speech_lm import DTYPES, SpeechLM
 
 log = utils.get_logger("INFO")
 LOSS_KEYS = ("loss", "ce", "mse")
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 class AdaptRecipe:
@@ -85,10 +75,7 @@ class AdaptRecipe:
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
         if cfg.llm.get("dtype", "bf16") not in DTYPES:
             raise ValueError(f"llm.dtype={cfg.llm.dtype!r}: expected fp32 or bf16 (the loss is always fp32)")
-        self.sigma, self.alpha = float(cfg.loss.sigma), float(cfg.loss.alpha)
-        self.weighting = str(cfg.loss.get("weighting", "paper"))
-        stage2_loss(torch.zeros(()), torch.zeros(()), self.sigma, self.weighting)  # validates sigma and weighting
-        check_alpha(self.alpha)
+        self.loss_fn = config.instantiate(cfg.loss)  # Stage2Loss: validates sigma, alpha, weighting
         self.max_steps = int(cfg.max_steps)
         self.grad_accum = int(cfg.get("gradient_accumulation_steps", 1))
         self.step, self.epoch, self.consumed = 0, 0, 0
@@ -102,33 +89,18 @@ class AdaptRecipe:
             if self.is_main:
                 config.instantiate(cfg.prepare)
             self._barrier()
-        ckpt_dir = resolve_path_setting(cfg.llm.checkpoint)
-        vocab, llm_dim = embedding_shape(ckpt_dir)
-        self.pad_id = int(cfg.llm.pad_id)
-        if not 0 <= self.pad_id < vocab:
-            raise ValueError(f"llm.pad_id={self.pad_id} is outside the vocabulary of {ckpt_dir} (size {vocab})")
-        # the projector and its compatibility with this LLM are checked before the LLM is loaded
-        embedding = load_embedding_table(ckpt_dir)
-        self.llm_meta = {"checkpoint": ckpt_dir, "vocab_size": vocab, "dim": llm_dim, "pad_id": self.pad_id,
-                         "fingerprint": embedding_fingerprint(embedding)}
-        self.projector, self.init_meta = self._build_projector(llm_dim, embedding)
-        self.embedding = embedding.to(self.device)
-
-        log.info(f"Loading frozen LLM {cfg.llm.name} from {ckpt_dir}")
-        lora = OmegaConf.to_container(cfg.lora, resolve=True) if cfg.get("lora") else None
-        self.llm, _, _ = load_llm(cfg.llm.name, ckpt_dir, dtype=DTYPES[cfg.llm.get("dtype", "bf16")], device=self.device, lora=lora)
+        # SpeechLM checks the projector against this LLM's embedding table before the LLM is loaded
+        self.model = self._build_model()
+        self.projector, self.llm, self.chat = self.model.projector, self.model.llm, self.model.chat
+        self.pad_id, self.embedding, self.template = self.model.pad_id, self.model.embedding, self.model.template
         self.lora_params = [p for p in self.llm.parameters() if p.requires_grad]  # empty unless LoRA is on
-        assert bool(self.lora_params) == bool(lora), "the LLM must be frozen except for LoRA adapters"
-        self._init_lora_from_checkpoint()
+        assert bool(self.lora_params) == bool(cfg.get("lora")), "the LLM must be frozen except for LoRA adapters"
         if cfg.get("enable_activation_checkpointing", False):
             from torchtune.modules import TransformerSelfAttentionLayer
 
             training.set_activation_checkpointing(self.llm, auto_wrap_policy={TransformerSelfAttentionLayer})
-        self.chat = ChatTokenizer.from_dir(resolve_path_setting(cfg.llm.get("tokenizer")) or ckpt_dir,
-                                           chat_format=cfg.llm.chat_format, pad_token=self.pad_id)
-        self.right_pad_id = self.chat.eos_id  # never the placeholder, so the span check is exact
-
-        self.template = PromptTemplate(**OmegaConf.to_container(cfg.prompt, resolve=True))
+        # the features the projector reads, recorded so `speechmapper transcribe` can rebuild them from audio
+        self.features = features_record(cfg.data.train.manifest) or self.model.features
         self.train_loader, self.sampler = self._setup_data(cfg.data.train, shuffle=True)
         self.val_loader = self._setup_data(cfg.data.val, shuffle=False)[0] if cfg.data.get("val") else None
         log.info(f"Skipped at setup: {self.skipped.total()} ({self.skipped.summary()})")
@@ -142,48 +114,37 @@ class AdaptRecipe:
             self._resume()
         if self.world_size > 1:
             self.projector = DistributedDataParallel(self.projector)
+            self.model.projector = self.projector
         self.loggers = [config.instantiate(c) for c in cfg.get("metric_loggers", [])] if self.is_main else []
         self._open_metrics_file()
         n_lora = sum(p.numel() for p in self.lora_params)
         log.info(f"Trainable: projector {count_parameters(self.projector):,} + LoRA {n_lora:,} parameters; "
                  f"LLM frozen ({count_parameters(self.llm) / 1e6:.1f}M, no optimizer state)")
 
-    def _build_projector(self, llm_dim: int, embedding: torch.Tensor):
+    def _build_model(self) -> SpeechLM:
         cfg = self.cfg
         path = cfg.get("projector_checkpoint")
-        self.init_lora = None  # the LoRA settings of a stage-2 checkpoint trained with adapters
-        if path:
-            meta = read_projector_meta(path)
-            out_dim = meta["projector"]["output_dim"]
-            if out_dim != llm_dim:
-                raise ValueError(f"projector_checkpoint {path} outputs {out_dim}-dim vectors but the LLM's "
-                                 f"embeddings are {llm_dim}-dim")
-            fp = meta.get("llm", {}).get("fingerprint")
-            if not fingerprint_matches(fp, embedding):
-                raise ValueError(f"projector_checkpoint {path} was trained for another LLM "
-                                 f"({meta['llm'].get('checkpoint')}); its embedding table differs from {cfg.llm.checkpoint}")
-            model, meta = load_projector(path)
+        llm = {**OmegaConf.to_container(cfg.llm, resolve=True), "checkpoint": resolve_path_setting(cfg.llm.checkpoint),
+               "tokenizer": resolve_path_setting(cfg.llm.get("tokenizer"))}
+        lora = OmegaConf.to_container(cfg.lora, resolve=True) if cfg.get("lora") else None
+        prompt = OmegaConf.to_container(cfg.prompt, resolve=True)
+        common = dict(llm=llm, prompt=prompt, lora=lora, device=self.device,
+                      trim_pad_vectors=bool(cfg.get("trim_pad_vectors", False)), on_warning=log.warning)
+        if path:  # a LoRA-trained stage-2 checkpoint goes on with its adapters when lora is set
+            model = SpeechLM.from_checkpoint(path, **common)
+            meta = read_projector_meta(model.checkpoint)
             log.info(f"Projector from {path} (stage {meta.get('stage')}, step {meta.get('step')})")
-            self.init_lora = meta.get("lora")  # its adapters go on with it (_init_lora_from_checkpoint)
-            return model, {"from": str(path), "stage": meta.get("stage"), "step": meta.get("step")}
+            if meta.get("lora") and lora:
+                log.info(f"LoRA adapters from {lora_weights_file(model.checkpoint)}")
+            self.init_meta = {"from": str(path), "stage": meta.get("stage"), "step": meta.get("step")}
+            return model
         if not cfg.get("from_scratch", False):
             raise ValueError("set projector_checkpoint=<stage-1 checkpoint folder>, or from_scratch=True for an ablation")
-        model = config.instantiate(cfg.model)
-        if model.output_dim != llm_dim:
-            raise ValueError(f"model.output_dim={model.output_dim} but the LLM's embeddings are {llm_dim}-dim")
+        projector = config.instantiate(cfg.model)
+        model = SpeechLM.from_checkpoint(None, projector=projector, **common)
         log.info("Projector from scratch (ablation: no stage 1)")
-        return model, {"from": None}
-
-    def _init_lora_from_checkpoint(self) -> None:
-        # continuing a LoRA-trained stage-2 checkpoint keeps its adapters (else they would restart at zero)
-        path, saved = self.cfg.get("projector_checkpoint"), self.init_lora
-        if not saved:
-            return
-        if not self.lora_params:
-            log.warning(f"projector_checkpoint {path} was trained with LoRA adapters on the LLM ({saved}); "
-                        "lora is not set, so they are left out and the LLM stays as pretrained")
-            return
-        log.info(f"LoRA adapters from {load_lora_adapters(self.llm, path)}")
+        self.init_meta = {"from": None}
+        return model
 
     def _setup_data(self, dcfg: DictConfig, shuffle: bool):
         proj = self.projector
@@ -258,29 +219,11 @@ class AdaptRecipe:
             self.epoch, self.consumed = self.epoch + 1, 0
 
     def _forward(self, batch: Dict[str, Any], projector) -> Dict[str, torch.Tensor]:
-        feats, lengths = batch["features"].to(self.device), batch["lengths"].to(self.device)
-        pred, out_lengths = projector(feats, lengths)
-        span = out_lengths
-        if self.cfg.get("trim_pad_vectors", False):
-            span = trailing_pad_lengths(pred.detach(), out_lengths, self.embedding, self.pad_id)
-        asm = assemble_batch(batch["prefix"], batch["suffix"], batch["response"], span.tolist(), self.pad_id, self.right_pad_id)
-        ids = asm.input_ids.to(self.device)
-        embeds = inject_speech(embed_tokens(self.llm, ids), pred, asm.speech_starts, asm.speech_lengths, ids == self.pad_id)
-        labels = asm.labels.to(self.device)
-        # position t predicts label t+1: logits only where that label exists (the LM head is skipped elsewhere)
-        predicts = F.pad(labels[:, 1:] != IGNORE_INDEX, (0, 1), value=False)
-        logits = forward_embeds(self.llm, embeds, positions=predicts)
-        ce = F.cross_entropy(logits, labels[:, 1:][predicts[:, :-1]])
-        mse = pred.new_zeros((), dtype=torch.float32)
-        has = batch["has_mse"].to(self.device)
-        if bool(has.any()):
-            target = lookup_targets(self.embedding, batch["target_ids"].to(self.device))
-            mse = speechmapper_mse(pred[has], target[has], out_lengths[has], batch["num_words"].to(self.device)[has],
-                                   self.alpha, float(self.cfg.loss.get("scale", 1e3))).mse
-        # "objective" is what trains; "loss" is always paper Eq. 3, so runs with either weighting compare
-        return {"objective": stage2_loss(ce, mse, self.sigma, self.weighting), "loss": stage2_loss(ce, mse, self.sigma),
-                "ce": ce, "mse": mse,
-                "tokens": int((labels != IGNORE_INDEX).sum()), "speech_vectors": int(span.sum())}
+        out = self.model(batch, projector)  # SpeechLM: prompt | speech | suffix | response, logits at the labels
+        target = lookup_targets(self.embedding, batch["target_ids"].to(self.device))
+        losses = self.loss_fn(out["logits"], out["labels"], out["pred"], target, out["out_lengths"],
+                              batch["num_words"].to(self.device), batch["has_mse"].to(self.device))
+        return {**losses, "tokens": out["tokens"], "speech_vectors": out["speech_vectors"]}
 
     def train(self) -> None:
         cfg = self.cfg
@@ -367,9 +310,10 @@ class AdaptRecipe:
                 "step": self.step, "epoch": self.epoch, "consumed": self.consumed, "rng": rng,
                 "config": OmegaConf.to_container(self.cfg, resolve=True),
             }
-            meta = {"stage": 2, "llm": self.llm_meta, "recipe": "speechmapper_adapt", "init": self.init_meta,
-                    "sigma": self.sigma, "trim_pad_vectors": bool(self.cfg.get("trim_pad_vectors", False)),
-                    "prompt": OmegaConf.to_container(self.cfg.prompt, resolve=True)}  # generation warns on another prompt
+            meta = {"stage": 2, "llm": self.model.llm_meta, "recipe": "speechmapper_adapt", "init": self.init_meta,
+                    "sigma": self.loss_fn.sigma, "trim_pad_vectors": self.model.trim_pad_vectors,
+                    "prompt": OmegaConf.to_container(self.cfg.prompt, resolve=True),  # generation uses it by default
+                    "features": self.features}
             extra = {LORA_WEIGHTS: lora_state_dict(self.llm)} if self.lora_params else None
             meta["lora"] = OmegaConf.to_container(self.cfg.lora, resolve=True) if self.lora_params else None
             folder = self.checkpoints.save(self.step, self.projector, meta, state, extra_weights=extra)

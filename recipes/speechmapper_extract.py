@@ -21,14 +21,15 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from torchtune import config, utils
 
 from speechmapper_tune.configs import resolve_config_argv
 from speechmapper_tune.corpus import load_audio_manifest
-from speechmapper_tune.data.extract import chunk_done, chunked, extract_chunk, merge_chunks
+from speechmapper_tune.checkpoint.atomic import atomic_write_text
+from speechmapper_tune.data.extract import EXTRACT_INFO, chunk_done, chunked, extract_chunk, merge_chunks
 
 log = utils.get_logger("INFO")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -101,8 +102,11 @@ class ExtractRecipe:
         if self.rank == 0:
             manifest, n, n_failed = merge_chunks(self.output_dir, len(self.chunks))
             info = {"manifest": str(manifest), "utterances": n, "failed": n_failed, "sfm": cfg.sfm.name,
-                    "average_frames": k_avg}
-            (self.output_dir / "extract_info.json").write_text(json.dumps(info, indent=2) + "\n")
+                    "average_frames": k_avg,
+                    # what a checkpoint trained on these features records, to rebuild them from audio
+                    "features": {"sfm": OmegaConf.to_container(cfg.sfm, resolve=True), "average_frames": k_avg,
+                                 "feature_type": feature_type, "storage_dtype": "float16"}}
+            atomic_write_text(self.output_dir / EXTRACT_INFO, json.dumps(info, indent=2) + "\n")
             log.info(f"Wrote {manifest}: {n} utterances; {n_failed} skipped (see {self.output_dir / 'failures.jsonl'})")
 
     def cleanup(self) -> None:

@@ -26,20 +26,15 @@ from tqdm import tqdm
 
 from torchtune import config, training, utils
 
-from speechmapper_tune.checkpoint.embedding_table import embedding_shape, load_embedding_table
-from speechmapper_tune.checkpoint.projector_io import fingerprint_matches, load_projector, lora_weights_file, read_projector_meta
 from speechmapper_tune.configs import resolve_config_argv, resolve_path_setting
 from speechmapper_tune.data.generation_data import SPAN_SOURCES, FasterWhisperTranscriber, append_rows, done_ids
 from speechmapper_tune.data.manifest import SkipCounter, load_feature_items
 from speechmapper_tune.data.sampler import ShuffledBatchSampler
-from speechmapper_tune.data.stage2 import PromptTemplate, Stage2Collator, Stage2Dataset, prepare_asr_examples, prepare_instruction_examples
-from speechmapper_tune.generation import StuckGuard, greedy_generate, newline_token_ids
-from speechmapper_tune.models.chat_format import ChatTokenizer
-from speechmapper_tune.models.injector import trailing_pad_lengths
-from speechmapper_tune.models.llms import embed_tokens, load_llm, load_lora_adapters
+from speechmapper_tune.data.stage2 import PromptParts, PromptTemplate, Stage2Collator, Stage2Dataset, prepare_asr_examples, prepare_instruction_examples
+from speechmapper_tune.generation import StuckGuard
+from speechmapper_tune.models.speech_lm import DTYPES, SpeechLM
 
 log = utils.get_logger("INFO")
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def _check_trained_prompt(trained, template: PromptTemplate, cfg: DictConfig) -> None:
@@ -66,41 +61,31 @@ class GenerateRecipe:
     def setup(self) -> None:
         cfg = self.cfg
         training.set_seed(seed=cfg.get("seed", 0))
-        ckpt_dir = resolve_path_setting(cfg.llm.checkpoint)
-        vocab, llm_dim = embedding_shape(ckpt_dir)
-        self.pad_id = int(cfg.llm.pad_id)
-        if not 0 <= self.pad_id < vocab:
-            raise ValueError(f"llm.pad_id={self.pad_id} is outside the vocabulary of {ckpt_dir} (size {vocab})")
-        self.embedding = load_embedding_table(ckpt_dir)
-        self.projector, meta = None, {}
-        if cfg.get("projector_checkpoint"):  # checked against this LLM before the LLM is loaded
-            meta = read_projector_meta(cfg.projector_checkpoint)
-            if meta["projector"]["output_dim"] != llm_dim:
-                raise ValueError(f"{cfg.projector_checkpoint} outputs {meta['projector']['output_dim']}-dim vectors; the LLM takes {llm_dim}")
-            fp = meta.get("llm", {}).get("fingerprint")
-            if not fingerprint_matches(fp, self.embedding):
-                raise ValueError(f"{cfg.projector_checkpoint} was trained for another LLM ({meta['llm'].get('checkpoint')})")
-            self.projector, _ = load_projector(cfg.projector_checkpoint, self.device)
-            self.projector.eval()
-        elif cfg.span_source == "projector":
+        if cfg.llm.get("dtype", "bf16") not in DTYPES:
+            raise ValueError(f"llm.dtype={cfg.llm.dtype!r}: expected one of {list(DTYPES)}")
+        if cfg.span_source == "projector" and not cfg.get("projector_checkpoint"):
             raise ValueError("span_source=projector needs projector_checkpoint=<stage-1 or stage-2 checkpoint folder>")
-        trim = cfg.get("trim_pad_vectors")
-        self.trim = bool(meta.get("trim_pad_vectors", False)) if trim is None else bool(trim)  # default: as trained
-        self.embedding = self.embedding.to(self.device)
-        lora = meta.get("lora")
-        lora_file = lora_weights_file(cfg.projector_checkpoint) if lora else None  # checked before the LLM loads
-        self.llm, _, _ = load_llm(cfg.llm.name, ckpt_dir, dtype=DTYPES[cfg.llm.get("dtype", "bf16")], device=self.device,
-                                  lora=lora)
-        if lora:  # the adapters trained with this projector in stage 2 belong to the LLM it feeds
-            load_lora_adapters(self.llm, cfg.projector_checkpoint)
-            log.info(f"LoRA adapters (rank {lora['rank']}) loaded from {lora_file}")
-        self.chat = ChatTokenizer.from_dir(resolve_path_setting(cfg.llm.get("tokenizer")) or ckpt_dir,
-                                           chat_format=cfg.llm.chat_format, pad_token=self.pad_id)
-        self.template = PromptTemplate(**OmegaConf.to_container(cfg.prompt, resolve=True))
+        llm = {**OmegaConf.to_container(cfg.llm, resolve=True), "checkpoint": resolve_path_setting(cfg.llm.checkpoint),
+               "tokenizer": resolve_path_setting(cfg.llm.get("tokenizer"))}
+        # the projector is checked against this LLM, and its LoRA adapters found, before the LLM loads
+        self.model = SpeechLM.from_checkpoint(cfg.get("projector_checkpoint"), llm=llm,
+                                              prompt=OmegaConf.to_container(cfg.prompt, resolve=True), device=self.device,
+                                              trim_pad_vectors=cfg.get("trim_pad_vectors"), on_warning=log.warning)
+        self.model.stop_at_newline = bool(cfg.get("stop_at_newline", False))
+        self.projector, self.chat, self.template = self.model.projector, self.model.chat, self.model.template
+        meta = {}
+        if self.model.checkpoint is not None:
+            from speechmapper_tune.checkpoint.projector_io import lora_weights_file, read_projector_meta
+
+            meta = read_projector_meta(self.model.checkpoint)
+            if meta.get("lora"):  # the adapters trained with this projector belong to the LLM it feeds
+                log.info(f"LoRA adapters (rank {meta['lora']['rank']}) loaded from {lora_weights_file(self.model.checkpoint)}")
         _check_trained_prompt(meta.get("prompt") if cfg.span_source == "projector" else None, self.template, cfg)
+        self.llm = self.model.llm
         self.skipped = SkipCounter()
         items = load_feature_items(cfg.manifest, self.skipped)
         out_len = self.projector.output_length if self.projector else (lambda n: n)
+        self.pad_id = self.model.pad_id
         max_len = int(cfg.get("max_seq_len", self.llm.max_seq_len)) - int(cfg.max_new_tokens)
         if cfg.get("instructions"):
             examples = prepare_instruction_examples(cfg.instructions, {it.id: it for it in items}, self.chat, self.template,
@@ -122,7 +107,6 @@ class GenerateRecipe:
             self.transcriber = FasterWhisperTranscriber(resolve_path_setting(cfg.cascade.model_dir), cfg.cascade.get("compute_type", "int8"))
         guard = cfg.get("stuck_guard")
         self.guard = StuckGuard(**OmegaConf.to_container(guard, resolve=True)) if guard else None
-        self.newlines = newline_token_ids(self.chat) if cfg.get("stop_at_newline", False) else None
         self.prompt_text = self.chat.render_text(self.template.messages(), add_generation_prompt=True) + self.template.assistant_prefix
 
     @torch.no_grad()
@@ -142,22 +126,19 @@ class GenerateRecipe:
             if not batch["ids"]:
                 continue
             spans = self._spans(batch)
-            prompts = [torch.cat([embed_tokens(self.llm, torch.tensor(p, device=self.device)), s.to(self.llm.tok_embeddings.weight.dtype),
-                                  embed_tokens(self.llm, torch.tensor(q, device=self.device))])
-                       for p, s, q in zip(batch["prefix"], spans, batch["suffix"])]
+            parts = [PromptParts(p, q) for p, q in zip(batch["prefix"], batch["suffix"])]
             caps = None
             if cap:  # a length cap from the audio duration (tokens per second + a constant)
                 exs = {e.item.id: e for e in self.examples}
                 caps = [int(cap.tokens_per_second * exs[i].item.duration + cap.extra) for i in batch["ids"]]
-            results = greedy_generate(self.llm, prompts, max_new_tokens=int(cfg.max_new_tokens), stop_ids=self.chat.stop_ids,
-                                      stop_at_newline=self.newlines is not None, newline_ids=self.newlines,
-                                      max_new_tokens_per_item=caps, stuck_guard=self.guard)
+            results = self.model.generate(spans, parts, max_new_tokens=int(cfg.max_new_tokens),
+                                          max_new_tokens_per_item=caps, stuck_guard=self.guard)
             rows = []
             for item_id, res, span, resp, meta in zip(batch["ids"], results, spans, batch["response"], batch["meta"]):
                 n_tokens += len(res.ids)
                 n_stuck += int(res.stuck)
                 rows.append({"id": item_id, "task": batch["tasks"][0] if cfg.get("instructions") else "asr",
-                             "prompt": self.prompt_text, "hypothesis": self._text(res.ids),
+                             "prompt": self.prompt_text, "hypothesis": self.model.answer_text(res.ids),
                              "reference": self.chat.decode(resp[:-1], skip_special_tokens=True).strip(),
                              "flags": list(res.flags), "stopped_by": res.stopped_by, "span_vectors": int(span.shape[0]),
                              "span_source": cfg.span_source, **meta})
@@ -169,18 +150,10 @@ class GenerateRecipe:
         log.info(f"Generated {n_tokens} tokens in {wall:.0f} s ({n_tokens / max(wall, 1e-9):.1f} tokens/s); "
                  f"{n_stuck} stuck decodes flagged; skipped {self.skipped.total()}; wrote {self.out_path}")
 
-    def _text(self, ids) -> str:
-        """Decoded answer; with stop_at_newline, its first non-empty line."""
-        text = self.chat.decode(ids, skip_special_tokens=True)
-        if self.newlines is not None:
-            return next((l.strip() for l in text.splitlines() if l.strip()), "")
-        return text.strip()
-
     def _spans(self, batch):
         src = self.cfg.span_source
         if src == "projector":
-            pred, out_len = self.projector(batch["features"].to(self.device), batch["lengths"].to(self.device))
-            n = trailing_pad_lengths(pred, out_len, self.embedding, self.pad_id) if self.trim else out_len
+            pred, _, n = self.model.project(batch["features"], batch["lengths"])
             return [pred[b, : int(n[b])] for b in range(pred.shape[0])]
         if src == "transcript":
             texts = [self.chat.decode(r[:-1], skip_special_tokens=True) for r in batch["response"]]
@@ -188,7 +161,7 @@ class GenerateRecipe:
             from speechmapper_tune.data.extract import load_cut_audio
 
             texts = [self.transcriber(load_cut_audio(self.cuts[i], max_duration=600.0)) for i in batch["ids"]]
-        return [embed_tokens(self.llm, torch.tensor(self.chat.encode_text(t) or [self.pad_id], device=self.device)) for t in texts]
+        return [self.model.text_span(t) for t in texts]
 
     def cleanup(self) -> None:
         pass

@@ -43,6 +43,7 @@ from speechmapper_tune.checkpoint.projector_io import (
     set_rng_state,
 )
 from speechmapper_tune.configs import resolve_config_argv, resolve_path_setting
+from speechmapper_tune.data.extract import features_record
 from speechmapper_tune.data.manifest import SkipCounter, load_feature_items
 from speechmapper_tune.data.sampler import LengthCappedBatchSampler
 from speechmapper_tune.data.stage1 import (
@@ -114,6 +115,8 @@ class PretrainRecipe:
         self.loss_keys = LOSS_KEYS + (("classifier_ce",) if self.loss_fn.classifier_weight > 0 else ())
         self.pad_id = pad_id
         self.llm_meta = {
+            "name": cfg.llm.get("name"),
+            "chat_format": cfg.llm.get("chat_format"),
             "checkpoint": str(self.llm_checkpoint),
             "vocab_size": vocab,
             "dim": llm_dim,
@@ -322,7 +325,8 @@ class PretrainRecipe:
                 "rng": rng,
                 "config": OmegaConf.to_container(self.cfg, resolve=True),
             }
-            meta = {"stage": 1, "llm": self.llm_meta, "recipe": "speechmapper_pretrain"}
+            meta = {"stage": 1, "llm": self.llm_meta, "recipe": "speechmapper_pretrain",
+                    "features": features_record(self.cfg.data.train_manifest)}
             folder = self.checkpoints.save(self.step, self.model, meta, state)
             log.info(f"Saved checkpoint {folder}")
         self._barrier()

@@ -5,7 +5,7 @@ then the embedding of a reserved pad token up to the projector's output length (
 
     L_MSE    = alpha * MSE_word + (10 - alpha) * MSE_pad                     (Eq. 1)
     L_stage1 = L_MSE - gamma * cosine                                        (Eq. 2)
-    L_stage2 = (1 - sigma) * CE + sigma * L_MSE                              (Eq. 3)
+    L_stage2 = (1 - sigma) * CE + sigma * L_MSE                              (Eq. 3, Stage2Loss)
 
 - MSE_word runs over the word positions plus the first pad, MSE_pad over the remaining pads.
   Each is a masked mean over all (position, dimension) elements of the batch that belong to
@@ -255,6 +255,33 @@ def stage2_loss(ce: Tensor, mse: Tensor, sigma: float, weighting: str = "paper")
     if weighting == "balanced":
         return (1.0 - sigma) * relative(ce) + sigma * (relative(mse) if bool(mse.detach() != 0) else mse)
     return (1.0 - sigma) * ce + sigma * mse
+
+
+class Stage2Loss(nn.Module):
+    """Eq. 3 as a ``_component_``: ``(1 - sigma) * CE + sigma * L_MSE``, CE over the response tokens.
+
+    ``forward`` takes the logits at the positions that predict a label (``SpeechLM.forward``) with
+    those labels, and the projector output with its stage-1 targets; items with ``has_mse`` False
+    (instruction data without a transcript) have no MSE term. It returns ``objective`` (what trains;
+    ``weighting="balanced"`` mixes relative gradients, see :func:`stage2_loss`), ``loss`` (always the
+    paper's Eq. 3 value, so runs compare), ``ce`` and ``mse``.
+    """
+
+    def __init__(self, sigma: float = 0.9, alpha: float = 5.0, scale: float = 1e3, weighting: str = "paper"):
+        super().__init__()
+        self.sigma, self.alpha, self.scale, self.weighting = float(sigma), float(alpha), float(scale), str(weighting)
+        stage2_loss(torch.zeros(()), torch.zeros(()), self.sigma, self.weighting)  # validates sigma and weighting
+        check_alpha(self.alpha)
+
+    def forward(self, logits: Tensor, labels: Tensor, pred: Tensor, target: Tensor, lengths: Tensor,
+                num_words: Tensor, has_mse: Tensor) -> Dict[str, Tensor]:
+        ce = F.cross_entropy(logits.float(), labels)
+        mse = pred.new_zeros((), dtype=torch.float32)
+        if bool(has_mse.any()):
+            mse = speechmapper_mse(pred[has_mse], target[has_mse], lengths[has_mse], num_words[has_mse],
+                                   self.alpha, self.scale).mse
+        return {"objective": stage2_loss(ce, mse, self.sigma, self.weighting), "loss": stage2_loss(ce, mse, self.sigma),
+                "ce": ce, "mse": mse}
 
 
 @torch.no_grad()

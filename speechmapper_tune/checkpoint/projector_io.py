@@ -96,6 +96,24 @@ def load_projector(folder: str | Path, device: str | torch.device = "cpu") -> Tu
     return model.to(device), meta
 
 
+def check_projector_fits(meta: Dict[str, Any], embedding: torch.Tensor, where: str | Path) -> None:
+    """The one compatibility check of a projector checkpoint against an LLM's embedding table (its
+    output width and the table's fingerprint), made before the LLM itself is loaded."""
+    out_dim, llm_dim = meta["projector"]["output_dim"], int(embedding.shape[1])
+    if out_dim != llm_dim:
+        raise ValueError(f"projector checkpoint {where} outputs {out_dim}-dim vectors but the LLM's embeddings are {llm_dim}-dim")
+    if not fingerprint_matches(meta.get("llm", {}).get("fingerprint"), embedding):
+        raise ValueError(f"projector checkpoint {where} was trained for another LLM "
+                         f"({meta.get('llm', {}).get('checkpoint')}): the embedding tables differ")
+
+
+def load_checked_projector(folder: str | Path, embedding: torch.Tensor,
+                           device: str | torch.device = "cpu") -> Tuple[SpeechMapperProjector, Dict[str, Any]]:
+    """``load_projector`` after ``check_projector_fits`` (every recipe and the SpeechLM load this way)."""
+    check_projector_fits(read_projector_meta(folder), embedding, folder)
+    return load_projector(folder, device)
+
+
 def rng_state() -> Dict[str, Any]:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():

@@ -20,7 +20,7 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import soundfile as sf
@@ -72,6 +72,19 @@ def load_cut_audio(cut: MonoCut, max_duration: float) -> np.ndarray:
     if audio.size / TARGET_SR > max_duration:
         raise BadAudio(f"too long: {audio.size / TARGET_SR:.1f} s > max_duration {max_duration} s")
     return audio
+
+
+EXTRACT_INFO = "extract_info.json"
+
+
+def features_record(manifest: str | Path) -> Optional[Dict]:
+    """How the features of ``manifest`` were made (SFM settings, averaging, storage precision), from the
+    ``extract_info.json`` speechmapper_extract writes beside it; None for features made otherwise.
+    Checkpoints carry it so that ``speechmapper transcribe`` can rebuild the features from audio."""
+    info = Path(manifest).parent / EXTRACT_INFO
+    if not info.is_file():
+        return None
+    return json.loads(info.read_text(encoding="utf-8")).get("features")
 
 
 def average_frames(x: np.ndarray, k: int) -> np.ndarray:

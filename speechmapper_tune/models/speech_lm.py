@@ -1,0 +1,354 @@
+"""SpeechLM: a SpeechMapper projector feeding a frozen LLM, and the one place its input is built.
+
+    lm = SpeechLM.from_pretrained("smollm2_135m_whisper_base_stage2_asr_lora")
+    lm.transcribe(["talk.flac"])                      # -> ["..."]
+    lm.ask("What is the speaker talking about?", ["talk.flac"])
+
+The LLM reads ``prompt prefix | speech vectors | prompt suffix (| response)``. ``build_inputs``
+makes that sequence for training (``speechmapper_adapt``, with the response and its labels), for
+generation (``speechmapper_generate``, the demo, ``speechmapper transcribe``) and for serving
+(``prompt_embeds``, what vLLM's ``enable_prompt_embeds`` takes), so what is trained is what is
+served. ``from_checkpoint`` makes every compatibility check of a projector against an LLM once
+(output width, embedding-table fingerprint, LoRA adapters present) and uses the prompt the
+checkpoint was trained with. Plain PyTorch; torchtune only behind ``models/llms.py``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils.rnn import pad_sequence
+
+from speechmapper_tune.checkpoint.embedding_table import load_embedding_table
+from speechmapper_tune.checkpoint.projector_io import (
+    embedding_fingerprint,
+    load_checked_projector,
+    lora_weights_file,
+    read_projector_meta,
+)
+from speechmapper_tune.data.stage2 import PromptParts, PromptTemplate, assemble_batch, split_prompt
+from speechmapper_tune.generation import GenerationResult, greedy_generate, newline_token_ids
+from speechmapper_tune.losses import IGNORE_INDEX
+from speechmapper_tune.models.chat_format import ChatTokenizer
+from speechmapper_tune.models.injector import inject_speech, trailing_pad_lengths
+from speechmapper_tune.models.llms import embed_tokens, forward_embeds, load_llm, load_lora_adapters
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+FROM_CHECKPOINT = "checkpoint"  # lora=...: the adapters the checkpoint was trained with, if any
+# An instruction prompt for `ask` when the checkpoint's own prompt has no {instruction} (stage 1):
+# the paper's IT template (B.3), as the stage-2 configs use it.
+INSTRUCTION_USER = "Speech: {speech}\n{instruction}"
+# Stage-1 checkpoints record no prompt: the paper's zero-shot ASR prompt (table 11), read from its config.
+ZERO_SHOT_CONFIG = "smollm2_135M/generate_asr_zeroshot"
+
+Audio = Union[str, Path, np.ndarray, Tuple[np.ndarray, int]]
+
+
+def _default_llm_checkpoint(name: str) -> Optional[str]:
+    """Where an LLM that installs offline lives (SmolLM2-135M-Instruct, converted once)."""
+    if name == "smollm2_135m":
+        from speechmapper_tune.assets import smollm2_dir
+
+        return str(smollm2_dir())
+    return None
+
+
+def resolve_projector(checkpoint: Union[str, Path]) -> Path:
+    """A checkpoint folder, or the name of a projector shipped in the package."""
+    path = Path(checkpoint)
+    if path.is_dir():
+        return path
+    from speechmapper_tune import pretrained
+
+    if str(checkpoint) in pretrained.available():
+        return Path(pretrained.shipped_projector(str(checkpoint)))
+    raise FileNotFoundError(f"{checkpoint}: neither a projector checkpoint folder nor a shipped projector "
+                            f"(shipped: {', '.join(pretrained.available()) or 'none'})")
+
+
+def zero_shot_prompt() -> Tuple[Dict[str, Any], bool]:
+    """The paper's zero-shot ASR prompt and its one-line answer setting (stop_at_newline)."""
+    from omegaconf import OmegaConf
+
+    from speechmapper_tune.configs import resolve_config
+
+    cfg = OmegaConf.load(resolve_config(ZERO_SHOT_CONFIG))
+    return OmegaConf.to_container(cfg.prompt, resolve=True), bool(cfg.stop_at_newline)
+
+
+@dataclass
+class LLMInputs:
+    """Right-padded LLM input embeddings; ``labels`` (IGNORE_INDEX but on the response) for training."""
+
+    embeds: Tensor  # [B, L, D]
+    labels: Tensor  # [B, L]
+    lengths: List[int]  # real length of each row
+    span_starts: Tensor  # [B] where each speech span begins
+    span_lengths: Tensor  # [B]
+
+    def prompts(self) -> List[Tensor]:
+        """One [L_i, D] tensor per item, without the right padding (greedy_generate left-pads)."""
+        return [self.embeds[b, : n] for b, n in enumerate(self.lengths)]
+
+
+class SpeechLM(nn.Module):
+    """Projector (optional: text spans for toplines) + frozen LLM (+ LoRA) + chat tokenizer + prompt."""
+
+    def __init__(self, llm: nn.Module, chat: ChatTokenizer, template: PromptTemplate, pad_id: int,
+                 embedding: Tensor, projector: Optional[nn.Module] = None, trim_pad_vectors: bool = False,
+                 stop_at_newline: bool = False, llm_meta: Optional[Dict[str, Any]] = None,
+                 features: Optional[Dict[str, Any]] = None, checkpoint: Optional[Path] = None):
+        super().__init__()
+        self.llm, self.chat, self.template, self.pad_id = llm, chat, template, int(pad_id)
+        self.projector = projector
+        self.register_buffer("embedding", embedding, persistent=False)  # fp32 table: MSE targets, pad trimming
+        self.trim_pad_vectors, self.stop_at_newline = bool(trim_pad_vectors), bool(stop_at_newline)
+        self.right_pad_id = chat.eos_id  # never the placeholder, so the span check is exact
+        self.llm_meta = llm_meta or {}
+        self.features = features  # how the projector's input features are made (SFM, layer, averaging)
+        self.checkpoint = checkpoint
+        self._sfm = None
+        self._newlines = None
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_checkpoint(cls, checkpoint: Union[str, Path, None], llm: Optional[Mapping[str, Any]] = None, *,
+                        prompt: Optional[Mapping[str, Any]] = None, lora: Any = FROM_CHECKPOINT,
+                        projector: Optional[nn.Module] = None, device: Union[str, torch.device] = "cpu",
+                        trim_pad_vectors: Optional[bool] = None, on_warning: Callable[[str], None] = print) -> "SpeechLM":
+        """Load a projector checkpoint (folder or shipped name) with the LLM it was trained for.
+
+        ``llm``: ``{name, checkpoint, tokenizer, chat_format, dtype, pad_id}``, each defaulting to what
+        the checkpoint records (SmolLM2 is found offline). ``prompt``: a ``PromptTemplate`` mapping;
+        default the checkpoint's training prompt (stage 1: the paper's zero-shot prompt). ``lora``: the
+        adapters' settings (None: none); default the checkpoint's. ``checkpoint=None`` with ``projector``
+        (training from scratch) or without (text spans only: the topline and the cascade).
+        """
+        folder = resolve_projector(checkpoint) if checkpoint is not None else None
+        meta = read_projector_meta(folder) if folder is not None else {}
+        recorded = meta.get("llm", {})
+        spec = {"dtype": "bf16", **{k: recorded[k] for k in ("name", "chat_format", "pad_id") if k in recorded},
+                **{k: v for k, v in (llm or {}).items() if v is not None}}
+        for key in ("name", "chat_format", "pad_id"):
+            if key not in spec:
+                raise ValueError(f"llm.{key} is not set and {folder or 'the settings'} does not record it")
+        ckpt_dir = spec.get("checkpoint") or _default_llm_checkpoint(spec["name"]) or recorded.get("checkpoint")
+        if not ckpt_dir or not Path(ckpt_dir).exists():
+            raise FileNotFoundError(f"llm.checkpoint: the {spec['name']} checkpoint folder {ckpt_dir!r} does not exist; "
+                                    "pass the LLM's local folder")
+        if spec["dtype"] not in DTYPES:
+            raise ValueError(f"llm.dtype={spec['dtype']!r}: expected one of {list(DTYPES)}")
+        embedding = load_embedding_table(ckpt_dir)
+        pad_id = int(spec["pad_id"])
+        if not 0 <= pad_id < embedding.shape[0]:
+            raise ValueError(f"llm.pad_id={pad_id} is outside the vocabulary of {ckpt_dir} (size {embedding.shape[0]})")
+        trained_lora = meta.get("lora")
+        if folder is not None:  # every check before the LLM is loaded
+            projector, meta = load_checked_projector(folder, embedding, device)
+        elif projector is not None and projector.output_dim != embedding.shape[1]:
+            raise ValueError(f"model.output_dim={projector.output_dim} but the LLM's embeddings are {embedding.shape[1]}-dim")
+        lora = trained_lora if lora == FROM_CHECKPOINT else lora
+        if trained_lora and lora:
+            lora_weights_file(folder)
+        elif trained_lora:
+            on_warning(f"{folder} was trained with LoRA adapters on the LLM ({trained_lora}); lora is not set, "
+                       "so they are left out and the LLM stays as pretrained")
+        model, _, _ = load_llm(spec["name"], ckpt_dir, dtype=DTYPES[spec["dtype"]], device=device, lora=lora or None)
+        if trained_lora and lora:
+            load_lora_adapters(model, folder)
+        chat = ChatTokenizer.from_dir(spec.get("tokenizer") or ckpt_dir, chat_format=spec["chat_format"], pad_token=pad_id)
+        stop_at_newline = False
+        if prompt is None:
+            prompt = meta.get("prompt")
+            if prompt is None and meta.get("stage") == 1:
+                prompt, stop_at_newline = zero_shot_prompt()
+        if prompt is None:
+            raise ValueError(f"no prompt given and {folder or 'no checkpoint'} records none")
+        trim = bool(meta.get("trim_pad_vectors", False)) if trim_pad_vectors is None else bool(trim_pad_vectors)
+        llm_meta = {"name": spec["name"], "chat_format": spec["chat_format"], "checkpoint": str(ckpt_dir),
+                    "vocab_size": int(embedding.shape[0]), "dim": int(embedding.shape[1]), "pad_id": pad_id,
+                    "fingerprint": embedding_fingerprint(embedding)}
+        if projector is not None:
+            projector.to(device).eval()  # a training recipe calls .train()
+        return cls(model, chat, PromptTemplate(**dict(prompt)), pad_id, embedding.to(device), projector, trim,
+                   stop_at_newline, llm_meta, meta.get("features"), folder)
+
+    @classmethod
+    def from_pretrained(cls, name: str, **kwargs) -> "SpeechLM":
+        """A projector shipped in the package (``speechmapper list``), with its LLM."""
+        return cls.from_checkpoint(name, **kwargs)
+
+    @property
+    def device(self) -> torch.device:
+        return self.embedding.device
+
+    # ------------------------------------------------------------------ the one input builder
+    def build_inputs(self, spans: Sequence[Tensor], prefixes: Sequence[List[int]], suffixes: Sequence[List[int]],
+                     responses: Optional[Sequence[List[int]]] = None) -> LLMInputs:
+        """``prefix | span | suffix | response`` per item as right-padded LLM input embeddings.
+
+        ``spans``: one [n_i, D] tensor per item (projector vectors, gradients kept; or token
+        embeddings for the text topline). Without ``responses``: the generation prompt.
+        """
+        responses = responses if responses is not None else [[] for _ in spans]
+        asm = assemble_batch(prefixes, suffixes, responses, [int(s.shape[0]) for s in spans], self.pad_id, self.right_pad_id)
+        ids = asm.input_ids.to(self.device)
+        speech = pad_sequence(list(spans), batch_first=True)
+        embeds = inject_speech(embed_tokens(self.llm, ids), speech, asm.speech_starts, asm.speech_lengths, ids == self.pad_id)
+        return LLMInputs(embeds, asm.labels.to(self.device), asm.seq_lengths, asm.speech_starts, asm.speech_lengths)
+
+    def project(self, features: Tensor, lengths: Tensor, projector: Optional[nn.Module] = None) -> Tuple[Tensor, Tensor, Tensor]:
+        """Projector output [B, T, D], its lengths, and the span lengths the LLM reads (pad vectors cut
+        when the checkpoint was trained so)."""
+        proj = projector if projector is not None else self.projector
+        pred, out_lengths = proj(features.to(self.device), lengths.to(self.device))
+        span = trailing_pad_lengths(pred.detach(), out_lengths, self.embedding, self.pad_id) if self.trim_pad_vectors else out_lengths
+        return pred, out_lengths, span
+
+    def forward(self, batch: Mapping[str, Any], projector: Optional[nn.Module] = None) -> Dict[str, Any]:
+        """Training forward on a ``Stage2Collator`` batch: logits where a response label is, and those labels."""
+        pred, out_lengths, span = self.project(batch["features"], batch["lengths"], projector)
+        inputs = self.build_inputs([pred[b, : int(n)] for b, n in enumerate(span)], batch["prefix"], batch["suffix"], batch["response"])
+        labels = inputs.labels
+        # position t predicts label t+1: logits only where that label exists (the LM head is skipped elsewhere)
+        predicts = F.pad(labels[:, 1:] != IGNORE_INDEX, (0, 1), value=False)
+        return {"logits": forward_embeds(self.llm, inputs.embeds, positions=predicts), "labels": labels[:, 1:][predicts[:, :-1]],
+                "pred": pred, "out_lengths": out_lengths, "tokens": int((labels != IGNORE_INDEX).sum()), "speech_vectors": int(span.sum())}
+
+    # ------------------------------------------------------------------ generation
+    def prompt_parts(self, instruction: Optional[str] = None) -> PromptParts:
+        """The prompt's token ids before and after the speech; ``instruction`` replaces the template's
+        (an instruction prompt, no forced answer prefix)."""
+        return split_prompt(self.chat, self.template if instruction is None else self.instruction_template(instruction))
+
+    def instruction_template(self, instruction: str) -> PromptTemplate:
+        user = self.template.user if "{instruction}" in self.template.user else INSTRUCTION_USER
+        return PromptTemplate(user=user, instruction=instruction, system=self.template.system)
+
+    @torch.no_grad()
+    def generate(self, spans: Sequence[Tensor], parts: Sequence[PromptParts], max_new_tokens: int = 150,
+                 stop_at_newline: Optional[bool] = None, **decoding) -> List[GenerationResult]:
+        """Greedy decoding (KV cache, batched) from each prompt with its span filled in."""
+        inputs = self.build_inputs(spans, [p.prefix for p in parts], [p.suffix for p in parts])
+        newline = self.stop_at_newline if stop_at_newline is None else stop_at_newline
+        return greedy_generate(self.llm, inputs.prompts(), max_new_tokens=max_new_tokens, stop_ids=self.chat.stop_ids,
+                               stop_at_newline=newline, newline_ids=self.newline_ids() if newline else None, **decoding)
+
+    def newline_ids(self):
+        if self._newlines is None:
+            self._newlines = newline_token_ids(self.chat)
+        return self._newlines
+
+    def answer_text(self, ids: Sequence[int], stop_at_newline: Optional[bool] = None) -> str:
+        """Decoded answer; with stop_at_newline, its first non-empty line."""
+        text = self.chat.decode(ids, skip_special_tokens=True)
+        if self.stop_at_newline if stop_at_newline is None else stop_at_newline:
+            return next((line.strip() for line in text.splitlines() if line.strip()), "")
+        return text.strip()
+
+    def text_span(self, text: str) -> Tensor:
+        """Token embeddings of ``text`` as a span (the text topline, the ASR cascade)."""
+        return embed_tokens(self.llm, torch.tensor(self.chat.encode_text(text) or [self.pad_id], device=self.device))
+
+    # ------------------------------------------------------------------ audio in
+    def sfm(self):
+        """The frozen SFM the projector's features came from (as the checkpoint records), loaded once."""
+        if self._sfm is None:
+            if not self.features or "sfm" not in self.features:
+                raise ValueError(f"{self.checkpoint} does not record which speech encoder made its features; "
+                                 "extract features with speechmapper_extract and use speechmapper_generate")
+            from speechmapper_tune.sfm import build_sfm
+
+            s = dict(self.features["sfm"])
+            self._sfm = build_sfm(s.pop("name"), path=s.pop("path", None), layer=s.pop("layer", None), device=self.device, **s)
+        return self._sfm
+
+    @torch.no_grad()
+    def audio_features(self, waves: Sequence[np.ndarray]) -> List[Tensor]:
+        """16-kHz mono waves -> the features the projector reads: SFM frames averaged by k, stored
+        precision (fp16) as in training."""
+        from speechmapper_tune.data.extract import average_frames
+
+        k = int(self.features.get("average_frames", 1))
+        dtype = getattr(torch, self.features.get("storage_dtype", "float16"))
+        return [torch.from_numpy(average_frames(f.float().cpu().numpy(), k)).to(dtype).float() for f in self.sfm().encode(list(waves))]
+
+    @torch.no_grad()
+    def speech_spans(self, features: Sequence[Tensor]) -> List[Tensor]:
+        """Projector vectors for each feature sequence [n_i, F]."""
+        from speechmapper_tune.data.features import pad_features
+
+        feats, lengths = pad_features(list(features))
+        pred, _, span = self.project(feats, lengths)
+        return [pred[b, : int(n)] for b, n in enumerate(span)]
+
+    def prompt_embeds(self, audio: Audio, instruction: Optional[str] = None) -> Tensor:
+        """The ``[seq_len, dim]`` prompt one recording gives the LLM: vLLM's
+        ``LLM(..., enable_prompt_embeds=True).generate({"prompt_embeds": t})`` takes it as is."""
+        span = self.speech_spans(self.audio_features([load_wave(audio)]))[0]
+        parts = self.prompt_parts(instruction)
+        return self.build_inputs([span], [parts.prefix], [parts.suffix]).prompts()[0]
+
+    @torch.no_grad()
+    def answer_waves(self, waves: Sequence[np.ndarray], instruction: Optional[str] = None, batch_size: int = 8,
+                     max_new_tokens: int = 150, on_batch: Optional[Callable[[int], None]] = None) -> List[str]:
+        """One answer per 16-kHz wave (each short enough for the SFM), batched by length."""
+        parts = self.prompt_parts(instruction)
+        newline = self.stop_at_newline and instruction is None
+        order = sorted(range(len(waves)), key=lambda i: len(waves[i]))
+        out: List[str] = [""] * len(waves)
+        for s in range(0, len(order), batch_size):
+            idx = order[s : s + batch_size]
+            spans = self.speech_spans(self.audio_features([waves[i] for i in idx]))
+            for i, res in zip(idx, self.generate(spans, [parts] * len(idx), max_new_tokens, stop_at_newline=newline)):
+                out[i] = self.answer_text(res.ids, newline)
+            if on_batch is not None:
+                on_batch(len(idx))
+        return out
+
+    def transcribe(self, audio: Union[Audio, Sequence[Audio]], **kwargs) -> List[str]:
+        """Text of each recording (any length: long ones are cut at pauses and the pieces' texts joined)."""
+        return self.answer_recordings(_waves(audio), None, **kwargs)
+
+    def ask(self, instruction: str, audio: Union[Audio, Sequence[Audio]], **kwargs) -> List[str]:
+        """The LLM's answer to ``instruction`` about each recording."""
+        return self.answer_recordings(_waves(audio), instruction, **kwargs)
+
+    def answer_recordings(self, waves: Sequence[np.ndarray], instruction: Optional[str] = None,
+                          max_segment_seconds: float = 10.0, progress=None, **kwargs) -> List[str]:
+        """Recordings of any length: cut at pauses into pieces the SFM takes, answered in length-sorted
+        batches, the pieces' texts joined in order. ``progress``: a tqdm bar (its total is set here)."""
+        from speechmapper_tune.audio import split_at_pauses
+
+        pieces = [[w[a:b] for a, b in split_at_pauses(w, max_segment_seconds)] for w in waves]
+        flat = [p for ps in pieces for p in ps]
+        if progress is not None:
+            progress.total = len(flat)
+            progress.refresh()
+        texts = self.answer_waves(flat, instruction, on_batch=progress.update if progress is not None else None, **kwargs)
+        out, k = [], 0
+        for ps in pieces:
+            out.append(" ".join(t for t in texts[k : k + len(ps)] if t))
+            k += len(ps)
+        return out
+
+
+def _waves(audio: Union[Audio, Sequence[Audio]]) -> List[np.ndarray]:
+    return [load_wave(a) for a in ([audio] if isinstance(audio, (str, Path, np.ndarray, tuple)) else audio)]
+
+
+def load_wave(audio: Audio) -> np.ndarray:
+    """A path (any format soundfile reads), an (array, sample_rate) pair, or a 16-kHz mono array."""
+    from speechmapper_tune.audio import read_audio, to_mono_16k
+
+    if isinstance(audio, (str, Path)):
+        return read_audio(audio)
+    if isinstance(audio, tuple):
+        return to_mono_16k(audio[0], int(audio[1]))
+    return to_mono_16k(audio, 16000)
