@@ -3,7 +3,7 @@
     speechmapper transcribe talk.flac interview.mp3          # text, one line per file
     speechmapper ask --instruction "Who is speaking?" talk.wav
     speechmapper list                                         # shipped projectors and what each is for
-    speechmapper cp speechmapper_adapt ./my_adapt.py          # then: tune run ./my_adapt.py --config ...
+    speechmapper cp speechmapper_adapt my_adapt.py            # then, in that folder: tune run my_adapt.py --config ...
     speechmapper cp smollm2_135M/stage2_asr_full ./my.yaml
 
 Audio: any file soundfile reads (WAV, FLAC, OGG, MP3), any sample rate or channel count, any
