@@ -38,7 +38,7 @@ from speechmapper_tune.checkpoint.embedding_table import embedding_shape, load_e
 from speechmapper_tune.checkpoint.projector_io import (
     CheckpointManager,
     embedding_fingerprint,
-    fingerprint_matches,
+    load_checked_projector,
     rng_state,
     set_rng_state,
 )
@@ -178,11 +178,7 @@ class PretrainRecipe:
         if folder is None:
             log.info(f"resume=True but no checkpoint in {self.checkpoints.root}: starting from scratch")
             return
-        from speechmapper_tune.checkpoint.projector_io import load_projector
-
-        model, meta = load_projector(folder)
-        if not fingerprint_matches(meta["llm"]["fingerprint"], self.embedding):
-            raise ValueError(f"{folder} was trained for another LLM embedding table ({meta['llm']['checkpoint']})")
+        model, _ = load_checked_projector(folder, self.embedding)  # the same checks as every recipe
         self.model.load_state_dict(model.state_dict())
         state = self.checkpoints.load_state(folder)
         self.optimizer.load_state_dict(state["optimizer"])
