@@ -27,7 +27,7 @@ FP32_PARITY = 1e-4
 
 def rel_diff(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """max|actual - expected| / max|expected|: the largest error relative to the reference's scale."""
-    actual, expected = torch.as_tensor(actual).double(), torch.as_tensor(expected).double()
+    actual, expected = torch.as_tensor(actual).detach().double(), torch.as_tensor(expected).detach().double()
     scale = expected.abs().max()
     return float((actual - expected).abs().max() / scale) if scale > 0 else float((actual - expected).abs().max())
 
