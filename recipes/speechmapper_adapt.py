@@ -12,7 +12,7 @@ the embedding space (task-agnostic); sigma=0 gives a task specialist. The LLM is
 trains. The LLM input is built by ``SpeechLM.forward``, the same builder generation uses.
 Reads top to bottom: setup -> train (validate, save_checkpoint) -> cleanup.
 
-Options beyond the paper (issue 7 levers; defaults are the paper's): ``loss.weighting=balanced``
+Options beyond the paper (defaults are the paper's): ``loss.weighting=balanced``
 mixes the relative gradients of CE and MSE (the logged ``loss`` stays Eq. 3);
 ``data.train.augment`` masks training features; ``validate_at_start`` logs the starting
 projector's validation losses at step 0.
@@ -43,7 +43,6 @@ from speechmapper_tune.checkpoint.projector_io import (
     CheckpointManager,
     load_projector,
     lora_weights_file,
-    read_projector_meta,
     rng_state,
     set_rng_state,
 )
@@ -132,7 +131,7 @@ class AdaptRecipe:
                       trim_pad_vectors=bool(cfg.get("trim_pad_vectors", False)), on_warning=log.warning)
         if path:  # a LoRA-trained stage-2 checkpoint goes on with its adapters when lora is set
             model = SpeechLM.from_checkpoint(path, **common)
-            meta = read_projector_meta(model.checkpoint)
+            meta = model.meta
             log.info(f"Projector from {path} (stage {meta.get('stage')}, step {meta.get('step')})")
             if meta.get("lora") and lora:
                 log.info(f"LoRA adapters from {lora_weights_file(model.checkpoint)}")

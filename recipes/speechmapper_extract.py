@@ -26,9 +26,9 @@ from tqdm import tqdm
 
 from torchtune import config, utils
 
+from speechmapper_tune.checkpoint.atomic import atomic_write_text
 from speechmapper_tune.configs import resolve_config_argv
 from speechmapper_tune.corpus import load_audio_manifest
-from speechmapper_tune.checkpoint.atomic import atomic_write_text
 from speechmapper_tune.data.extract import EXTRACT_INFO, chunk_done, chunked, extract_chunk, merge_chunks
 
 log = utils.get_logger("INFO")

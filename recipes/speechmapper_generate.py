@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from torchtune import config, training, utils
 
+from speechmapper_tune.checkpoint.projector_io import lora_weights_file
 from speechmapper_tune.configs import resolve_config_argv, resolve_path_setting
 from speechmapper_tune.data.generation_data import SPAN_SOURCES, FasterWhisperTranscriber, append_rows, done_ids
 from speechmapper_tune.data.manifest import SkipCounter, load_feature_items
@@ -70,16 +71,12 @@ class GenerateRecipe:
         # the projector is checked against this LLM, and its LoRA adapters found, before the LLM loads
         self.model = SpeechLM.from_checkpoint(cfg.get("projector_checkpoint"), llm=llm,
                                               prompt=OmegaConf.to_container(cfg.prompt, resolve=True), device=self.device,
-                                              trim_pad_vectors=cfg.get("trim_pad_vectors"), on_warning=log.warning)
-        self.model.stop_at_newline = bool(cfg.get("stop_at_newline", False))
+                                              trim_pad_vectors=cfg.get("trim_pad_vectors"),
+                                              stop_at_newline=bool(cfg.get("stop_at_newline", False)), on_warning=log.warning)
         self.projector, self.chat, self.template = self.model.projector, self.model.chat, self.model.template
-        meta = {}
-        if self.model.checkpoint is not None:
-            from speechmapper_tune.checkpoint.projector_io import lora_weights_file, read_projector_meta
-
-            meta = read_projector_meta(self.model.checkpoint)
-            if meta.get("lora"):  # the adapters trained with this projector belong to the LLM it feeds
-                log.info(f"LoRA adapters (rank {meta['lora']['rank']}) loaded from {lora_weights_file(self.model.checkpoint)}")
+        meta = self.model.meta
+        if meta.get("lora"):  # the adapters trained with this projector belong to the LLM it feeds
+            log.info(f"LoRA adapters (rank {meta['lora']['rank']}) loaded from {lora_weights_file(self.model.checkpoint)}")
         _check_trained_prompt(meta.get("prompt") if cfg.span_source == "projector" else None, self.template, cfg)
         self.llm = self.model.llm
         self.skipped = SkipCounter()

@@ -8,7 +8,7 @@
 No LLM forward ever runs: only the token-embedding tensor is read from the LLM checkpoint
 (paper section 2.2). Loss Eq. 2 in fp32; the projector may run under bf16 autocast.
 ``loss`` (Eq. 2) is logged; ``objective`` is what is backpropagated (equal unless the config
-turns on ``loss.weighting: balanced`` or ``loss.classifier_weight``; issue 7). Optional
+turns on ``loss.weighting: balanced`` or ``loss.classifier_weight``). Optional
 ``data.augment`` masks training features (never validation ones).
 Copy this file next to your own torchtune recipes to adapt it; it reads top to bottom:
 setup -> train (with validate and save_checkpoint) -> cleanup.

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import List, Optional
 
 DEFAULT_TRANSCRIBE = "smollm2_135m_whisper_base_stage2_asr_lora"  # the best shipped ASR projector
-DEFAULT_ASK = "smollm2_135m_whisper_base_stage2"  # the task-agnostic one (sigma 0.9): follows other instructions
+DEFAULT_ASK = "smollm2_135m_whisper_base_stage2"  # the one trained task-agnostic (sigma 0.9), for other instructions
 RECIPES = ("speechmapper_corpus", "speechmapper_extract", "speechmapper_pretrain", "speechmapper_adapt",
            "speechmapper_generate", "speechmapper_eval", "speechmapper_eet")
 
@@ -39,7 +39,7 @@ def describe(meta: dict) -> str:
         use = "stage 1 only: read zero-shot by the LLM (paper's repeat prompt); a start for stage 2"
     else:
         sigma = meta.get("sigma")
-        use = ("ASR specialist (sigma 0)" if sigma == 0 else f"task-agnostic (sigma {sigma}): follows other instructions")
+        use = "ASR specialist (sigma 0)" if sigma == 0 else f"trained task-agnostic (sigma {sigma})"
         if meta.get("lora"):
             use += f", LoRA r{meta['lora']['rank']} on the LLM"
     return f"{use}; {llm}, {feats} features, step {meta.get('step')}"

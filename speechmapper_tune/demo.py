@@ -105,12 +105,12 @@ class Demo:
         self.s1, self.s2 = self.out / "stage1", self.out / "stage2"
         if not _final(self.s1):
             self.run("stage1", ["speechmapper_pretrain", "--config", "smollm2_135M/stage1_demo", f"output_dir={self.s1}",
-                                f"data.train_manifest={f}/train/cuts.jsonl.gz", f"data.val_manifest={f}/test/cuts.jsonl.gz",
+                                f"data.train_manifest={f}/train/cuts.jsonl.gz", f"data.val_manifest={f}/dev/cuts.jsonl.gz",
                                 "resume=True", *self.steps1])
         if not _final(self.s2):
             self.run("stage2", ["speechmapper_adapt", "--config", "smollm2_135M/stage2_demo", f"output_dir={self.s2}",
                                 f"projector_checkpoint={_final(self.s1)}", f"data.train.manifest={f}/train/cuts.jsonl.gz",
-                                f"data.val.manifest={f}/test/cuts.jsonl.gz", "resume=True", *self.steps2])
+                                f"data.val.manifest={f}/dev/cuts.jsonl.gz", "resume=True", *self.steps2])
         self.ckpt1, self.ckpt2 = _final(self.s1), _final(self.s2)  # read once: each holds optimizer state
 
     def generate(self) -> Dict[str, str]:
@@ -182,7 +182,7 @@ class Demo:
                f"shipped beside it (`{SHIPPED['shipped_asr_lora']}`; the paper keeps the LLM frozen); `shipped` = the task-agnostic one (`{SHIPPED['shipped']}`: sigma 0.9, "
                "`smollm2_135M/stage1_full` + `stage2_full` on this CPU, no prefix); `stage1` = this run's projector after "
                "stage 1 only, zero-shot prompt (table 11); `stage2` = this run's projector after stage-2 CE+MSE.", "",
-               "Training of this run (validation on held-out voices, first -> last evaluation):", ""]
+               "Training of this run (validation on the dev split: train voices, unseen sentences; first -> last evaluation):", ""]
         for stage, curves in learning.items():
             for key, (first, last) in curves.items():
                 md.append(f"- {stage} {key}: {first[1]:.4g} (step {first[0]}) -> {last[1]:.4g} (step {last[0]})")

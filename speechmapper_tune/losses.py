@@ -16,7 +16,7 @@ then the embedding of a reserved pad token up to the projector's output length (
   (words and all pads, ``cosine_positions="all"``) so that the pad vectors are pulled in
   direction as well as in distance; ``"words"`` restricts it to the MSE_word positions.
 - Everything is computed in fp32 whatever the projector's dtype.
-- Not in the paper, off by default (issue 7): ``Stage1Loss(weighting="balanced")`` and an
+- Not in the paper, off by default: ``Stage1Loss(weighting="balanced")`` and an
   embedding-table classifier term (``classifier_weight``); see :class:`Stage1Loss`.
 """
 
@@ -95,7 +95,7 @@ def check_alpha(alpha: float) -> None:
 
 
 class Stage1Loss(nn.Module):
-    """Eq. 2: ``alpha * MSE_word + (10 - alpha) * MSE_pad - gamma * cosine``, plus two levers (issue 7).
+    """Eq. 2: ``alpha * MSE_word + (10 - alpha) * MSE_pad - gamma * cosine``, plus two levers beyond the paper.
 
     ``forward`` returns ``loss`` = the paper's Eq. 2 value whatever the options (so curves compare
     across runs) and ``objective`` = what is backpropagated; with the defaults they are equal.
@@ -236,7 +236,7 @@ def relative(term: Tensor) -> Tensor:
 
     Used by ``weighting="balanced"``: each term then moves the parameters in proportion to
     its *relative* change, whatever its magnitude (the x1e3-scaled MSE is ~1e4-1e5 while
-    CE is ~1-10, so with the paper's weights CE's gradient is drowned; issue 7).
+    CE is ~1-10, so with the paper's weights CE's gradient is drowned).
     """
     return term / term.detach().abs().clamp_min(1e-12)
 

@@ -121,7 +121,7 @@ def test_stage2_balanced_weighting_gradients_are_relative():
         stage2_loss(torch.tensor(1.0), torch.tensor(1.0), 0.9, weighting="equal")
 
 
-# --- issue 7: balanced weighting and the embedding-table classifier (Stage1Loss) -------------
+# --- beyond the paper: balanced weighting and the embedding-table classifier (Stage1Loss) -------------
 
 # One position (the first pad, no words) with two dimensions: the smallest balanced example.
 P2, T2 = torch.tensor([[[1.0, 1.0]]]), torch.tensor([[[1.0, 0.0]]])

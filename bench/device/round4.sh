@@ -1,5 +1,5 @@
 #!/bin/bash
-# Issue 7, round 4 of the shipped ASR specialist, first command on the lent H100 (README.md here; every piece
+# Round 4 of the shipped ASR specialist, first command on the lent H100 (README.md here; every piece
 # carried first). Four continuations of round 3's step 700 on the 18000 utterances share the GPU for TL s,
 # cosine to 0 after 100 warmup steps:  a: lr 3e-4   b: lr 5e-4   c: lr 5e-4, batch 64   d: a + LoRA r8 on q/v.
 # Each is then scored on the 150 held-out utterances and packed into $OUT.

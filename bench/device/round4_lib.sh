@@ -1,5 +1,5 @@
 #!/bin/bash
-# Shared by round4.sh and round4_more.sh (issue 7, round 4 on the lent H100): train / score / pack one variant.
+# Shared by round4.sh and round4_more.sh (round 4 of the ASR specialist on the lent H100): train / score / pack one variant.
 source .xfer/dev.sh && unpack_payload || exit 1
 R=/root/r4; mkdir -p $R; TL=${TL:-450}
 F=runs/features/whisper_base_trimmed

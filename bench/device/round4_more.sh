@@ -1,5 +1,5 @@
 #!/bin/bash
-# Issue 7, round 4, second command, right after round4.sh on the same warm machine: the frozen-LLM variant
+# Round 4, second command, right after round4.sh on the same warm machine: the frozen-LLM variant
 # of a/b/c with the lowest held-out WER goes on from its last checkpoint as e (fresh cosine, half its peak
 # LR, STEPS more); the LoRA variant d goes on beside it as f the same way. Scored and packed as round4.sh.
 source bench/device/round4_lib.sh

@@ -1,4 +1,4 @@
-"""SpecAugment-style feature masking for training (not in the paper; issue 7), plain PyTorch/NumPy.
+"""SpecAugment-style feature masking for training (not in the paper), plain PyTorch/NumPy.
 
 Masks runs of whole frames (time masks) and runs of feature dimensions (feature masks) of one
 utterance's ``[frames, dim]`` speech-encoder features. Masked values become the utterance's

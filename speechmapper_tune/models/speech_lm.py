@@ -103,7 +103,7 @@ class SpeechLM(nn.Module):
     def __init__(self, llm: nn.Module, chat: ChatTokenizer, template: PromptTemplate, pad_id: int,
                  embedding: Tensor, projector: Optional[nn.Module] = None, trim_pad_vectors: bool = False,
                  stop_at_newline: bool = False, llm_meta: Optional[Dict[str, Any]] = None,
-                 features: Optional[Dict[str, Any]] = None, checkpoint: Optional[Path] = None):
+                 checkpoint: Optional[Path] = None, meta: Optional[Dict[str, Any]] = None):
         super().__init__()
         self.llm, self.chat, self.template, self.pad_id = llm, chat, template, int(pad_id)
         self.projector = projector
@@ -111,8 +111,8 @@ class SpeechLM(nn.Module):
         self.trim_pad_vectors, self.stop_at_newline = bool(trim_pad_vectors), bool(stop_at_newline)
         self.right_pad_id = chat.eos_id  # never the placeholder, so the span check is exact
         self.llm_meta = llm_meta or {}
-        self.features = features  # how the projector's input features are made (SFM, layer, averaging)
-        self.checkpoint = checkpoint
+        self.checkpoint, self.meta = checkpoint, meta or {}  # the checkpoint folder and its projector_config.json
+        self.features = self.meta.get("features")  # how the projector's input features are made (SFM, layer, averaging)
         self._sfm = None
         self._newlines = None
 
@@ -121,7 +121,8 @@ class SpeechLM(nn.Module):
     def from_checkpoint(cls, checkpoint: Union[str, Path, None], llm: Optional[Mapping[str, Any]] = None, *,
                         prompt: Optional[Mapping[str, Any]] = None, lora: Any = FROM_CHECKPOINT,
                         projector: Optional[nn.Module] = None, device: Union[str, torch.device] = "cpu",
-                        trim_pad_vectors: Optional[bool] = None, on_warning: Callable[[str], None] = print) -> "SpeechLM":
+                        trim_pad_vectors: Optional[bool] = None, stop_at_newline: Optional[bool] = None,
+                        on_warning: Callable[[str], None] = print) -> "SpeechLM":
         """Load a projector checkpoint (folder or shipped name) with the LLM it was trained for.
 
         ``llm``: ``{name, checkpoint, tokenizer, chat_format, dtype, pad_id}``, each defaulting to what
@@ -129,6 +130,7 @@ class SpeechLM(nn.Module):
         default the checkpoint's training prompt (stage 1: the paper's zero-shot prompt). ``lora``: the
         adapters' settings (None: none); default the checkpoint's. ``checkpoint=None`` with ``projector``
         (training from scratch) or without (text spans only: the topline and the cascade).
+        ``stop_at_newline``: answers end at their first line; by default only with the zero-shot prompt.
         """
         folder = resolve_projector(checkpoint) if checkpoint is not None else None
         meta = read_projector_meta(folder) if folder is not None else {}
@@ -163,11 +165,11 @@ class SpeechLM(nn.Module):
         if trained_lora and lora:
             load_lora_adapters(model, folder)
         chat = ChatTokenizer.from_dir(spec.get("tokenizer") or ckpt_dir, chat_format=spec["chat_format"], pad_token=pad_id)
-        stop_at_newline = False
+        one_line = False
         if prompt is None:
             prompt = meta.get("prompt")
             if prompt is None and meta.get("stage") == 1:
-                prompt, stop_at_newline = zero_shot_prompt()
+                prompt, one_line = zero_shot_prompt()
         if prompt is None:
             raise ValueError(f"no prompt given and {folder or 'no checkpoint'} records none")
         trim = bool(meta.get("trim_pad_vectors", False)) if trim_pad_vectors is None else bool(trim_pad_vectors)
@@ -177,7 +179,7 @@ class SpeechLM(nn.Module):
         if projector is not None:
             projector.to(device).eval()  # a training recipe calls .train()
         return cls(model, chat, PromptTemplate(**dict(prompt)), pad_id, embedding.to(device), projector, trim,
-                   stop_at_newline, llm_meta, meta.get("features"), folder)
+                   one_line if stop_at_newline is None else stop_at_newline, llm_meta, folder, meta)
 
     @classmethod
     def from_pretrained(cls, name: str, **kwargs) -> "SpeechLM":
