@@ -42,9 +42,11 @@ class SkipCounter:
 
     counts: Counter = field(default_factory=Counter)
     examples: Dict[str, List[str]] = field(default_factory=dict)
+    items: List[Tuple[str, str]] = field(default_factory=list)  # every (id, reason): generation lists them all
 
     def add(self, reason: str, item_id: str) -> None:
         self.counts[reason] += 1
+        self.items.append((item_id, reason))
         ex = self.examples.setdefault(reason, [])
         if len(ex) < 3:
             ex.append(item_id)
@@ -68,8 +70,10 @@ class SkipCounter:
         return dict(self.counts)
 
 
-def load_feature_items(manifest_path: str | Path, skipped: Optional[SkipCounter] = None) -> List[FeatureItem]:
-    """Flatten a feature manifest; skip (and count) items that cannot be trained on."""
+def load_feature_items(manifest_path: str | Path, skipped: Optional[SkipCounter] = None,
+                       require_transcript: bool = True) -> List[FeatureItem]:
+    """Flatten a feature manifest; skip (and count) items that cannot be trained on.
+    ``require_transcript=False`` (generation): items without a transcript are kept, with text ""."""
     path = Path(manifest_path)
     if not path.is_file():
         raise FileNotFoundError(f"feature manifest not found: {path}")
@@ -91,7 +95,7 @@ def load_feature_items(manifest_path: str | Path, skipped: Optional[SkipCounter]
                 continue
             text = " ".join(s.text or "" for s in cut.supervisions)
             norm = normalize_text(text)
-            if not norm:
+            if not norm and require_transcript:
                 skipped.add("empty transcript", cut.id)
                 continue
             if feats.num_frames < 1:

@@ -94,8 +94,10 @@ def prepare_asr_examples(
     output_length: Callable[[int], int],
     max_seq_len: int,
     skipped: SkipCounter,
+    generation: bool = False,
 ) -> List[Stage2Example]:
-    """ASR instruction examples: the response is the normalized transcript (paper: LibriSpeech IT)."""
+    """ASR instruction examples: the response is the normalized transcript (paper: LibriSpeech IT).
+    ``generation``: only the prompt and speech must fit (the response is what gets generated)."""
     parts = split_prompt(chat, template)
     out = []
     for it in items:
@@ -103,7 +105,7 @@ def prepare_asr_examples(
         targets = chat.encode_text(it.text)
         resp = response_ids(chat, it.text)
         ex = Stage2Example(it, parts, resp, targets, n_out)
-        if _check(ex, max_seq_len, skipped):
+        if _check(ex, max_seq_len, skipped, generation):
             out.append(ex)
     return out
 
@@ -117,6 +119,7 @@ def prepare_instruction_examples(
     max_seq_len: int,
     skipped: SkipCounter,
     task: str,
+    generation: bool = False,
 ) -> List[Stage2Example]:
     """ST / SQA examples from JSON lines ``{"id", "features": <feature id>, "instruction", "answer"}``.
 
@@ -146,18 +149,19 @@ def prepare_instruction_examples(
         meta = {"instruction": instruction, **{k: str(row[k]) for k in ("context", "target_lang") if k in row}}
         ex = Stage2Example(item, split_prompt(chat, template, instruction), response_ids(chat, answer), targets,
                            int(output_length(item.num_frames)), task, meta)
-        if _check(ex, max_seq_len, skipped):
+        if _check(ex, max_seq_len, skipped, generation):
             out.append(ex)
     return out
 
 
-def _check(ex: Stage2Example, max_seq_len: int, skipped: SkipCounter) -> bool:
-    total = len(ex.prompt.prefix) + ex.out_length + len(ex.prompt.suffix) + len(ex.response)
+def _check(ex: Stage2Example, max_seq_len: int, skipped: SkipCounter, generation: bool = False) -> bool:
+    total = len(ex.prompt.prefix) + ex.out_length + len(ex.prompt.suffix) + (0 if generation else len(ex.response))
     if ex.out_length < 1:
         skipped.add("too few frames for the projector", ex.item.id)
     elif total > max_seq_len:
-        skipped.add("prompt + speech + response longer than max_seq_len", ex.item.id)
-    elif ex.target_ids and len(ex.target_ids) + 1 > ex.out_length:
+        skipped.add("prompt + speech longer than max_seq_len - max_new_tokens" if generation
+                    else "prompt + speech + response longer than max_seq_len", ex.item.id)
+    elif not generation and ex.target_ids and len(ex.target_ids) + 1 > ex.out_length:  # a training rule only
         skipped.add("target longer than projector output", ex.item.id)
     else:
         return True
