@@ -229,16 +229,14 @@ class Demo:
 
 
 def _final(run: Path):
-    from speechmapper_tune.checkpoint.projector_io import CheckpointManager
+    from speechmapper_tune.checkpoint.projector_io import CheckpointManager, load_recipe_state
 
     latest = CheckpointManager(run).latest()
     if latest is None:
         return None
     cfg = json.loads((latest / "projector_config.json").read_text())
     state = latest / "recipe_state.pt"
-    import torch
-
-    max_steps = torch.load(state, weights_only=False)["config"]["max_steps"] if state.exists() else None
+    max_steps = load_recipe_state(state)["config"]["max_steps"] if state.exists() else None
     return latest if max_steps is not None and cfg.get("step") == max_steps else None
 
 

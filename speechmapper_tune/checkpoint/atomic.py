@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Union
 
 PathLike = Union[str, os.PathLike]
+log = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
@@ -56,8 +58,21 @@ class MetricsFile:
         self.path = Path(path)
         kept = []
         if self.path.is_file() and resumed_step > 0:
-            kept = [l for l in self.path.read_text().splitlines() if l and json.loads(l)["step"] <= resumed_step]
+            kept = [l for l in self._read_lines() if json.loads(l)["step"] <= resumed_step]
         atomic_write_text(self.path, "".join(l + "\n" for l in kept))
+
+    def _read_lines(self) -> list:
+        """The file's lines; a torn last line (the job died mid-append) is dropped with a warning."""
+        lines = [l for l in self.path.read_text(encoding="utf-8").splitlines() if l.strip()]
+        for i, line in enumerate(lines):
+            try:
+                json.loads(line)
+            except json.JSONDecodeError as err:
+                if i < len(lines) - 1:
+                    raise ValueError(f"{self.path}:{i + 1} is not a JSON line ({err}): fix or remove it to resume") from err
+                log.warning(f"{self.path}: dropping its unreadable last line (a job killed while writing it): {line!r}")
+                return lines[:-1]
+        return lines
 
     def append(self, step: int, metrics: dict) -> None:
         with open(self.path, "a") as f:

@@ -4,21 +4,26 @@ A checkpoint is a folder:
 
     projector.safetensors   the projector's weights (fp32 by default; fp16 when shipped)
     projector_config.json   {"projector": ProjectorConfig, "llm": {...}, "stage": 1, "step": N, ...}
-    recipe_state.pt         optimizer, scheduler, sampler, step, RNG (absent from shipped ones)
+    recipe_state.pt         optimizer, scheduler, sampler, step, RNG (absent from shipped ones), as plain
+                            data: read with ``torch.load(weights_only=True)``, so it cannot run code
 
 ``projector_config.json`` alone rebuilds the model (``build_projector_from_config``) and names
 the LLM embedding space it was trained for (vocab size, dim, a fingerprint of the table), so a
 later stage can refuse a projector built for another LLM before loading that LLM.
 
 Checkpoint folders are written as ``.tmp-step_N`` and renamed to ``step_N``; the ``latest``
-file is rewritten atomically last. A killed job leaves the previous good checkpoint.
+file is rewritten atomically after that, and older folders are pruned last. The folder ``latest``
+names is never deleted, so a killed job leaves ``latest`` on a complete checkpoint; should the
+pointer still be missing or broken, ``latest()`` falls back to the newest complete ``step_N``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import pickle
 import random
 import shutil
 from pathlib import Path
@@ -26,6 +31,7 @@ from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -36,6 +42,7 @@ WEIGHTS = "projector.safetensors"
 CONFIG = "projector_config.json"
 STATE = "recipe_state.pt"
 LORA_WEIGHTS = "lora_adapters.safetensors"  # beside the projector when stage 2 trained LoRA adapters on the LLM
+log = logging.getLogger(__name__)
 
 
 def embedding_fingerprint(embedding: torch.Tensor) -> str:
@@ -80,7 +87,18 @@ def read_projector_meta(folder: str | Path) -> Dict[str, Any]:
     file = Path(folder) / CONFIG
     if not file.is_file():
         raise FileNotFoundError(f"projector checkpoint {folder}: {CONFIG} not found")
-    return json.loads(file.read_text(encoding="utf-8"))
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"cannot read {file} (truncated or corrupt?): {err}") from err
+
+
+def load_weights(file: str | Path) -> Dict[str, torch.Tensor]:
+    """``safetensors.torch.load_file``, with an error that names the file when it is truncated or corrupt."""
+    try:
+        return load_file(str(file))
+    except SafetensorError as err:
+        raise ValueError(f"cannot read {file} (truncated or corrupt?): {err}") from err
 
 
 def load_projector(folder: str | Path, device: str | torch.device = "cpu") -> Tuple[SpeechMapperProjector, Dict[str, Any]]:
@@ -91,7 +109,7 @@ def load_projector(folder: str | Path, device: str | torch.device = "cpu") -> Tu
     weights = folder / WEIGHTS
     if not weights.is_file():
         raise FileNotFoundError(f"projector checkpoint {folder}: {WEIGHTS} not found")
-    state = {k: v.float() for k, v in load_file(str(weights)).items()}
+    state = {k: v.float() for k, v in load_weights(weights).items()}
     model.load_state_dict(state)
     return model.to(device), meta
 
@@ -102,9 +120,13 @@ def check_projector_fits(meta: Dict[str, Any], embedding: torch.Tensor, where: s
     out_dim, llm_dim = meta["projector"]["output_dim"], int(embedding.shape[1])
     if out_dim != llm_dim:
         raise ValueError(f"projector checkpoint {where} outputs {out_dim}-dim vectors but the LLM's embeddings are {llm_dim}-dim")
-    if not fingerprint_matches(meta.get("llm", {}).get("fingerprint"), embedding):
+    llm = meta.get("llm") or {}
+    if not llm.get("fingerprint"):  # nothing to check against: the LLM may be the wrong one
+        log.warning(f"projector checkpoint {where} records no fingerprint of its LLM's embedding table, so it cannot "
+                    f"be checked against this LLM ({llm.get('checkpoint') or 'LLM not recorded'}); it is used as is")
+    elif not fingerprint_matches(llm["fingerprint"], embedding):
         raise ValueError(f"projector checkpoint {where} was trained for another LLM "
-                         f"({meta.get('llm', {}).get('checkpoint')}): the embedding tables differ")
+                         f"({llm.get('checkpoint')}): the embedding tables differ")
 
 
 def load_checked_projector(folder: str | Path, embedding: torch.Tensor,
@@ -115,7 +137,10 @@ def load_checked_projector(folder: str | Path, embedding: torch.Tensor,
 
 
 def rng_state() -> Dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every RNG's state as plain data (tensors, numbers, tuples): numpy's key array becomes a tensor."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    numpy_state = (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss))
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -123,10 +148,26 @@ def rng_state() -> Dict[str, Any]:
 
 def set_rng_state(state: Dict[str, Any]) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def load_recipe_state(file: str | Path) -> Dict[str, Any]:
+    """Read a ``recipe_state.pt`` as plain data (``weights_only=True``): a file that holds anything else
+    is refused with an error naming it, never unpickled, since unpickling can run code."""
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise ValueError(
+            f"{file} holds Python objects, not only plain data (tensors, numbers, strings, lists, dicts), so it is not "
+            f"loaded: unpickling it could run code. Files written before recipe state was stored as plain data hold "
+            f"numpy RNG state; start a new run (new output_dir), or init from its weights. ({err})"
+        ) from err
+    except Exception as err:  # truncated or not a torch file at all
+        raise ValueError(f"cannot read {file} (truncated or corrupt?): {err}") from err
 
 
 class CheckpointManager:
@@ -144,8 +185,16 @@ class CheckpointManager:
         recipe_state: Optional[Dict[str, Any]],
         extra_weights: Optional[Dict[str, Dict[str, torch.Tensor]]] = None,
     ) -> Path:
-        """Write ``step_N``; ``extra_weights`` maps file names (e.g. LoRA adapters) to state dicts."""
+        """Write ``step_N``; ``extra_weights`` maps file names (e.g. LoRA adapters) to state dicts.
+
+        Saving the step ``latest`` already names keeps that checkpoint as it is: replacing it would mean
+        deleting the one complete copy first, and a run resumed at that step has trained nothing since.
+        """
         final = self.root / f"step_{step}"
+        current = self._resolve()[0]
+        if current is not None and current.resolve() == final.resolve():
+            log.warning(f"{final} is already the latest checkpoint: kept as it is, not written again")
+            return final
         tmp = self.root / f".tmp-step_{step}"
         shutil.rmtree(tmp, ignore_errors=True)
         save_projector(tmp, model, {**meta, "step": step})
@@ -156,28 +205,90 @@ class CheckpointManager:
         for f in tmp.iterdir():  # data on disk before the rename makes it visible
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
-        if final.exists():
+        if final.exists():  # a leftover that ``latest`` does not name (checked above): an earlier try at this step
             shutil.rmtree(final)
         os.replace(tmp, final)
+        _fsync_dir(self.root)
         atomic_write_text(self.root / "latest", final.name + "\n")
         self._prune(keep=final)
         return final
 
     def latest(self) -> Optional[Path]:
-        pointer = self.root / "latest"
-        if not pointer.is_file():
-            return None
-        folder = self.root / pointer.read_text().strip()
-        return folder if (folder / CONFIG).is_file() else None
+        """The checkpoint to resume from: the one ``latest`` names, or, when that pointer is missing or names
+        an incomplete folder, the newest complete ``step_N`` (with a warning); None when there is none."""
+        folder, broken = self._resolve()
+        if broken:
+            found = f"resuming from the newest complete checkpoint, {folder}" if folder else "no complete checkpoint found"
+            log.warning(f"{broken}: {found}")
+        return folder
 
     def load_state(self, folder: Path) -> Dict[str, Any]:
         file = folder / STATE
         if not file.is_file():
             raise FileNotFoundError(f"cannot resume: {file} not found")
-        return torch.load(file, map_location="cpu", weights_only=False)
+        return load_recipe_state(file)
+
+    def refuse_existing_run(self) -> None:
+        """For a run started with ``resume=False``: an output_dir that holds another run's checkpoints
+        would get fresh metrics beside the old checkpoints, and a later resume would mix the two runs."""
+        found = self._steps()
+        if found:
+            raise FileExistsError(
+                f"{self.root} holds the checkpoints of an earlier run ({', '.join(p.name for p in found)}) and resume "
+                f"is off: pass resume=True to continue that run, or choose a new output_dir to start a new one "
+                f"(or delete {self.root} to start over in this one)"
+            )
+
+    def _resolve(self) -> Tuple[Optional[Path], Optional[str]]:
+        """(checkpoint to resume from, what is wrong with the ``latest`` pointer or None when it is fine)."""
+        pointer = self.root / "latest"
+        if pointer.is_file():
+            folder = self.root / pointer.read_text().strip()
+            if is_complete(folder):
+                return folder, None
+            broken = f"{pointer} names {folder.name}, which is missing or incomplete"
+        elif self._steps():
+            broken = f"{pointer} is missing"
+        else:
+            return None, None  # a new run: nothing saved yet
+        complete = [p for p in self._steps() if is_complete(p)]
+        return (complete[-1] if complete else None), broken
+
+    def _steps(self) -> list:
+        """``step_N`` folders, oldest first."""
+        steps = [p for p in self.root.glob("step_*") if p.is_dir() and p.name[5:].isdigit()]
+        return sorted(steps, key=lambda p: int(p.name[5:]))
 
     def _prune(self, keep: Path) -> None:
-        steps = sorted((p for p in self.root.glob("step_*") if p.is_dir()), key=lambda p: int(p.name.split("_")[1]))
+        steps = self._steps()
         for p in steps[: max(0, len(steps) - self.keep_last)]:
             if p != keep:
                 shutil.rmtree(p, ignore_errors=True)
+        for p in self.root.glob(".tmp-step_*"):  # left by saves killed half-way
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def is_complete(folder: Path) -> bool:
+    """Whether a run's checkpoint folder holds everything a resume reads: weights, config, recipe state
+    (and the LoRA adapters its config names)."""
+    if not all((folder / name).is_file() for name in (WEIGHTS, CONFIG, STATE)):
+        return False
+    try:
+        meta = read_projector_meta(folder)
+    except ValueError:
+        return False
+    return not meta.get("lora") or (folder / LORA_WEIGHTS).is_file()
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename inside ``folder`` durable (a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
