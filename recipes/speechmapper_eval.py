@@ -5,12 +5,17 @@
 
 Writes ``${output_dir}/results.json`` and ``${output_dir}/results.md`` (one row per named
 generations file and task) and prints the table. Every metric is reported on all items and
-without the items flagged as stuck decodes (paper B.2), with the count flagged.
+without the items flagged as stuck decodes (paper B.2), with the count flagged. Only items with a
+reference are scored; the others are counted (``no_reference``), and so are the manifest items the
+generation run did not produce (``not_generated``, with reasons, from ``not_generated.jsonl``):
+a score on a subset says so.
 """
 
 from __future__ import annotations
 
+import json
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Dict, List
 
@@ -20,7 +25,7 @@ from torchtune import config, utils
 
 from speechmapper_tune.checkpoint.atomic import atomic_write_json, atomic_write_text
 from speechmapper_tune.configs import resolve_config_argv
-from speechmapper_tune.data.generation_data import read_rows
+from speechmapper_tune.data.generation_data import SETTINGS, read_not_generated, read_rows
 from speechmapper_tune.metrics import asr_scores, judge_prompt, language_shares, parse_judgement, st_scores, with_and_without
 
 log = utils.get_logger("INFO")
@@ -35,11 +40,14 @@ class EvalRecipe:
         gens = OmegaConf.to_container(self.cfg.generations, resolve=True) if self.cfg.get("generations") else {}
         if not gens:
             raise ValueError("set generations={name: path/to/generations.jsonl, ...}")
-        self.sets = {}
+        self.sets, self.missing, self.settings = {}, {}, {}
         for name, path in gens.items():
             if not Path(path).is_file():
                 raise FileNotFoundError(f"generations[{name}]: {path} not found")
             self.sets[name] = read_rows(Path(path))
+            self.missing[name] = read_not_generated(Path(path))
+            settings = Path(path).with_name(SETTINGS)
+            self.settings[name] = json.loads(settings.read_text(encoding="utf-8")) if settings.is_file() else None
         self.judge = None
         if self.cfg.get("judge"):
             self.judge = _Judge(self.cfg.judge)
@@ -47,9 +55,19 @@ class EvalRecipe:
     def run(self) -> None:
         results: List[Dict] = []
         for name, rows in self.sets.items():
+            missing = self.missing[name]
+            if missing:
+                reasons = Counter(m["reason"] for m in missing)
+                log.warning(f"{name}: {len(missing)} manifest items were not generated, so not scored: "
+                            + "; ".join(f"{r}: {n}" for r, n in reasons.most_common()))
             for task in sorted({r.get("task", "asr") for r in rows}):
                 items = [r for r in rows if r.get("task", "asr") == task]
-                results.append({"name": name, "task": task, **self._score(task, items)})
+                scored = [r for r in items if r.get("reference")]
+                results.append({"name": name, "task": task, **self._score(task, scored),
+                                "no_reference": len(items) - len(scored),
+                                "not_generated": None if missing is None else len(missing),
+                                "not_generated_reasons": dict(Counter(m["reason"] for m in missing or [])),
+                                "settings": self.settings[name]})
         self.output_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(self.output_dir / "results.json", results)
         table = markdown_table(results)
@@ -122,13 +140,14 @@ def _fmt(v) -> str:
 
 
 def markdown_table(results: List[Dict]) -> str:
-    lines = ["| name | task | n | WER | CER | WER w/o stuck | stuck | BLEU | chrF | target lang % | accuracy |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| name | task | n | WER | CER | WER w/o stuck | stuck | BLEU | chrF | target lang % | accuracy | no ref | not generated |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         st = next(iter(r.get("by_language", {}).values()), {}) if r["task"] == "st" else {}
         lines.append(f"| {r['name']} | {r['task']} | {r.get('n')} | {_fmt(r.get('wer'))} | {_fmt(r.get('cer'))} | "
                      f"{_fmt(r.get('wer_without_stuck'))} | {_fmt(r.get('stuck'))} | {_fmt(st.get('bleu'))} | "
-                     f"{_fmt(st.get('chrf'))} | {_fmt(st.get('target_share'))} | {_fmt(r.get('accuracy'))} |")
+                     f"{_fmt(st.get('chrf'))} | {_fmt(st.get('target_share'))} | {_fmt(r.get('accuracy'))} | "
+                     f"{_fmt(r.get('no_reference'))} | {_fmt(r.get('not_generated'))} |")
     return "\n".join(lines) + "\n"
 
 

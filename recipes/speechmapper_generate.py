@@ -7,14 +7,25 @@
     tune run speechmapper_generate --config smollm2_135M/generate_asr span_source=transcript ...  # text topline
     tune run speechmapper_generate --config smollm2_135M/generate_asr span_source=asr ...         # ASR + LLM cascade
 
+``manifest`` is a feature manifest (``speechmapper_extract``'s ``cuts.jsonl.gz``) or an audio
+manifest (a lhotse CutSet, JSON lines ``{"id", "audio", "text"}`` or a LibriSpeech folder): for
+audio, features are made first, into ``${output_dir}/features``, with the speech encoder the
+projector checkpoint records. Items without a transcript are generated too (``reference`` null:
+eval scores only the items that have one).
+
 Writes ``${output_dir}/generations.jsonl`` (``id``, ``task``, ``prompt``, ``hypothesis``,
 ``reference``, ``flags``, ``stopped_by``, ``span_vectors``), appending batch by batch: a rerun
-skips the ids already there. Stuck decodes (a token or n-gram repeated up to the length
-limit, paper B.2) are flagged per item; the optional guard stops them early.
+skips the ids already there, and only resumes when ``generation_settings.json`` (projector
+weights' hash, LLM, prompt, decoding) matches (``overwrite=True`` starts over).
+``not_generated.jsonl`` lists every manifest item that was not generated, with the reason.
+Stuck decodes (a token or n-gram repeated up to the length limit, paper B.2) are flagged per
+item; the optional guard stops them early.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import sys
 import time
 from pathlib import Path
@@ -26,9 +37,13 @@ from tqdm import tqdm
 
 from torchtune import config, training, utils
 
-from speechmapper_tune.checkpoint.projector_io import lora_weights_file
+from speechmapper_tune.checkpoint.projector_io import LORA_WEIGHTS, WEIGHTS, lora_weights_file
 from speechmapper_tune.configs import resolve_config_argv, resolve_path_setting
-from speechmapper_tune.data.generation_data import SPAN_SOURCES, FasterWhisperTranscriber, append_rows, done_ids
+from speechmapper_tune.corpus import load_audio_manifest
+from speechmapper_tune.data.extract import chunk_done, chunked, extract_chunk, merge_chunks
+from speechmapper_tune.data.generation_data import (GENERATIONS, NOT_GENERATED, SPAN_SOURCES, FasterWhisperTranscriber,
+                                                    append_rows, done_ids, file_sha256, read_rows, start_run,
+                                                    write_not_generated)
 from speechmapper_tune.data.manifest import SkipCounter, load_feature_items
 from speechmapper_tune.data.sampler import ShuffledBatchSampler
 from speechmapper_tune.data.stage2 import PromptParts, PromptTemplate, Stage2Collator, Stage2Dataset, prepare_asr_examples, prepare_instruction_examples
@@ -66,6 +81,12 @@ class GenerateRecipe:
             raise ValueError(f"llm.dtype={cfg.llm.dtype!r}: expected one of {list(DTYPES)}")
         if cfg.span_source == "projector" and not cfg.get("projector_checkpoint"):
             raise ValueError("span_source=projector needs projector_checkpoint=<stage-1 or stage-2 checkpoint folder>")
+        cuts = load_audio_manifest(cfg.manifest)
+        first = next(iter(cuts), None)
+        has_features = first is not None and first.features is not None
+        if not has_features and cfg.span_source != "projector":
+            raise ValueError(f"span_source={cfg.span_source} reads a feature manifest (speechmapper_extract's cuts.jsonl.gz); "
+                             f"manifest={cfg.manifest} has no features")
         llm = {**OmegaConf.to_container(cfg.llm, resolve=True), "checkpoint": resolve_path_setting(cfg.llm.checkpoint),
                "tokenizer": resolve_path_setting(cfg.llm.get("tokenizer"))}
         # the projector is checked against this LLM, and its LoRA adapters found, before the LLM loads
@@ -79,32 +100,80 @@ class GenerateRecipe:
             log.info(f"LoRA adapters (rank {meta['lora']['rank']}) loaded from {lora_weights_file(self.model.checkpoint)}")
         _check_trained_prompt(meta.get("prompt") if cfg.span_source == "projector" else None, self.template, cfg)
         self.llm = self.model.llm
-        self.skipped = SkipCounter()
-        items = load_feature_items(cfg.manifest, self.skipped)
-        out_len = self.projector.output_length if self.projector else (lambda n: n)
         self.pad_id = self.model.pad_id
+        self.prompt_text = self.chat.render_text(self.template.messages(), add_generation_prompt=True) + self.template.assistant_prefix
+        start_run(self.output_dir, self._settings(), overwrite=bool(cfg.get("overwrite", False)))
+        self.out_path = self.output_dir / GENERATIONS
+        self.skipped = SkipCounter()
+        manifest = cfg.manifest if has_features else self._extract_features(cuts)
+        # a user's own audio has no transcript: it is generated all the same, and eval leaves it unscored
+        items = load_feature_items(manifest, self.skipped, require_transcript=False)
+        if cfg.span_source == "transcript":  # the text topline needs the text
+            for it in [it for it in items if not it.text]:
+                self.skipped.add("no transcript (the text topline reads it)", it.id)
+            items = [it for it in items if it.text]
+        out_len = self.projector.output_length if self.projector else (lambda n: n)
         max_len = int(cfg.get("max_seq_len", self.llm.max_seq_len)) - int(cfg.max_new_tokens)
         if cfg.get("instructions"):
             examples = prepare_instruction_examples(cfg.instructions, {it.id: it for it in items}, self.chat, self.template,
-                                                    out_len, max_len, self.skipped, cfg.task)
+                                                    out_len, max_len, self.skipped, cfg.task, generation=True)
         else:
-            examples = prepare_asr_examples(items, self.chat, self.template, out_len, max_len, self.skipped)
+            examples = prepare_asr_examples(items, self.chat, self.template, out_len, max_len, self.skipped, generation=True)
         if cfg.get("max_items"):
             examples = examples[: int(cfg.max_items)]
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        self.out_path = self.output_dir / "generations.jsonl"
+        write_not_generated(self.output_dir / NOT_GENERATED, self.skipped.items)
         done = done_ids(self.out_path)
         self.examples = [e for e in examples if e.item.id not in done]
-        log.info(f"{len(examples)} items ({len(done)} already generated); skipped {self.skipped.total()} ({self.skipped.summary()})")
+        log.info(f"{len(examples)} items ({len(done)} already generated); not generated {self.skipped.total()} "
+                 f"({self.skipped.summary()}), listed in {self.output_dir / NOT_GENERATED}")
         self.transcriber = None
         if cfg.span_source == "asr":
-            from lhotse import CutSet
-
-            self.cuts = {c.id: c for c in CutSet.from_file(cfg.manifest)}
+            self.cuts = {c.id: c for c in cuts}
             self.transcriber = FasterWhisperTranscriber(resolve_path_setting(cfg.cascade.model_dir), cfg.cascade.get("compute_type", "int8"))
         guard = cfg.get("stuck_guard")
         self.guard = StuckGuard(**OmegaConf.to_container(guard, resolve=True)) if guard else None
-        self.prompt_text = self.chat.render_text(self.template.messages(), add_generation_prompt=True) + self.template.assistant_prefix
+
+    def _settings(self) -> dict:
+        """What makes this run's rows: a rerun resumes them only when all of it is the same."""
+        cfg, model = self.cfg, self.model
+        projector = None
+        if model.checkpoint is not None:
+            lora = Path(model.checkpoint) / LORA_WEIGHTS
+            projector = {"step": model.meta.get("step"),  # the weights, not where they are: a copied folder resumes
+                         "weights_sha256": file_sha256(Path(model.checkpoint) / WEIGHTS),
+                         "lora_sha256": file_sha256(lora) if model.meta.get("lora") and lora.is_file() else None}
+        return {"manifest": str(Path(cfg.manifest).resolve()), "span_source": cfg.span_source, "projector": projector,
+                "llm": {"name": model.llm_meta["name"], "fingerprint": model.llm_meta["fingerprint"], "dtype": cfg.llm.get("dtype", "bf16")},
+                "cascade": str(resolve_path_setting(cfg.cascade.model_dir)) if cfg.span_source == "asr" else None,
+                "prompt": self.prompt_text, "instructions": str(cfg.get("instructions") or "") or None, "task": cfg.get("task", "asr"),
+                "decoding": {"max_new_tokens": int(cfg.max_new_tokens), "max_seq_len": cfg.get("max_seq_len"),
+                             "stop_at_newline": model.stop_at_newline, "trim_pad_vectors": model.trim_pad_vectors,
+                             "length_cap": _plain(cfg.get("length_cap")), "stuck_guard": _plain(cfg.get("stuck_guard"))}}
+
+    def _extract_features(self, cuts) -> Path:
+        """Features of an audio manifest, made with the speech encoder the checkpoint records (as
+        speechmapper_extract does: same chunks, resume and failure list), in ``output_dir/features``."""
+        cfg, feats = self.cfg, self.model.features
+        if not feats or "sfm" not in feats:
+            raise ValueError(f"manifest={cfg.manifest} has no features, and {self.model.checkpoint} does not record which "
+                             "speech encoder made its training features: run speechmapper_extract on it first")
+        # one folder per feature setting: another checkpoint's encoder never reuses these
+        key = hashlib.sha256(json.dumps(feats, sort_keys=True).encode()).hexdigest()[:12]
+        out = self.output_dir / "features" / f"{feats.get('feature_type', 'features')}-{key}"
+        chunks = chunked(list(cuts), 500)
+        todo = [k for k in range(len(chunks)) if not chunk_done(out, k)]
+        if todo:
+            sfm, k_avg = self.model.sfm(), int(feats.get("average_frames", 1))
+            pbar = tqdm(total=sum(len(chunks[k]) for k in todo), desc="features", unit="utt", dynamic_ncols=True)
+            for k in todo:
+                extract_chunk(chunks[k], lambda waves: [f.float().cpu().numpy() for f in sfm.encode(waves)], out, k,
+                              feats.get("feature_type", "features"), k_avg / sfm.frame_rate, k_avg, int(cfg.batch_size),
+                              float(cfg.get("max_duration", 30.0)), on_item=lambda _: pbar.update(1))
+            pbar.close()
+        manifest, _, _ = merge_chunks(out, len(chunks))
+        for row in read_rows(out / "failures.jsonl"):
+            self.skipped.add(row["reason"], row["id"])
+        return manifest
 
     @torch.no_grad()
     def run(self) -> None:
@@ -118,15 +187,17 @@ class GenerateRecipe:
         cap = cfg.get("length_cap")
         pbar = tqdm(total=len(self.examples), desc=f"generate[{cfg.span_source}]", unit="utt", dynamic_ncols=True)
         t0, n_tokens, n_stuck = time.perf_counter(), 0, 0
+        exs = {e.item.id: e for e in self.examples}
         for batch in loader:
-            self.skipped.record_batch(batch, log)
+            if batch.get("skipped"):
+                self.skipped.record_batch(batch, log)
+                append_rows(self.output_dir / NOT_GENERATED, [{"id": i, "reason": r} for i, r in batch["skipped"]])
             if not batch["ids"]:
                 continue
             spans = self._spans(batch)
             parts = [PromptParts(p, q) for p, q in zip(batch["prefix"], batch["suffix"])]
             caps = None
             if cap:  # a length cap from the audio duration (tokens per second + a constant)
-                exs = {e.item.id: e for e in self.examples}
                 caps = [int(cap.tokens_per_second * exs[i].item.duration + cap.extra) for i in batch["ids"]]
             results = self.model.generate(spans, parts, max_new_tokens=int(cfg.max_new_tokens),
                                           max_new_tokens_per_item=caps, stuck_guard=self.guard)
@@ -134,9 +205,11 @@ class GenerateRecipe:
             for item_id, res, span, resp, meta in zip(batch["ids"], results, spans, batch["response"], batch["meta"]):
                 n_tokens += len(res.ids)
                 n_stuck += int(res.stuck)
+                # ASR: the normalized transcript as stored (a decode of its tokens could differ); else the answer
+                reference = self.chat.decode(resp[:-1], skip_special_tokens=True).strip() if cfg.get("instructions") else exs[item_id].item.text
                 rows.append({"id": item_id, "task": batch["tasks"][0] if cfg.get("instructions") else "asr",
                              "prompt": self.prompt_text, "hypothesis": self.model.answer_text(res.ids),
-                             "reference": self.chat.decode(resp[:-1], skip_special_tokens=True).strip(),
+                             "reference": reference or None,  # no transcript: generated, not scored
                              "flags": list(res.flags), "stopped_by": res.stopped_by, "span_vectors": int(span.shape[0]),
                              "span_source": cfg.span_source, **meta})
             append_rows(self.out_path, rows)
@@ -162,6 +235,10 @@ class GenerateRecipe:
 
     def cleanup(self) -> None:
         pass
+
+
+def _plain(node):
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
 
 
 @config.parse

@@ -6,7 +6,8 @@ Accepted forms of ``path`` (all give cuts whose supervision holds the transcript
   a SupervisionSet (pass the second as ``supervisions=``; if left out, the sibling named by
   lhotse's convention, ``*recordings*`` -> ``*supervisions*``, is used);
 * a JSON-lines file, one object per utterance with ``id``, ``audio`` (a path; relative paths
-  are resolved against the jsonl's folder), ``text`` and optional ``lang``; other keys
+  are resolved against the jsonl's folder), ``text`` (optional: a user's own audio has none)
+  and optional ``lang``; other keys
   (``engine``, ``voice``, ``split``...) go to the supervision's ``custom``. The corpus
   builder's ``manifests/{split}.jsonl`` mirror is such a file;
 * a LibriSpeech-style folder (``SPK/CHAPTER/SPK-CHAPTER-NNNN.flac`` + ``*.trans.txt``), either
@@ -29,7 +30,7 @@ from lhotse.audio import Recording
 from lhotse.utils import fastcopy
 
 PathLike = Union[str, os.PathLike]
-_PLAIN_KEYS = ("id", "audio", "text")
+_PLAIN_KEYS = ("id", "audio")  # and "text", optional
 _LIBRISPEECH_PARTS = (
     "dev-clean", "dev-other", "test-clean", "test-other", "train-clean-100",
     "train-clean-360", "train-other-500", "dev-clean-2", "train-clean-5",
@@ -145,8 +146,10 @@ def _load_plain_jsonl(path: Path) -> CutSet:
             if not isinstance(row, dict):
                 raise _row_error(path, lineno, f"expected a JSON object, got {type(row).__name__}")
             for key in _PLAIN_KEYS:
-                if not isinstance(row.get(key), str) or (key != "text" and not row[key]):
+                if not isinstance(row.get(key), str) or not row[key]:
                     raise _row_error(path, lineno, f"field {key!r} must be a non-empty string")
+            if not isinstance(row.setdefault("text", ""), str):
+                raise _row_error(path, lineno, "field 'text' must be a string")
             if row["id"] in seen:
                 raise _row_error(path, lineno, f"id {row['id']!r} already used on line {seen[row['id']]}")
             seen[row["id"]] = lineno

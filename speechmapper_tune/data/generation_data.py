@@ -7,17 +7,82 @@ The span holds one of (``span_source`` in the generate config):
 - ``asr``: the token embeddings of an ASR system's transcript of the audio (the paper's
   "ASR + LLM" cascade row), here Whisper through faster-whisper.
 Only the span differs: the prompt, the LLM and the decoding are the same for all three.
+
+A generation folder holds ``generations.jsonl`` (one row per generated item), ``not_generated.jsonl``
+(every manifest item that was not generated, with the reason) and ``generation_settings.json``
+(projector weights' hash, LLM, prompt, decoding): a rerun resumes only with the same settings, so
+rows made by another checkpoint are never passed off as this one's.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Set
+from typing import Any, Dict, Iterable, List, Optional, Set, Tuple
 
-from speechmapper_tune.checkpoint.atomic import atomic_write_text
+from speechmapper_tune.checkpoint.atomic import atomic_write_json, atomic_write_text
 
 SPAN_SOURCES = ("projector", "transcript", "asr")
+GENERATIONS = "generations.jsonl"
+NOT_GENERATED = "not_generated.jsonl"
+SETTINGS = "generation_settings.json"
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _flat(d: Any, prefix: str = "") -> Dict[str, Any]:
+    if not isinstance(d, dict):
+        return {prefix: d}
+    out: Dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def settings_diff(old: Dict[str, Any], new: Dict[str, Any]) -> List[str]:
+    """``key: old -> new`` for every setting that differs (dotted keys)."""
+    a, b = _flat(old), _flat(new)
+    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
+def start_run(output_dir: Path, settings: Dict[str, Any], overwrite: bool = False) -> None:
+    """Resume the generations in ``output_dir`` only when they were made with ``settings``; with
+    ``overwrite`` start over. A mismatch is an error naming what differs."""
+    settings = json.loads(json.dumps(settings))  # as it reads back from JSON
+    files = [output_dir / GENERATIONS, output_dir / NOT_GENERATED, output_dir / SETTINGS]
+    if overwrite:
+        for f in files:
+            f.unlink(missing_ok=True)
+    recorded = output_dir / SETTINGS
+    rows = output_dir / GENERATIONS
+    if recorded.is_file():
+        diff = settings_diff(json.loads(recorded.read_text(encoding="utf-8")), settings)
+        if diff:
+            raise ValueError(f"{rows} was generated with other settings ({'; '.join(diff)}): pass overwrite=True "
+                             "to generate it again, or choose another output_dir")
+    elif rows.is_file() and rows.stat().st_size:
+        raise ValueError(f"{rows} records no generation settings, so it may come from another checkpoint: pass "
+                         "overwrite=True to generate it again, or choose another output_dir")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(recorded, settings)
+
+
+def write_not_generated(path: Path, items: Iterable[Tuple[str, str]]) -> None:
+    """Every (id, reason) of an item generation did not produce; eval reports them."""
+    atomic_write_text(path, "".join(json.dumps({"id": i, "reason": r}, ensure_ascii=False) + "\n" for i, r in items))
+
+
+def read_not_generated(generations: Path) -> Optional[List[Dict]]:
+    """The not-generated list beside a generations file (None when that run wrote none)."""
+    path = Path(generations).with_name(NOT_GENERATED)
+    return read_rows(path) if path.is_file() else None
 
 
 def done_ids(path: Path) -> Set[str]:

@@ -102,7 +102,7 @@ def prepare_asr_examples(
     out = []
     for it in items:
         n_out = int(output_length(it.num_frames))
-        targets = chat.encode_text(it.text)
+        targets = [] if generation else chat.encode_text(it.text)  # the MSE term's targets: training only
         resp = response_ids(chat, it.text)
         ex = Stage2Example(it, parts, resp, targets, n_out)
         if _check(ex, max_seq_len, skipped, generation):
@@ -145,7 +145,7 @@ def prepare_instruction_examples(
         if item is None:
             skipped.add("features id not in the feature manifest", str(row.get("id", fid)))
             continue
-        targets = chat.encode_text(row["transcript"]) if row.get("transcript") else []
+        targets = chat.encode_text(row["transcript"]) if row.get("transcript") and not generation else []
         meta = {"instruction": instruction, **{k: str(row[k]) for k in ("context", "target_lang") if k in row}}
         ex = Stage2Example(item, split_prompt(chat, template, instruction), response_ids(chat, answer), targets,
                            int(output_length(item.num_frames)), task, meta)
@@ -161,7 +161,7 @@ def _check(ex: Stage2Example, max_seq_len: int, skipped: SkipCounter, generation
     elif total > max_seq_len:
         skipped.add("prompt + speech longer than max_seq_len - max_new_tokens" if generation
                     else "prompt + speech + response longer than max_seq_len", ex.item.id)
-    elif not generation and ex.target_ids and len(ex.target_ids) + 1 > ex.out_length:  # a training rule only
+    elif ex.target_ids and len(ex.target_ids) + 1 > ex.out_length:
         skipped.add("target longer than projector output", ex.item.id)
     else:
         return True
