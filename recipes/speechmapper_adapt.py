@@ -48,6 +48,7 @@ from speechmapper_tune.checkpoint.projector_io import (
 )
 from speechmapper_tune.configs import resolve_config_argv, resolve_path_setting
 from speechmapper_tune.data.extract import features_record
+from speechmapper_tune.data.loader import TrainLoader
 from speechmapper_tune.data.manifest import SkipCounter, load_feature_items
 from speechmapper_tune.data.sampler import ShuffledBatchSampler
 from speechmapper_tune.data.stage1 import lookup_targets, sample_subset
@@ -177,6 +178,8 @@ class AdaptRecipe:
         augment = dcfg.get("augment") if shuffle else None  # validation never sees masked features
         loader = DataLoader(Stage2Dataset(examples, augment=augment, seed=int(self.cfg.seed)), batch_sampler=sampler, collate_fn=Stage2Collator(proj.output_length, self.pad_id),
                             num_workers=int(dcfg.get("num_workers", 0)), generator=torch.Generator().manual_seed(int(self.cfg.seed)))
+        if shuffle:  # an epoch in which no item loads is an error, not an endless loop
+            loader = TrainLoader(loader, dcfg.manifest, self.skipped)
         return loader, sampler
 
     def _resume(self) -> None:

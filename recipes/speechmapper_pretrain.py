@@ -44,6 +44,7 @@ from speechmapper_tune.checkpoint.projector_io import (
 )
 from speechmapper_tune.configs import resolve_config_argv, resolve_path_setting
 from speechmapper_tune.data.extract import features_record
+from speechmapper_tune.data.loader import TrainLoader
 from speechmapper_tune.data.manifest import SkipCounter, load_feature_items
 from speechmapper_tune.data.sampler import LengthCappedBatchSampler
 from speechmapper_tune.data.stage1 import (
@@ -171,6 +172,8 @@ class PretrainRecipe:
             num_workers=int(cfg.get("num_workers", 0)),
             generator=torch.Generator().manual_seed(int(self.cfg.seed)),  # keeps the global RNG (dropout) exact on resume
         )
+        if split == "train":  # an epoch in which no item loads is an error, not an endless loop
+            loader = TrainLoader(loader, manifest, self.skipped)
         return loader, sampler
 
     def _resume(self) -> None:

@@ -1,8 +1,8 @@
 """Reading feature manifests (lhotse CutSets with features) into flat, validated items.
 
-Per-item problems (no features, missing shard, empty transcript) are counted and the item is
-skipped, never fatal; a manifest that cannot be read at all, or has no usable item, is an
-error naming the file.
+Per-item problems (no features, a missing or truncated shard, empty transcript) are counted
+and the item is skipped, never fatal; a manifest that cannot be read at all, or has no usable
+item, is an error naming the file.
 """
 
 from __future__ import annotations
@@ -16,8 +16,9 @@ from typing import Dict, List, Optional, Tuple
 from lhotse import CutSet
 
 from speechmapper_tune.checkpoint.atomic import atomic_path
-from speechmapper_tune.data import features as _features  # noqa: F401  (registers the storage backend)
+from speechmapper_tune.data import features as _features  # importing it registers the storage backend
 from speechmapper_tune.text import normalize_text
+from speechmapper_tune.textio import first_non_utf8_line
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +80,7 @@ def load_feature_items(manifest_path: str | Path, skipped: Optional[SkipCounter]
         raise FileNotFoundError(f"feature manifest not found: {path}")
     skipped = skipped if skipped is not None else SkipCounter()
     items: List[FeatureItem] = []
-    seen_shards: Dict[str, bool] = {}
+    shard_problems: Dict[str, Optional[str]] = {}  # shard -> why its items are skipped (None: readable)
     try:
         cuts = CutSet.from_file(str(path)) or []  # an empty manifest reads as None
         for cut in cuts:
@@ -88,10 +89,10 @@ def load_feature_items(manifest_path: str | Path, skipped: Optional[SkipCounter]
                 skipped.add("no features attached", cut.id)
                 continue
             shard = feats.storage_path
-            if shard not in seen_shards:
-                seen_shards[shard] = Path(shard).exists()
-            if not seen_shards[shard]:
-                skipped.add("feature file missing", cut.id)
+            if shard not in shard_problems:
+                shard_problems[shard] = shard_problem(feats.storage_type, shard)
+            if shard_problems[shard]:
+                skipped.add(shard_problems[shard], cut.id)
                 continue
             text = " ".join(s.text or "" for s in cut.supervisions)
             norm = normalize_text(text)
@@ -116,6 +117,8 @@ def load_feature_items(manifest_path: str | Path, skipped: Optional[SkipCounter]
                     custom=dict(cut.custom or {}),
                 )
             )
+    except UnicodeDecodeError as e:
+        raise (first_non_utf8_line(path) or ValueError(f"cannot read feature manifest {path}: {e}")) from e
     except (ValueError, KeyError, OSError) as e:
         raise ValueError(f"cannot read feature manifest {path}: {e}") from e
     if not items:
@@ -124,6 +127,23 @@ def load_feature_items(manifest_path: str | Path, skipped: Optional[SkipCounter]
     if len(dims) > 1:
         raise ValueError(f"feature manifest {path} mixes feature dims {dict(dims)}")
     return items
+
+
+def shard_problem(storage_type: str, shard: str) -> Optional[str]:
+    """Why no item of a feature shard can load (missing, or truncated on disk), or None.
+
+    Checked once per shard at setup: a shard cut short by an interrupted copy or a full disk
+    would otherwise only fail item by item, inside the training loop.
+    """
+    if not Path(shard).exists():
+        return "feature file missing"
+    if storage_type != _features.STORAGE_TYPE:
+        return None
+    try:
+        _features._open_shard(shard)  # reads the header, which safetensors checks against the file size
+    except Exception as e:  # noqa: BLE001  (safetensors raises its own error type and OSError)
+        return f"feature shard {shard} unreadable ({str(e).splitlines()[0]})"
+    return None
 
 
 def save_cutset_atomic(cuts: CutSet, path: str | Path) -> Path:
