@@ -80,6 +80,8 @@ class AdaptRecipe:
         self.grad_accum = int(cfg.get("gradient_accumulation_steps", 1))
         self.step, self.epoch, self.consumed = 0, 0, 0
         self.skipped = SkipCounter()
+        if not cfg.get("resume", False):
+            CheckpointManager(self.output_dir).refuse_existing_run()  # before any work: a new run must not mix with an old one
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -229,6 +231,9 @@ class AdaptRecipe:
 
     def train(self) -> None:
         cfg = self.cfg
+        if self.step and self.step >= self.max_steps:  # resumed a finished run: validating and saving again would repeat them
+            log.info(f"Already at step {self.step} (max_steps={self.max_steps}): nothing to do")
+            return
         log_every, val_every, save_every = (int(cfg.get(k, 0) or 0) for k in ("log_every_n_steps", "val_every_n_steps", "save_every_n_steps"))
         clip = cfg.get("clip_grad_norm")
         batches = self._batches()

@@ -140,3 +140,18 @@ def test_a_new_run_from_a_lora_checkpoint_goes_on_with_its_adapters(tmp_path, tu
     assert any(k.endswith("lora_b.weight") and saved[k].abs().sum() > 0 for k in saved)  # not the zero init
     proc = tune([*common, f"output_dir={tmp_path}/no_lora", f"projector_checkpoint={ckpt}", "from_scratch=False"], cwd=tmp_path)
     assert "was trained with LoRA adapters on the LLM" in proc.stderr + proc.stdout
+
+
+def test_a_finished_run_resumed_is_left_as_it_is_and_a_new_run_in_its_folder_is_refused(tmp_path, tune, stage1):
+    out = _stage2_dir(tmp_path, stage1, "done")
+    args = ["run", "speechmapper_adapt", "--config", "tiny/stage2", f"output_dir={out}", "max_steps=2",
+            "val_every_n_steps=0", "log_every_n_steps=1"]
+    tune(args, cwd=tmp_path)
+    files = {p: p.read_bytes() for p in [out / "metrics.jsonl", *(out / "checkpoints").rglob("*")] if p.is_file()}
+    proc = tune([*args, "resume=True"], cwd=tmp_path)
+    assert "nothing to do" in proc.stderr + proc.stdout
+    proc = tune(args, cwd=tmp_path, check=False)  # resume=False into the same folder
+    assert proc.returncode != 0
+    assert "pass resume=True to continue that run, or choose a new output_dir" in proc.stderr
+    assert "Loading frozen LLM" not in proc.stderr + proc.stdout  # refused before any work
+    assert all(p.read_bytes() == b for p, b in files.items())

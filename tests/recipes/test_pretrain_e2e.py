@@ -55,8 +55,23 @@ def test_two_process_ddp_on_cpu(tmp_path, tune):
     rows = [r for r in metrics(out) if "loss" in r]
     assert [r["step"] for r in rows] == [1, 4, 8, 12]
     assert (out / "checkpoints" / "step_12" / "projector.safetensors").is_file()
-    state = torch.load(out / "checkpoints" / "step_12" / "recipe_state.pt", weights_only=False)
+    state = torch.load(out / "checkpoints" / "step_12" / "recipe_state.pt", weights_only=True)  # plain data
     assert state["sampler"]["world_size"] == 2 and len(state["rng"]) == 2
+
+
+def test_a_finished_run_resumed_is_left_as_it_is_and_a_new_run_in_its_folder_is_refused(tmp_path, tune):
+    out = tmp_path / "run"
+    args = ["run", "speechmapper_pretrain", "--config", "tiny/stage1", f"output_dir={out}", "max_steps=2",
+            "log_every_n_steps=1"]
+    tune(args, cwd=tmp_path)
+    files = {p: p.read_bytes() for p in [out / "metrics.jsonl", *(out / "checkpoints").rglob("*")] if p.is_file()}
+    proc = tune([*args, "resume=True"], cwd=tmp_path)
+    assert "nothing to do" in proc.stderr + proc.stdout
+    assert all(p.read_bytes() == b for p, b in files.items())  # no second validation line, no checkpoint rewritten
+    proc = tune(args, cwd=tmp_path, check=False)  # resume=False into the same folder
+    assert proc.returncode != 0
+    assert "pass resume=True to continue that run, or choose a new output_dir" in proc.stderr
+    assert all(p.read_bytes() == b for p, b in files.items())  # its metrics are not wiped
 
 
 @pytest.mark.parametrize(
