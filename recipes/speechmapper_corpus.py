@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from torchtune import config
 from torchtune.utils import get_logger
 
+from speechmapper_tune.config_keys import check_recipe_config
 from speechmapper_tune.configs import resolve_config_argv
 from speechmapper_tune.corpus import CorpusSettings, build_corpus, prepare_plan
 
@@ -62,6 +63,7 @@ class CorpusRecipe:
 
 @config.parse
 def recipe_main(cfg: DictConfig) -> None:
+    check_recipe_config(cfg, "speechmapper_corpus")  # a misspelt or unknown setting stops here, before anything loads
     recipe = CorpusRecipe(cfg)
     recipe.setup()
     recipe.run()

@@ -24,6 +24,7 @@ from omegaconf import DictConfig
 from torchtune import config, training, utils
 
 from speechmapper_tune.checkpoint.atomic import atomic_write_json, atomic_write_text
+from speechmapper_tune.config_keys import check_recipe_config
 from speechmapper_tune.configs import resolve_config_argv
 from speechmapper_tune.generation import greedy_generate, newline_token_ids
 from speechmapper_tune.metrics import asr_scores
@@ -115,6 +116,7 @@ class EETRecipe:
 
 @config.parse
 def recipe_main(cfg: DictConfig) -> None:
+    check_recipe_config(cfg, "speechmapper_eet")  # a misspelt or unknown setting stops here, before anything loads
     recipe = EETRecipe(cfg)
     recipe.setup()
     recipe.run()

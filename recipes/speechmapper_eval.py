@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from torchtune import config, utils
 
 from speechmapper_tune.checkpoint.atomic import atomic_write_json, atomic_write_text
+from speechmapper_tune.config_keys import check_recipe_config
 from speechmapper_tune.configs import resolve_config_argv
 from speechmapper_tune.data.generation_data import SETTINGS, read_not_generated, read_rows
 from speechmapper_tune.metrics import asr_scores, judge_prompt, language_shares, parse_judgement, st_scores, with_and_without
@@ -153,6 +154,7 @@ def markdown_table(results: List[Dict]) -> str:
 
 @config.parse
 def recipe_main(cfg: DictConfig) -> None:
+    check_recipe_config(cfg, "speechmapper_eval")  # a misspelt or unknown setting stops here, before anything loads
     recipe = EvalRecipe(cfg)
     recipe.setup()
     recipe.run()

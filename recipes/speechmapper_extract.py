@@ -27,6 +27,7 @@ from tqdm import tqdm
 from torchtune import config, utils
 
 from speechmapper_tune.checkpoint.atomic import atomic_write_text
+from speechmapper_tune.config_keys import check_recipe_config
 from speechmapper_tune.configs import resolve_config_argv
 from speechmapper_tune.corpus import load_audio_manifest
 from speechmapper_tune.data.extract import EXTRACT_INFO, chunk_done, chunked, extract_chunk, merge_chunks
@@ -116,6 +117,7 @@ class ExtractRecipe:
 
 @config.parse
 def recipe_main(cfg: DictConfig) -> None:
+    check_recipe_config(cfg, "speechmapper_extract")  # a misspelt or unknown setting stops here, before anything loads
     recipe = ExtractRecipe(cfg)
     recipe.setup()
     recipe.run()

@@ -38,6 +38,7 @@ from tqdm import tqdm
 from torchtune import config, training, utils
 
 from speechmapper_tune.checkpoint.projector_io import LORA_WEIGHTS, WEIGHTS, lora_weights_file
+from speechmapper_tune.config_keys import check_recipe_config
 from speechmapper_tune.configs import resolve_config_argv, resolve_path_setting
 from speechmapper_tune.corpus import load_audio_manifest
 from speechmapper_tune.data.extract import chunk_done, chunked, extract_chunk, merge_chunks
@@ -243,6 +244,7 @@ def _plain(node):
 
 @config.parse
 def recipe_main(cfg: DictConfig) -> None:
+    check_recipe_config(cfg, "speechmapper_generate")  # a misspelt or unknown setting stops here, before anything loads
     recipe = GenerateRecipe(cfg)
     recipe.setup()
     recipe.run()

@@ -42,6 +42,7 @@ from speechmapper_tune.checkpoint.projector_io import (
     rng_state,
     set_rng_state,
 )
+from speechmapper_tune.config_keys import check_recipe_config
 from speechmapper_tune.configs import resolve_config_argv, resolve_path_setting
 from speechmapper_tune.data.extract import features_record
 from speechmapper_tune.data.loader import TrainLoader
@@ -368,6 +369,7 @@ class PretrainRecipe:
 
 @config.parse
 def recipe_main(cfg: DictConfig) -> None:
+    check_recipe_config(cfg, "speechmapper_pretrain")  # a misspelt or unknown setting stops here, before anything loads
     recipe = PretrainRecipe(cfg)
     recipe.setup()
     recipe.train()
