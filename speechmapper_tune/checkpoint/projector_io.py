@@ -161,10 +161,12 @@ def load_recipe_state(file: str | Path) -> Dict[str, Any]:
     try:
         return torch.load(file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
+        what = [l for l in str(err).splitlines() if "Unsupported" in l] or [str(err)]  # torch's which-object line
         raise ValueError(
             f"{file} holds Python objects, not only plain data (tensors, numbers, strings, lists, dicts), so it is not "
             f"loaded: unpickling it could run code. Files written before recipe state was stored as plain data hold "
-            f"numpy RNG state; start a new run (new output_dir), or init from its weights. ({err})"
+            f"numpy RNG state; start a new run in a new output_dir (the checkpoint's weights still load, e.g. as a "
+            f"stage-2 projector_checkpoint). ({what[0].strip()})"
         ) from err
     except Exception as err:  # truncated or not a torch file at all
         raise ValueError(f"cannot read {file} (truncated or corrupt?): {err}") from err
