@@ -8,8 +8,11 @@ Plain numpy: no torch, no torchtune.
 
 from __future__ import annotations
 
+import logging
+import os
+import struct
 from pathlib import Path
-from typing import List, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import numpy as np
 import soundfile as sf
@@ -26,8 +29,12 @@ class AudioError(ValueError):
     """A file that cannot be used; the message names it and says why."""
 
 
-def read_audio(path: str | Path, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
-    """``path`` as float32 mono at ``sample_rate``: channels averaged, resampled with soxr (HQ)."""
+def read_audio(path: str | Path, sample_rate: int = SAMPLE_RATE,
+               on_warning: Callable[[str], None] = logging.getLogger(__name__).warning) -> np.ndarray:
+    """``path`` as float32 mono at ``sample_rate``: channels averaged, resampled with soxr (HQ).
+
+    A WAV file cut short (an interrupted copy) is read as the audio it holds, with a warning.
+    """
     path = Path(path)
     if not path.is_file():
         raise AudioError(f"{path}: no such file")
@@ -35,7 +42,37 @@ def read_audio(path: str | Path, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
         audio, sr = sf.read(str(path), dtype="float32", always_2d=True)
     except Exception as e:  # noqa: BLE001  (libsndfile's errors are of several types)
         raise AudioError(f"{path}: not a readable audio file ({type(e).__name__}: {e})") from e
+    truncated = wav_truncation(path)
+    if truncated:
+        on_warning(f"{path}: truncated ({truncated}); using the audio it holds")
     return to_mono_16k(audio, sr, str(path), sample_rate)
+
+
+def wav_truncation(path: str | Path) -> Optional[str]:
+    """How a WAV file is cut short (its data chunk declares more audio than the file holds), or None.
+
+    libsndfile silently reads the frames that are there, so a truncated file would pass as a
+    shorter recording. Files of other formats, and WAVs whose size field is unset (streamed), give None.
+    """
+    with open(path, "rb") as f:
+        head = f.read(12)
+        if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+            return None
+        size, pos, byte_rate = os.fstat(f.fileno()).st_size, 12, 0
+        while pos + 8 <= size:
+            f.seek(pos)
+            chunk, n = struct.unpack("<4sI", f.read(8))
+            if chunk == b"fmt " and n >= 12:
+                byte_rate = struct.unpack("<I", f.read(12)[8:12])[0]
+            if chunk == b"data":
+                held = size - pos - 8
+                if n in (0, 0xFFFFFFFF) or held >= n:
+                    return None
+                if byte_rate:
+                    return f"its header declares {n / byte_rate:.2f} s of audio, the file holds {held / byte_rate:.2f} s"
+                return f"its header declares {n} bytes of audio, the file holds {held}"
+            pos += 8 + n + (n & 1)  # chunks are padded to an even size
+    return None
 
 
 def to_mono_16k(audio: np.ndarray, sr: int, name: str = "audio", sample_rate: int = SAMPLE_RATE) -> np.ndarray:

@@ -73,3 +73,38 @@ def test_short_audio_is_one_segment_and_silence_is_dropped():
     assert 0.7 * SR <= a <= SR and 4 * SR <= b <= 4.3 * SR  # the silent edges go, a margin stays
     with pytest.raises(ValueError, match="segment bounds"):
         split_at_pauses(x, max_seconds=1.0, min_seconds=2.0)
+
+
+def _truncated_wav(tmp_path, seconds=2.0, keep=0.5):
+    path = tmp_path / "cut_short.wav"
+    sf.write(path, _speech_like(seconds, 1), SR, subtype="PCM_16")
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])  # as an interrupted copy leaves it
+    return path
+
+
+def test_a_truncated_wav_is_read_with_a_warning_naming_it(tmp_path):
+    path = _truncated_wav(tmp_path)
+    warnings = []
+    y = read_audio(path, on_warning=warnings.append)
+    assert abs(y.size - SR) <= 50  # the second it holds
+    assert len(warnings) == 1 and str(path) in warnings[0] and "truncated" in warnings[0]
+    assert "2.00 s" in warnings[0] and "1.00 s" in warnings[0]
+
+
+def test_complete_and_streamed_wavs_read_without_warning(tmp_path):
+    from speechmapper_tune.audio import wav_truncation
+
+    path = tmp_path / "whole.wav"
+    sf.write(path, _speech_like(1.0, 2), SR, subtype="PCM_16")
+    warnings = []
+    read_audio(path, on_warning=warnings.append)
+    assert warnings == [] and wav_truncation(path) is None
+    data = bytearray(path.read_bytes())
+    at = data.index(b"data") + 4
+    data[at : at + 4] = b"\xff\xff\xff\xff"  # a streamed recording's header leaves the size unset
+    path.write_bytes(bytes(data))
+    assert wav_truncation(path) is None
+    flac = tmp_path / "a.flac"
+    sf.write(flac, _speech_like(1.0, 2), SR, format="FLAC")
+    assert wav_truncation(flac) is None

@@ -28,12 +28,14 @@ import soxr
 from lhotse import CutSet, MonoCut
 from lhotse.features import Features
 
+from speechmapper_tune.audio import wav_truncation
 from speechmapper_tune.checkpoint.atomic import atomic_write_text
 from speechmapper_tune.data.features import STORAGE_TYPE, SafetensorsShardWriter
 from speechmapper_tune.data.manifest import save_cutset_atomic
 
 log = logging.getLogger(__name__)
 TARGET_SR = 16000
+DURATION_TOLERANCE_S = 0.025  # lhotse's own tolerance between a manifest's duration and the audio read
 
 
 class BadAudio(ValueError):
@@ -60,8 +62,14 @@ def load_cut_audio(cut: MonoCut, max_duration: float) -> np.ndarray:
             frames = int(round(cut.duration * sr)) if cut.duration else -1
             f.seek(start)
             audio = f.read(frames, dtype="float32", always_2d=True)
+        truncated = wav_truncation(src.source)
     except Exception as e:  # noqa: BLE001  (any decoding problem is a per-item skip)
         raise BadAudio(f"unreadable audio {src.source}: {type(e).__name__}: {e}") from e
+    if truncated:  # libsndfile reads what is there: a cut-short file would pass as shorter audio
+        raise BadAudio(f"truncated audio {src.source}: {truncated}")
+    if frames > 0 and audio.shape[0] < frames - DURATION_TOLERANCE_S * sr:
+        raise BadAudio(f"{src.source}: read {audio.shape[0] / sr:.2f} s of the {frames / sr:.2f} s the manifest gives "
+                       f"(from {start / sr:.2f} s): the file is shorter than its manifest says")
     audio = audio.mean(axis=1) if audio.shape[1] > 1 else audio[:, 0]
     if audio.size == 0:
         raise BadAudio("empty audio")

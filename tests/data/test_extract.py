@@ -40,3 +40,23 @@ def test_bad_audio_reasons(tmp_path):
     (tmp_path / "long.wav").write_bytes(b"RIFF garbage")
     with pytest.raises(BadAudio, match="unreadable audio"):
         load_cut_audio(good, max_duration=30)
+
+
+def test_truncated_wav_is_skipped_naming_the_file(tmp_path):
+    path = tmp_path / "cut_short.wav"
+    sf.write(path, np.full(16000 * 2, 0.1, np.float32), 16000, subtype="PCM_16")
+    whole = _cut(path)  # a manifest made before the file was cut short
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(BadAudio, match=rf"truncated audio {path}: .*2.00 s.*1.00 s"):
+        load_cut_audio(whole, max_duration=30)
+    with pytest.raises(BadAudio, match=rf"truncated audio {path}"):  # a manifest made after: the header still tells
+        load_cut_audio(_cut(path), max_duration=30)
+
+
+def test_fewer_frames_than_the_cut_asks_for_is_a_skip(tmp_path):
+    path = tmp_path / "short.wav"
+    sf.write(path, np.full(16000, 0.1, np.float32), 16000)
+    long_cut = _cut(path, duration=2.0)  # the manifest says 2 s, the (complete) file holds 1 s
+    with pytest.raises(BadAudio, match=rf"{path}: read 1.00 s of the 2.00 s"):
+        load_cut_audio(long_cut, max_duration=30)
