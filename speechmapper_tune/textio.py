@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import gzip
 from pathlib import Path
-from typing import Iterator, Optional, Tuple
+from typing import Iterable, Iterator, Optional, Tuple
 
 
 def _open_binary(path: Path):
@@ -30,6 +30,14 @@ def read_lines(path) -> Iterator[Tuple[int, str]]:
                 yield lineno, raw.decode("utf-8").rstrip("\r\n")
             except UnicodeDecodeError as e:
                 raise _not_utf8(path, lineno, e) from None
+
+
+def numbered(path, lines: Iterable[str]) -> Iterator[Tuple[int, str]]:
+    """``enumerate(lines, start=1)`` over a file opened as UTF-8 text, a decoding error naming its line."""
+    try:
+        yield from enumerate(lines, start=1)
+    except UnicodeDecodeError as e:
+        raise (first_non_utf8_line(path) or ValueError(f"{path}: not UTF-8 text ({e})")) from None
 
 
 def first_non_utf8_line(path) -> Optional[ValueError]:

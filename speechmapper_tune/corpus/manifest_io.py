@@ -29,6 +29,8 @@ from lhotse import CutSet, MonoCut, RecordingSet, SupervisionSegment, Supervisio
 from lhotse.audio import Recording
 from lhotse.utils import fastcopy
 
+from speechmapper_tune.textio import first_non_utf8_line, numbered
+
 PathLike = Union[str, os.PathLike]
 _PLAIN_KEYS = ("id", "audio")  # and "text", optional
 _LIBRISPEECH_PARTS = (
@@ -49,6 +51,8 @@ def load_audio_manifest(path: PathLike, supervisions: Optional[PathLike] = None)
         return _load_plain_jsonl(path)
     try:
         manifest = load_manifest(path)
+    except UnicodeDecodeError as e:
+        raise (first_non_utf8_line(path) or ValueError(f"{path}: not UTF-8 text ({e})")) from None
     except Exception as e:  # lhotse raises several types for unknown content
         raise ValueError(
             f"{path} is neither a lhotse manifest nor a JSON-lines file with keys "
@@ -72,7 +76,9 @@ def _first_row(path: Path) -> Any:
             for line in f:
                 if line.strip():
                     return json.loads(line)
-    except (ValueError, OSError, UnicodeDecodeError):
+    except UnicodeDecodeError as e:  # every accepted manifest is UTF-8 text: name the line
+        raise (first_non_utf8_line(path) or ValueError(f"{path}: not UTF-8 text ({e})")) from None
+    except (ValueError, OSError):
         return None
     return None
 
@@ -136,7 +142,7 @@ def _load_plain_jsonl(path: Path) -> CutSet:
     segments: List[SupervisionSegment] = []
     seen: Dict[str, int] = {}
     with _open_text(path) as f:
-        for lineno, line in enumerate(f, start=1):
+        for lineno, line in numbered(path, f):
             if not line.strip():
                 continue
             try:

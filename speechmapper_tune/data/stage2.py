@@ -27,6 +27,7 @@ from speechmapper_tune.data.augment import FeatureMasking
 from speechmapper_tune.data.features import load_item_features, pad_features
 from speechmapper_tune.data.manifest import FeatureItem, SkipCounter
 from speechmapper_tune.losses import IGNORE_INDEX, build_stage1_target_ids
+from speechmapper_tune.textio import read_lines
 
 SPEECH = "{speech}"
 
@@ -129,7 +130,7 @@ def prepare_instruction_examples(
     """
     path = Path(path)
     out = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for lineno, line in read_lines(path):
         if not line.strip():
             continue
         try:

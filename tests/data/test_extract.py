@@ -60,3 +60,38 @@ def test_fewer_frames_than_the_cut_asks_for_is_a_skip(tmp_path):
     long_cut = _cut(path, duration=2.0)  # the manifest says 2 s, the (complete) file holds 1 s
     with pytest.raises(BadAudio, match=rf"{path}: read 1.00 s of the 2.00 s"):
         load_cut_audio(long_cut, max_duration=30)
+
+
+def _latin1_line(path, lineno, text):
+    lines = path.read_bytes().split(b"\n")
+    lines[lineno - 1] = lines[lineno - 1].replace(b'"hello"', f'"{text}"'.encode("latin-1"))
+    path.write_bytes(b"\n".join(lines))
+
+
+@pytest.mark.parametrize("lineno", [1, 2])
+def test_a_non_utf8_byte_in_a_jsonl_audio_manifest_names_the_line(tmp_path, lineno):
+    from speechmapper_tune.corpus import load_audio_manifest
+
+    sf.write(tmp_path / "a.wav", np.zeros(1600, np.float32), 16000)
+    manifest = tmp_path / "audio.jsonl"
+    manifest.write_text("".join(f'{{"id": "u{i}", "audio": "a.wav", "text": "hello"}}\n' for i in range(3)), encoding="utf-8")
+    _latin1_line(manifest, lineno, "caf\u00e9")
+    with pytest.raises(ValueError, match=rf"{manifest}, line {lineno}: not UTF-8 text"):
+        load_audio_manifest(manifest)
+
+
+def test_a_non_utf8_byte_in_a_lhotse_audio_manifest_names_the_line(tmp_path):
+    from lhotse import CutSet, SupervisionSegment
+
+    from speechmapper_tune.corpus import load_audio_manifest
+
+    sf.write(tmp_path / "a.wav", np.zeros(1600, np.float32), 16000)
+    rec = Recording.from_file(str(tmp_path / "a.wav"))
+    sup = lambda i: SupervisionSegment(id=f"u{i}", recording_id=rec.id, start=0, duration=0.1, text="hello")
+    cuts = CutSet.from_cuts([MonoCut(id=f"u{i}", start=0, duration=0.1, channel=0, recording=rec, supervisions=[sup(i)])
+                             for i in range(3)])
+    manifest = tmp_path / "cuts.jsonl"
+    cuts.to_file(str(manifest))
+    _latin1_line(manifest, 3, "caf\u00e9")
+    with pytest.raises(ValueError, match=rf"{manifest}, line 3: not UTF-8 text"):
+        load_audio_manifest(manifest)

@@ -3,7 +3,13 @@ import torch
 
 from speechmapper_tune.assets import smollm2_dir
 from speechmapper_tune.data.manifest import SkipCounter, load_feature_items
-from speechmapper_tune.data.stage2 import PromptTemplate, assemble_batch, prepare_asr_examples, split_prompt
+from speechmapper_tune.data.stage2 import (
+    PromptTemplate,
+    assemble_batch,
+    prepare_asr_examples,
+    prepare_instruction_examples,
+    split_prompt,
+)
 from speechmapper_tune.data.synthetic import write_synthetic_split
 from speechmapper_tune.losses import IGNORE_INDEX
 from speechmapper_tune.models.chat_format import ChatTokenizer
@@ -57,3 +63,13 @@ def test_non_string_prompt_field_is_a_clear_error():
     # `prompt.assistant_prefix=Answer:` on a command line parses to {"Answer": None}
     with pytest.raises(ValueError, match="prompt.assistant_prefix must be a string"):
         PromptTemplate(user="{speech}", assistant_prefix={"Answer": None})
+
+
+def test_a_non_utf8_byte_in_instructions_names_the_line(tmp_path, chat):
+    items = load_feature_items(write_synthetic_split(tmp_path, "x", 2, 16, seed=0))
+    path = tmp_path / "instructions.jsonl"
+    row = '{"features": "%s", "instruction": "Translate", "answer": "%s"}\n'
+    path.write_bytes((row % (items[0].id, "ok") + row % (items[1].id, "caf\u00e9")).encode("latin-1"))
+    with pytest.raises(ValueError, match=rf"{path}, line 2: not UTF-8 text \(byte 0xe9"):
+        prepare_instruction_examples(path, {it.id: it for it in items}, chat, TEMPLATE, lambda n: n // 4, 512,
+                                     SkipCounter(), "st")
