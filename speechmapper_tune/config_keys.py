@@ -148,7 +148,7 @@ class _Walker:
             if params is not None and key not in params:
                 problems.append(_unknown(f"{path}.", str(key), params, f" ({target} takes {', '.join(sorted(params))})"))
             elif isinstance(value, list) or (isinstance(value, Mapping) and COMPONENT in value):
-                problems += self.value(value, f"{path}.{key}")  # a nested component; plain arguments are the component's business
+                problems += self.value(value, f"{path}.{key}")  # nested components; other values are the component's
         return problems
 
 

@@ -5,10 +5,8 @@ import logging
 
 import numpy as np
 import pytest
-import torch
-from torch.utils.data import DataLoader
-
 from lhotse import CutSet
+from torch.utils.data import DataLoader
 
 from speechmapper_tune.data.features import SafetensorsShardWriter
 from speechmapper_tune.data.loader import NoUsableData, TrainLoader
