@@ -31,11 +31,14 @@ mode restored.
 Stuck decodings (paper appendix B.2, table 10: "her sister her sister ..." until the token
 limit) are *flagged* by ``detect_stuck``; see its docstring for the exact rule.
 
-Speed (bench/generate.py): two things made torchtune's attention slower than transformers'
-at decoding, and both are worked around for the duration of a call, without changing any
+Speed (bench/generate.py): three things made torchtune's attention slower than transformers'
+at decoding, and all are worked around for the duration of a call, without changing any
 output: attention read the whole static cache from the first step (``_CacheWindow``
-shows it only up to the filled length) and, with grouped-query attention, copied it to
-every query head each step (``_GroupedQueryAttention``).
+shows it only up to the filled length); with grouped-query attention, it copied the cache to
+every query head each step (``_GroupedQueryAttention``); and each decode step paid
+torchtune's per-module bookkeeping (cache positions, mask slicing, a RoPE cache lookup per
+layer) for one token per row (``_DecodeStep`` runs the same ops on the same weights and
+cache buffers, with the RoPE rotation looked up once per step).
 
 No torchtune import here: only methods and attributes of the model object given are used
 (``setup_caches``, ``caches_are_setup``, ``tok_embeddings``, ``layers``, ``norm``, ``output``,
@@ -274,6 +277,72 @@ def _folded_sdpa(groups: int, q_per_kv: int):
     return call
 
 
+class _DecodeStep:
+    """One decode step (one token per row) run directly on the layers' weights and cache buffers.
+
+    The same operations, in the same order, as torchtune 0.6.1's ``TransformerSelfAttentionLayer``
+    / ``MultiHeadAttention`` / ``RotaryPositionalEmbeddings`` forward with a KV cache (so the same
+    values), minus their per-call bookkeeping: the RoPE rotation is looked up once per step for all
+    layers, keys and values are written straight into the cache slot, and attention folds the
+    query heads of a group as ``_GroupedQueryAttention`` does. ``usable`` is False for any layer
+    layout it does not recognise (q/k norms, other position embeddings, ...): the caller then
+    keeps torchtune's own forward.
+    """
+
+    def __init__(self, model: nn.Module, window: "_CacheWindow"):
+        self.model, self.window = model, window
+        layers = list(getattr(model, "layers", []))
+        self.usable = (bool(layers) and len(layers) == len(window.full) and all(map(_plain_layer, layers))
+                       and all(l.attn.num_heads % k.shape[1] == 0 for l, (k, _) in zip(layers, window.full)))
+
+    def __call__(self, tokens: torch.Tensor, valid: torch.Tensor, pos: torch.Tensor, slot: int) -> torch.Tensor:
+        """Fp32 logits [B, V] after feeding ``tokens`` [B] at cache ``slot`` with position ids ``pos`` [B]."""
+        model = self.model
+        x = model.tok_embeddings(tokens)[:, None]
+        mask = valid[:, None, None, : slot + 1]
+        ropes = {}
+        for layer, (k_cache, v_cache) in zip(model.layers, self.window.full):
+            a = layer.attn
+            rope = a.pos_embeddings
+            if rope is not None and id(rope) not in ropes:
+                ropes[id(rope)] = rope.cache[pos[:, None]].view(x.shape[0], 1, 1, a.head_dim // 2, 2)
+            rc = ropes.get(id(rope))
+            b, heads, kv_heads, d = x.shape[0], a.num_heads, k_cache.shape[1], a.head_dim  # the cache has the true kv heads
+            h = layer.sa_norm(x)
+            q = a.q_proj(h).view(b, 1, heads, d)
+            k = a.k_proj(h).view(b, 1, kv_heads, d)
+            v = a.v_proj(h).view(b, 1, kv_heads, d)
+            if rc is not None:
+                q, k = _rotate(q, rc), _rotate(k, rc)
+            k_cache[:, :, slot] = k[:, 0]
+            v_cache[:, :, slot] = v[:, 0]
+            out = F.scaled_dot_product_attention(q.view(b, kv_heads, heads // kv_heads, d), k_cache[:, :, : slot + 1],
+                                                 v_cache[:, :, : slot + 1], attn_mask=mask)
+            h = layer.sa_scale(a.output_proj(out.reshape(b, 1, heads * d))) + x
+            x = h + layer.mlp_scale(layer.mlp(layer.mlp_norm(h)))
+        return model.output(model.norm(x[:, -1])).float()
+
+
+def _plain_layer(layer: nn.Module) -> bool:
+    a = getattr(layer, "attn", None)
+    if a is None or not all(hasattr(layer, n) for n in ("sa_norm", "mlp_norm", "mlp", "sa_scale", "mlp_scale")):
+        return False
+    if not all(hasattr(a, n) for n in ("q_proj", "k_proj", "v_proj", "output_proj", "num_heads", "num_kv_heads", "head_dim")):
+        return False
+    if getattr(a, "q_norm", None) is not None or getattr(a, "k_norm", None) is not None or getattr(a, "kv_cache", None) is None:
+        return False
+    rope = getattr(a, "pos_embeddings", None)
+    return rope is None or type(rope).__name__ in ("RotaryPositionalEmbeddings", "Llama3ScaledRoPE")
+
+
+def _rotate(x: torch.Tensor, rope_cache: torch.Tensor) -> torch.Tensor:
+    """torchtune's RoPE formula (interleaved pairs, in fp32) with the rotation already looked up."""
+    xs = x.float().reshape(*x.shape[:-1], -1, 2)
+    out = torch.stack([xs[..., 0] * rope_cache[..., 0] - xs[..., 1] * rope_cache[..., 1],
+                       xs[..., 1] * rope_cache[..., 0] + xs[..., 0] * rope_cache[..., 1]], -1)
+    return out.flatten(3).type_as(x)
+
+
 def _last_logits(model: nn.Module, h: torch.Tensor, mask: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
     """Decoder layers on embeddings ``h`` [B, s, D]; fp32 logits of the last position [B, V].
 
@@ -300,6 +369,7 @@ def greedy_generate(
     newline_ids: Optional[Iterable[int]] = None,
     compact: bool = True,
     grouped_attention: bool = True,
+    lean_decode: bool = True,
 ) -> List[GenerationResult]:
     """Greedy-decode every prompt of ``prompt_embeds`` (each ``[L_i, D]``) as one batch.
 
@@ -312,7 +382,8 @@ def greedy_generate(
     at ``max_new_tokens`` ``"length"``). ``pad_to_multiple``: round the padded prompt length
     up (fewer distinct shapes). ``compact``: drop finished rows from the batch;
     ``grouped_attention``: attend with unexpanded kv heads (``_GroupedQueryAttention``);
-    neither changes any output (tested), both only save time. Results come in input
+    ``lean_decode``: decode steps without torchtune's per-module bookkeeping (``_DecodeStep``);
+    none changes any output (tested), all only save time. Results come in input
     order; "stuck" is flagged by ``detect_stuck`` (or set by ``stuck_guard``).
     """
     # ---- checks
@@ -387,6 +458,8 @@ def greedy_generate(
         if grouped_attention:
             stack.enter_context(_GroupedQueryAttention(model))
         logits = _last_logits(model, h, mask, input_pos)
+        step_fn = _DecodeStep(model, window) if lean_decode else None
+        step_fn = step_fn if step_fn is not None and step_fn.usable else None
         rows = list(range(batch))  # sample index of each cache row
         next_pos = lens_t.clone()  # position id of the next fed token, per row
         for step in range(max_steps):
@@ -405,10 +478,13 @@ def greedy_generate(
                 tokens, valid, next_pos = tokens[keep], valid[keep], next_pos[keep]
             length = prompt_len + step + 1  # cache slots in use once this token is fed
             valid[:, length - 1] = True
-            window.show(length)
-            logits = _last_logits(
-                model, model.tok_embeddings(tokens)[:, None], valid[:, None, :length], next_pos[:, None]
-            )
+            if step_fn is not None:
+                logits = step_fn(tokens, valid, next_pos, length - 1)
+            else:
+                window.show(length)
+                logits = _last_logits(
+                    model, model.tok_embeddings(tokens)[:, None], valid[:, None, :length], next_pos[:, None]
+                )
             next_pos += 1
     finally:
         stack.close()

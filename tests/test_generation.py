@@ -234,12 +234,31 @@ def test_batched_equals_one_by_one(smollm2):
     kwargs = dict(max_new_tokens=16, stop_ids=tok.stop_ids)
     batched = greedy_generate(model, embeds, **kwargs)
     padded = greedy_generate(model, embeds, pad_to_multiple=64, compact=False, **kwargs)
-    # one by one through torchtune's own attention path (kv heads expanded per query head)
-    singles = [greedy_generate(model, [e], grouped_attention=False, **kwargs)[0] for e in embeds]
+    # one by one through torchtune's own modules (kv heads expanded per query head, its KV cache update)
+    singles = [greedy_generate(model, [e], grouped_attention=False, lean_decode=False, **kwargs)[0] for e in embeds]
     for b, p, s in zip(batched, padded, singles):
         assert b.ids == s.ids == p.ids and b.stopped_by == s.stopped_by
     assert {r.stopped_by for r in batched} == {"eos", "length"}  # both endings exercised
     assert "Paris" in tok.decode(batched[0].ids)
+
+
+def test_lean_decode_step_equals_torchtunes_modules(smollm2):
+    """The decode step on the layers' weights gives the logits torchtune's forward gives, so the same ids."""
+    from speechmapper_tune import generation
+
+    _, model, tok, embeds = smollm2
+    kwargs = dict(max_new_tokens=24, stop_ids=tok.stop_ids)
+    lean = greedy_generate(model, embeds, **kwargs)
+    modules = greedy_generate(model, embeds, lean_decode=False, **kwargs)
+    assert [(r.ids, r.stopped_by) for r in lean] == [(r.ids, r.stopped_by) for r in modules]
+    seen = []
+    real = generation._DecodeStep.__call__
+    generation._DecodeStep.__call__ = lambda self, *a: seen.append(1) or real(self, *a)
+    try:
+        greedy_generate(model, embeds[:2], max_new_tokens=3)
+    finally:
+        generation._DecodeStep.__call__ = real
+    assert len(seen) == 2  # the lean step ran (3 tokens: prefill + 2 steps), not a silent fallback
 
 
 def test_model_is_reusable_for_training_afterwards(smollm2):
