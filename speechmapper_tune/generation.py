@@ -37,8 +37,8 @@ output: attention read the whole static cache from the first step (``_CacheWindo
 shows it only up to the filled length); with grouped-query attention, it copied the cache to
 every query head each step (``_GroupedQueryAttention``); and each decode step paid
 torchtune's per-module bookkeeping (cache positions, mask slicing, a RoPE cache lookup per
-layer) for one token per row (``_DecodeStep`` runs the same ops on the same weights and
-cache buffers, with the RoPE rotation looked up once per step).
+layer) and RoPE's strided halves (``_LeanForward`` runs the same products and sums on the
+same weights and cache buffers, the rotation looked up once per call).
 
 No torchtune import here: only methods and attributes of the model object given are used
 (``setup_caches``, ``caches_are_setup``, ``tok_embeddings``, ``layers``, ``norm``, ``output``,
@@ -277,16 +277,17 @@ def _folded_sdpa(groups: int, q_per_kv: int):
     return call
 
 
-class _DecodeStep:
-    """One decode step (one token per row) run directly on the layers' weights and cache buffers.
+class _LeanForward:
+    """The decoder run directly on the layers' weights and the KV cache buffers, for prefill and decoding.
 
     The same operations, in the same order, as torchtune 0.6.1's ``TransformerSelfAttentionLayer``
-    / ``MultiHeadAttention`` / ``RotaryPositionalEmbeddings`` forward with a KV cache (so the same
-    values), minus their per-call bookkeeping: the RoPE rotation is looked up once per step for all
-    layers, keys and values are written straight into the cache slot, and attention folds the
-    query heads of a group as ``_GroupedQueryAttention`` does. ``usable`` is False for any layer
-    layout it does not recognise (q/k norms, other position embeddings, ...): the caller then
-    keeps torchtune's own forward.
+    / ``MultiHeadAttention`` / ``RotaryPositionalEmbeddings`` forward with a KV cache and
+    ``_GroupedQueryAttention`` (so the same values: tested), minus their per-call bookkeeping: the
+    RoPE rotation is looked up once per call for all layers and applied to whole tensors (``_rotate``),
+    keys and values are written straight into their cache slots. ``usable`` is False for a layer
+    layout it does not recognise (q/k norms, other position embeddings, ...): the caller then keeps
+    torchtune's own forward. Hooks on the decoder layers themselves do not run here (those on their
+    projections, norms and MLPs do); ``lean_decode=False`` runs the layers as modules.
     """
 
     def __init__(self, model: nn.Module, window: "_CacheWindow"):
@@ -295,30 +296,34 @@ class _DecodeStep:
         self.usable = (bool(layers) and len(layers) == len(window.full) and all(map(_plain_layer, layers))
                        and all(l.attn.num_heads % k.shape[1] == 0 for l, (k, _) in zip(layers, window.full)))
 
-    def __call__(self, tokens: torch.Tensor, valid: torch.Tensor, pos: torch.Tensor, slot: int) -> torch.Tensor:
-        """Fp32 logits [B, V] after feeding ``tokens`` [B] at cache ``slot`` with position ids ``pos`` [B]."""
+    def __call__(self, x: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, start: int) -> torch.Tensor:
+        """Fp32 logits [B, V] of the last position after feeding embeddings ``x`` [B, s, D] into cache
+        slots ``start .. start + s - 1``; ``mask`` [B, s, start + s] (True: may attend), ``pos`` [B, s]."""
         model = self.model
-        x = model.tok_embeddings(tokens)[:, None]
-        mask = valid[:, None, None, : slot + 1]
+        b, s_len = x.shape[:2]
+        end = start + s_len
         ropes = {}
         for layer, (k_cache, v_cache) in zip(model.layers, self.window.full):
             a = layer.attn
+            heads, kv_heads, d = a.num_heads, k_cache.shape[1], a.head_dim  # the cache has the true kv heads
+            q_per_kv = heads // kv_heads
             rope = a.pos_embeddings
             if rope is not None and id(rope) not in ropes:
-                ropes[id(rope)] = rope.cache[pos[:, None]].view(x.shape[0], 1, 1, a.head_dim // 2, 2)
-            rc = ropes.get(id(rope))
-            b, heads, kv_heads, d = x.shape[0], a.num_heads, k_cache.shape[1], a.head_dim  # the cache has the true kv heads
+                ropes[id(rope)] = _rotation(rope.cache[pos], b, s_len, d)
             h = layer.sa_norm(x)
-            q = a.q_proj(h).view(b, 1, heads, d)
-            k = a.k_proj(h).view(b, 1, kv_heads, d)
-            v = a.v_proj(h).view(b, 1, kv_heads, d)
-            if rc is not None:
-                q, k = _rotate(q, rc), _rotate(k, rc)
-            k_cache[:, :, slot] = k[:, 0]
-            v_cache[:, :, slot] = v[:, 0]
-            out = F.scaled_dot_product_attention(q.view(b, kv_heads, heads // kv_heads, d), k_cache[:, :, : slot + 1],
-                                                 v_cache[:, :, : slot + 1], attn_mask=mask)
-            h = layer.sa_scale(a.output_proj(out.reshape(b, 1, heads * d))) + x
+            q = a.q_proj(h).view(b, s_len, heads, d)
+            k = a.k_proj(h).view(b, s_len, kv_heads, d)
+            v = a.v_proj(h).view(b, s_len, kv_heads, d)
+            if rope is not None:
+                q, k = _rotate(q, *ropes[id(rope)]), _rotate(k, *ropes[id(rope)])
+            k_cache[:, :, start:end] = k.transpose(1, 2)
+            v_cache[:, :, start:end] = v.transpose(1, 2)
+            # query heads of a group folded into the query axis, as _folded_sdpa does
+            q = q.transpose(1, 2).reshape(b, kv_heads, q_per_kv * s_len, d)
+            m = mask[:, None, None].expand(b, 1, q_per_kv, s_len, end).reshape(b, 1, q_per_kv * s_len, end)
+            out = F.scaled_dot_product_attention(q, k_cache[:, :, :end], v_cache[:, :, :end], attn_mask=m)
+            out = out.reshape(b, heads, s_len, d).transpose(1, 2).reshape(b, s_len, heads * d)
+            h = layer.sa_scale(a.output_proj(out)) + x
             x = h + layer.mlp_scale(layer.mlp(layer.mlp_norm(h)))
         return model.output(model.norm(x[:, -1])).float()
 
@@ -335,11 +340,20 @@ def _plain_layer(layer: nn.Module) -> bool:
     return rope is None or type(rope).__name__ in ("RotaryPositionalEmbeddings", "Llama3ScaledRoPE")
 
 
-def _rotate(x: torch.Tensor, rope_cache: torch.Tensor) -> torch.Tensor:
-    """torchtune's RoPE formula (interleaved pairs, in fp32) with the rotation already looked up."""
+def _rotation(rope_cache: torch.Tensor, b: int, s_len: int, head_dim: int):
+    """torchtune's RoPE cache rows [B, s, d/2, 2] (cos, sin) as whole-vector factors for ``_rotate``:
+    ``cos`` on both elements of a pair, and ``sin`` signed ``(-sin, +sin)``."""
+    rc = rope_cache.view(b, s_len, 1, head_dim // 2, 2)
+    cos, sin = rc[..., :1], rc[..., 1:]
+    return cos.expand(b, s_len, 1, head_dim // 2, 2).contiguous(), torch.cat([-sin, sin], -1)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """torchtune's interleaved RoPE in fp32, on whole tensors: pair ``(x0, x1)`` becomes
+    ``(x0 c - x1 s, x1 c + x0 s)`` computed as ``x c + swap(x) (-s, s)``, the same products and the
+    same sum (``a + (-b)`` is ``a - b`` exactly), without torchtune's strided halves and stack."""
     xs = x.float().reshape(*x.shape[:-1], -1, 2)
-    out = torch.stack([xs[..., 0] * rope_cache[..., 0] - xs[..., 1] * rope_cache[..., 1],
-                       xs[..., 1] * rope_cache[..., 0] + xs[..., 0] * rope_cache[..., 1]], -1)
+    out = xs * cos + xs.flip(-1) * signed_sin
     return out.flatten(3).type_as(x)
 
 
@@ -382,7 +396,7 @@ def greedy_generate(
     at ``max_new_tokens`` ``"length"``). ``pad_to_multiple``: round the padded prompt length
     up (fewer distinct shapes). ``compact``: drop finished rows from the batch;
     ``grouped_attention``: attend with unexpanded kv heads (``_GroupedQueryAttention``);
-    ``lean_decode``: decode steps without torchtune's per-module bookkeeping (``_DecodeStep``);
+    ``lean_decode``: prefill and decode without torchtune's per-module bookkeeping (``_LeanForward``);
     none changes any output (tested), all only save time. Results come in input
     order; "stuck" is flagged by ``detect_stuck`` (or set by ``stuck_guard``).
     """
@@ -457,9 +471,9 @@ def greedy_generate(
         window.show(prompt_len)
         if grouped_attention:
             stack.enter_context(_GroupedQueryAttention(model))
-        logits = _last_logits(model, h, mask, input_pos)
-        step_fn = _DecodeStep(model, window) if lean_decode else None
-        step_fn = step_fn if step_fn is not None and step_fn.usable else None
+        lean = _LeanForward(model, window) if lean_decode else None
+        lean = lean if lean is not None and lean.usable else None
+        logits = lean(h, mask, input_pos, 0) if lean is not None else _last_logits(model, h, mask, input_pos)
         rows = list(range(batch))  # sample index of each cache row
         next_pos = lens_t.clone()  # position id of the next fed token, per row
         for step in range(max_steps):
@@ -478,8 +492,8 @@ def greedy_generate(
                 tokens, valid, next_pos = tokens[keep], valid[keep], next_pos[keep]
             length = prompt_len + step + 1  # cache slots in use once this token is fed
             valid[:, length - 1] = True
-            if step_fn is not None:
-                logits = step_fn(tokens, valid, next_pos, length - 1)
+            if lean is not None:
+                logits = lean(model.tok_embeddings(tokens)[:, None], valid[:, None, :length], next_pos[:, None], length - 1)
             else:
                 window.show(length)
                 logits = _last_logits(

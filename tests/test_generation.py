@@ -243,7 +243,7 @@ def test_batched_equals_one_by_one(smollm2):
 
 
 def test_lean_decode_step_equals_torchtunes_modules(smollm2):
-    """The decode step on the layers' weights gives the logits torchtune's forward gives, so the same ids."""
+    """Prefill and decoding on the layers' weights give the logits torchtune's modules give, so the same ids."""
     from speechmapper_tune import generation
 
     _, model, tok, embeds = smollm2
@@ -252,13 +252,25 @@ def test_lean_decode_step_equals_torchtunes_modules(smollm2):
     modules = greedy_generate(model, embeds, lean_decode=False, **kwargs)
     assert [(r.ids, r.stopped_by) for r in lean] == [(r.ids, r.stopped_by) for r in modules]
     seen = []
-    real = generation._DecodeStep.__call__
-    generation._DecodeStep.__call__ = lambda self, *a: seen.append(1) or real(self, *a)
+    real = generation._LeanForward.__call__
+    generation._LeanForward.__call__ = lambda self, *a: seen.append(1) or real(self, *a)
     try:
         greedy_generate(model, embeds[:2], max_new_tokens=3)
     finally:
-        generation._DecodeStep.__call__ = real
-    assert len(seen) == 2  # the lean step ran (3 tokens: prefill + 2 steps), not a silent fallback
+        generation._LeanForward.__call__ = real
+    assert len(seen) == 3  # the lean step ran (prefill + 2 decode steps), not a silent fallback
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_whole_tensor_rope_equals_torchtunes_bit_for_bit(dtype):
+    from torchtune.modules import RotaryPositionalEmbeddings
+
+    from speechmapper_tune.generation import _rotate, _rotation
+
+    rope = RotaryPositionalEmbeddings(dim=64, max_seq_len=256)
+    x = (torch.randn(3, 7, 9, 64) * 4).to(dtype)
+    pos = torch.randint(0, 200, (3, 7))
+    assert torch.equal(_rotate(x, *_rotation(rope.cache[pos], 3, 7, 64)), rope(x, input_pos=pos))
 
 
 def test_model_is_reusable_for_training_afterwards(smollm2):
@@ -274,7 +286,7 @@ def test_model_is_reusable_for_training_afterwards(smollm2):
     def fail(*_):
         raise RuntimeError("boom")
 
-    handle = model.layers[7].register_forward_pre_hook(fail)
+    handle = model.layers[7].mlp.register_forward_pre_hook(fail)
     try:  # an error mid-decoding restores the model too
         pytest.raises(RuntimeError, greedy_generate, model, embeds[:2], max_new_tokens=3)
     finally:
