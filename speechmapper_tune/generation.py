@@ -311,15 +311,16 @@ class _LeanForward:
             if rope is not None and id(rope) not in ropes:
                 ropes[id(rope)] = _rotation(rope.cache[pos], b, s_len, d)
             h = layer.sa_norm(x)
-            q = a.q_proj(h).view(b, s_len, heads, d)
-            k = a.k_proj(h).view(b, s_len, kv_heads, d)
-            v = a.v_proj(h).view(b, s_len, kv_heads, d)
+            # heads first ([B, heads, s, d]): the rotation then broadcasts over an outer axis (fast)
+            q = a.q_proj(h).view(b, s_len, heads, d).transpose(1, 2)
+            k = a.k_proj(h).view(b, s_len, kv_heads, d).transpose(1, 2)
+            v = a.v_proj(h).view(b, s_len, kv_heads, d).transpose(1, 2)
             if rope is not None:
                 q, k = _rotate(q, *ropes[id(rope)]), _rotate(k, *ropes[id(rope)])
-            k_cache[:, :, start:end] = k.transpose(1, 2)
-            v_cache[:, :, start:end] = v.transpose(1, 2)
+            k_cache[:, :, start:end] = k
+            v_cache[:, :, start:end] = v
             # query heads of a group folded into the query axis, as _folded_sdpa does
-            q = q.transpose(1, 2).reshape(b, kv_heads, q_per_kv * s_len, d)
+            q = q.reshape(b, kv_heads, q_per_kv * s_len, d)
             m = mask[:, None, None].expand(b, 1, q_per_kv, s_len, end).reshape(b, 1, q_per_kv * s_len, end)
             out = F.scaled_dot_product_attention(q, k_cache[:, :, :end], v_cache[:, :, :end], attn_mask=m)
             out = out.reshape(b, heads, s_len, d).transpose(1, 2).reshape(b, s_len, heads * d)
@@ -341,17 +342,17 @@ def _plain_layer(layer: nn.Module) -> bool:
 
 
 def _rotation(rope_cache: torch.Tensor, b: int, s_len: int, head_dim: int):
-    """torchtune's RoPE cache rows [B, s, d/2, 2] (cos, sin) as whole-vector factors for ``_rotate``:
-    ``cos`` on both elements of a pair, and ``sin`` signed ``(-sin, +sin)``."""
-    rc = rope_cache.view(b, s_len, 1, head_dim // 2, 2)
+    """torchtune's RoPE cache rows [B, s, d/2, 2] (cos, sin) as whole-vector factors for ``_rotate``
+    on heads-first tensors: ``cos`` on both elements of a pair, and ``sin`` signed ``(-sin, +sin)``."""
+    rc = rope_cache.view(b, 1, s_len, head_dim // 2, 2)
     cos, sin = rc[..., :1], rc[..., 1:]
-    return cos.expand(b, s_len, 1, head_dim // 2, 2).contiguous(), torch.cat([-sin, sin], -1)
+    return cos.expand(b, 1, s_len, head_dim // 2, 2).contiguous(), torch.cat([-sin, sin], -1)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
-    """torchtune's interleaved RoPE in fp32, on whole tensors: pair ``(x0, x1)`` becomes
-    ``(x0 c - x1 s, x1 c + x0 s)`` computed as ``x c + swap(x) (-s, s)``, the same products and the
-    same sum (``a + (-b)`` is ``a - b`` exactly), without torchtune's strided halves and stack."""
+    """torchtune's interleaved RoPE in fp32 on ``x`` [B, heads, s, d]: pair ``(x0, x1)`` becomes
+    ``(x0 c - x1 s, x1 c + x0 s)``, computed as ``x c + swap(x) (-s, s)``: the same products and the
+    same sums (``a + (-b)`` is ``a - b`` exactly), on whole tensors instead of strided halves."""
     xs = x.float().reshape(*x.shape[:-1], -1, 2)
     out = xs * cos + xs.flip(-1) * signed_sin
     return out.flatten(3).type_as(x)
