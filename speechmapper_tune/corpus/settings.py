@@ -10,7 +10,9 @@ Validation happens here, before any heavy work, and every error names the settin
     splits: {train|dev|test: {sentences, voices, voices_per_sentence}}
 
 ``splits.dev.voices`` left empty means "the train voices" (dev = seen voices, unseen
-sentences); the test voices must not appear in train (held-out voices).
+sentences); given, they must appear in neither train nor test (a dev split of held-out voices,
+for validation and every choice between runs, so that the test voices are scored only for the
+report); the test voices must not appear in train (held-out voices).
 """
 
 from __future__ import annotations
@@ -127,6 +129,7 @@ def _splits(splits: Any) -> Dict[str, SplitSettings]:
     if unknown:
         raise ValueError(f"Config setting splits: unknown split(s) {sorted(unknown)}; known: {SPLITS}")
     out: Dict[str, SplitSettings] = {}
+    dev_held_out = bool((splits.get("dev") or {}).get("voices"))
     for name in SPLITS:
         if name not in splits:
             continue
@@ -148,17 +151,19 @@ def _splits(splits: Any) -> Dict[str, SplitSettings]:
                 f"exceeds the {len(split.voices)} voices of splits.{name}.voices"
             )
         out[name] = split
-    if "test" in out:
-        train_keys = {v.key for v in out["train"].voices}
-        shared = [v.spec for v in out["test"].voices if v.key in train_keys]
-        if shared:
-            raise ValueError(
-                "Config setting splits.test.voices must be held out of train, but "
-                f"{shared} are also in splits.train.voices"
-            )
-        train_speakers = {v.speaker for v in out["train"].voices} - {None}
-        for voice in out["test"].voices:
-            if voice.speaker in train_speakers:
-                log.warning("Test voice %s is the same recorded speaker (%s) as a train voice: "
-                            "not fully out-of-domain", voice.spec, voice.speaker)
+    held_out = [("test", ["train"])] + ([("dev", ["train", "test"])] if dev_held_out else [])
+    for name, others in held_out:
+        if name not in out:
+            continue
+        for other in [o for o in others if o in out]:
+            keys = {v.key for v in out[other].voices}
+            shared = [v.spec for v in out[name].voices if v.key in keys]
+            if shared:
+                raise ValueError(f"Config setting splits.{name}.voices must be held out of {other}, but "
+                                 f"{shared} are also in splits.{other}.voices")
+            speakers = {v.speaker for v in out[other].voices} - {None}
+            for voice in out[name].voices:
+                if voice.speaker in speakers:
+                    log.warning("%s voice %s is the same recorded speaker (%s) as a %s voice: not fully "
+                                "out-of-domain", name.capitalize(), voice.spec, voice.speaker, other)
     return out

@@ -117,3 +117,28 @@ def test_same_recorded_speaker_in_test_warns(caplog):
 def test_voice_spec_and_slug():
     voice = Voice.parse("espeak-ng:en-us+m3")
     assert (voice.engine, voice.name, voice.slug) == ("espeak-ng", "en-us+m3", "espeak_ng_en_us_m3")
+
+
+@pytest.mark.parametrize("dev_voices, message", [
+    (["espeak-ng:en-us+m8", "flite:kal16"], "splits.dev.voices must be held out of train, but \\['flite:kal16'\\]"),
+    (["espeak-ng:en-us+m8", "flite:slt"], "splits.dev.voices must be held out of test, but \\['flite:slt'\\]"),
+])
+def test_dev_voices_given_are_held_out_of_train_and_test(dev_voices, message):
+    splits = {"train": {"sentences": 1, "voices": TRAIN}, "dev": {"sentences": 1, "voices": dev_voices},
+              "test": {"sentences": 1, "voices": TEST}}
+    with pytest.raises(ValueError, match=message):
+        CorpusSettings.from_dict(config(splits=splits))
+    splits["dev"]["voices"] = ["espeak-ng:en-us+m8"]
+    held_out = CorpusSettings.from_dict(config(splits=splits)).splits["dev"].voices
+    assert [v.spec for v in held_out] == ["espeak-ng:en-us+m8"]
+
+
+def test_shipped_corpus_configs_hold_dev_and_test_voices_out():
+    from omegaconf import OmegaConf
+
+    from speechmapper_tune.configs import resolve_config
+
+    for name in ("corpus/tts_en", "corpus/tts_en_tiny"):
+        splits = CorpusSettings.from_dict(OmegaConf.to_container(OmegaConf.load(resolve_config(name)))).splits
+        train, dev, test = ({v.key for v in splits[s].voices} for s in ("train", "dev", "test"))
+        assert dev and test and not (train & dev) and not (train & test) and not (dev & test), name
