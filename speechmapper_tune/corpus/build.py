@@ -147,8 +147,9 @@ def _cut(utt: Utterance, path: Path, num_samples: int) -> MonoCut:
     supervision = SupervisionSegment(
         id=utt.id, recording_id=utt.id, start=0.0, duration=duration, channel=0,
         text=utt.text, language="en", speaker=utt.voice.spec,
+        # "written": the text as the engine read it (cased, punctuated), for written-form targets
         custom={"engine": utt.voice.engine, "voice": utt.voice.spec, "split": utt.split,
-                "tts_params": dict(utt.params)},
+                "tts_params": dict(utt.params), "written": utt.tts_text},
     )
     return MonoCut(id=utt.id, start=0.0, duration=duration, channel=0,
                    recording=recording, supervisions=[supervision])

@@ -61,6 +61,7 @@ def test_build_manifests_and_resume(tmp_path):
             assert sup.text == utt.text == row["text"] and sup.language == "en"
             assert sup.custom["engine"] == row["engine"] == utt.voice.engine
             assert sup.custom["voice"] == row["voice"] and sup.custom["split"] == split == row["split"]
+            assert sup.custom["written"] == utt.tts_text  # the text as read: written-form targets
             info = sf.info(str(out / "manifests" / row["audio"]))
             assert (info.samplerate, info.channels, info.subtype) == (16000, 1, "PCM_16")
             assert abs(info.duration - cut.duration) < 1e-6 and 0.5 < cut.duration < 10
