@@ -8,7 +8,7 @@
 No LLM forward ever runs: only the token-embedding tensor is read from the LLM checkpoint
 (paper section 2.2). Loss Eq. 2 in fp32; the projector may run under bf16 autocast.
 ``loss`` (Eq. 2) is logged; ``objective`` is what is backpropagated (equal unless the config
-turns on ``loss.weighting: balanced`` or ``loss.classifier_weight``). Optional
+turns on ``loss.weighting: balanced``, ``loss.classifier_weight`` or ``loss.ctc_weight``). Optional
 ``data.augment`` masks training features (never validation ones).
 Copy this file next to your own torchtune recipes to adapt it; it reads top to bottom:
 setup -> train (with validate and save_checkpoint) -> cleanup.
@@ -114,9 +114,11 @@ class PretrainRecipe:
             return
 
         self.embedding = load_embedding_table(self.llm_checkpoint, cfg.llm.get("embedding_key")).to(self.device)
-        self.loss_fn.set_embedding(self.embedding)  # for the classifier term and val_classifier_ce
-        # classifier_ce is a training metric only when it trains: a full-vocabulary matmul per step
-        self.loss_keys = LOSS_KEYS + (("classifier_ce",) if self.loss_fn.classifier_weight > 0 else ())
+        # for the classifier and CTC terms and val_classifier_ce; the pad id is CTC's blank
+        self.loss_fn.set_embedding(self.embedding, blank_id=pad_id)
+        # classifier_ce and ctc are metrics only when they train: a full-vocabulary matmul per step
+        optional = {"classifier_ce": self.loss_fn.classifier_weight, "ctc": self.loss_fn.ctc_weight}
+        self.loss_keys = LOSS_KEYS + tuple(k for k, weight in optional.items() if weight > 0)
         self.pad_id = pad_id
         self.llm_meta = {
             "name": cfg.llm.get("name"),

@@ -16,8 +16,9 @@ then the embedding of a reserved pad token up to the projector's output length (
   (words and all pads, ``cosine_positions="all"``) so that the pad vectors are pulled in
   direction as well as in distance; ``"words"`` restricts it to the MSE_word positions.
 - Everything is computed in fp32 whatever the projector's dtype.
-- Not in the paper, off by default: ``Stage1Loss(weighting="balanced")`` and an
-  embedding-table classifier term (``classifier_weight``); see :class:`Stage1Loss`.
+- Not in the paper, off by default: ``Stage1Loss(weighting="balanced")``, an
+  embedding-table classifier term (``classifier_weight``) and a CTC term over the same logits
+  (``ctc_weight``); see :class:`Stage1Loss`.
 """
 
 from __future__ import annotations
@@ -115,6 +116,11 @@ class Stage1Loss(nn.Module):
       SmolLM2 with pred == E[target]: CE 0.01 nats for random tokens and 0.09 for a transcript's
       tokens (a floor set by near-duplicate rows; 0.96 at 0.1, 4.2 at 0.2), while the mean row
       (an uninformative prediction) scores 13-24 nats; hence the default 0.05 (~0 on the tiny table).
+    - ``ctc_weight > 0``: adds CTC (the paper's future work, section 5) of the transcript tokens over
+      every output vector, with the same distance logits and the pad token as the blank: an
+      alignment-free signal (the tokens in order, at any positions), where the MSE and classifier
+      terms fix token i at vector i (see :func:`embedding_ctc`). Paper weighting adds ``ctc_weight * CTC``, balanced
+      ``ctc_weight * relative(CTC)``. Needs :meth:`set_embedding` with ``blank_id``.
     """
 
     def __init__(
@@ -126,6 +132,7 @@ class Stage1Loss(nn.Module):
         weighting: str = "paper",
         classifier_weight: float = 0.0,
         classifier_temperature: float = 0.05,
+        ctc_weight: float = 0.0,
     ):
         super().__init__()
         check_alpha(alpha)
@@ -139,12 +146,18 @@ class Stage1Loss(nn.Module):
             )
         self.alpha, self.gamma, self.scale, self.cosine_positions = float(alpha), float(gamma), float(scale), cosine_positions
         self.weighting = weighting
+        if float(ctc_weight) < 0:
+            raise ValueError(f"loss ctc_weight={ctc_weight} must be >= 0")
         self.classifier_weight, self.classifier_temperature = float(classifier_weight), float(classifier_temperature)
+        self.ctc_weight = float(ctc_weight)
         self.table: Optional[EmbeddingTable] = None
+        self.blank_id: Optional[int] = None
 
-    def set_embedding(self, embedding: Tensor) -> None:
-        """Give the loss the LLM's [vocab, dim] embedding table (the recipe loads it anyway)."""
+    def set_embedding(self, embedding: Tensor, blank_id: Optional[int] = None) -> None:
+        """Give the loss the LLM's [vocab, dim] embedding table (the recipe loads it anyway) and,
+        for the CTC term, its blank: the pad id the stage-1 targets are padded with."""
         self.table = EmbeddingTable.from_weight(embedding)
+        self.blank_id = None if blank_id is None else int(blank_id)
 
     def forward(
         self, pred: Tensor, target: Tensor, lengths: Tensor, num_words: Tensor, target_ids: Optional[Tensor] = None
@@ -159,7 +172,12 @@ class Stage1Loss(nn.Module):
             if target_ids is None:
                 raise ValueError("loss classifier_weight > 0 needs target_ids in Stage1Loss.forward")
             ce = out["classifier_ce"] = self.classifier_ce(pred, target_ids, lengths, num_words)
-        out["objective"] = self._objective(loss, parts.mse, cosine, ce)
+        ctc = None
+        if self.ctc_weight > 0:
+            if target_ids is None:
+                raise ValueError("loss ctc_weight > 0 needs target_ids in Stage1Loss.forward")
+            ctc = out["ctc"] = self.ctc(pred, target_ids, lengths, num_words)
+        out["objective"] = self._objective(loss, parts.mse, cosine, ce, ctc)
         return out
 
     def classifier_ce(self, pred: Tensor, target_ids: Tensor, lengths: Tensor, num_words: Tensor) -> Tensor:
@@ -172,14 +190,27 @@ class Stage1Loss(nn.Module):
         word, _ = position_masks(lengths, num_words, pred.shape[1])
         return embedding_classifier_ce(pred, target_ids, word, self.table, self.classifier_temperature)
 
-    def _objective(self, loss: Tensor, mse: Tensor, cosine: Tensor, ce: Optional[Tensor]) -> Tensor:
+    def ctc(self, pred: Tensor, target_ids: Tensor, lengths: Tensor, num_words: Tensor) -> Tensor:
+        """CTC of the transcript tokens over the ``lengths`` output vectors; see :func:`embedding_ctc`."""
+        if self.table is None or self.blank_id is None:
+            raise ValueError(
+                "loss CTC needs the LLM embedding table and the pad id as blank: call "
+                "loss_fn.set_embedding(table, blank_id=pad_id) first (the stage-1 recipe does) or set loss.ctc_weight=0"
+            )
+        return embedding_ctc(pred, target_ids, lengths, num_words, self.table, self.classifier_temperature, self.blank_id)
+
+    def _objective(self, loss: Tensor, mse: Tensor, cosine: Tensor, ce: Optional[Tensor],
+                   ctc: Optional[Tensor] = None) -> Tensor:
         if self.weighting == "paper":
-            return loss if ce is None else loss + self.classifier_weight * ce
+            objective = loss if ce is None else loss + self.classifier_weight * ce
+            return objective if ctc is None else objective + self.ctc_weight * ctc
         objective = relative(mse)
         if self.gamma > 0:  # gamma=0 means "no cosine term" in both weightings
             objective = objective + relative(1.0 - cosine)
         if ce is not None:
             objective = objective + self.classifier_weight * relative(ce)
+        if ctc is not None:
+            objective = objective + self.ctc_weight * relative(ctc)
         return objective
 
 
@@ -221,6 +252,28 @@ def embedding_classifier_ce(
         return pred.new_zeros((), dtype=torch.float32)
     logits = embedding_classifier_logits(pred[mask], table, temperature)
     return F.cross_entropy(logits, target_ids[mask])
+
+
+def embedding_ctc(
+    pred: Tensor, target_ids: Tensor, lengths: Tensor, num_words: Tensor, table: EmbeddingTable,
+    temperature: float, blank_id: int,
+) -> Tensor:
+    """CTC loss of the first ``num_words`` target ids of each row over its ``lengths`` vectors of ``pred``.
+
+    Frames are the projector's output vectors, the per-frame classes the rows of the embedding
+    table under :func:`embedding_classifier_logits`, and the blank is ``blank_id`` (the pad token,
+    which already fills the stage-1 targets after the words). Normalized as torch's
+    ``ctc_loss(reduction="mean")``: each utterance's negative log-likelihood divided by its number
+    of tokens, then averaged over the batch. An utterance no alignment fits (repeated tokens need a
+    blank between them, so more frames than tokens) counts 0 with no gradient (``zero_infinity``).
+    Costs a [B, T, vocab] logit tensor: the classifier term only scores the word positions.
+    """
+    word_pos = torch.arange(target_ids.shape[1], device=target_ids.device)[None, :] < num_words[:, None]
+    targets = target_ids[word_pos]  # the rows' tokens, concatenated, as ctc_loss takes them
+    if bool((targets == blank_id).any()):
+        raise ValueError(f"a transcript token is the CTC blank (pad id {blank_id}): choose a pad id no text uses")
+    log_probs = embedding_classifier_logits(pred, table, temperature).log_softmax(-1).transpose(0, 1)  # [T, B, V]
+    return F.ctc_loss(log_probs, targets, lengths, num_words, blank=blank_id, reduction="mean", zero_infinity=True)
 
 
 LOSS_WEIGHTINGS = ("paper", "balanced")

@@ -1,3 +1,4 @@
+import itertools
 import math
 
 import pytest
@@ -217,3 +218,86 @@ def test_balanced_classifier_term_is_relative():
     o = r(ref, E4[ids.clamp_min(0)], lengths, words, ids)
     (o["mse"].log() + (1 - o["cosine"]).log() + 0.5 * o["classifier_ce"].log()).backward()
     assert_close_to_scale(pred.grad, ref.grad, FP32_SHALLOW)  # the same gradient, summed in another order
+
+
+def hand_ctc_nll(frames, target, blank, temperature):
+    """-log P(target) by summing every frame-by-frame path that collapses to it, in plain Python."""
+    probs = []
+    for p in frames:
+        logits = [-((p[0] - e[0]) ** 2 + (p[1] - e[1]) ** 2) / (temperature * 7 / 4) for e in E4.tolist()]
+        z = sum(math.exp(l) for l in logits)
+        probs.append([math.exp(l) / z for l in logits])
+    total = 0.0
+    for path in itertools.product(range(len(E4)), repeat=len(frames)):
+        collapsed = [c for k, c in enumerate(path) if c != blank and (k == 0 or c != path[k - 1])]
+        if collapsed == list(target):
+            total += math.prod(probs[t][c] for t, c in enumerate(path))
+    return -math.log(total)
+
+
+def ctc_batch():
+    # pad id 3 is the blank; rows: 2 words in 4 vectors, 1 word in 3, a repeated word in 3 (needs a blank between)
+    ids = torch.tensor([[2, 0, 3, 3], [1, 3, 3, IGNORE_INDEX], [1, 1, 3, IGNORE_INDEX]])
+    pred = torch.randn(3, 4, 2, generator=torch.Generator().manual_seed(0))
+    return pred, ids, torch.tensor([4, 3, 3]), torch.tensor([2, 1, 2])
+
+
+def test_ctc_by_hand_and_against_torch():
+    pred, ids, lengths, words = ctc_batch()
+    loss = Stage1Loss(ctc_weight=0.5, classifier_temperature=0.8)
+    loss.set_embedding(E4, blank_id=3)
+    out = loss(pred, E4[ids.clamp_min(0)], lengths, words, ids)
+    # torch's reduction="mean": each row's NLL over its number of tokens, then the mean over rows
+    per_row = [hand_ctc_nll(pred[i, : lengths[i]].tolist(), ids[i, : words[i]].tolist(), 3, 0.8) / int(words[i])
+               for i in range(3)]
+    assert_close_to_scale(out["ctc"], torch.tensor(sum(per_row) / 3), FP32_SHALLOW)
+    assert_close_to_scale(out["objective"], out["loss"] + 0.5 * out["ctc"], FP32_SHALLOW)
+
+
+def test_ctc_gradient_flows_to_valid_vectors_only():
+    pred, ids, lengths, words = ctc_batch()
+    pred.requires_grad_(True)
+    loss = Stage1Loss(gamma=0, scale=1.0, ctc_weight=1.0)
+    loss.set_embedding(E4, blank_id=3)
+    loss(pred, E4[ids.clamp_min(0)], lengths, words, ids)["ctc"].backward()
+    assert torch.isfinite(pred.grad).all()
+    assert pred.grad[0].abs().sum(-1).gt(0).all() and pred.grad[1:, :3].abs().sum(-1).gt(0).all()
+    assert pred.grad[1:, 3].eq(0).all()  # batch padding
+
+
+def test_ctc_infeasible_row_counts_zero():
+    pred, ids, lengths, words = ctc_batch()
+    loss = Stage1Loss(ctc_weight=1.0)
+    loss.set_embedding(E4, blank_id=3)
+    short = torch.tensor([4, 3, 2])  # the repeated word cannot fit 2 vectors (1, blank, 1)
+    out = loss(pred, E4[ids.clamp_min(0)], short, words, ids)
+    hand = [hand_ctc_nll(pred[i, : short[i]].tolist(), ids[i, : words[i]].tolist(), 3, 0.05) / int(words[i]) for i in range(2)]
+    assert_close_to_scale(out["ctc"], torch.tensor(sum(hand) / 3), FP32_SHALLOW)
+
+
+def test_ctc_weight_zero_is_the_loss_as_before_and_errors_are_named():
+    pred, ids, lengths, words = ctc_batch()
+    target = E4[ids.clamp_min(0)]
+    before, zero = Stage1Loss(classifier_weight=1.0), Stage1Loss(classifier_weight=1.0, ctc_weight=0.0)
+    before.set_embedding(E4)
+    zero.set_embedding(E4, blank_id=3)
+    a, b = before(pred, target, lengths, words, ids), zero(pred, target, lengths, words, ids)
+    assert "ctc" not in b and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    no_blank = Stage1Loss(ctc_weight=1.0)
+    no_blank.set_embedding(E4)
+    with pytest.raises(ValueError, match="blank_id"):
+        no_blank(pred, target, lengths, words, ids)
+    with pytest.raises(ValueError, match="ctc_weight"):
+        Stage1Loss(ctc_weight=-1)
+    blank_in_text = Stage1Loss(ctc_weight=1.0)
+    blank_in_text.set_embedding(E4, blank_id=1)
+    with pytest.raises(ValueError, match="CTC blank"):
+        blank_in_text(pred, target, lengths, words, ids)
+
+
+def test_balanced_ctc_term_is_relative():
+    pred, ids, lengths, words = ctc_batch()
+    loss = Stage1Loss(weighting="balanced", ctc_weight=0.5)
+    loss.set_embedding(E4, blank_id=3)
+    out = loss(pred, E4[ids.clamp_min(0)], lengths, words, ids)
+    assert out["objective"].item() == pytest.approx(2.5)  # MSE, cosine, 0.5 x CTC: each 1
