@@ -9,7 +9,8 @@ No LLM forward ever runs: only the token-embedding tensor is read from the LLM c
 (paper section 2.2). Loss Eq. 2 in fp32; the projector may run under bf16 autocast.
 ``loss`` (Eq. 2) is logged; ``objective`` is what is backpropagated (equal unless the config
 turns on ``loss.weighting: balanced``, ``loss.classifier_weight`` or ``loss.ctc_weight``). Optional
-``data.augment`` masks training features (never validation ones).
+``data.augment`` masks training features (never validation ones); optional ``data.target_text: written``
+embeds the transcript as written instead of normalized (train and validation targets).
 Copy this file next to your own torchtune recipes to adapt it; it reads top to bottom:
 setup -> train (with validate and save_checkpoint) -> cleanup.
 """
@@ -156,7 +157,11 @@ class PretrainRecipe:
             raise ValueError(f"{manifest} has {feat_dim}-dim features but model.input_dim={self.model.input_dim}")
         out_len = self.model.output_length
         max_tokens = int(cfg.max_tokens_per_batch)
-        examples = prepare_stage1_examples(items, tokenizer.encode, out_len, max_tokens, self.skipped)
+        target_text = cfg.get("target_text") or "normalized"
+        examples = prepare_stage1_examples(items, tokenizer.encode, out_len, max_tokens, self.skipped, target_text)
+        if target_text == "written":  # a manifest without written forms would silently train on normalized text
+            differ = sum(e.item.written not in ("", e.item.text) for e in examples)
+            log.info(f"{split}: written-form targets; {differ} of {len(examples)} differ from the normalized transcript")
         if split == "val" and cfg.get("max_val_items"):
             examples = [examples[i] for i in sample_subset(len(examples), int(cfg.max_val_items), 0)]
         if not examples:

@@ -40,7 +40,7 @@ RECIPE_KEYS: Dict[str, Set[str]] = {
     "speechmapper_pretrain": {
         *_TRAINING, "dtype", "dry_run", *_LLM_TABLE,
         "data.train_manifest", "data.val_manifest", "data.max_val_items", "data.max_tokens_per_batch",
-        "data.num_workers", *_under("data.augment", _AUGMENT),
+        "data.num_workers", "data.target_text", *_under("data.augment", _AUGMENT),
     },
     "speechmapper_adapt": {
         *_TRAINING, *_LLM, "projector_checkpoint", "from_scratch", *_under("prompt", _PROMPT),

@@ -35,6 +35,9 @@ class FeatureItem:
     duration: float = 0.0
     language: Optional[str] = None
     custom: Dict = field(default_factory=dict)
+    # the transcript as written (cased, punctuated): a supervision's custom "written" where the corpus
+    # builder kept what the TTS read, else its text as stored; only written-form targets use it
+    written: str = ""
 
 
 @dataclass
@@ -115,6 +118,7 @@ def load_feature_items(manifest_path: str | Path, skipped: Optional[SkipCounter]
                     duration=float(cut.duration),
                     language=sup.language if sup is not None else None,
                     custom=dict(cut.custom or {}),
+                    written=written_text(cut.supervisions),
                 )
             )
     except UnicodeDecodeError as e:
@@ -127,6 +131,12 @@ def load_feature_items(manifest_path: str | Path, skipped: Optional[SkipCounter]
     if len(dims) > 1:
         raise ValueError(f"feature manifest {path} mixes feature dims {dict(dims)}")
     return items
+
+
+def written_text(supervisions) -> str:
+    """The supervisions' text as written: custom ``written`` where present, else ``text``, space-joined."""
+    parts = [((s.custom or {}).get("written") or s.text or "").strip() for s in supervisions]
+    return " ".join(p for p in parts if p)
 
 
 def shard_problem(storage_type: str, shard: str) -> Optional[str]:

@@ -23,6 +23,11 @@ from speechmapper_tune.data.manifest import FeatureItem, SkipCounter
 from speechmapper_tune.losses import build_stage1_target_ids
 
 
+# which transcript the targets embed: "normalized" (the paper's MMS form) or "written" (not in the
+# paper: cased and punctuated, the form the LLM reads in text; FeatureItem.written)
+TARGET_TEXTS = ("normalized", "written")
+
+
 @dataclass
 class Stage1Example:
     item: FeatureItem
@@ -36,11 +41,15 @@ def prepare_stage1_examples(
     output_length: Callable[[int], int],
     max_tokens_per_batch: int,
     skipped: SkipCounter,
+    target_text: str = "normalized",
 ) -> List[Stage1Example]:
-    """Tokenize transcripts and keep the items whose target fits the projector output."""
+    """Tokenize transcripts (``target_text``: see :data:`TARGET_TEXTS`) and keep the items whose
+    target fits the projector output."""
+    if target_text not in TARGET_TEXTS:
+        raise ValueError(f"data.target_text={target_text!r}: expected one of {TARGET_TEXTS}")
     examples = []
     for it in items:
-        ids = list(encode(it.text))
+        ids = list(encode((it.written or it.text) if target_text == "written" else it.text))
         n_out = int(output_length(it.num_frames))
         if not ids:
             skipped.add("transcript has no tokens", it.id)

@@ -107,3 +107,21 @@ def test_augmented_batch_equals_its_items_one_by_one(manifest):
         n = single.shape[0]
         assert torch.equal(batch["features"][row, :n], single)
         assert batch["features"][row, n:].eq(0).all()  # batch padding is never masked
+
+
+def test_written_targets_tokenize_the_text_as_written_and_default_is_unchanged(tmp_path, manifest):
+    cuts = list(CutSet.from_file(manifest))
+    cuts[0].supervisions[0].text = "Hello, World!"  # a manifest storing the text as written
+    cuts[1].supervisions[0].text = "hello world"  # the corpus builder: normalized text + custom "written"
+    cuts[1].supervisions[0].custom = {"written": "Hello world."}
+    path = save_cutset_atomic(CutSet.from_cuts(cuts[:3]), tmp_path / "written.jsonl.gz")
+    items = load_feature_items(path)
+    assert [it.text for it in items[:2]] == ["hello world", "hello world"]  # scoring text stays normalized
+    assert [it.written for it in items] == ["Hello, World!", "Hello world.", cuts[2].supervisions[0].text]
+    chars = lambda text: [ord(c) for c in text]
+    default = prepare_stage1_examples(items, chars, lambda n: 10_000, 10_000, SkipCounter())
+    assert [e.token_ids for e in default] == [chars(it.text) for it in items]
+    written = prepare_stage1_examples(items, chars, lambda n: 10_000, 10_000, SkipCounter(), target_text="written")
+    assert [e.token_ids for e in written] == [chars("Hello, World!"), chars("Hello world."), chars(items[2].written)]
+    with pytest.raises(ValueError, match="target_text"):
+        prepare_stage1_examples(items, chars, out_len, 10_000, SkipCounter(), target_text="cased")
