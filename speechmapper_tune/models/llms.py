@@ -7,6 +7,8 @@ forward), so all the rest of the project sees is an ``nn.Module`` plus its width
 Weights come from a Hugging Face safetensors directory (single file or sharded) through
 torchtune's ``FullModelHFCheckpointer``; ``model_type`` LLAMA3_2 is used for models whose
 output projection is tied to the embeddings (SmolLM2, tiny tests), LLAMA3 otherwise.
+Every network, named or sized from a config.json, is built by the one ``_build`` from its
+``LlamaHParams``, so a depth-reduced model checks the same code as the full-size one.
 """
 
 from __future__ import annotations
@@ -21,8 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torchtune.models.llama3 import llama3, lora_llama3
-from torchtune.models.llama3_1 import llama3_1_8b as _torchtune_llama3_1_8b
-from torchtune.models.llama3_1 import lora_llama3_1_8b as _torchtune_lora_llama3_1_8b
+from torchtune.models.llama3_1 import llama3_1, lora_llama3_1
 from torchtune.models.llama3_2 import llama3_2, lora_llama3_2
 from torchtune.modules import TransformerDecoder
 from torchtune.modules.peft import (
@@ -31,6 +32,24 @@ from torchtune.modules.peft import (
     validate_missing_and_unexpected_for_lora,
 )
 from torchtune.training import FullModelHFCheckpointer
+
+
+@dataclass(frozen=True)
+class Llama3RopeScaling:
+    """Llama-3.1's RoPE frequency scaling (HF ``rope_type: "llama3"``), as torchtune's ``Llama3ScaledRoPE``.
+
+    torchtune's builders take only the factor; the other three are fixed at these values there.
+    """
+
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+    def hf_config(self) -> Dict[str, object]:
+        return {"rope_type": "llama3", "factor": self.factor, "low_freq_factor": self.low_freq_factor,
+                "high_freq_factor": self.high_freq_factor,
+                "original_max_position_embeddings": self.original_max_position_embeddings}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -52,6 +71,7 @@ class LlamaHParams:
     rope_base: float
     norm_eps: float
     tie_word_embeddings: bool
+    rope_scaling: Optional[Llama3RopeScaling] = None  # None: plain RoPE
 
     def hf_config(self) -> Dict[str, object]:
         """Keyword arguments for ``transformers.LlamaConfig`` describing the same network."""
@@ -70,6 +90,7 @@ class LlamaHParams:
             "attention_bias": False,
             "mlp_bias": False,
             "hidden_act": "silu",
+            "rope_scaling": None if self.rope_scaling is None else self.rope_scaling.hf_config(),
         }
 
 
@@ -95,12 +116,12 @@ EUROLLM_9B = LlamaHParams(
     tie_word_embeddings=False,
 )  # fmt: skip
 
-# Llama-3.1-8B(-Instruct), the values of torchtune's own llama3_1_8b builder (which also
-# applies Llama-3.1's RoPE scaling, factor 8); only used here to validate config.json.
+# Llama-3.1-8B(-Instruct): the config.json of meta-llama/Llama-3.1-8B-Instruct (the values of
+# torchtune's own llama3_1_8b builder too), RoPE scaled by Llama-3.1's rule (factor 8, 1, 4, 8192).
 LLAMA3_1_8B = LlamaHParams(
     vocab_size=128_256, num_layers=32, num_heads=32, num_kv_heads=8, embed_dim=4096,
     intermediate_dim=14_336, max_seq_len=131_072, rope_base=500_000.0, norm_eps=1e-5,
-    tie_word_embeddings=False,
+    tie_word_embeddings=False, rope_scaling=Llama3RopeScaling(factor=8.0),
 )  # fmt: skip
 
 
@@ -165,23 +186,29 @@ class LoraConfig:
 
 
 def _build(hp: LlamaHParams, lora: Optional[LoraConfig] = None) -> TransformerDecoder:
-    """Plain (unscaled-RoPE) Llama: llama3_2 with scale_factor=1 when tied, llama3 otherwise.
+    """The Llama ``hp`` describes, from torchtune's component builders.
 
-    With ``lora``, the LoRA variant (``lora_llama3_2`` / ``lora_llama3``) with the same values.
+    Tied: llama3_2 (scale_factor=1 when RoPE is plain). Untied: llama3_1 with RoPE scaling,
+    llama3 without. With ``lora``, the LoRA variant of the same builder with the same values.
     """
     common = dict(
         vocab_size=hp.vocab_size, num_layers=hp.num_layers, num_heads=hp.num_heads,
         num_kv_heads=hp.num_kv_heads, embed_dim=hp.embed_dim, max_seq_len=hp.max_seq_len,
         rope_base=hp.rope_base, intermediate_dim=hp.intermediate_dim, norm_eps=hp.norm_eps,
     )  # fmt: skip
+    lora_kwargs = {} if lora is None else lora.builder_kwargs()
+    scaling = hp.rope_scaling
+    if scaling is not None and scaling != Llama3RopeScaling(factor=scaling.factor):
+        raise ValueError(f"RoPE scaling {scaling}: torchtune's Llama3ScaledRoPE fixes all but the factor at 1, 4, 8192")
     if hp.tie_word_embeddings:
         # scale_factor=1 turns Llama-3 RoPE scaling off (the default 32 would not match HF).
-        if lora is not None:
-            return lora_llama3_2(**common, **lora.builder_kwargs(), scale_factor=1, tie_word_embeddings=True)
-        return llama3_2(**common, scale_factor=1, tie_word_embeddings=True)
-    if lora is not None:
-        return lora_llama3(**common, **lora.builder_kwargs())
-    return llama3(**common)  # untied output projection, standard RoPE
+        factor = 1 if scaling is None else scaling.factor
+        builder = llama3_2 if lora is None else lora_llama3_2
+        return builder(**common, **lora_kwargs, scale_factor=factor, tie_word_embeddings=True)
+    if scaling is not None:
+        builder = llama3_1 if lora is None else lora_llama3_1
+        return builder(**common, **lora_kwargs, scale_factor=scaling.factor)
+    return llama3(**common) if lora is None else lora_llama3(**common, **lora_kwargs)
 
 
 def smollm2_135m() -> TransformerDecoder:
@@ -190,8 +217,8 @@ def smollm2_135m() -> TransformerDecoder:
 
 
 def llama3_1_8b() -> TransformerDecoder:
-    """Llama-3.1-8B(-Instruct): torchtune's own builder (with Llama-3.1 RoPE scaling)."""
-    return _torchtune_llama3_1_8b()
+    """Llama-3.1-8B(-Instruct): torchtune's llama3_1 builder with the values on ``LLAMA3_1_8B``."""
+    return _build(LLAMA3_1_8B)
 
 
 def eurollm_9b() -> TransformerDecoder:
@@ -209,20 +236,14 @@ class _Entry:
     build: Callable[[], TransformerDecoder]
     hparams: LlamaHParams
     model_type: str  # torchtune ModelType name for FullModelHFCheckpointer
-    # LoRA variant of ``build``; None: ``_build(hparams, lora)`` (plain, unscaled-RoPE Llama)
-    build_lora: Optional[Callable[[LoraConfig], TransformerDecoder]] = None
 
     def build_with(self, lora: Optional[LoraConfig]) -> TransformerDecoder:
-        if lora is None:
-            return self.build()
-        return self.build_lora(lora) if self.build_lora is not None else _build(self.hparams, lora)
+        return self.build() if lora is None else _build(self.hparams, lora)
 
 
 LLMS: Dict[str, _Entry] = {
     "smollm2_135m": _Entry(smollm2_135m, SMOLLM2_135M, "LLAMA3_2"),
-    "llama3_1_8b": _Entry(
-        llama3_1_8b, LLAMA3_1_8B, "LLAMA3", lambda lora: _torchtune_lora_llama3_1_8b(**lora.builder_kwargs())
-    ),
+    "llama3_1_8b": _Entry(llama3_1_8b, LLAMA3_1_8B, "LLAMA3"),
     "eurollm_9b": _Entry(eurollm_9b, EUROLLM_9B, "LLAMA3"),
     "tiny_llm": _Entry(tiny_llm, tiny_hparams(True), "LLAMA3_2"),
     "tiny_llm_untied": _Entry(lambda: tiny_llm(False), tiny_hparams(False), "LLAMA3"),
@@ -240,11 +261,20 @@ def _hf_rope_theta(config: dict) -> Optional[float]:
 HF_LLAMA = "hf_llama"  # load_llm name: any plain Llama, sized from the checkpoint's config.json
 
 
-def hparams_from_hf_config(config: dict) -> LlamaHParams:
-    """Hyper-parameters of a plain (unscaled-RoPE) HF Llama config, e.g. a tiny test model."""
+def _hf_rope_scaling(config: dict) -> Optional[Llama3RopeScaling]:
+    """RoPE scaling from ``rope_scaling`` (transformers 4) or ``rope_parameters`` (5): llama3 or none."""
     rope = config.get("rope_scaling") or config.get("rope_parameters") or {}
-    if rope.get("rope_type", rope.get("type", "default")) != "default":
-        raise ValueError(f"RoPE scaling {rope} is not supported by '{HF_LLAMA}'; use a named builder: {sorted(LLMS)}")
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind == "default":
+        return None
+    keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+    if kind != "llama3" or any(k not in rope for k in keys):
+        raise ValueError(f"RoPE scaling {rope} is not supported: only none or 'llama3' with {', '.join(keys)}")
+    return Llama3RopeScaling(*(rope[k] for k in keys))
+
+
+def hparams_from_hf_config(config: dict) -> LlamaHParams:
+    """Hyper-parameters of a HF Llama config.json (plain or Llama-3 scaled RoPE)."""
     heads = config["num_attention_heads"]
     if (config.get("head_dim") or config["hidden_size"] // heads) * heads != config["hidden_size"]:
         raise ValueError("head_dim * num_attention_heads != hidden_size is not supported by torchtune's Llama builders")
@@ -259,6 +289,7 @@ def hparams_from_hf_config(config: dict) -> LlamaHParams:
         rope_base=_hf_rope_theta(config) or 10_000.0,
         norm_eps=config.get("rms_norm_eps", 1e-6),
         tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+        rope_scaling=_hf_rope_scaling(config),
     )
 
 
@@ -273,6 +304,9 @@ def check_hf_config(name: str, config: dict) -> None:
     theta = _hf_rope_theta(config)
     if theta is not None and abs(theta - float(expected["rope_theta"])) > 1e-6 * float(expected["rope_theta"]):
         wrong["rope_theta"] = (theta, expected["rope_theta"])
+    scaling = _hf_rope_scaling(config)
+    if scaling != LLMS[name].hparams.rope_scaling:
+        wrong["rope_scaling"] = (scaling, LLMS[name].hparams.rope_scaling)
     if wrong:
         details = ", ".join(f"{k}: checkpoint {got} != {name} {want}" for k, (got, want) in wrong.items())
         raise ValueError(f"checkpoint config.json does not describe '{name}': {details}")
@@ -462,7 +496,7 @@ def load_lora_adapters(model: nn.Module, folder: Union[str, Path]) -> Path:
 __all__ = [
     "HF_LLAMA", "LORA_ATTN_MODULES", "LoraConfig", "hparams_from_hf_config", "load_lora_adapters", "load_lora_state_dict",
     "lora_state_dict",
-    "EUROLLM_9B", "LLAMA3_1_8B", "LLMS", "LlamaHParams", "SMOLLM2_135M", "check_hf_config",
+    "EUROLLM_9B", "LLAMA3_1_8B", "LLMS", "Llama3RopeScaling", "LlamaHParams", "SMOLLM2_135M", "check_hf_config",
     "eurollm_9b", "hf_checkpoint_files", "llama3_1_8b", "load_llm", "smollm2_135m", "tiny_hparams",
     "tiny_llm",
 ]  # fmt: skip
