@@ -9,6 +9,8 @@
 ``${output_dir}/cuts.jsonl.gz`` is what the training recipes read; read it yourself with
 ``speechmapper_tune.data.iter_features``. Resumable: finished chunks are skipped on a rerun.
 Bad audio (unreadable, empty, too long, NaN) is skipped and listed in ``failures.jsonl``.
+Optional ``perturb`` (not in the paper; training splits only) adds speed- and noise-perturbed
+copies of each utterance, see ``configs/features/whisper_base.yaml``.
 """
 
 from __future__ import annotations
@@ -30,7 +32,18 @@ from speechmapper_tune.checkpoint.atomic import atomic_write_text
 from speechmapper_tune.config_keys import check_recipe_config
 from speechmapper_tune.configs import resolve_config_argv
 from speechmapper_tune.corpus import load_audio_manifest
-from speechmapper_tune.data.extract import EXTRACT_INFO, chunk_done, chunked, extract_chunk, merge_chunks
+from speechmapper_tune.data.extract import (
+    EXTRACT_INFO,
+    check_resume_settings,
+    chunk_done,
+    chunked,
+    extract_chunk,
+    extract_settings,
+    merge_chunks,
+    perturbations_from_config,
+    record_settings,
+    with_copies,
+)
 
 log = utils.get_logger("INFO")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -58,10 +71,18 @@ class ExtractRecipe:
             self.cuts = self.cuts[: int(cfg.max_utterances)]
         if not self.cuts:
             raise ValueError(f"{cfg.manifest}: no utterance found")
-        self.chunks = chunked(self.cuts, int(cfg.shard_size))
+        perturb = cfg.get("perturb")
+        perturbations = perturbations_from_config(OmegaConf.to_container(perturb, resolve=True) if perturb else None)
+        self.settings = extract_settings(perturbations)
+        check_resume_settings(self.output_dir, self.settings)  # chunk k must hold the same items as before
+        items = with_copies(self.cuts, perturbations)
+        self.chunks = chunked(items, int(cfg.shard_size))
         self.todo = [k for k in range(len(self.chunks)) if k % self.world_size == self.rank and not chunk_done(self.output_dir, k)]
         done = len(self.chunks) - sum(1 for k in range(len(self.chunks)) if not chunk_done(self.output_dir, k))
-        log.info(f"{len(self.cuts)} utterances in {len(self.chunks)} chunks; {done} chunks already done")
+        copies = f" + {len(items) - len(self.cuts)} perturbed copies" if perturbations else ""
+        log.info(f"{len(self.cuts)} utterances{copies} in {len(self.chunks)} chunks; {done} chunks already done")
+        if self.rank == 0:
+            record_settings(self.output_dir, self.settings)
         self.sfm = None
         if self.todo:  # a finished run does not load the encoder at all
             from speechmapper_tune.sfm import build_sfm
@@ -103,7 +124,7 @@ class ExtractRecipe:
         if self.rank == 0:
             manifest, n, n_failed = merge_chunks(self.output_dir, len(self.chunks))
             info = {"manifest": str(manifest), "utterances": n, "failed": n_failed, "sfm": cfg.sfm.name,
-                    "average_frames": k_avg,
+                    "average_frames": k_avg, **self.settings,
                     # what a checkpoint trained on these features records, to rebuild them from audio
                     "features": {"sfm": OmegaConf.to_container(cfg.sfm, resolve=True), "average_frames": k_avg,
                                  "feature_type": feature_type, "storage_dtype": "float16"}}

@@ -11,22 +11,29 @@ Layout of an extraction output folder::
 Chunks of ``shard_size`` utterances are the unit of resume and of work sharing across ranks:
 a chunk whose ``cuts-*.jsonl.gz`` exists is done and skipped; a chunk interrupted mid-way
 is recomputed (its shard is only renamed into place once complete).
+
+Optional perturbed copies (not in the paper; :class:`Perturbation`): each utterance followed by
+copies with another speed and/or additive noise, ids ``<id>_sp0.9``, ``<id>_snr20``,
+``<id>_sp0.9_snr20``, same transcript. Copies count as utterances in chunks, so resume is unchanged.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import soundfile as sf
 import soxr
 from lhotse import CutSet, MonoCut
+from lhotse.augmentation import Speed
 from lhotse.features import Features
+from lhotse.utils import fastcopy, perturb_num_samples
 
 from speechmapper_tune.audio import wav_truncation
 from speechmapper_tune.checkpoint.atomic import atomic_write_text
@@ -82,7 +89,154 @@ def load_cut_audio(cut: MonoCut, max_duration: float) -> np.ndarray:
     return audio
 
 
+NOISE_COLORS = ("white", "pink")
+PERTURB_KEYS = ("speeds", "noise_snr_db", "noise", "seed")
+
+
+@dataclass(frozen=True)
+class Perturbation:
+    """One perturbed copy of an utterance: speed factor, then additive noise at ``snr_db`` (None: none).
+
+    Speed is lhotse's (``sox speed``: tempo and pitch move together; its own resampler, so no
+    torchaudio), on the 16 kHz audio; the copy's manifest cut is lhotse's ``perturb_speed`` of the
+    source, with the same sample-count rule. Noise is white or pink (1/f power), scaled to the SNR
+    against the whole utterance's mean power, drawn from a generator seeded by (seed, copy id):
+    a resumed or repeated extraction makes the same audio.
+    """
+
+    speed: float = 1.0
+    snr_db: Optional[float] = None
+    noise: str = "white"
+    seed: int = 0
+
+    @property
+    def suffix(self) -> str:
+        """What the copy's id adds to the source id (lhotse's ``_sp<factor>`` for speed)."""
+        return (f"_sp{self.speed}" if self.speed != 1.0 else "") + (f"_snr{self.snr_db:g}" if self.snr_db is not None else "")
+
+    def apply(self, audio: np.ndarray, copy_id: str) -> np.ndarray:
+        """The perturbed copy of 16 kHz mono float32 ``audio``."""
+        if self.speed != 1.0:
+            n = perturb_num_samples(audio.size, self.speed)
+            audio = Speed(self.speed)(audio[None], TARGET_SR)[0, :n].astype(np.float32)
+        if self.snr_db is not None:
+            audio = add_noise(audio, self.snr_db, self.noise, copy_rng(self.seed, copy_id))
+        return audio
+
+    def copy_cut(self, cut: MonoCut) -> MonoCut:
+        """The copy's manifest cut: new id (supervisions' too), perturbed times, same transcript,
+        ``custom["perturbation"]`` saying how it was made."""
+        out = cut.perturb_speed(self.speed) if self.speed != 1.0 else cut
+        noise = f"_snr{self.snr_db:g}" if self.snr_db is not None else ""
+        return fastcopy(
+            out, id=cut.id + self.suffix, supervisions=[fastcopy(s, id=s.id + noise) for s in out.supervisions],
+            custom={**(out.custom or {}), "perturbation": {"source": cut.id, **asdict(self)}},
+        )
+
+
+def add_noise(audio: np.ndarray, snr_db: float, color: str, rng: np.random.Generator) -> np.ndarray:
+    """``audio`` plus white or pink noise at ``snr_db`` below its mean power (silence stays silent)."""
+    noise = rng.standard_normal(audio.size)
+    if color == "pink":  # 1/f power: amplitudes scaled by 1/sqrt(f), no DC
+        spectrum = np.fft.rfft(noise)
+        spectrum[1:] /= np.sqrt(np.arange(1, spectrum.size))
+        spectrum[0] = 0.0
+        noise = np.fft.irfft(spectrum, n=audio.size)
+    power, noise_power = float(np.mean(audio.astype(np.float64) ** 2)), float(np.mean(noise**2))
+    if power == 0.0 or noise_power == 0.0:
+        return audio
+    noise *= math.sqrt(power / 10.0 ** (snr_db / 10.0) / noise_power)
+    return (audio + noise).astype(np.float32)  # not clipped: the encoder takes float audio as it is
+
+
+def copy_rng(seed: int, copy_id: str) -> np.random.Generator:
+    """A generator that depends on the seed and the copy's id only (not on order, chunk or rank)."""
+    digest = int.from_bytes(hashlib.sha256(copy_id.encode("utf-8")).digest()[:8], "little")
+    return np.random.default_rng([int(seed), digest])
+
+
+def perturbations_from_config(perturb: Optional[Mapping]) -> List[Perturbation]:
+    """The copies ``perturb`` asks for: one per (speed, SNR) pair of ``speeds`` x ``noise_snr_db``
+    other than (1.0, null), which is the utterance itself. None or {} = no copies."""
+    if not perturb:
+        return []
+    unknown = set(perturb) - set(PERTURB_KEYS)
+    if unknown:
+        raise ValueError(f"perturb: unknown keys {sorted(unknown)}; expected {list(PERTURB_KEYS)}")
+    as_list = lambda v, default: default if v is None else ([v] if isinstance(v, (int, float)) else list(v))
+    speeds = [float(x) for x in as_list(perturb.get("speeds"), [1.0])]
+    snrs = [None if x is None else float(x) for x in as_list(perturb.get("noise_snr_db"), [None])]
+    noise, seed = str(perturb.get("noise") or "white"), perturb.get("seed") or 0
+    if any(not 0.5 <= x <= 2.0 for x in speeds):
+        raise ValueError(f"perturb.speeds={speeds}: each factor must be in [0.5, 2] (e.g. [0.9, 1.1])")
+    if any(x is not None and not math.isfinite(x) for x in snrs):
+        raise ValueError(f"perturb.noise_snr_db={snrs}: expected finite dB values or null")
+    if noise not in NOISE_COLORS:
+        raise ValueError(f"perturb.noise={noise!r}: expected one of {NOISE_COLORS}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"perturb.seed={seed!r}: expected an integer")
+    copies = [Perturbation(sp, snr, noise, seed) for sp in speeds for snr in snrs if (sp, snr) != (1.0, None)]
+    if len({c.suffix for c in copies}) < len(copies):
+        raise ValueError(f"perturb: speeds {speeds} x noise_snr_db {snrs} repeat a copy")
+    return copies
+
+
+@dataclass(frozen=True)
+class ExtractItem:
+    """An utterance to encode: a manifest cut, as it is or as a perturbed copy."""
+
+    cut: MonoCut
+    perturbation: Optional[Perturbation] = None
+
+    @property
+    def id(self) -> str:
+        return self.cut.id + (self.perturbation.suffix if self.perturbation else "")
+
+    def load_audio(self, max_duration: float) -> np.ndarray:
+        p = self.perturbation
+        if p is None:
+            return load_cut_audio(self.cut, max_duration)
+        audio = p.apply(load_cut_audio(self.cut, max_duration * max(1.0, p.speed)), self.id)
+        if audio.size / TARGET_SR > max_duration:
+            raise BadAudio(f"too long at speed {p.speed}: {audio.size / TARGET_SR:.1f} s > max_duration {max_duration} s")
+        return audio
+
+    def output_cut(self) -> MonoCut:
+        return self.cut if self.perturbation is None else self.perturbation.copy_cut(self.cut)
+
+
+def extract_settings(perturbations: Sequence[Perturbation]) -> Dict:
+    """What a resume must find unchanged (see :func:`check_resume_settings`), as plain JSON."""
+    return {"perturbations": [asdict(p) for p in perturbations]}
+
+
+def with_copies(cuts: Iterable[MonoCut], perturbations: Sequence[Perturbation]) -> List[ExtractItem]:
+    """Each cut followed by its perturbed copies (in one chunk, mostly: a resume recomputes them together)."""
+    return [ExtractItem(c, p) for c in cuts for p in (None, *perturbations)]
+
+
 EXTRACT_INFO = "extract_info.json"
+SETTINGS = "settings.json"  # in shards/: the settings the done chunks were made with
+
+
+def check_resume_settings(out_dir: Path, settings: Dict) -> None:
+    """Refuse to resume chunks made with other settings (another ``perturb`` puts other items in
+    chunk k); a folder with done chunks and no record was made without perturbation."""
+    path = out_dir / "shards" / SETTINGS
+    if path.is_file():
+        before = json.loads(path.read_text(encoding="utf-8"))
+    elif any((out_dir / "shards").glob("cuts-*.jsonl.gz")):
+        before = {"perturbations": []}
+    else:
+        return
+    if before != settings:
+        raise ValueError(f"{out_dir} holds chunks extracted with {before}, not {settings}: "
+                         "use another output_dir (or the same settings to resume)")
+
+
+def record_settings(out_dir: Path, settings: Dict) -> None:
+    (out_dir / "shards").mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out_dir / "shards" / SETTINGS, json.dumps(settings, sort_keys=True) + "\n")
 
 
 def features_record(manifest: str | Path) -> Optional[Dict]:
@@ -117,7 +271,7 @@ class ChunkResult:
 
 
 def extract_chunk(
-    cuts: Sequence[MonoCut],
+    cuts: Sequence[Union[MonoCut, ExtractItem]],
     encode: Callable[[List[np.ndarray]], List[np.ndarray]],
     out_dir: Path,
     chunk_index: int,
@@ -128,7 +282,8 @@ def extract_chunk(
     max_duration: float,
     on_item: Optional[Callable[[float], None]] = None,
 ) -> ChunkResult:
-    """Encode one chunk of cuts into ``shards/feats-NNNNN.safetensors`` + its manifest part."""
+    """Encode one chunk of cuts (or :class:`ExtractItem` copies) into ``shards/feats-NNNNN.safetensors``
+    + its manifest part."""
     shard_dir = out_dir / "shards"
     shard_dir.mkdir(parents=True, exist_ok=True)
     shard = shard_dir / f"feats-{chunk_index:05d}.safetensors"
@@ -160,14 +315,16 @@ def extract_chunk(
                 on_item(audio.size / TARGET_SR)
 
     pending: List[Tuple[MonoCut, np.ndarray]] = []
-    for cut in cuts:
+    for item in cuts:
+        item = item if isinstance(item, ExtractItem) else ExtractItem(item)
         try:
-            pending.append((cut, load_cut_audio(cut, max_duration)))
+            audio = item.load_audio(max_duration)
         except BadAudio as e:
-            failures.append({"id": cut.id, "reason": str(e)})
+            failures.append({"id": item.id, "reason": str(e)})
             if on_item:
                 on_item(0.0)
             continue
+        pending.append((item.output_cut(), audio))  # after the checks: a copy needs a readable recording
         if len(pending) >= batch_size:
             flush(pending)
             pending = []
@@ -224,6 +381,6 @@ def merge_chunks(out_dir: Path, num_chunks: int) -> Tuple[Path, int, int]:
     return manifest, len(cuts), len(failures)
 
 
-def chunked(cuts: Iterable[MonoCut], size: int) -> List[List[MonoCut]]:
+def chunked(cuts: Iterable, size: int) -> List[List]:
     cuts = list(cuts)
     return [cuts[i : i + size] for i in range(0, len(cuts), size)]
