@@ -211,7 +211,7 @@ def extract_settings(perturbations: Sequence[Perturbation]) -> Dict:
 
 
 def with_copies(cuts: Iterable[MonoCut], perturbations: Sequence[Perturbation]) -> List[ExtractItem]:
-    """Each cut followed by its perturbed copies (in one chunk, mostly: a resume recomputes them together)."""
+    """Each cut followed by its perturbed copies, in a fixed order: chunk k holds the same items on every run."""
     return [ExtractItem(c, p) for c in cuts for p in (None, *perturbations)]
 
 

@@ -9,6 +9,7 @@ from lhotse import CutSet, MonoCut, Recording, SupervisionSegment
 from lhotse.utils import perturb_num_samples
 
 from speechmapper_tune.data.extract import (
+    BadAudio,
     ExtractItem,
     Perturbation,
     add_noise,
@@ -131,7 +132,7 @@ def test_a_chunk_with_copies_writes_them_next_to_their_source(tmp_path):
 
 def test_a_copy_too_long_after_slowing_down_is_a_skip(tmp_path):
     item = ExtractItem(_cut(tmp_path, "u", 1.9), Perturbation(speed=0.9))
-    with pytest.raises(ValueError, match="too long at speed 0.9"):
+    with pytest.raises(BadAudio, match="too long at speed 0.9"):
         item.load_audio(2.0)
     assert ExtractItem(_cut(tmp_path, "v", 2.1), Perturbation(speed=1.1)).load_audio(2.0).size <= 2 * SR
 
