@@ -13,6 +13,7 @@ Writes ``${output_dir}/eet.json`` (noise degree -> WER) and prints the table.
 from __future__ import annotations
 
 import json
+import os
 import random
 import sys
 from pathlib import Path
@@ -116,6 +117,9 @@ class EETRecipe:
 
 @config.parse
 def recipe_main(cfg: DictConfig) -> None:
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size > 1:  # N processes would each run every sentence and noise degree and write the same table
+        raise ValueError(f"speechmapper_eet runs in one process (WORLD_SIZE={world_size}): run it without --nproc_per_node")
     check_recipe_config(cfg, "speechmapper_eet")  # a misspelt or unknown setting stops here, before anything loads
     recipe = EETRecipe(cfg)
     recipe.setup()

@@ -14,6 +14,7 @@ a score on a subset says so.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections import Counter
 from pathlib import Path
@@ -154,6 +155,9 @@ def markdown_table(results: List[Dict]) -> str:
 
 @config.parse
 def recipe_main(cfg: DictConfig) -> None:
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size > 1:  # scoring is quick, and N processes would each score every file and write the same results
+        raise ValueError(f"speechmapper_eval runs in one process (WORLD_SIZE={world_size}): run it without --nproc_per_node")
     check_recipe_config(cfg, "speechmapper_eval")  # a misspelt or unknown setting stops here, before anything loads
     recipe = EvalRecipe(cfg)
     recipe.setup()

@@ -20,17 +20,23 @@ weights' hash, LLM, prompt, decoding) matches (``overwrite=True`` starts over).
 ``not_generated.jsonl`` lists every manifest item that was not generated, with the reason.
 Stuck decodes (a token or n-gram repeated up to the length limit, paper B.2) are flagged per
 item; the optional guard stops them early.
+
+``tune run --nproc_per_node N speechmapper_generate ...`` splits the items (and an audio manifest's
+feature chunks) between the N processes; each writes its own part files and rank 0 merges them
+into the same ``generations.jsonl`` (in manifest order) and ``not_generated.jsonl`` one process writes.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 from tqdm import tqdm
@@ -43,8 +49,8 @@ from speechmapper_tune.configs import resolve_config_argv, resolve_path_setting
 from speechmapper_tune.corpus import load_audio_manifest
 from speechmapper_tune.data.extract import chunk_done, chunked, extract_chunk, merge_chunks
 from speechmapper_tune.data.generation_data import (GENERATIONS, NOT_GENERATED, SPAN_SOURCES, FasterWhisperTranscriber,
-                                                    append_rows, done_ids, file_sha256, read_rows, start_run,
-                                                    write_not_generated)
+                                                    append_rows, done_ids, file_sha256, merge_parts, part_file, read_rows,
+                                                    start_run, write_not_generated)
 from speechmapper_tune.data.manifest import SkipCounter, load_feature_items
 from speechmapper_tune.data.sampler import ShuffledBatchSampler
 from speechmapper_tune.data.stage2 import PromptParts, PromptTemplate, Stage2Collator, Stage2Dataset, prepare_asr_examples, prepare_instruction_examples
@@ -69,7 +75,11 @@ class GenerateRecipe:
     def __init__(self, cfg: DictConfig):
         self.cfg = cfg
         self.output_dir = Path(cfg.output_dir)
-        self.device = utils.get_device(cfg.get("device", "cpu"))
+        self.device = utils.get_device(cfg.get("device", "cpu"))  # cuda: this process's LOCAL_RANK device
+        self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        if self.world_size > 1 and not dist.is_initialized():
+            dist.init_process_group("gloo")  # only barriers: every rank generates its own items
         if cfg.span_source not in SPAN_SOURCES:
             raise ValueError(f"span_source={cfg.span_source!r}: expected one of {SPAN_SOURCES}")
         if cfg.span_source == "transcript" and cfg.get("instructions"):
@@ -103,7 +113,10 @@ class GenerateRecipe:
         self.llm = self.model.llm
         self.pad_id = self.model.pad_id
         self.prompt_text = self.chat.render_text(self.template.messages(), add_generation_prompt=True) + self.template.assistant_prefix
-        start_run(self.output_dir, self._settings(), overwrite=bool(cfg.get("overwrite", False)))
+        if self.rank == 0:  # the settings check, overwrite, and the parts a killed multi-process run left
+            start_run(self.output_dir, self._settings(), overwrite=bool(cfg.get("overwrite", False)))
+            merge_parts(self.output_dir)
+        self._barrier()
         self.out_path = self.output_dir / GENERATIONS
         self.skipped = SkipCounter()
         manifest = cfg.manifest if has_features else self._extract_features(cuts)
@@ -122,10 +135,16 @@ class GenerateRecipe:
             examples = prepare_asr_examples(items, self.chat, self.template, out_len, max_len, self.skipped, generation=True)
         if cfg.get("max_items"):
             examples = examples[: int(cfg.max_items)]
-        write_not_generated(self.output_dir / NOT_GENERATED, self.skipped.items)
-        done = done_ids(self.out_path)
-        self.examples = [e for e in examples if e.item.id not in done]
-        log.info(f"{len(examples)} items ({len(done)} already generated); not generated {self.skipped.total()} "
+        if self.rank == 0:
+            write_not_generated(self.output_dir / NOT_GENERATED, self.skipped.items)
+        done = done_ids(self.out_path)  # every rank sees the same file: rank 0 merged and repaired it before the barrier
+        self.order = [e.item.id for e in examples]
+        self.examples = [e for e in examples if e.item.id not in done][self.rank :: self.world_size]
+        one = self.world_size == 1  # one process appends to the outputs themselves
+        self.rows_path = self.out_path if one else part_file(self.output_dir, GENERATIONS, self.rank)
+        self.missing_path = self.output_dir / NOT_GENERATED if one else part_file(self.output_dir, NOT_GENERATED, self.rank)
+        share = f"; rank {self.rank} of {self.world_size} generates {len(self.examples)}" if not one else ""
+        log.info(f"{len(examples)} items ({len(done)} already generated{share}); not generated {self.skipped.total()} "
                  f"({self.skipped.summary()}), listed in {self.output_dir / NOT_GENERATED}")
         self.transcriber = None
         if cfg.span_source == "asr":
@@ -162,7 +181,7 @@ class GenerateRecipe:
         key = hashlib.sha256(json.dumps(feats, sort_keys=True).encode()).hexdigest()[:12]
         out = self.output_dir / "features" / f"{feats.get('feature_type', 'features')}-{key}"
         chunks = chunked(list(cuts), 500)
-        todo = [k for k in range(len(chunks)) if not chunk_done(out, k)]
+        todo = [k for k in range(len(chunks)) if k % self.world_size == self.rank and not chunk_done(out, k)]
         if todo:
             sfm, k_avg = self.model.sfm(), int(feats.get("average_frames", 1))
             pbar = tqdm(total=sum(len(chunks[k]) for k in todo), desc="features", unit="utt", dynamic_ncols=True)
@@ -171,28 +190,42 @@ class GenerateRecipe:
                               feats.get("feature_type", "features"), k_avg / sfm.frame_rate, k_avg, int(cfg.batch_size),
                               float(cfg.get("max_duration", 30.0)), on_item=lambda _: pbar.update(1))
             pbar.close()
-        manifest, _, _ = merge_chunks(out, len(chunks))
+        self._barrier()
+        if self.rank == 0:
+            merge_chunks(out, len(chunks))
+        self._barrier()
+        manifest = out / "cuts.jsonl.gz"  # what merge_chunks wrote
         for row in read_rows(out / "failures.jsonl"):
             self.skipped.add(row["reason"], row["id"])
         return manifest
 
-    @torch.no_grad()
+    def _barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
     def run(self) -> None:
+        if self.examples:
+            self._generate()
+        else:
+            log.info(f"Nothing to generate{f' on rank {self.rank}' if self.world_size > 1 else ''}: {self.out_path} is complete")
+        self._barrier()
+        if self.world_size > 1 and self.rank == 0:
+            log.info(f"Merged {merge_parts(self.output_dir, self.order)} rows of {self.world_size} processes into {self.out_path}")
+
+    @torch.no_grad()
+    def _generate(self) -> None:
         cfg = self.cfg
-        if not self.examples:
-            log.info(f"Nothing to generate: {self.out_path} is complete")
-            return
         loader = DataLoader(Stage2Dataset(self.examples),
                             batch_sampler=ShuffledBatchSampler(len(self.examples), int(cfg.batch_size), shuffle=False),
                             collate_fn=Stage2Collator(self.projector.output_length if self.projector else (lambda n: n), self.pad_id))
         cap = cfg.get("length_cap")
-        pbar = tqdm(total=len(self.examples), desc=f"generate[{cfg.span_source}]", unit="utt", dynamic_ncols=True)
+        pbar = tqdm(total=len(self.examples), desc=f"generate[{cfg.span_source}]" + (f"[{self.rank}]" if self.world_size > 1 else ""), unit="utt", dynamic_ncols=True)
         t0, n_tokens, n_stuck = time.perf_counter(), 0, 0
         exs = {e.item.id: e for e in self.examples}
         for batch in loader:
             if batch.get("skipped"):
                 self.skipped.record_batch(batch, log)
-                append_rows(self.output_dir / NOT_GENERATED, [{"id": i, "reason": r} for i, r in batch["skipped"]])
+                append_rows(self.missing_path, [{"id": i, "reason": r} for i, r in batch["skipped"]])
             if not batch["ids"]:
                 continue
             spans = self._spans(batch)
@@ -213,13 +246,13 @@ class GenerateRecipe:
                              "reference": reference or None,  # no transcript: generated, not scored
                              "flags": list(res.flags), "stopped_by": res.stopped_by, "span_vectors": int(span.shape[0]),
                              "span_source": cfg.span_source, **meta})
-            append_rows(self.out_path, rows)
+            append_rows(self.rows_path, rows)
             pbar.update(len(rows))
             pbar.set_postfix(tok_s=f"{n_tokens / max(time.perf_counter() - t0, 1e-9):.1f}", stuck=n_stuck)
         pbar.close()
         wall = time.perf_counter() - t0
         log.info(f"Generated {n_tokens} tokens in {wall:.0f} s ({n_tokens / max(wall, 1e-9):.1f} tokens/s); "
-                 f"{n_stuck} stuck decodes flagged; skipped {self.skipped.total()}; wrote {self.out_path}")
+                 f"{n_stuck} stuck decodes flagged; skipped {self.skipped.total()}; wrote {self.rows_path}")
 
     def _spans(self, batch):
         src = self.cfg.span_source
@@ -235,7 +268,8 @@ class GenerateRecipe:
         return [self.model.text_span(t) for t in texts]
 
     def cleanup(self) -> None:
-        pass
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def _plain(node):

@@ -11,7 +11,9 @@ Only the span differs: the prompt, the LLM and the decoding are the same for all
 A generation folder holds ``generations.jsonl`` (one row per generated item), ``not_generated.jsonl``
 (every manifest item that was not generated, with the reason) and ``generation_settings.json``
 (projector weights' hash, LLM, prompt, decoding): a rerun resumes only with the same settings, so
-rows made by another checkpoint are never passed off as this one's.
+rows made by another checkpoint are never passed off as this one's. Under ``tune run
+--nproc_per_node N`` each rank writes its items to its own part files (``generations.rank{r}.jsonl``,
+``not_generated.rank{r}.jsonl``) and rank 0 merges them into the two files (``merge_parts``).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Set, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
 from speechmapper_tune.checkpoint.atomic import atomic_write_json, atomic_write_text
 
@@ -56,7 +58,7 @@ def start_run(output_dir: Path, settings: Dict[str, Any], overwrite: bool = Fals
     """Resume the generations in ``output_dir`` only when they were made with ``settings``; with
     ``overwrite`` start over. A mismatch is an error naming what differs."""
     settings = json.loads(json.dumps(settings))  # as it reads back from JSON
-    files = [output_dir / GENERATIONS, output_dir / NOT_GENERATED, output_dir / SETTINGS]
+    files = [output_dir / GENERATIONS, output_dir / NOT_GENERATED, output_dir / SETTINGS, *_part_files(output_dir)]
     if overwrite:
         for f in files:
             f.unlink(missing_ok=True)
@@ -85,10 +87,8 @@ def read_not_generated(generations: Path) -> Optional[List[Dict]]:
     return read_rows(path) if path.is_file() else None
 
 
-def done_ids(path: Path) -> Set[str]:
-    """Ids already written to a generations file; a torn last line (killed job) is dropped."""
-    if not path.is_file():
-        return set()
+def _whole_rows(path: Path) -> Tuple[List[Dict], bool]:
+    """The rows of a JSON-lines file up to the first torn line (a killed job), and whether all were whole."""
     lines = path.read_text(encoding="utf-8").splitlines()
     good = []
     for line in lines:
@@ -96,9 +96,55 @@ def done_ids(path: Path) -> Set[str]:
             good.append(json.loads(line))
         except json.JSONDecodeError:
             break
-    if len(good) != len(lines):
+    return good, len(good) == len(lines)
+
+
+def done_ids(path: Path) -> Set[str]:
+    """Ids already written to a generations file; a torn last line (killed job) is dropped."""
+    if not path.is_file():
+        return set()
+    good, whole = _whole_rows(path)
+    if not whole:
         atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in good))
     return {r["id"] for r in good}
+
+
+def part_file(output_dir: Path, name: str, rank: int) -> Path:
+    """Rank ``rank``'s part of ``name`` (``GENERATIONS`` or ``NOT_GENERATED``) in a multi-process run."""
+    return Path(output_dir) / name.replace(".jsonl", f".rank{rank}.jsonl")
+
+
+def _part_files(output_dir: Path, name: Optional[str] = None) -> List[Path]:
+    names = [name] if name else [GENERATIONS, NOT_GENERATED]
+    return sorted(p for n in names for p in Path(output_dir).glob(n.replace(".jsonl", ".rank*.jsonl")))
+
+
+def merge_parts(output_dir: Path, order: Sequence[str] = ()) -> int:
+    """Move every rank's part rows into ``generations.jsonl`` and ``not_generated.jsonl``, then delete
+    the parts; returns the generation rows added.
+
+    A part's torn last line is dropped, and so is a row whose id is already generated (a rerun after
+    a merge that was killed before the parts were deleted). New rows follow ``order`` (the manifest's
+    ids), so N processes write the file one process would.
+    """
+    output_dir = Path(output_dir)
+    gens = output_dir / GENERATIONS
+    seen = done_ids(gens)
+    rows = []
+    for part in _part_files(output_dir, GENERATIONS):
+        for row in _whole_rows(part)[0]:
+            if row["id"] not in seen:
+                seen.add(row["id"])
+                rows.append(row)
+    rank = {i: n for n, i in enumerate(order)}
+    rows.sort(key=lambda r: rank.get(r["id"], len(rank)))
+    missing = [r for part in _part_files(output_dir, NOT_GENERATED) for r in _whole_rows(part)[0]]
+    for path, new in ((gens, rows), (output_dir / NOT_GENERATED, missing)):
+        if new:
+            append_rows(path, new)
+    for part in _part_files(output_dir):
+        part.unlink()
+    return len(rows)
 
 
 def append_rows(path: Path, rows: Iterable[Dict]) -> None:

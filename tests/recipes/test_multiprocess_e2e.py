@@ -1,0 +1,63 @@
+"""Per-item recipes under `tune run --nproc_per_node 2`: generate splits its items between the
+processes and writes each once; eval and eet refuse to run in several processes."""
+
+import json
+
+import pytest
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tune):
+    out = tmp_path_factory.mktemp("s1")
+    tune(["run", "speechmapper_pretrain", "--config", "tiny/stage1", f"output_dir={out}", "max_steps=20",
+          "val_every_n_steps=0", "save_every_n_steps=0"], cwd=out)
+    return out
+
+
+def _gen(tune, trained, out, *extra, nproc=1):
+    launch = ["run", "--nproc_per_node", str(nproc)] if nproc > 1 else ["run"]
+    return tune([*launch, "speechmapper_generate", "--config", "tiny/generate", f"projector_checkpoint={trained}/checkpoints/step_20",
+                 f"manifest={trained}/data/val.jsonl.gz", f"llm.checkpoint={trained}/data/llm", f"output_dir={out}", *extra],
+                cwd=trained)
+
+
+def _rows(path):
+    return [json.loads(l) for l in path.read_text().splitlines()]
+
+
+def test_two_processes_write_each_item_once_and_resume(tmp_path, tune, trained):
+    one, two = tmp_path / "one", tmp_path / "two"
+    _gen(tune, trained, one, "max_items=9")
+    proc = _gen(tune, trained, two, "max_items=9", nproc=2)
+    out = proc.stdout + proc.stderr
+    assert "rank 0 of 2 generates 5" in out and "rank 1 of 2 generates 4" in out
+    rows, reference = _rows(two / "generations.jsonl"), _rows(one / "generations.jsonl")
+    assert [r["id"] for r in rows] == [r["id"] for r in reference]  # each once, in manifest order
+    assert {r["id"]: r["hypothesis"] for r in rows} == {r["id"]: r["hypothesis"] for r in reference}
+    assert not list(two.glob("*.rank*.jsonl"))
+    assert (two / "not_generated.jsonl").read_text() == (one / "not_generated.jsonl").read_text()
+    assert json.loads((two / "generation_settings.json").read_text()) == json.loads((one / "generation_settings.json").read_text())
+
+    # a killed 2-process run: 3 merged rows, 2 rows in rank 1's part, then a torn line
+    lines = (two / "generations.jsonl").read_text().splitlines()
+    (two / "generations.jsonl").write_text("\n".join(lines[:3]) + "\n")
+    (two / "generations.rank1.jsonl").write_text("\n".join(lines[5:7]) + "\n" + lines[7][:15])
+    proc = _gen(tune, trained, two, "max_items=9", nproc=2)
+    assert "9 items (5 already generated" in proc.stdout + proc.stderr
+    resumed = _rows(two / "generations.jsonl")
+    assert sorted(r["id"] for r in resumed) == sorted(r["id"] for r in reference) and len(resumed) == 9
+    assert not list(two.glob("*.rank*.jsonl"))
+
+
+def test_eval_and_eet_refuse_several_processes(tmp_path, tune):
+    gen = tmp_path / "g.jsonl"
+    gen.write_text(json.dumps({"id": "a", "task": "asr", "reference": "a cat", "hypothesis": "a cat", "flags": []}) + "\n")
+    proc = tune(["run", "--nproc_per_node", "2", "speechmapper_eval", "--config", "eval/default", f"output_dir={tmp_path}/ev",
+                 f"generations={{g: {gen}}}"], cwd=tmp_path, check=False)
+    assert proc.returncode != 0 and "speechmapper_eval runs in one process" in proc.stdout + proc.stderr
+    assert not (tmp_path / "ev").exists()
+    proc = tune(["run", "--nproc_per_node", "2", "speechmapper_eet", "--config", "smollm2_135M/eet", f"output_dir={tmp_path}/eet"],
+                cwd=tmp_path, check=False)
+    assert proc.returncode != 0 and "speechmapper_eet runs in one process" in proc.stdout + proc.stderr
