@@ -61,3 +61,20 @@ def test_eval_and_eet_refuse_several_processes(tmp_path, tune):
     proc = tune(["run", "--nproc_per_node", "2", "speechmapper_eet", "--config", "smollm2_135M/eet", f"output_dir={tmp_path}/eet"],
                 cwd=tmp_path, check=False)
     assert proc.returncode != 0 and "speechmapper_eet runs in one process" in proc.stdout + proc.stderr
+
+
+def test_two_processes_on_an_audio_manifest(tmp_path, tune):
+    """Features made first (rank 0 merges the chunks the ranks made), then the items split."""
+    import glob
+
+    files = sorted(glob.glob("/usr/share/pocketsphinx/test/data/librivox/*.wav"))[:3]
+    if len(files) != 3:
+        pytest.fail("real speech not found: apt-get install -y pocketsphinx-testdata")
+    rows = [{"id": f"utt{i}", "audio": f} for i, f in enumerate(files)] + [{"id": "bad", "audio": str(tmp_path / "gone.wav")}]
+    (tmp_path / "mine.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tune(["run", "--nproc_per_node", "2", "speechmapper_generate", "--config", "smollm2_135M/generate_asr",
+          f"manifest={tmp_path}/mine.jsonl", "projector_checkpoint=smollm2_135m_whisper_base_stage2_asr",
+          f"output_dir={tmp_path}/gen", "max_new_tokens=10", "stop_at_newline=True"], cwd=tmp_path)
+    assert [r["id"] for r in _rows(tmp_path / "gen" / "generations.jsonl")] == ["utt0", "utt1", "utt2"]
+    assert [r["id"] for r in _rows(tmp_path / "gen" / "not_generated.jsonl")] == ["bad"]
+    assert not list((tmp_path / "gen").glob("*.rank*.jsonl"))
