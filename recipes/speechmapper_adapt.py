@@ -163,11 +163,13 @@ class AdaptRecipe:
             n_asr = int(round(len(examples) * float(dcfg.get("asr_mix_ratio", 0.0))))
             if n_asr:  # section 4.2: ASR samples mixed in to stabilise short task-specific IT
                 asr_template = PromptTemplate(**OmegaConf.to_container(self.cfg.asr_prompt, resolve=True))
-                asr = prepare_asr_examples(items, self.chat, asr_template, proj.output_length, max_len, self.skipped)
+                asr = prepare_asr_examples(items, self.chat, asr_template, proj.output_length, max_len, self.skipped,
+                                           target_text=dcfg.get("target_text", "normalized"))
                 rng = random.Random(int(self.cfg.seed))
                 examples += [asr[rng.randrange(len(asr))] for _ in range(n_asr)]
         else:
-            examples = prepare_asr_examples(items, self.chat, self.template, proj.output_length, max_len, self.skipped)
+            examples = prepare_asr_examples(items, self.chat, self.template, proj.output_length, max_len, self.skipped,
+                                            target_text=dcfg.get("target_text", "normalized"))
         if not shuffle and dcfg.get("max_items"):
             examples = [examples[i] for i in sample_subset(len(examples), int(dcfg.max_items), 0)]
         if not examples:

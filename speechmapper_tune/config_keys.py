@@ -46,9 +46,9 @@ RECIPE_KEYS: Dict[str, Set[str]] = {
         *_TRAINING, *_LLM, "projector_checkpoint", "from_scratch", *_under("prompt", _PROMPT),
         *_under("asr_prompt", _PROMPT), *_LORA, "trim_pad_vectors", "batch_size", "max_seq_len",
         "enable_activation_checkpointing", "validate_at_start",
-        *_under("data.train", ("manifest", "instructions", "task", "asr_mix_ratio", "num_workers")),
+        *_under("data.train", ("manifest", "instructions", "task", "asr_mix_ratio", "num_workers", "target_text")),
         *_under("data.train.augment", _AUGMENT),  # validation never sees masked features: no data.val.augment
-        *_under("data.val", ("manifest", "instructions", "task", "asr_mix_ratio", "num_workers", "max_items")),
+        *_under("data.val", ("manifest", "instructions", "task", "asr_mix_ratio", "num_workers", "max_items", "target_text")),
     },
     "speechmapper_generate": {
         "output_dir", "projector_checkpoint", "manifest", "device", "seed", *_LLM, *_under("prompt", _PROMPT),

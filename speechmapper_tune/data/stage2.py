@@ -26,6 +26,7 @@ from torch.utils.data import Dataset
 from speechmapper_tune.data.augment import FeatureMasking
 from speechmapper_tune.data.features import load_item_features, pad_features
 from speechmapper_tune.data.manifest import FeatureItem, SkipCounter
+from speechmapper_tune.data.stage1 import TARGET_TEXTS
 from speechmapper_tune.losses import IGNORE_INDEX, build_stage1_target_ids
 from speechmapper_tune.textio import read_lines
 
@@ -96,15 +97,20 @@ def prepare_asr_examples(
     max_seq_len: int,
     skipped: SkipCounter,
     generation: bool = False,
+    target_text: str = "normalized",
 ) -> List[Stage2Example]:
-    """ASR instruction examples: the response is the normalized transcript (paper: LibriSpeech IT).
+    """ASR instruction examples: the response is the normalized transcript (paper: LibriSpeech IT), or
+    with ``target_text="written"`` the transcript as written (response and MSE targets; not in the paper).
     ``generation``: only the prompt and speech must fit (the response is what gets generated)."""
+    if target_text not in TARGET_TEXTS:
+        raise ValueError(f"target_text={target_text!r}: expected one of {TARGET_TEXTS}")
     parts = split_prompt(chat, template)
     out = []
     for it in items:
         n_out = int(output_length(it.num_frames))
-        targets = [] if generation else chat.encode_text(it.text)  # the MSE term's targets: training only
-        resp = response_ids(chat, it.text)
+        text = (it.written or it.text) if target_text == "written" else it.text
+        targets = [] if generation else chat.encode_text(text)  # the MSE term's targets: training only
+        resp = response_ids(chat, text)
         ex = Stage2Example(it, parts, resp, targets, n_out)
         if _check(ex, max_seq_len, skipped, generation):
             out.append(ex)

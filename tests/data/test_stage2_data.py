@@ -73,3 +73,17 @@ def test_a_non_utf8_byte_in_instructions_names_the_line(tmp_path, chat):
     with pytest.raises(ValueError, match=rf"{path}, line 2: not UTF-8 text \(byte 0xe9"):
         prepare_instruction_examples(path, {it.id: it for it in items}, chat, TEMPLATE, lambda n: n // 4, 512,
                                      SkipCounter(), "st")
+
+
+def test_written_targets_give_the_written_response_and_mse_targets(tmp_path, chat):
+    from dataclasses import replace
+
+    items = load_feature_items(write_synthetic_split(tmp_path, "x", 3, 16, seed=0))
+    items = [replace(it, written=it.text.capitalize() + ".") for it in items]
+    plain = prepare_asr_examples(items, chat, TEMPLATE, lambda n: n, 4096, SkipCounter())
+    written = prepare_asr_examples(items, chat, TEMPLATE, lambda n: n, 4096, SkipCounter(), target_text="written")
+    for it, p, w in zip(items, plain, written):
+        assert p.response == chat.encode_text(it.text) + [chat.eos_id] and p.target_ids == chat.encode_text(it.text)
+        assert w.response == chat.encode_text(it.written) + [chat.eos_id] and w.target_ids == chat.encode_text(it.written)
+    with pytest.raises(ValueError, match="target_text='cased'"):
+        prepare_asr_examples(items, chat, TEMPLATE, lambda n: n, 4096, SkipCounter(), target_text="cased")
