@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from speechmapper_tune.models import query_projector as qp
+
 
 @dataclass
 class BlockConfig:
@@ -237,8 +239,10 @@ def speechmapper_tiny(input_dim: int = 16, output_dim: int = 32, **kw) -> Speech
     return speechmapper_projector(input_dim, output_dim, (32, 32), (32, output_dim), **kw)
 
 
-def build_projector_from_config(cfg: Dict[str, Any] | ProjectorConfig) -> SpeechMapperProjector:
-    """Rebuild a projector from the JSON config saved next to its weights."""
+def build_projector_from_config(cfg: Dict[str, Any] | ProjectorConfig) -> nn.Module:
+    """Rebuild a projector from the JSON config saved next to its weights (conv, or ``kind: "query"``)."""
+    if isinstance(cfg, qp.QueryProjectorConfig) or (isinstance(cfg, dict) and cfg.get("kind") == qp.KIND):
+        return qp.QueryProjector(cfg if isinstance(cfg, qp.QueryProjectorConfig) else qp.QueryProjectorConfig.from_dict(cfg))
     if not isinstance(cfg, ProjectorConfig):
-        cfg = ProjectorConfig.from_dict(cfg)
+        cfg = ProjectorConfig.from_dict(cfg)  # configs without "kind" (every older checkpoint) are conv projectors
     return SpeechMapperProjector(cfg)
