@@ -8,14 +8,6 @@ import pytest
 pytestmark = pytest.mark.e2e
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, tune):
-    out = tmp_path_factory.mktemp("s1")
-    tune(["run", "speechmapper_pretrain", "--config", "tiny/stage1", f"output_dir={out}", "max_steps=20",
-          "val_every_n_steps=0", "save_every_n_steps=0"], cwd=out)
-    return out
-
-
 def _gen(tune, trained, out, *extra, nproc=1):
     launch = ["run", "--nproc_per_node", str(nproc)] if nproc > 1 else ["run"]
     return tune([*launch, "speechmapper_generate", "--config", "tiny/generate", f"projector_checkpoint={trained}/checkpoints/step_20",
