@@ -40,6 +40,7 @@ from speechmapper_tune.checkpoint.projector_io import (
     CheckpointManager,
     embedding_fingerprint,
     load_checked_projector,
+    read_projector_meta,
     rng_state,
     set_rng_state,
 )
@@ -137,6 +138,8 @@ class PretrainRecipe:
             self.val_loader, _ = self._setup_data(cfg.data.val_manifest, tokenizer, shuffle=False, split="val")
         log.info(f"Skipped at setup: {self.skipped.total()} ({self.skipped.summary()})")
 
+        if cfg.get("init_projector") and not (cfg.get("resume", False) and self.checkpoints_exist()):
+            self._init_from(resolve_path_setting(cfg.init_projector))
         self.model.to(self.device)
         self.optimizer = config.instantiate(cfg.optimizer, self.model.parameters())
         self.scheduler = config.instantiate(cfg.lr_scheduler, self.optimizer)
@@ -148,6 +151,21 @@ class PretrainRecipe:
             self.model = DistributedDataParallel(self.model)
         self.loggers = [config.instantiate(c) for c in cfg.get("metric_loggers", [])] if self.is_main else []
         self._open_metrics_file()
+
+    def checkpoints_exist(self) -> bool:
+        return CheckpointManager(self.output_dir, 1).latest() is not None
+
+    def _init_from(self, folder) -> None:
+        """Warm start: another stage-1 projector's weights (same architecture, same LLM), a fresh optimizer and schedule."""
+        saved = read_projector_meta(folder)["projector"]
+        ours = json.loads(json.dumps(self.model.config.to_dict()))  # tuples as the saved JSON has them
+        if saved != ours:
+            diff = sorted(k for k in set(saved) | set(ours) if saved.get(k) != ours.get(k))
+            raise ValueError(f"init_projector={folder}: its architecture differs from model in {diff}; "
+                             f"set the model settings to the checkpoint's ({ {k: saved.get(k) for k in diff} })")
+        source, _ = load_checked_projector(folder, self.embedding)
+        self.model.load_state_dict(source.state_dict())
+        log.info(f"Initialized the projector from {folder} (fresh optimizer and LR schedule)")
 
     def _setup_data(self, manifest: str, tokenizer, shuffle: bool, split: str = "train"):
         cfg = self.cfg.data
@@ -245,6 +263,8 @@ class PretrainRecipe:
         log_every, val_every, save_every = (int(cfg.get(k, 0) or 0) for k in ("log_every_n_steps", "val_every_n_steps", "save_every_n_steps"))
         clip = cfg.get("clip_grad_norm")
         batches = self._batches()
+        if cfg.get("validate_at_start", False) and self.step == 0:  # the starting point's figures (e.g. of init_projector)
+            self._log(self.validate())
         pbar = tqdm(total=self.max_steps, initial=self.step, disable=not self.is_main, desc="stage 1", dynamic_ncols=True)
         t0, vectors = time.perf_counter(), 0
         self.model.train()

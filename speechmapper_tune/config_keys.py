@@ -38,7 +38,7 @@ def _under(section: str, keys: Iterable[str]) -> List[str]:
 
 RECIPE_KEYS: Dict[str, Set[str]] = {
     "speechmapper_pretrain": {
-        *_TRAINING, "dtype", "dry_run", *_LLM_TABLE,
+        *_TRAINING, "dtype", "dry_run", *_LLM_TABLE, "init_projector", "validate_at_start",
         "data.train_manifest", "data.val_manifest", "data.max_val_items", "data.max_tokens_per_batch",
         "data.num_workers", "data.target_text", *_under("data.augment", _AUGMENT),
     },

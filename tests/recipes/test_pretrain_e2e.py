@@ -97,3 +97,22 @@ def test_dry_run_prints_parameter_count(tmp_path, tune):
     info = json.loads([l for l in proc.stdout.splitlines() if l.startswith("{")][-1])
     assert info == {"dry_run": True, "parameters": info["parameters"], "vocab_size": 42, "llm_dim": 32}
     assert not (tmp_path / "o" / "checkpoints").exists()
+
+
+def test_init_projector_starts_from_another_run_and_names_a_different_architecture(tmp_path, tune, trained):
+    """A warm start reads another projector's weights: its step-0 validation equals that projector's own
+    validation on the same data (same weights, same batches); a differently shaped model is refused by name."""
+    source = trained / "checkpoints" / "step_20"
+    common = ["run", "speechmapper_pretrain", "--config", "tiny/stage1", f"init_projector={source}",
+              "validate_at_start=True", "val_every_n_steps=0", "save_every_n_steps=0"]
+    shutil.copytree(trained / "data", tmp_path / "warm" / "data")
+    tune([*common, f"output_dir={tmp_path / 'warm'}", "max_steps=2"], cwd=tmp_path)
+    rows = metrics(tmp_path / "warm")
+    first = [r for r in rows if "val_loss" in r][0]
+    own = [r for r in metrics(trained) if "val_loss" in r][-1]  # the source run's final validation
+    assert first["step"] == 0 and own["step"] == 20
+    for k in ("val_loss", "val_cosine", "val_token_acc"):
+        assert abs(first[k] - own[k]) <= 1e-5 * max(1.0, abs(own[k])), (k, first[k], own[k])
+    shutil.copytree(trained / "data", tmp_path / "wide" / "data")
+    err = tune([*common, f"output_dir={tmp_path / 'wide'}", "max_steps=1", "model.num_layers=2"], cwd=tmp_path, check=False)
+    assert err.returncode != 0 and "num_layers" in err.stderr and str(source) in err.stderr
