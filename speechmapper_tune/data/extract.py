@@ -13,8 +13,8 @@ a chunk whose ``cuts-*.jsonl.gz`` exists is done and skipped; a chunk interrupte
 is recomputed (its shard is only renamed into place once complete).
 
 Optional perturbed copies (not in the paper; :class:`Perturbation`): each utterance followed by
-copies with another speed and/or additive noise, ids ``<id>_sp0.9``, ``<id>_snr20``,
-``<id>_sp0.9_snr20``, same transcript. Copies count as utterances in chunks, so resume is unchanged.
+copies with another speed, channel (reverberation, telephone) and/or additive noise, ids ``<id>_sp0.9``,
+``<id>_rev``, ``<id>_snr20``, ``<id>_sp0.9_tel_snr20``, same transcript. Copies count as utterances in chunks, so resume is unchanged.
 """
 
 from __future__ import annotations
@@ -90,7 +90,10 @@ def load_cut_audio(cut: MonoCut, max_duration: float) -> np.ndarray:
 
 
 NOISE_COLORS = ("white", "pink")
-PERTURB_KEYS = ("speeds", "noise_snr_db", "noise", "seed")
+PERTURB_KEYS = ("speeds", "noise_snr_db", "noise", "channels", "seed")
+CHANNELS = ("reverb", "telephone")  # None (in a config: null) = the recording's own channel
+REVERB_T60 = (0.2, 0.7)  # seconds, drawn per copy: small rooms to a reverberant hall
+TELEPHONE_SR = 8000
 
 
 @dataclass(frozen=True)
@@ -108,28 +111,39 @@ class Perturbation:
     snr_db: Optional[float] = None
     noise: str = "white"
     seed: int = 0
+    channel: Optional[str] = None  # reverb | telephone (see :func:`reverberate`, :func:`telephone_channel`)
 
     @property
     def suffix(self) -> str:
         """What the copy's id adds to the source id (lhotse's ``_sp<factor>`` for speed)."""
-        return (f"_sp{self.speed}" if self.speed != 1.0 else "") + (f"_snr{self.snr_db:g}" if self.snr_db is not None else "")
+        return (f"_sp{self.speed}" if self.speed != 1.0 else "") + self._channel_suffix
+
+    @property
+    def _channel_suffix(self) -> str:  # the part that leaves times unchanged (also on the supervisions' ids)
+        channel = {"reverb": "_rev", "telephone": "_tel"}[self.channel] if self.channel else ""
+        return channel + (f"_snr{self.snr_db:g}" if self.snr_db is not None else "")
 
     def apply(self, audio: np.ndarray, copy_id: str) -> np.ndarray:
-        """The perturbed copy of 16 kHz mono float32 ``audio``."""
+        """The perturbed copy of 16 kHz mono float32 ``audio``: speed, room, noise, then the telephone line."""
+        rng = copy_rng(self.seed, copy_id)
         if self.speed != 1.0:
             n = perturb_num_samples(audio.size, self.speed)
             audio = Speed(self.speed)(audio[None], TARGET_SR)[0, :n].astype(np.float32)
+        if self.channel == "reverb":
+            audio = reverberate(audio, rng)
         if self.snr_db is not None:
-            audio = add_noise(audio, self.snr_db, self.noise, copy_rng(self.seed, copy_id))
+            audio = add_noise(audio, self.snr_db, self.noise, rng)
+        if self.channel == "telephone":
+            audio = telephone_channel(audio)
         return audio
 
     def copy_cut(self, cut: MonoCut) -> MonoCut:
         """The copy's manifest cut: new id (supervisions' too), perturbed times, same transcript,
         ``custom["perturbation"]`` saying how it was made."""
         out = cut.perturb_speed(self.speed) if self.speed != 1.0 else cut
-        noise = f"_snr{self.snr_db:g}" if self.snr_db is not None else ""
+        tail = self._channel_suffix
         return fastcopy(
-            out, id=cut.id + self.suffix, supervisions=[fastcopy(s, id=s.id + noise) for s in out.supervisions],
+            out, id=cut.id + self.suffix, supervisions=[fastcopy(s, id=s.id + tail) for s in out.supervisions],
             custom={**(out.custom or {}), "perturbation": {"source": cut.id, **asdict(self)}},
         )
 
@@ -149,6 +163,33 @@ def add_noise(audio: np.ndarray, snr_db: float, color: str, rng: np.random.Gener
     return (audio + noise).astype(np.float32)  # not clipped: the encoder takes float audio as it is
 
 
+def reverberate(audio: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """``audio`` in a synthetic room: convolved with a direct path plus an exponentially decaying noise tail
+    (T60 drawn from ``REVERB_T60``: 60 dB of decay), cut to the input's length, at the input's RMS."""
+    t60 = float(rng.uniform(*REVERB_T60))
+    n = int(t60 * TARGET_SR)
+    rir = rng.standard_normal(n) * np.exp(-math.log(1000.0) * np.arange(n) / n)  # 60 dB over t60
+    rir[0] = 1.0 + abs(rir[0])  # the direct path dominates the first sample
+    size = audio.size + n - 1
+    wet = np.fft.irfft(np.fft.rfft(audio.astype(np.float64), size) * np.fft.rfft(rir, size), size)[: audio.size]
+    rms_in, rms_out = float(np.sqrt(np.mean(audio.astype(np.float64) ** 2))), float(np.sqrt(np.mean(wet**2)))
+    return (wet * (rms_in / rms_out) if rms_out > 0 else wet).astype(np.float32)
+
+
+def mu_law(audio: np.ndarray, mu: int = 255) -> np.ndarray:
+    """G.711-style mu-law: compand, quantize to a sign bit and 7 magnitude bits, expand (clipped to [-1, 1])."""
+    x = np.clip(audio.astype(np.float64), -1.0, 1.0)
+    magnitude = np.round(np.log1p(mu * np.abs(x)) / math.log1p(mu) * 127.0) / 127.0
+    return (np.sign(x) * ((1.0 + mu) ** magnitude - 1.0) / mu).astype(np.float32)
+
+
+def telephone_channel(audio: np.ndarray) -> np.ndarray:
+    """A narrowband telephone line: resampled to 8 kHz (soxr), mu-law coded, back to 16 kHz, same length."""
+    narrow = mu_law(soxr.resample(audio.astype(np.float32), TARGET_SR, TELEPHONE_SR))
+    wide = soxr.resample(narrow, TELEPHONE_SR, TARGET_SR).astype(np.float32)
+    return np.pad(wide, (0, max(0, audio.size - wide.size)))[: audio.size]
+
+
 def copy_rng(seed: int, copy_id: str) -> np.random.Generator:
     """A generator that depends on the seed and the copy's id only (not on order, chunk or rank)."""
     digest = int.from_bytes(hashlib.sha256(copy_id.encode("utf-8")).digest()[:8], "little")
@@ -156,17 +197,20 @@ def copy_rng(seed: int, copy_id: str) -> np.random.Generator:
 
 
 def perturbations_from_config(perturb: Optional[Mapping]) -> List[Perturbation]:
-    """The copies ``perturb`` asks for: one per (speed, SNR) pair of ``speeds`` x ``noise_snr_db``
-    other than (1.0, null), which is the utterance itself. None or {} = no copies."""
+    """The copies ``perturb`` asks for: one per (speed, channel, SNR) of ``speeds`` x ``channels`` x
+    ``noise_snr_db`` other than (1.0, null, null), which is the utterance itself. None or {} = no copies."""
     if not perturb:
         return []
     unknown = set(perturb) - set(PERTURB_KEYS)
     if unknown:
         raise ValueError(f"perturb: unknown keys {sorted(unknown)}; expected {list(PERTURB_KEYS)}")
-    as_list = lambda v, default: default if v is None else ([v] if isinstance(v, (int, float)) else list(v))
+    as_list = lambda v, default: default if v is None else ([v] if isinstance(v, (int, float, str)) else list(v))
     speeds = [float(x) for x in as_list(perturb.get("speeds"), [1.0])]
     snrs = [None if x is None else float(x) for x in as_list(perturb.get("noise_snr_db"), [None])]
+    channels = [None if x is None else str(x) for x in as_list(perturb.get("channels"), [None])]
     noise, seed = str(perturb.get("noise") or "white"), perturb.get("seed") or 0
+    if any(c is not None and c not in CHANNELS for c in channels):
+        raise ValueError(f"perturb.channels={channels}: each must be null (as recorded) or one of {CHANNELS}")
     if any(not 0.5 <= x <= 2.0 for x in speeds):
         raise ValueError(f"perturb.speeds={speeds}: each factor must be in [0.5, 2] (e.g. [0.9, 1.1])")
     if any(x is not None and not math.isfinite(x) for x in snrs):
@@ -175,9 +219,10 @@ def perturbations_from_config(perturb: Optional[Mapping]) -> List[Perturbation]:
         raise ValueError(f"perturb.noise={noise!r}: expected one of {NOISE_COLORS}")
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ValueError(f"perturb.seed={seed!r}: expected an integer")
-    copies = [Perturbation(sp, snr, noise, seed) for sp in speeds for snr in snrs if (sp, snr) != (1.0, None)]
+    copies = [Perturbation(sp, snr, noise, seed, ch) for sp in speeds for ch in channels for snr in snrs
+              if (sp, ch, snr) != (1.0, None, None)]
     if len({c.suffix for c in copies}) < len(copies):
-        raise ValueError(f"perturb: speeds {speeds} x noise_snr_db {snrs} repeat a copy")
+        raise ValueError(f"perturb: speeds {speeds} x channels {channels} x noise_snr_db {snrs} repeat a copy")
     return copies
 
 

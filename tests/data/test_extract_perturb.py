@@ -19,6 +19,9 @@ from speechmapper_tune.data.extract import (
     extract_settings,
     load_cut_audio,
     perturbations_from_config,
+    mu_law,
+    reverberate,
+    telephone_channel,
     record_settings,
     with_copies,
 )
@@ -53,7 +56,8 @@ def test_speed_copy_has_the_perturbed_length_pitch_and_manifest_cut(tmp_path, sp
     assert copy.id == item.id == f"u_sp{speed}" and copy.supervisions[0].id == f"u_sp{speed}"
     assert copy.num_samples == audio.size and copy.duration == pytest.approx(audio.size / SR)
     assert copy.supervisions[0].text == "hello world" and copy.supervisions[0].custom["written"] == "Hello, world."
-    assert copy.custom["perturbation"] == {"source": "u", "speed": speed, "snr_db": None, "noise": "white", "seed": 0}
+    assert copy.custom["perturbation"] == {"source": "u", "speed": speed, "snr_db": None, "noise": "white", "seed": 0,
+                                            "channel": None}
 
 
 def _snr_db(clean, noisy):
@@ -88,9 +92,13 @@ def test_perturb_config_gives_the_cross_product_without_the_original():
     assert [c.suffix for c in copies] == ["_sp0.9", "_sp0.9_snr20", "_snr20", "_sp1.1", "_sp1.1_snr20"]
     assert all(c.noise == "pink" and c.seed == 3 for c in copies)
     assert [c.suffix for c in perturbations_from_config({"noise_snr_db": 15})] == ["_snr15"]
+    grid = perturbations_from_config({"speeds": [1.0, 1.1], "channels": [None, "reverb", "telephone"], "noise_snr_db": [None, 20]})
+    assert [c.suffix for c in grid] == ["_snr20", "_rev", "_rev_snr20", "_tel", "_tel_snr20", "_sp1.1", "_sp1.1_snr20",
+                                        "_sp1.1_rev", "_sp1.1_rev_snr20", "_sp1.1_tel", "_sp1.1_tel_snr20"]
+    assert [c.suffix for c in perturbations_from_config({"channels": "reverb"})] == ["_rev"]
     for bad, match in [({"speed": [0.9]}, "unknown keys"), ({"speeds": [0.1]}, "speeds"),
                        ({"noise_snr_db": [20], "noise": "brown"}, "noise"), ({"speeds": [0.9, 0.9]}, "repeat"),
-                       ({"speeds": [0.9], "seed": 1.5}, "seed")]:
+                       ({"speeds": [0.9], "seed": 1.5}, "seed"), ({"channels": ["radio"]}, "channels")]:
         with pytest.raises(ValueError, match=match):
             perturbations_from_config(bad)
 
@@ -149,3 +157,44 @@ def test_resume_refuses_chunks_made_with_other_settings(tmp_path):
     check_resume_settings(tmp_path, perturbed)
     with pytest.raises(ValueError, match="extracted with"):
         check_resume_settings(tmp_path, plain)
+
+
+def _band_energy(audio, lo, hi):
+    spectrum = np.abs(np.fft.rfft(audio.astype(np.float64))) ** 2
+    freqs = np.fft.rfftfreq(audio.size, 1 / SR)
+    return float(spectrum[(freqs >= lo) & (freqs < hi)].sum() / spectrum.sum())
+
+
+def test_telephone_channel_removes_the_upper_band_and_quantizes_like_g711():
+    rng = np.random.default_rng(0)
+    audio = (0.1 * rng.standard_normal(SR)).astype(np.float32)  # white: a quarter of its energy above 6 kHz
+    out = telephone_channel(audio)
+    assert out.dtype == np.float32 and out.size == audio.size
+    assert _band_energy(audio, 4100, 8000) > 0.4 and _band_energy(out, 4100, 8000) < 1e-3  # 8 kHz line: 4 kHz top
+    # mu-law: 256 levels, fine near zero and coarse near full scale; small values survive within a step
+    levels = np.unique(mu_law(np.linspace(-1, 1, 20001).astype(np.float32)))
+    assert levels.size == 255  # sign bit + 7 magnitude bits, one zero
+    x = np.array([0.0, 0.001, -0.01, 0.3, -0.9], np.float32)
+    assert np.allclose(mu_law(x), x, atol=0.025 * np.abs(x) + 1e-4)  # half a step: 0.5 * ln(256) / 127
+    assert mu_law(np.zeros(3, np.float32)).tolist() == [0.0, 0.0, 0.0]
+    assert np.array_equal(mu_law(np.array([2.0, -3.0], np.float32)), np.array([1.0, -1.0], np.float32))
+
+
+def test_reverb_copy_smears_an_impulse_keeps_length_and_rms_and_is_reproducible(tmp_path):
+    impulse = np.zeros(SR, np.float32)
+    impulse[100] = 0.5
+    wet = reverberate(impulse, copy_rng(0, "a"))
+    assert wet.dtype == np.float32 and wet.size == impulse.size
+    assert np.sqrt(np.mean(wet.astype(np.float64) ** 2)) == pytest.approx(np.sqrt(np.mean(impulse.astype(np.float64) ** 2)), rel=1e-4)
+    assert np.count_nonzero(np.abs(wet[:100]) > 1e-6) == 0  # causal: nothing before the impulse
+    tail = np.abs(wet[100 + 1600 : 100 + 3200]).mean()  # 0.1-0.2 s after: decaying but present
+    assert tail > 1e-4 and tail < np.abs(wet[100:1700]).mean()
+    assert np.array_equal(wet, reverberate(impulse, copy_rng(0, "a")))
+    assert not np.array_equal(wet, reverberate(impulse, copy_rng(0, "b")))  # one room per copy id
+    cut = _cut(tmp_path, "u", 1.0)
+    item = ExtractItem(cut, Perturbation(channel="reverb", snr_db=20.0))
+    audio = item.load_audio(30.0)
+    assert np.array_equal(audio, item.load_audio(30.0)) and audio.size == load_cut_audio(cut, 30.0).size
+    copy = item.output_cut()
+    assert copy.id == "u_rev_snr20" and copy.supervisions[0].id == "u_rev_snr20" and copy.duration == cut.duration
+    assert copy.custom["perturbation"]["channel"] == "reverb"
