@@ -4,14 +4,17 @@ Plain Python (no torchtune); every function takes lists of strings and returns p
 
 * ASR: :func:`asr_scores` -- corpus-level WER/CER with jiwer, after :func:`normalize_text`.
 * ST: :func:`st_scores` -- corpus-level BLEU and chrF with sacrebleu, with their signatures;
-  :func:`comet_scores` -- COMET (``Unbabel/wmt22-comet-da`` in the paper, scores x 100), only
-  with the optional ``unbabel-comet`` package and a local model.
+  :func:`load_comet` / :func:`comet_scores` -- COMET (``Unbabel/wmt22-comet-da`` in the paper,
+  scores x 100), only with the optional ``unbabel-comet`` package and a local model folder.
 * Target-language adherence (paper table 9): :func:`language_shares` with ``langdetect``
   (the toolkit the paper used), seeded so results are deterministic.
 * Stuck decodes (appendix B.2): :func:`with_and_without` computes a metric with and without
   the items carrying a flag.
 * SQA LLM-as-judge (BERGEN-style yes/no equivalence): :func:`judge_prompt` builds the chat
   messages and :func:`parse_judgement` reads the judge's reply.
+* SLUE (SpeechLLM's tasks): :func:`ner_scores` (micro F1 over (tag, phrase) pairs and the tags-only
+  "label F1", slue-toolkit's definitions) with the answer format :func:`format_entities` /
+  :func:`parse_entities`; :func:`sentiment_scores` (macro F1, weighted F1, accuracy).
 
 All scores are on the 0-100 scale the paper reports (WER/CER in percent, BLEU, chrF, COMET x 100,
 language shares in percent).
@@ -34,11 +37,19 @@ __all__ = [
     "st_scores",
     "bleu_tokenizer",
     "comet_scores",
+    "comet_checkpoint",
+    "load_comet",
+    "CometScorer",
     "language_shares",
     "detect_language",
     "with_and_without",
     "judge_prompt",
     "parse_judgement",
+    "format_entities",
+    "parse_entities",
+    "ner_scores",
+    "parse_sentiment",
+    "sentiment_scores",
 ]
 
 
@@ -150,20 +161,58 @@ def st_scores(references: Sequence[str], hypotheses: Sequence[str], target_lang:
 
 _COMET_HELP = (
     "COMET needs the optional package `unbabel-comet` (pip install unbabel-comet) and a local "
-    "copy of a COMET model, e.g. Unbabel/wmt22-comet-da as used in the paper: pass model_path "
-    "as its directory (containing checkpoints/model.ckpt) or the .ckpt file itself."
+    "copy of a COMET model, e.g. Unbabel/wmt22-comet-da as used in the paper: its folder holds "
+    "hparams.yaml and checkpoints/model.ckpt (pass the folder or the .ckpt file)."
 )
 
 
-def _resolve_comet_checkpoint(model_path: str | Path | None) -> Path:
-    if model_path is None or str(model_path) == "":
-        raise ValueError(f"comet_scores: no model_path given. {_COMET_HELP}")
-    path = Path(model_path).expanduser()
-    if path.is_dir():
-        path = path / "checkpoints" / "model.ckpt"
-    if not path.is_file():
-        raise FileNotFoundError(f"comet_scores: no COMET checkpoint at {path}. {_COMET_HELP}")
-    return path
+def comet_checkpoint(model_dir: str | Path | None, setting: str = "model_path") -> Path:
+    """The ``checkpoints/model.ckpt`` of a local COMET model folder (or the ``.ckpt`` itself), checked
+    without importing COMET: COMET's loader also reads ``hparams.yaml`` two levels above the file.
+    Errors name ``setting`` (the config key the path came from) and the path."""
+    if model_dir is None or str(model_dir) == "":
+        raise ValueError(f"{setting} is not set. {_COMET_HELP}")
+    path = Path(model_dir).expanduser()
+    ckpt = path / "checkpoints" / "model.ckpt" if path.is_dir() else path
+    if not path.exists():
+        raise FileNotFoundError(f"{setting}={model_dir}: no such file or folder. {_COMET_HELP}")
+    if not ckpt.is_file() or ckpt.suffix != ".ckpt":
+        raise FileNotFoundError(f"{setting}={model_dir}: not a COMET checkpoint ({ckpt} is missing). {_COMET_HELP}")
+    hparams = ckpt.parent.parent / "hparams.yaml"
+    if not hparams.is_file():
+        raise FileNotFoundError(f"{setting}={model_dir}: not a COMET checkpoint ({hparams} is missing). {_COMET_HELP}")
+    return ckpt
+
+
+class CometScorer:
+    """A loaded COMET model: ``scorer(sources, references, hypotheses)`` -> ``dict(comet, scores, num_items)``,
+    scores x 100. Build it with :func:`load_comet`."""
+
+    def __init__(self, model: Any, checkpoint: Path, batch_size: int = 16, gpus: int = 0):
+        self.model, self.checkpoint, self.batch_size, self.gpus = model, checkpoint, int(batch_size), int(gpus)
+
+    def __call__(self, sources: Sequence[str], references: Sequence[str], hypotheses: Sequence[str]) -> dict[str, Any]:
+        _check_pairs(references, hypotheses)
+        _check_pairs(sources, hypotheses)
+        if not hypotheses:
+            return dict(comet=None, scores=[], num_items=0)
+        data = [dict(src=s, mt=h, ref=r) for s, h, r in zip(sources, hypotheses, references)]
+        out = self.model.predict(data, batch_size=self.batch_size, gpus=self.gpus, progress_bar=False)
+        scores = [100.0 * float(s) for s in out.scores]
+        return dict(comet=sum(scores) / len(scores), scores=scores, num_items=len(scores))
+
+
+def load_comet(model_dir: str | Path | None, setting: str = "model_path", batch_size: int = 16, gpus: int = 0) -> CometScorer:
+    """Load a local COMET model (never downloaded here). The folder is checked first, then the
+    ``comet`` package is imported: either missing raises (``FileNotFoundError``/``ValueError``,
+    ``ImportError``) naming ``setting`` and the path. COMET's checkpoint is a PyTorch Lightning
+    ``.ckpt``, which COMET itself loads: point it only at a model you trust (e.g. Unbabel's)."""
+    ckpt = comet_checkpoint(model_dir, setting)
+    try:
+        from comet import load_from_checkpoint  # package "unbabel-comet"
+    except ImportError as exc:
+        raise ImportError(f"{setting}={model_dir}: the `comet` module is not importable ({exc}). {_COMET_HELP}") from exc
+    return CometScorer(load_from_checkpoint(str(ckpt)), ckpt, batch_size, gpus)
 
 
 def comet_scores(
@@ -174,29 +223,15 @@ def comet_scores(
     batch_size: int = 16,
     gpus: int = 0,
 ) -> dict[str, Any]:
-    """COMET with a locally stored model (never downloaded here), scores multiplied by 100.
+    """COMET with a locally stored model, scores multiplied by 100 (one-shot :func:`load_comet` + call).
 
     The paper uses ``Unbabel/wmt22-comet-da`` with the reference transcription as source and
-    the reference translation as reference. Raises ``ImportError`` if ``unbabel-comet`` is not
-    installed, ``ValueError``/``FileNotFoundError`` if no usable ``model_path`` is given; the
-    messages say what to install/configure.
-
-    Returns ``dict(comet, scores, num_items)``: the system score (mean) and per-item scores.
+    the reference translation as reference. Returns ``dict(comet, scores, num_items)``: the
+    system score (mean) and per-item scores.
     """
     _check_pairs(references, hypotheses)
     _check_pairs(sources, hypotheses)
-    try:
-        import comet  # noqa: F401  (package "unbabel-comet")
-    except ImportError as exc:
-        raise ImportError(f"comet_scores: the `comet` module is not importable ({exc}). {_COMET_HELP}") from exc
-    checkpoint = _resolve_comet_checkpoint(model_path)
-    from comet import load_from_checkpoint
-
-    model = load_from_checkpoint(str(checkpoint))
-    data = [dict(src=s, mt=h, ref=r) for s, h, r in zip(sources, hypotheses, references)]
-    out = model.predict(data, batch_size=batch_size, gpus=gpus, progress_bar=False)
-    scores = [100.0 * float(s) for s in out.scores]
-    return dict(comet=sum(scores) / len(scores) if scores else 0.0, scores=scores, num_items=len(scores))
+    return load_comet(model_path, "model_path", batch_size, gpus)(sources, references, hypotheses)
 
 
 # ------------------------------------------------------------------------- language shares
@@ -351,3 +386,158 @@ def parse_judgement(text: str | None) -> bool | None:
     if words[-1] in ("yes", "no"):
         return words[-1] == "yes"
     return None
+
+
+# ------------------------------------------------------------------------------ SLUE NER / SA
+
+# SLUE's "combined" NER label set (slue-toolkit generic_utils): OntoNotes tags merged into 7, five dropped
+SLUE_RAW_TO_COMBINED: dict[str, str | None] = {
+    "DATE": "WHEN", "TIME": "WHEN",
+    "CARDINAL": "QUANT", "ORDINAL": "QUANT", "QUANTITY": "QUANT", "MONEY": "QUANT", "PERCENT": "QUANT",
+    "GPE": "PLACE", "LOC": "PLACE",
+    "NORP": "NORP", "ORG": "ORG", "LAW": "LAW", "PERSON": "PERSON",
+    "FAC": None, "EVENT": None, "WORK_OF_ART": None, "PRODUCT": None, "LANGUAGE": None,
+}
+SLUE_NER_TAGS = ("LAW", "NORP", "ORG", "PERSON", "PLACE", "QUANT", "WHEN")
+SLUE_SENTIMENTS = ("Negative", "Neutral", "Positive")
+NO_ENTITIES = "none"
+
+Entity = tuple[str, str]  # (tag, phrase)
+
+
+def format_entities(entities: Iterable[Sequence[str]]) -> str:
+    """The NER answer format, for references and for the model: ``"TAG: phrase; TAG: phrase"`` in
+    utterance order (tags upper case, phrases as given), or ``"none"`` when there is no entity."""
+    parts = [f"{str(tag).strip().upper()}: {' '.join(str(phrase).split())}" for tag, phrase in entities]
+    return "; ".join(parts) if parts else NO_ENTITIES
+
+
+_TAG = re.compile(r"^[A-Za-z][A-Za-z_ -]*$")
+_BULLET = re.compile(r"^\s*(?:[-*\u2022]|\d+[.)])\s*")
+
+
+def parse_entities(text: str | None) -> tuple[list[Entity], int]:
+    """Read a NER answer (see :func:`format_entities`) -> ``(entities, unparsed_parts)``.
+
+    Parts are separated by ``;`` or new lines; each is ``TAG: phrase`` (a leading bullet or number,
+    markdown ``*``/backticks and surrounding quotes are ignored; the tag is upper-cased, spaces and
+    hyphens in it become ``_``). ``"none"`` (or an empty answer) is no entity. A part without a
+    ``:``, with a tag that is not a word, or with an empty phrase counts as unparsed, not as an entity.
+    """
+    if not text or not text.strip():
+        return [], 0
+    entities, unparsed = [], 0
+    for part in re.split(r"[;\n]", text.replace("`", "").replace("**", "")):
+        part = _BULLET.sub("", part).strip().strip("\"'")
+        if not part or part.strip(" .").lower() in (NO_ENTITIES, "no entities", "no entity"):
+            continue
+        tag, sep, phrase = part.partition(":")
+        tag, phrase = tag.strip().strip("\"'"), phrase.strip().strip("\"'.,").strip()
+        if not sep or not phrase or not _TAG.match(tag):
+            unparsed += 1
+            continue
+        entities.append((re.sub(r"[ -]+", "_", tag.upper()), phrase))
+    return entities, unparsed
+
+
+def _distinct(entities: Iterable[Entity], label_only: bool) -> set[tuple[str, str, int]]:
+    """SLUE's make_distinct: the k-th repeat of a (tag, phrase) pair is its own item; ``label_only``
+    replaces every phrase by one dummy, so only the tags (with their counts) are compared."""
+    seen: Counter = Counter()
+    out = set()
+    for tag, phrase in entities:
+        key = (tag.upper(), "phrase" if label_only else normalize_text(phrase))
+        seen[key] += 1
+        out.add((*key, seen[key]))
+    return out
+
+
+def _prf(tp: int, n_gt: int, n_pred: int) -> tuple[float, float, float]:
+    """Precision, recall, F1 in percent; 0 where a denominator is 0 (slue-toolkit's safe_divide)."""
+    p = tp / n_pred if n_pred else 0.0
+    r = tp / n_gt if n_gt else 0.0
+    f = 2 * p * r / (p + r) if p + r else 0.0
+    return 100.0 * p, 100.0 * r, 100.0 * f
+
+
+def _ner_counts(references, hypotheses, label_only: bool) -> dict[str, list[int]]:
+    per_tag: dict[str, list[int]] = {}  # tag -> [tp, gt, pred]
+    for ref, hyp in zip(references, hypotheses):
+        gt, pred = _distinct(ref, label_only), _distinct(hyp, label_only)
+        for tag in {t for t, _, _ in gt} | {t for t, _, _ in pred}:
+            g = {e for e in gt if e[0] == tag}
+            p = {e for e in pred if e[0] == tag}
+            c = per_tag.setdefault(tag, [0, 0, 0])
+            c[0] += len(g & p)
+            c[1] += len(g)
+            c[2] += len(p)
+    return per_tag
+
+
+def ner_scores(references: Sequence[Sequence[Entity]], hypotheses: Sequence[Sequence[Entity]]) -> dict[str, Any]:
+    """SLUE NER scores (slue-toolkit ``get_ner_scores``), in percent.
+
+    Each item is an unordered list of ``(tag, phrase)`` pairs; a pair repeated in an utterance is
+    counted as often as it occurs. ``f1``: micro-averaged F1 over (tag, phrase) pairs, summed over
+    utterances and tags (SLUE's primary NER metric); ``label_f1``: the same with phrases ignored, so
+    only the tags and how often each occurs count (SLUE's "label" score). Phrases are compared after
+    :func:`speechmapper_tune.text.normalize_text` (SLUE compares normalized words), tags upper-cased.
+    Use SLUE's combined tags (:data:`SLUE_NER_TAGS`) on both sides.
+
+    Returns ``dict(f1, precision, recall, label_f1, label_precision, label_recall, per_tag, num_items,
+    num_reference_entities, num_predicted_entities)``; ``per_tag``: tag -> ``dict(precision, recall, f1)``.
+    """
+    _check_pairs(references, hypotheses)
+    out: dict[str, Any] = {"num_items": len(references)}
+    for prefix, label_only in (("", False), ("label_", True)):
+        per_tag = _ner_counts(references, hypotheses, label_only)
+        tp, gt, pred = (sum(c[i] for c in per_tag.values()) for i in range(3))
+        out[f"{prefix}precision"], out[f"{prefix}recall"], out[f"{prefix}f1"] = _prf(tp, gt, pred)
+        if not label_only:
+            out["per_tag"] = {t: dict(zip(("precision", "recall", "f1"), _prf(*c))) for t, c in sorted(per_tag.items())}
+            out["num_reference_entities"], out["num_predicted_entities"] = gt, pred
+    return out
+
+
+_SENTIMENT_WORD = re.compile(r"\b(negative|neutral|positive)\b", re.IGNORECASE)
+
+
+def parse_sentiment(text: str | None) -> str | None:
+    """The first of Negative / Neutral / Positive named in ``text`` (any case, as a whole word), or
+    ``None``: ``"Positive."``, ``"Sentiment: negative"``, ``"I think it is neutral"``."""
+    m = _SENTIMENT_WORD.search(text or "")
+    return m.group(1).capitalize() if m else None
+
+
+def sentiment_scores(references: Sequence[str], hypotheses: Sequence[str]) -> dict[str, Any]:
+    """SLUE sentiment scores over Negative / Neutral / Positive, in percent.
+
+    ``references``: the labels; ``hypotheses``: the model's answers, read with :func:`parse_sentiment`.
+    ``macro_f1`` (SLUE's primary SA metric): the unweighted mean of the per-class F1 over the classes
+    that occur among the references or the parsed predictions (scikit-learn's default label set);
+    ``weighted_f1``: per-class F1 weighted by the classes' reference counts (what slue-toolkit prints
+    as "micro"); ``accuracy``. An answer naming no class is wrong for its item and predicts no class.
+
+    Returns ``dict(macro_f1, macro_precision, macro_recall, weighted_f1, accuracy, per_class,
+    num_items, unparsed)``.
+    """
+    _check_pairs(references, hypotheses)
+    refs = [parse_sentiment(r) for r in references]
+    if None in refs:
+        bad = references[refs.index(None)]
+        raise ValueError(f"reference sentiment {bad!r} is not one of {SLUE_SENTIMENTS}")
+    preds = [parse_sentiment(h) for h in hypotheses]
+    classes = [c for c in SLUE_SENTIMENTS if c in refs or c in preds]
+    per_class, support = {}, Counter(refs)
+    for c in classes:
+        tp = sum(r == c and p == c for r, p in zip(refs, preds))
+        p, r, f = _prf(tp, support[c], sum(p == c for p in preds))
+        per_class[c] = dict(precision=p, recall=r, f1=f, support=support[c])
+    n = len(refs)
+    mean = (lambda k: sum(v[k] for v in per_class.values()) / len(per_class)) if per_class else (lambda k: 0.0)
+    return dict(
+        macro_f1=mean("f1"), macro_precision=mean("precision"), macro_recall=mean("recall"),
+        weighted_f1=sum(v["f1"] * v["support"] for v in per_class.values()) / n if n else 0.0,
+        accuracy=100.0 * sum(r == p for r, p in zip(refs, preds)) / n if n else 0.0,
+        per_class=per_class, num_items=n, unparsed=preds.count(None),
+    )

@@ -9,7 +9,13 @@ import pytest
 from speechmapper_tune.metrics import (
     asr_scores,
     bleu_tokenizer,
+    comet_checkpoint,
     comet_scores,
+    format_entities,
+    ner_scores,
+    parse_entities,
+    parse_sentiment,
+    sentiment_scores,
     detect_language,
     judge_prompt,
     language_shares,
@@ -114,36 +120,49 @@ def test_chinese_tokenizer():
         st_scores([], [], "de")
 
 
-def test_comet_missing_package(monkeypatch):
+def _comet_folder(root):
+    """A folder in the layout of a downloaded COMET model (hparams.yaml + checkpoints/model.ckpt)."""
+    (root / "checkpoints").mkdir(parents=True)
+    (root / "checkpoints" / "model.ckpt").write_bytes(b"")
+    (root / "hparams.yaml").write_text("pretrained_model: xlm-roberta-large\n")
+    return root
+
+
+def test_comet_missing_package(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "comet", None)  # import comet -> ImportError
     with pytest.raises(ImportError, match="unbabel-comet"):
-        comet_scores(["src"], ["ref"], ["hyp"], "/models/wmt22-comet-da")
+        comet_scores(["src"], ["ref"], ["hyp"], _comet_folder(tmp_path / "wmt22-comet-da"))
 
 
 def test_comet_missing_model(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "comet", types.ModuleType("comet"))
     with pytest.raises(ValueError, match="model_path"):
         comet_scores(["src"], ["ref"], ["hyp"], None)
-    with pytest.raises(FileNotFoundError, match="checkpoints/model.ckpt"):
+    with pytest.raises(FileNotFoundError, match="no such file or folder"):
+        comet_scores(["src"], ["ref"], ["hyp"], tmp_path / "absent")
+    with pytest.raises(FileNotFoundError, match="checkpoints/model.ckpt is missing"):
         comet_scores(["src"], ["ref"], ["hyp"], tmp_path)
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "model.ckpt").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match="hparams.yaml is missing"):  # COMET's loader reads it beside checkpoints/
+        comet_checkpoint(tmp_path, "comet.model_dir")
 
 
-def test_comet_with_fake_model(monkeypatch, tmp_path):
-    ckpt = tmp_path / "checkpoints" / "model.ckpt"
-    ckpt.parent.mkdir()
-    ckpt.write_bytes(b"")
+def test_comet_with_fake_comet_package(monkeypatch, tmp_path):
+    ckpt = _comet_folder(tmp_path) / "checkpoints" / "model.ckpt"
     seen = {}
 
-    class Model:
+    class FakeCometModel:  # stands in for the unbabel-comet package, not installable beside this torch/numpy
         def predict(self, data, batch_size, gpus, progress_bar):
             seen["data"] = data
             return types.SimpleNamespace(scores=[0.5, 0.75])
 
     fake = types.ModuleType("comet")
-    fake.load_from_checkpoint = lambda path: seen.setdefault("path", path) and Model()
+    fake.load_from_checkpoint = lambda path: seen.setdefault("path", path) and FakeCometModel()
     monkeypatch.setitem(sys.modules, "comet", fake)
     out = comet_scores(["s1", "s2"], ["r1", "r2"], ["h1", "h2"], tmp_path)
     assert seen["path"] == str(ckpt)
+    assert comet_scores(["s1", "s2"], ["r1", "r2"], ["h1", "h2"], ckpt)["num_items"] == 2  # the .ckpt itself
     assert seen["data"][1] == {"src": "s2", "mt": "h2", "ref": "r2"}
     assert out["scores"] == [50.0, 75.0] and out["comet"] == pytest.approx(62.5)
 
@@ -235,3 +254,59 @@ def test_judge_prompt():
 )
 def test_parse_judgement(text, expected):
     assert parse_judgement(text) is expected
+
+
+# ------------------------------------------------------------------------------ SLUE NER / SA
+
+
+def test_entities_format_and_parse():
+    ents = [("PLACE", "the eu"), ("WHEN", "today")]
+    assert format_entities(ents) == "PLACE: the eu; WHEN: today" and format_entities([]) == "none"
+    assert parse_entities("PLACE: the eu; WHEN: today") == (ents, 0)
+    assert parse_entities("none") == ([], 0) and parse_entities("None.") == ([], 0) and parse_entities("") == ([], 0)
+    # bullets, markdown, new lines, quotes and a trailing period are tolerated; "Entities:" (no phrase) and a
+    # part without a colon are counted as unparsed
+    reply = "Entities:\n- **PERSON**: \"Mr Smith\".\n2) work of art: the mona lisa\nsomething else"
+    assert parse_entities(reply) == ([("PERSON", "Mr Smith"), ("WORK_OF_ART", "the mona lisa")], 2)
+
+
+def test_ner_micro_f1_and_label_f1_by_hand():
+    refs = [[("PLACE", "eu"), ("WHEN", "today"), ("PLACE", "eu")],  # the repeated pair counts twice
+            [("PERSON", "john smith")],
+            []]
+    hyps = [[("PLACE", "EU"), ("WHEN", "yesterday")],  # phrases compared normalized: EU == eu
+            [("PERSON", "john smith"), ("ORG", "the commission")],
+            [("QUANT", "two")]]
+    s = ner_scores(refs, hyps)
+    # pairs: tp = 1 (PLACE eu #1) + 1 (PERSON) = 2; reference pairs 4; predicted 5
+    p, r = 2 / 5, 2 / 4
+    assert s["precision"] == pytest.approx(100 * p) and s["recall"] == pytest.approx(100 * r)
+    assert s["f1"] == pytest.approx(100 * 2 * p * r / (p + r))  # 44.44
+    # tags only: utt 1 {PLACE#1, PLACE#2, WHEN#1} vs {PLACE#1, WHEN#1} -> 2; utt 2 PERSON -> 1; tp 3 of 4 / 5
+    lp, lr = 3 / 5, 3 / 4
+    assert s["label_f1"] == pytest.approx(100 * 2 * lp * lr / (lp + lr))  # 66.67
+    assert s["per_tag"]["PLACE"] == pytest.approx({"precision": 100.0, "recall": 50.0, "f1": 100 * 2 * 0.5 / 1.5})
+    assert s["per_tag"]["QUANT"]["precision"] == 0.0 and s["num_reference_entities"] == 4
+    assert ner_scores([[]], [[]])["f1"] == 0.0  # nothing to find, nothing found: slue-toolkit's safe_divide gives 0
+
+
+def test_parse_sentiment():
+    assert parse_sentiment("Positive.") == "Positive" and parse_sentiment("Sentiment: NEGATIVE") == "Negative"
+    assert parse_sentiment("I think it is neutral, not positive") == "Neutral"
+    assert parse_sentiment("unpositive?") is None and parse_sentiment(None) is None
+
+
+def test_sentiment_macro_weighted_and_accuracy_by_hand():
+    refs = ["Positive", "Positive", "Negative", "Neutral", "Neutral", "Neutral"]
+    hyps = ["positive", "Neutral", "Negative", "Neutral", "it is positive", "no idea"]
+    s = sentiment_scores(refs, hyps)
+    # Positive: tp 1, predicted 2, support 2 -> P .5 R .5 F .5; Negative: 1/1/1 -> F 1;
+    # Neutral: tp 1, predicted 2, support 3 -> P .5 R 1/3 F .4; "no idea" predicts no class
+    f_neu = 2 * 0.5 * (1 / 3) / (0.5 + 1 / 3)
+    assert s["per_class"]["Neutral"]["f1"] == pytest.approx(100 * f_neu)
+    assert s["macro_f1"] == pytest.approx(100 * (0.5 + 1.0 + f_neu) / 3)
+    assert s["weighted_f1"] == pytest.approx(100 * (2 * 0.5 + 1 * 1.0 + 3 * f_neu) / 6)
+    assert s["accuracy"] == pytest.approx(100 * 3 / 6) and s["unparsed"] == 1
+    assert s["macro_precision"] == pytest.approx(100 * (0.5 + 1 + 0.5) / 3)
+    with pytest.raises(ValueError, match="'Mixed' is not one of"):
+        sentiment_scores(["Mixed"], ["Positive"])
