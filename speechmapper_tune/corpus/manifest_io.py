@@ -13,6 +13,10 @@ Accepted forms of ``path`` (all give cuts whose supervision holds the transcript
 * a LibriSpeech-style folder (``SPK/CHAPTER/SPK-CHAPTER-NNNN.flac`` + ``*.trans.txt``), either
   the corpus root holding parts like ``dev-clean`` or one part folder, read with lhotse's
   ``prepare_librispeech``; its language ``English`` becomes ``en``.
+* one of the paper's ST/SQA/ASR corpora in its released layout (CoVoST 2, EuroParl-ST,
+  Spoken-SQuAD, VoxPopuli, FLEURS), see :mod:`speechmapper_tune.corpus.paper_corpora`.
+* SLUE-VoxPopuli (NER) / SLUE-VoxCeleb (sentiment): a ``slue-vox*_{split}.tsv`` or its released
+  folder, labels in the supervision's ``custom``, see :mod:`speechmapper_tune.corpus.slue`.
 
 Texts are returned as stored; callers normalize with ``speechmapper_tune.text``.
 """
@@ -29,6 +33,7 @@ from lhotse import CutSet, MonoCut, RecordingSet, SupervisionSegment, Supervisio
 from lhotse.audio import Recording
 from lhotse.utils import fastcopy
 
+from speechmapper_tune.corpus import paper_corpora
 from speechmapper_tune.textio import first_non_utf8_line, numbered
 
 PathLike = Union[str, os.PathLike]
@@ -39,8 +44,22 @@ _LIBRISPEECH_PARTS = (
 )
 
 
-def load_audio_manifest(path: PathLike, supervisions: Optional[PathLike] = None) -> CutSet:
-    """Load ``path`` (see the module docstring for the forms) as a CutSet."""
+def load_audio_manifest(path: PathLike, supervisions: Optional[PathLike] = None,
+                        corpus_format: Optional[str] = None) -> CutSet:
+    """Load ``path`` (see the module docstring for the forms) as a CutSet.
+
+    ``corpus_format`` (or a ``FORMAT:`` prefix on ``path``) names one of the paper's corpus layouts
+    (:data:`~speechmapper_tune.corpus.paper_corpora.CORPUS_FORMATS`); without it, those layouts are
+    recognised from the path (see :mod:`speechmapper_tune.corpus.paper_corpora`)."""
+    prefixed, rest = paper_corpora.split_format(str(path))
+    if not (corpus_format or prefixed):
+        from speechmapper_tune.corpus import slue  # here, not on top: slue imports this module
+
+        if slue.is_slue(rest):  # SLUE NER / sentiment TSVs, or a folder of them
+            return slue.load_slue(rest)
+    corpus_format = corpus_format or prefixed or paper_corpora.detect_corpus_format(rest)
+    if corpus_format:
+        return paper_corpora.read_corpus(rest, corpus_format)
     path = Path(path)
     if path.is_dir():
         return _load_librispeech(path)
