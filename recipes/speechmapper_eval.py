@@ -1,4 +1,5 @@
-"""Score generations: ASR WER/CER, ST BLEU/chrF (+ COMET, language adherence), SQA LLM-as-judge.
+"""Score generations: ASR WER/CER; ST BLEU/chrF, COMET and target-language adherence; SQA accuracy by
+LLM judges; SLUE NER F1 / label F1 and sentiment macro F1.
 
     tune run speechmapper_eval --config eval/default \
         'generations={stage1_test: runs/gen/s1/generations.jsonl, stage2_test: runs/gen/s2/generations.jsonl}'
@@ -9,28 +10,79 @@ without the items flagged as stuck decodes (paper B.2), with the count flagged. 
 reference are scored; the others are counted (``no_reference``), and so are the manifest items the
 generation run did not produce (``not_generated``, with reasons, from ``not_generated.jsonl``):
 a score on a subset says so.
+
+* ST: per target language, BLEU/chrF (sacrebleu, signature kept), the share of outputs detected as
+  the target language and as English (langdetect, paper table 9), and with ``comet.model_dir`` set
+  COMET x 100 from a local model folder (source: the row's ``transcript``, else ``source``; rows
+  with neither are counted, not scored). A COMET asked for but not usable stops the run before any
+  scoring.
+* SQA: each judge of ``judges`` (local LLMs, loaded one at a time) answers a yes/no equivalence
+  prompt per item; each judge's accuracy and their mean (``accuracy``) are reported (the paper
+  averages four judges). The single ``judge`` key of older configs is a one-judge list.
+* NER (SLUE-VoxPopuli): reference and answer in the format ``TAG: phrase; TAG: phrase`` (``none``
+  for no entity), see ``speechmapper_tune.metrics.parse_entities``; micro F1 over (tag, phrase)
+  pairs (``f1``) and over tags only (``label_f1``), as slue-toolkit.
+* SA (SLUE-VoxCeleb): reference Negative/Neutral/Positive; macro F1, weighted F1, accuracy.
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import sys
 from collections import Counter
 from pathlib import Path
-from typing import Dict, List
+from typing import Any, Dict, List, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
 from torchtune import config, utils
 
 from speechmapper_tune.checkpoint.atomic import atomic_write_json, atomic_write_text
-from speechmapper_tune.config_keys import check_recipe_config
+from speechmapper_tune.config_keys import check_config_keys, check_recipe_config
 from speechmapper_tune.configs import resolve_config_argv
 from speechmapper_tune.data.generation_data import SETTINGS, read_not_generated, read_rows
-from speechmapper_tune.metrics import asr_scores, judge_prompt, language_shares, parse_judgement, st_scores, with_and_without
+from speechmapper_tune.metrics import (
+    asr_scores, judge_prompt, language_shares, load_comet, ner_scores, parse_entities, parse_judgement,
+    sentiment_scores, st_scores, with_and_without,
+)
 
 log = utils.get_logger("INFO")
+
+JUDGE_KEYS = ("name", "llm.name", "llm.checkpoint", "llm.chat_format", "llm.dtype", "batch_size")
+
+
+def judge_specs(cfg: DictConfig) -> List[Dict[str, Any]]:
+    """The judges to run: ``judges`` (a list), or the older single ``judge``; each checked for unknown
+    keys and a ``llm`` with name, checkpoint and chat_format. Unique display names (``name``, else
+    ``llm.name``, numbered when repeated)."""
+    many, one = cfg.get("judges"), cfg.get("judge")
+    if many and one:
+        raise ValueError("set judges (a list) or judge (one judge), not both")
+    specs = OmegaConf.to_container(many, resolve=True) if many else ([OmegaConf.to_container(one, resolve=True)] if one else [])
+    if not isinstance(specs, list):
+        raise ValueError(f"judges must be a list of judges ({{llm: {{name, checkpoint, chat_format}}, batch_size}}), got {specs!r}")
+    out, names = [], Counter()
+    for i, spec in enumerate(specs):
+        where = "judge" if one else f"judges[{i}]"
+        if not isinstance(spec, dict) or not isinstance(spec.get("llm"), dict):
+            raise ValueError(f"{where} must be a mapping with an llm section, got {spec!r}")
+        check_config_keys(spec, JUDGE_KEYS, f"speechmapper_eval {where}")
+        missing = [k for k in ("name", "checkpoint", "chat_format") if not spec["llm"].get(k)]
+        if missing:
+            raise ValueError(f"{where}.llm needs {', '.join(missing)}")
+        base = str(spec.get("name") or spec["llm"]["name"])
+        names[base] += 1
+        out.append({**spec, "name": base, "where": where})
+    for base, n in names.items():  # number repeated names: judge_1, judge_2
+        if n > 1:
+            k = 0
+            for spec in out:
+                if spec["name"] == base:
+                    k += 1
+                    spec["name"] = f"{base}_{k}"
+    return out
 
 
 class EvalRecipe:
@@ -50,12 +102,15 @@ class EvalRecipe:
             self.missing[name] = read_not_generated(Path(path))
             settings = Path(path).with_name(SETTINGS)
             self.settings[name] = json.loads(settings.read_text(encoding="utf-8")) if settings.is_file() else None
-        self.judge = None
-        if self.cfg.get("judge"):
-            self.judge = _Judge(self.cfg.judge)
+        self.judges = judge_specs(self.cfg)
+        self.comet = None
+        comet = self.cfg.get("comet")
+        if comet:  # asked for: a missing package or model folder stops here, before any scoring
+            self.comet = load_comet(comet.get("model_dir"), "comet.model_dir", int(comet.get("batch_size", 16)),
+                                    int(comet.get("gpus", 0)))
 
     def run(self) -> None:
-        results: List[Dict] = []
+        groups = []
         for name, rows in self.sets.items():
             missing = self.missing[name]
             if missing:
@@ -64,12 +119,17 @@ class EvalRecipe:
                             + "; ".join(f"{r}: {n}" for r, n in reasons.most_common()))
             for task in sorted({r.get("task", "asr") for r in rows}):
                 items = [r for r in rows if r.get("task", "asr") == task]
-                scored = [r for r in items if r.get("reference")]
-                results.append({"name": name, "task": task, **self._score(task, scored),
-                                "no_reference": len(items) - len(scored),
-                                "not_generated": None if missing is None else len(missing),
-                                "not_generated_reasons": dict(Counter(m["reason"] for m in missing or [])),
-                                "settings": self.settings[name]})
+                groups.append((name, task, items, [r for r in items if r.get("reference")]))
+        verdicts = self._judge([scored for _, task, _, scored in groups if task == "sqa"])
+        results: List[Dict] = []
+        for name, task, items, scored in groups:
+            score = self._sqa(scored, verdicts) if task == "sqa" else self._score(task, scored)
+            missing = self.missing[name]
+            results.append({"name": name, "task": task, **score,
+                            "no_reference": len(items) - len(scored),
+                            "not_generated": None if missing is None else len(missing),
+                            "not_generated_reasons": dict(Counter(m["reason"] for m in missing or [])),
+                            "settings": self.settings[name]})
         self.output_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(self.output_dir / "results.json", results)
         table = markdown_table(results)
@@ -78,6 +138,7 @@ class EvalRecipe:
         log.info(f"Wrote {self.output_dir / 'results.json'} and results.md")
 
     def _score(self, task: str, items: List[Dict]) -> Dict:
+        stuck = sum("stuck" in (r.get("flags") or []) for r in items)
         if task == "asr":
             wer = with_and_without(items, lambda r, h: asr_scores(r, h)["wer"])
             cer = with_and_without(items, lambda r, h: asr_scores(r, h)["cer"])
@@ -85,23 +146,67 @@ class EvalRecipe:
                     "wer_without_stuck": wer["without"], "cer_without_stuck": cer["without"]}
         if task == "st":
             langs = sorted({r.get("target_lang") for r in items if r.get("target_lang")})
-            out = {"n": len(items), "stuck": sum("stuck" in (r.get("flags") or []) for r in items), "by_language": {}}
+            out = {"n": len(items), "stuck": stuck, "by_language": {}}
             for lang in langs or [None]:
                 sub = [r for r in items if r.get("target_lang") == lang] if lang else items
                 refs, hyps = [r["reference"] for r in sub], [r["hypothesis"] for r in sub]
                 s = st_scores(refs, hyps, lang or "en")
                 shares = language_shares(hyps, lang) if lang else {}
                 out["by_language"][lang or "?"] = {"bleu": s["bleu"], "chrf": s["chrf"], "bleu_signature": s["bleu_signature"],
-                                                    "target_share": shares.get("target"), "english_share": shares.get("english")}
+                                                   "target_share": shares.get("target"), "english_share": shares.get("english"),
+                                                   **self._comet(sub)}
             return out
-        if task == "sqa":
-            if self.judge is None:
-                return {"n": len(items), "accuracy": None, "note": "no judge configured (set judge.llm)"}
-            verdicts = self.judge(items)
-            ok = [v for v in verdicts if v is not None]
-            return {"n": len(items), "accuracy": 100.0 * sum(ok) / max(len(ok), 1), "unparsed_judgements": verdicts.count(None),
-                    "stuck": sum("stuck" in (r.get("flags") or []) for r in items)}
+        if task == "ner":
+            refs = [parse_entities(r["reference"])[0] for r in items]
+            parsed = [parse_entities(r["hypothesis"]) for r in items]
+            s = ner_scores(refs, [p[0] for p in parsed])
+            clean = [i for i, r in enumerate(items) if "stuck" not in (r.get("flags") or [])]
+            without = ner_scores([refs[i] for i in clean], [parsed[i][0] for i in clean]) if clean else None
+            return {"n": len(items), "stuck": stuck, "f1": s["f1"], "label_f1": s["label_f1"], "precision": s["precision"],
+                    "recall": s["recall"], "per_tag": s["per_tag"], "unparsed_parts": sum(p[1] for p in parsed),
+                    "f1_without_stuck": without["f1"] if without else None}
+        if task == "sa":
+            s = sentiment_scores([r["reference"] for r in items], [r["hypothesis"] for r in items])
+            return {"n": len(items), "stuck": stuck, "f1": s["macro_f1"], "weighted_f1": s["weighted_f1"],
+                    "accuracy": s["accuracy"], "per_class": s["per_class"], "unparsed": s["unparsed"]}
         return {"n": len(items), "note": f"no metric for task {task!r}"}
+
+    def _comet(self, items: List[Dict]) -> Dict:
+        if self.comet is None:
+            return {}
+        sourced = [r for r in items if r.get("transcript") or r.get("source")]
+        s = self.comet([r.get("transcript") or r["source"] for r in sourced], [r["reference"] for r in sourced],
+                       [r["hypothesis"] for r in sourced])
+        if len(sourced) < len(items):
+            log.warning(f"COMET: {len(items) - len(sourced)} of {len(items)} ST rows have no transcript/source, not scored")
+        return {"comet": s["comet"], "comet_n": s["num_items"], "comet_no_source": len(items) - len(sourced)}
+
+    def _judge(self, groups: List[List[Dict]]) -> Dict[str, Dict[int, Optional[bool]]]:
+        """Every judge's verdict on every SQA row (keyed by the row's identity), one judge in memory at a time."""
+        items = [r for g in groups for r in g]
+        verdicts: Dict[str, Dict[int, Optional[bool]]] = {}
+        if not items:
+            return verdicts
+        for spec in self.judges:
+            log.info(f"judge {spec['name']}: {len(items)} SQA items")
+            judge = _Judge(spec)
+            verdicts[spec["name"]] = {id(r): v for r, v in zip(items, judge(items))}
+            del judge
+            gc.collect()
+        return verdicts
+
+    def _sqa(self, items: List[Dict], verdicts: Dict[str, Dict[int, Optional[bool]]]) -> Dict:
+        out = {"n": len(items), "stuck": sum("stuck" in (r.get("flags") or []) for r in items)}
+        if not self.judges:
+            return {**out, "accuracy": None, "note": "no judge configured (set judges: [{llm: ...}])"}
+        per = {}
+        for name, by_row in verdicts.items():
+            mine = [by_row[id(r)] for r in items]
+            ok = [v for v in mine if v is not None]
+            per[name] = {"accuracy": 100.0 * sum(ok) / len(ok) if ok else None, "unparsed_judgements": mine.count(None)}
+        accs = [p["accuracy"] for p in per.values() if p["accuracy"] is not None]
+        return {**out, "accuracy": sum(accs) / len(accs) if accs else None, "judges": per,
+                "unparsed_judgements": sum(p["unparsed_judgements"] for p in per.values())}
 
     def cleanup(self) -> None:
         pass
@@ -110,18 +215,23 @@ class EvalRecipe:
 class _Judge:
     """A local judge LLM (torchtune-loaded) answering the yes/no equivalence prompt (paper: BERGEN)."""
 
-    def __init__(self, cfg: DictConfig):
+    def __init__(self, spec: Dict[str, Any]):
         import torch
 
         from speechmapper_tune.models.chat_format import ChatTokenizer
         from speechmapper_tune.models.llms import load_llm
 
-        ckpt = str(config.instantiate(cfg.llm.checkpoint)) if isinstance(cfg.llm.checkpoint, DictConfig) else str(cfg.llm.checkpoint)
-        self.model, _, _ = load_llm(cfg.llm.name, ckpt, dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[cfg.llm.get("dtype", "bf16")])
-        self.chat = ChatTokenizer.from_dir(ckpt, chat_format=cfg.llm.chat_format)
-        self.batch_size = int(cfg.get("batch_size", 8))
+        llm = spec["llm"]
+        ckpt = llm["checkpoint"]
+        ckpt = str(config.instantiate(OmegaConf.create(ckpt))) if isinstance(ckpt, dict) else str(ckpt)
+        dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+        if llm.get("dtype", "bf16") not in dtypes:
+            raise ValueError(f"{spec['where']}.llm.dtype={llm.get('dtype')!r}: expected one of {sorted(dtypes)}")
+        self.model, _, _ = load_llm(llm["name"], ckpt, dtype=dtypes[llm.get("dtype", "bf16")])
+        self.chat = ChatTokenizer.from_dir(ckpt, chat_format=llm["chat_format"])
+        self.batch_size = int(spec.get("batch_size", 8))
 
-    def __call__(self, items: List[Dict]) -> List:
+    def __call__(self, items: List[Dict]) -> List[Optional[bool]]:
         import torch
 
         from speechmapper_tune.generation import greedy_generate
@@ -132,7 +242,9 @@ class _Judge:
             prompts = [self.model.tok_embeddings(torch.tensor(self.chat.render(
                 judge_prompt(r.get("context", ""), r.get("instruction", ""), r["reference"], r["hypothesis"]))))
                 for r in chunk]
-            for res in greedy_generate(self.model, prompts, max_new_tokens=4, stop_ids=self.chat.stop_ids):
+            with torch.no_grad():
+                results = greedy_generate(self.model, prompts, max_new_tokens=4, stop_ids=self.chat.stop_ids)
+            for res in results:
                 verdicts.append(parse_judgement(self.chat.decode(res.ids, skip_special_tokens=True)))
         return verdicts
 
@@ -142,13 +254,15 @@ def _fmt(v) -> str:
 
 
 def markdown_table(results: List[Dict]) -> str:
-    lines = ["| name | task | n | WER | CER | WER w/o stuck | stuck | BLEU | chrF | target lang % | accuracy | no ref | not generated |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| name | task | n | WER | CER | WER w/o stuck | stuck | BLEU | chrF | COMET | target lang % | accuracy | F1 | "
+             "no ref | not generated |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         st = next(iter(r.get("by_language", {}).values()), {}) if r["task"] == "st" else {}
         lines.append(f"| {r['name']} | {r['task']} | {r.get('n')} | {_fmt(r.get('wer'))} | {_fmt(r.get('cer'))} | "
                      f"{_fmt(r.get('wer_without_stuck'))} | {_fmt(r.get('stuck'))} | {_fmt(st.get('bleu'))} | "
-                     f"{_fmt(st.get('chrf'))} | {_fmt(st.get('target_share'))} | {_fmt(r.get('accuracy'))} | "
+                     f"{_fmt(st.get('chrf'))} | {_fmt(st.get('comet'))} | {_fmt(st.get('target_share'))} | "
+                     f"{_fmt(r.get('accuracy'))} | {_fmt(r.get('f1'))} | "
                      f"{_fmt(r.get('no_reference'))} | {_fmt(r.get('not_generated'))} |")
     return "\n".join(lines) + "\n"
 

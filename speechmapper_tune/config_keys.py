@@ -58,8 +58,10 @@ RECIPE_KEYS: Dict[str, Set[str]] = {
         "max_duration", "overwrite", "max_items", "instructions", "task",
     },
     "speechmapper_eval": {
-        "output_dir", "generations.*", "judge.llm.name", "judge.llm.checkpoint", "judge.llm.chat_format",
+        "output_dir", "generations.*", "judge.name", "judge.llm.name", "judge.llm.checkpoint", "judge.llm.chat_format",
         "judge.llm.dtype", "judge.batch_size",
+        "judges",  # a list; the recipe checks each judge's keys (speechmapper_eval.JUDGE_KEYS)
+        "comet.model_dir", "comet.batch_size", "comet.gpus",
     },
     "speechmapper_eet": {
         "output_dir", "seed", "llm.name", "llm.checkpoint", "llm.chat_format", "llm.dtype",
