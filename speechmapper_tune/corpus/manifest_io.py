@@ -15,6 +15,8 @@ Accepted forms of ``path`` (all give cuts whose supervision holds the transcript
   ``prepare_librispeech``; its language ``English`` becomes ``en``.
 * one of the paper's ST/SQA/ASR corpora in its released layout (CoVoST 2, EuroParl-ST,
   Spoken-SQuAD, VoxPopuli, FLEURS), see :mod:`speechmapper_tune.corpus.paper_corpora`.
+* SLUE-VoxPopuli (NER) / SLUE-VoxCeleb (sentiment): a ``slue-vox*_{split}.tsv`` or its released
+  folder, labels in the supervision's ``custom``, see :mod:`speechmapper_tune.corpus.slue`.
 
 Texts are returned as stored; callers normalize with ``speechmapper_tune.text``.
 """
@@ -50,6 +52,11 @@ def load_audio_manifest(path: PathLike, supervisions: Optional[PathLike] = None,
     (:data:`~speechmapper_tune.corpus.paper_corpora.CORPUS_FORMATS`); without it, those layouts are
     recognised from the path (see :mod:`speechmapper_tune.corpus.paper_corpora`)."""
     prefixed, rest = paper_corpora.split_format(str(path))
+    if not (corpus_format or prefixed):
+        from speechmapper_tune.corpus import slue  # here, not on top: slue imports this module
+
+        if slue.is_slue(rest):  # SLUE NER / sentiment TSVs, or a folder of them
+            return slue.load_slue(rest)
     corpus_format = corpus_format or prefixed or paper_corpora.detect_corpus_format(rest)
     if corpus_format:
         return paper_corpora.read_corpus(rest, corpus_format)
