@@ -79,6 +79,9 @@ RECIPE_KEYS: Dict[str, Set[str]] = {
         "output_dir", "seed", "num_workers", "chunk_size", "progress", "wordnet_dir",
         "text.min_words", "text.max_words", "text.spell_out_numbers", "engines.*", "splits.*",
     },
+    "speechmapper_instructions": {
+        "manifest", "output_dir", "task", "target_langs", "with_transcript", "st_instructions.*", "sqa_instruction",
+    },
 }
 
 # integer settings and their minimum, checked when set (None included: the recipes call int() on them)

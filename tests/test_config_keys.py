@@ -10,7 +10,8 @@ from speechmapper_tune.configs import available_configs, resolve_config
 def recipe_of(name: str) -> str:
     """The recipe a shipped config is for, from its folder and name."""
     folder, stem = name.split("/")
-    by_folder = {"corpus": "speechmapper_corpus", "features": "speechmapper_extract", "eval": "speechmapper_eval"}
+    by_folder = {"corpus": "speechmapper_corpus", "features": "speechmapper_extract", "eval": "speechmapper_eval",
+                 "instructions": "speechmapper_instructions"}
     if folder in by_folder:
         return by_folder[folder]
     for start, recipe in (("stage1", "speechmapper_pretrain"), ("stage2", "speechmapper_adapt"),

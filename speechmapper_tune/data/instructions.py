@@ -1,0 +1,138 @@
+"""ST / SQA instruction rows from a feature manifest of the paper's corpora, for stage 2 and generation.
+
+A row (one JSON line) is what :func:`speechmapper_tune.data.stage2.prepare_instruction_examples`
+reads: ``{"id", "features": <cut id>, "task", "instruction", "answer", ...}``.
+
+* ST (one row per cut with a translation): ``instruction`` is the paper's ST instruction in the
+  target language (appendix B.3), looked up by ``target_lang`` (then by its base code: ``zh-CN`` ->
+  ``zh``); ``answer`` is the translation; ``target_lang`` goes with it for scoring.
+* SQA (one row per question about a cut): ``instruction`` is the question set into a template
+  (B.3 phrases every task as a question, so the default is the question itself); ``answer`` is the
+  first reference answer, ``answers`` all of them, ``context`` the cut's transcript (read by the
+  SQA judge).
+
+With ``with_transcript`` a row carries the cut's normalized transcript as ``transcript``, which gives that
+example the stage-1 MSE term when stage 2 runs with sigma > 0. The translation, target language
+and questions come from the supervision's ``custom`` fields written by
+:mod:`speechmapper_tune.corpus.paper_corpora`; they survive feature extraction unchanged.
+Plain Python (lhotse to read the manifest).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence
+
+from lhotse import CutSet
+
+from speechmapper_tune.checkpoint.atomic import atomic_write_text
+from speechmapper_tune.corpus.paper_corpora import QAS, TARGET_LANG, TRANSLATION
+from speechmapper_tune.data.manifest import SkipCounter
+from speechmapper_tune.text import normalize_text
+from speechmapper_tune.textio import first_non_utf8_line
+
+TASKS = ("st", "sqa")
+QUESTION = "{question}"
+
+
+def st_instruction(instructions: Mapping[str, str], target_lang: str) -> Optional[str]:
+    """The instruction for ``target_lang``, or for its base code (``zh-CN`` -> ``zh``); None if neither."""
+    if target_lang in instructions:
+        return instructions[target_lang]
+    return instructions.get(target_lang.split("-")[0].split("_")[0].lower())
+
+
+def instruction_rows(
+    cuts: Iterable,
+    task: str,
+    st_instructions: Optional[Mapping[str, str]] = None,
+    sqa_instruction: str = QUESTION,
+    with_transcript: bool = True,
+    target_langs: Optional[Sequence[str]] = None,
+    skipped: Optional[SkipCounter] = None,
+) -> List[Dict]:
+    """Instruction rows (see the module docstring) for the cuts of a feature manifest.
+
+    ``target_langs`` (ST): keep only these target languages (None: all). Cuts without features,
+    without the task's fields, or with an empty answer are counted in ``skipped`` and left out;
+    an ST target language without an instruction is an error naming it."""
+    if task not in TASKS:
+        raise ValueError(f"task={task!r}: expected one of {TASKS}")
+    if task == "st" and not st_instructions:
+        raise ValueError("task=st needs st_instructions: {target language: instruction} (paper B.3)")
+    if task == "sqa" and sqa_instruction.count(QUESTION) != 1:
+        raise ValueError(f"sqa_instruction must contain {QUESTION} exactly once: {sqa_instruction!r}")
+    skipped = skipped if skipped is not None else SkipCounter()
+    wanted = set(target_langs) if target_langs else None
+    rows: List[Dict] = []
+    for cut in cuts:
+        if cut.features is None:
+            skipped.add("no features attached", cut.id)
+            continue
+        sup = cut.supervisions[0] if cut.supervisions else None
+        custom = (sup.custom or {}) if sup is not None else {}
+        transcript = " ".join((s.text or "").strip() for s in cut.supervisions).strip()
+        normalized = normalize_text(transcript)  # the form stage 1 trains on by default (data.target_text)
+        extra = {"transcript": normalized} if with_transcript and normalized else {}
+        if task == "st":
+            lang, translation = custom.get(TARGET_LANG), custom.get(TRANSLATION)
+            if lang is None or translation is None:
+                skipped.add("no translation in the manifest (not from an ST corpus)", cut.id)
+                continue
+            if wanted is not None and lang not in wanted:
+                skipped.add(f"target language {lang} not in target_langs", cut.id)
+                continue
+            if not translation.strip():
+                skipped.add("empty translation", cut.id)
+                continue
+            instruction = st_instruction(st_instructions, lang)
+            if instruction is None:
+                raise ValueError(f"cut {cut.id}: no ST instruction for target language {lang!r} "
+                                 f"(st_instructions has {sorted(st_instructions)})")
+            rows.append({"id": cut.id, "features": cut.id, "task": "st", "target_lang": lang,
+                         "instruction": instruction, "answer": translation.strip(), **extra})
+            continue
+        qas = custom.get(QAS)
+        if qas is None:
+            skipped.add("no questions in the manifest (not from an SQA corpus)", cut.id)
+            continue
+        for qa in qas:
+            answers = [a.strip() for a in qa.get("answers", []) if a.strip()]
+            row_id = f"{cut.id}/{qa['id']}"
+            if not answers:
+                skipped.add("question without an answer", row_id)
+                continue
+            rows.append({"id": row_id, "features": cut.id, "task": "sqa",
+                         "instruction": sqa_instruction.replace(QUESTION, qa["question"].strip()),
+                         "question": qa["question"], "answer": answers[0], "answers": answers,
+                         "context": transcript, **extra})
+    return rows
+
+
+def build_instructions(
+    manifest: str | Path,
+    output: str | Path,
+    task: str,
+    st_instructions: Optional[Mapping[str, str]] = None,
+    sqa_instruction: str = QUESTION,
+    with_transcript: bool = True,
+    target_langs: Optional[Sequence[str]] = None,
+) -> tuple[int, SkipCounter]:
+    """Write ``output`` (JSON lines, atomically) from the feature manifest ``manifest``; return
+    (rows written, skipped items). No row at all is an error naming the manifest."""
+    manifest = Path(manifest)
+    if not manifest.is_file():
+        raise FileNotFoundError(f"feature manifest not found: {manifest}")
+    try:
+        cuts = CutSet.from_file(str(manifest)) or []  # lhotse reads an empty manifest as None
+        skipped = SkipCounter()
+        rows = instruction_rows(cuts, task, st_instructions, sqa_instruction, with_transcript, target_langs, skipped)
+    except UnicodeDecodeError as e:
+        raise (first_non_utf8_line(manifest) or ValueError(f"cannot read feature manifest {manifest}: {e}")) from e
+    except (KeyError, OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"cannot read feature manifest {manifest}: {e!r}") from e
+    if not rows:
+        raise ValueError(f"{manifest}: no {task} instruction row (skipped: {skipped.summary()})")
+    atomic_write_text(output, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    return len(rows), skipped
