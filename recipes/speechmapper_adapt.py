@@ -16,11 +16,18 @@ Options beyond the paper (defaults are the paper's): ``loss.weighting=balanced``
 mixes the relative gradients of CE and MSE (the logged ``loss`` stays Eq. 3);
 ``data.train.augment`` masks training features; ``validate_at_start`` logs the starting
 projector's validation losses at step 0.
+
+Under ``tune run --nproc_per_node N`` (gloo on CPU, nccl on GPU) the whole SpeechLM is sharded
+with FSDP2 as torchtune's distributed recipes do (``training.shard_model``: each LLM layer, then
+the root, which holds the projector, the embeddings and the LM head), so every rank holds 1/N of
+the frozen weights and of the projector, LoRA and optimizer state. Each rank reads every N-th
+batch of ``batch_size``, gradients are averaged across ranks (FSDP's reduce-scatter) and clipped
+by their global norm: N ranks x gradient_accumulation_steps A equal one process with N*A, step
+for step. Checkpoints hold full tensors (gathered, written by rank 0) in the one-process format.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import random
 import sys
@@ -31,7 +38,7 @@ from typing import Any, Dict, Iterator, List
 import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
-from torch.nn.parallel import DistributedDataParallel
+from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -55,11 +62,31 @@ from speechmapper_tune.data.sampler import ShuffledBatchSampler
 from speechmapper_tune.data.stage1 import lookup_targets, sample_subset
 from speechmapper_tune.data.stage2 import PromptTemplate, Stage2Collator, Stage2Dataset, prepare_asr_examples, prepare_instruction_examples
 from speechmapper_tune.models.llms import load_lora_adapters, lora_state_dict
-from speechmapper_tune.models.projector import count_parameters
+from speechmapper_tune.models.projector import build_projector_from_config, count_parameters
 from speechmapper_tune.models.speech_lm import DTYPES, SpeechLM
 
 log = utils.get_logger("INFO")
 LOSS_KEYS = ("loss", "ce", "mse")
+_CHECKPOINT_WRAPPED = "_checkpoint_wrapped_module."  # the name torch's activation-checkpoint wrapper adds
+
+
+def shard_speech_lm(model: SpeechLM) -> None:
+    """FSDP2 over a SpeechLM in place (under an initialised process group), torchtune's way: each LLM
+    layer a unit, then the root (projector, token embeddings, final norm, LM head), so the root's forward
+    covers ``SpeechLM.forward``'s direct calls into the LLM. The bench (bench/stage2_memory.py) uses it too."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    with torch.no_grad():  # torchtune seeds each rank seed+rank: rank 0's fresh projector/LoRA init for all
+        for t in [*trainable, *model.projector.buffers()]:
+            dist.broadcast(t, src=0)
+    # FSDP for the trainable parts too: their gradients are averaged by the same reduce-scatter and
+    # their optimizer state is sharded, with no second (DDP) wrapper around a submodule
+    training.shard_model(model, [lambda name, _: name.count(".") == 2 and name.startswith("llm.layers.")],
+                         cpu_offload=False, reshard_after_forward=True)
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """A tensor whole: a DTensor shard gathered from every rank (a collective), a plain tensor as is."""
+    return t.full_tensor() if isinstance(t, DTensor) else t.detach()
 
 
 class AdaptRecipe:
@@ -80,6 +107,7 @@ class AdaptRecipe:
         self.max_steps = int(cfg.max_steps)
         self.grad_accum = int(cfg.get("gradient_accumulation_steps", 1))
         self.step, self.epoch, self.consumed = 0, 0, 0
+        self.resume_from = None  # the checkpoint folder resume=True continues from
         self.skipped = SkipCounter()
         if not cfg.get("resume", False):
             CheckpointManager(self.output_dir).refuse_existing_run()  # before any work: a new run must not mix with an old one
@@ -98,6 +126,8 @@ class AdaptRecipe:
         self.pad_id, self.embedding, self.template = self.model.pad_id, self.model.embedding, self.model.template
         self.lora_params = [p for p in self.llm.parameters() if p.requires_grad]  # empty unless LoRA is on
         assert bool(self.lora_params) == bool(cfg.get("lora")), "the LLM must be frozen except for LoRA adapters"
+        if cfg.get("resume", False):
+            self.resume_from = self._resume_weights()  # into the full modules, before they are sharded
         if cfg.get("enable_activation_checkpointing", False):
             from torchtune.modules import TransformerSelfAttentionLayer
 
@@ -109,20 +139,26 @@ class AdaptRecipe:
         log.info(f"Skipped at setup: {self.skipped.total()} ({self.skipped.summary()})")
 
         self.projector.to(self.device).train()
+        n_proj, n_lora, n_llm = count_parameters(self.projector), sum(p.numel() for p in self.lora_params), count_parameters(self.llm)
+        if self.world_size > 1:
+            self._shard()
         self.optimizer = config.instantiate(cfg.optimizer, [*self.projector.parameters(), *self.lora_params])
         self.scheduler = config.instantiate(cfg.lr_scheduler, self.optimizer)
         self.checkpoints = CheckpointManager(self.output_dir, cfg.get("keep_last_n_checkpoints", 2))
         torch.manual_seed(int(cfg.seed) + 1000 * self.rank)
-        if cfg.get("resume", False):
-            self._resume()
-        if self.world_size > 1:
-            self.projector = DistributedDataParallel(self.projector)
-            self.model.projector = self.projector
+        if self.resume_from is not None:
+            self._resume_state(self.resume_from)
         self.loggers = [config.instantiate(c) for c in cfg.get("metric_loggers", [])] if self.is_main else []
         self._open_metrics_file()
-        n_lora = sum(p.numel() for p in self.lora_params)
-        log.info(f"Trainable: projector {count_parameters(self.projector):,} + LoRA {n_lora:,} parameters; "
-                 f"LLM frozen ({count_parameters(self.llm) / 1e6:.1f}M, no optimizer state)")
+        log.info(f"Trainable: projector {n_proj:,} + LoRA {n_lora:,} parameters; "
+                 f"LLM frozen ({n_llm / 1e6:.1f}M, no optimizer state)")
+
+    def _shard(self) -> None:
+        """Shard the SpeechLM (``shard_speech_lm``) and take the sharded parameters' handles."""
+        shard_speech_lm(self.model)
+        self.projector, self.llm = self.model.projector, self.model.llm  # the same modules, parameters now DTensor shards
+        self.lora_params = [p for p in self.llm.parameters() if p.requires_grad]
+        log.info(f"FSDP: the SpeechLM sharded over {self.world_size} ranks ({len(self.llm.layers)} LLM layers + root)")
 
     def _build_model(self) -> SpeechLM:
         cfg = self.cfg
@@ -187,16 +223,21 @@ class AdaptRecipe:
             loader = TrainLoader(loader, dcfg.manifest, self.skipped)
         return loader, sampler
 
-    def _resume(self) -> None:
-        folder = self.checkpoints.latest()
+    def _resume_weights(self):
+        folder = CheckpointManager(self.output_dir).latest()
         if folder is None:
-            log.info(f"resume=True but no checkpoint in {self.checkpoints.root}: starting from the initial projector")
-            return
+            log.info(f"resume=True but no checkpoint in {self.output_dir / 'checkpoints'}: starting from the initial projector")
+            return None
         model, _ = load_projector(folder)
         self.projector.load_state_dict(model.state_dict())
         if self.lora_params:
             load_lora_adapters(self.llm, folder)
+        return folder
+
+    def _resume_state(self, folder: Path) -> None:
         state = self.checkpoints.load_state(folder)
+        if self.world_size > 1:  # the file holds full tensors: each rank keeps the shard of its parameters
+            state["optimizer"] = self._shard_optimizer_state(state["optimizer"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.epoch, self.consumed = state["step"], state["epoch"], state["consumed"]
@@ -225,8 +266,8 @@ class AdaptRecipe:
                 yield batch
             self.epoch, self.consumed = self.epoch + 1, 0
 
-    def _forward(self, batch: Dict[str, Any], projector) -> Dict[str, torch.Tensor]:
-        out = self.model(batch, projector)  # SpeechLM: prompt | speech | suffix | response, logits at the labels
+    def _forward(self, batch: Dict[str, Any]) -> Dict[str, torch.Tensor]:
+        out = self.model(batch)  # SpeechLM: prompt | speech | suffix | response, logits at the labels
         target = lookup_targets(self.embedding, batch["target_ids"].to(self.device))
         losses = self.loss_fn(out["logits"], out["labels"], out["pred"], target, out["out_lengths"],
                               batch["num_words"].to(self.device), batch["has_mse"].to(self.device))
@@ -252,19 +293,20 @@ class AdaptRecipe:
             while n_micro < self.grad_accum:
                 batch = next(batches)
                 self.skipped.record_batch(batch, log)
-                if not batch["ids"]:
+                if not self._all_ranks_have_items(batch):
                     continue
-                last = n_micro == self.grad_accum - 1
-                ctx = self.projector.no_sync() if (self.world_size > 1 and not last) else contextlib.nullcontext()
-                with ctx:
-                    out = self._forward(batch, self.projector)
-                    (out["objective"] / self.grad_accum).backward()
+                if self.world_size > 1:  # gradients reduce-scattered once per step, after the last micro-batch
+                    self.model.set_requires_gradient_sync(n_micro == self.grad_accum - 1)
+                out = self._forward(batch)
+                (out["objective"] / self.grad_accum).backward()
                 for k in LOSS_KEYS:
                     sums[k] += float(out[k].detach())
                 tokens += out["tokens"] + out["speech_vectors"]
                 n_micro += 1
             trainable = [*self.projector.parameters(), *self.lora_params]
             grad_norm = torch.nn.utils.clip_grad_norm_(trainable, float(clip) if clip else float("inf"))
+            if isinstance(grad_norm, DTensor):  # the norm over every rank's shards: the global one clipped by
+                grad_norm = grad_norm.full_tensor()
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.scheduler.step()
@@ -272,7 +314,7 @@ class AdaptRecipe:
             pbar.update(1)
             metrics = {k: v / n_micro for k, v in sums.items()}
             if self.world_size > 1:
-                t = torch.tensor([metrics[k] for k in LOSS_KEYS], dtype=torch.float64)
+                t = torch.tensor([metrics[k] for k in LOSS_KEYS], dtype=torch.float64, device=self.device)
                 dist.all_reduce(t)
                 metrics = {k: float(v) / self.world_size for k, v in zip(LOSS_KEYS, t)}
             pbar.set_postfix(ce=f"{metrics['ce']:.3f}", mse=f"{metrics['mse']:.0f}")
@@ -297,14 +339,14 @@ class AdaptRecipe:
     def validate(self) -> Dict[str, float]:
         if self.val_loader is None:
             return {}
-        projector = getattr(self.projector, "module", self.projector)
+        projector = self.projector
         projector.eval()
         sums, weight = {k: 0.0 for k in LOSS_KEYS}, 0
-        for batch in self.val_loader:
+        for batch in self.val_loader:  # every rank reads the whole (small) validation set: FSDP needs them all
             self.skipped.record_batch(batch, log)
             if not batch["ids"]:
                 continue
-            out = self._forward(batch, projector)
+            out = self._forward(batch)
             for k in LOSS_KEYS:
                 sums[k] += float(out[k]) * len(batch["ids"])
             weight += len(batch["ids"])
@@ -313,9 +355,13 @@ class AdaptRecipe:
 
     def save_checkpoint(self) -> None:
         rng = rng_state() if self.world_size == 1 else self._gather_rng()
+        # every rank takes part in gathering the full tensors; rank 0 writes them
+        projector = self._full_projector() if self.world_size > 1 else self.projector
+        optimizer = self._full_optimizer_state() if self.world_size > 1 else self.optimizer.state_dict()
+        lora = self._full_lora_state() if self.lora_params else None
         if self.is_main:
             state = {
-                "optimizer": self.optimizer.state_dict(),
+                "optimizer": optimizer,
                 "scheduler": self.scheduler.state_dict(),
                 "step": self.step, "epoch": self.epoch, "consumed": self.consumed, "rng": rng,
                 "config": OmegaConf.to_container(self.cfg, resolve=True),
@@ -324,9 +370,9 @@ class AdaptRecipe:
                     "sigma": self.loss_fn.sigma, "trim_pad_vectors": self.model.trim_pad_vectors,
                     "prompt": OmegaConf.to_container(self.cfg.prompt, resolve=True),  # generation uses it by default
                     "features": self.features}
-            extra = {LORA_WEIGHTS: lora_state_dict(self.llm)} if self.lora_params else None
+            extra = {LORA_WEIGHTS: lora} if self.lora_params else None
             meta["lora"] = OmegaConf.to_container(self.cfg.lora, resolve=True) if self.lora_params else None
-            folder = self.checkpoints.save(self.step, self.projector, meta, state, extra_weights=extra)
+            folder = self.checkpoints.save(self.step, projector, meta, state, extra_weights=extra)
             log.info(f"Saved checkpoint {folder}")
         self._barrier()
 
@@ -337,6 +383,42 @@ class AdaptRecipe:
         for lg in self.loggers:
             lg.log_dict(metrics, step=self.step)
         self.metrics.append(self.step, metrics)
+
+    def _all_ranks_have_items(self, batch: Dict[str, Any]) -> bool:
+        """Whether this micro-batch trains: a batch whose items all failed to load is passed over, and under
+        FSDP by every rank at once (a rank that skipped alone would leave the others waiting in a collective)."""
+        if self.world_size == 1:
+            return bool(batch["ids"])
+        flag = torch.tensor([int(bool(batch["ids"]))], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item())
+
+    def _full_projector(self) -> torch.nn.Module:
+        """An unsharded CPU copy of the projector (collective: every rank calls it)."""
+        full = build_projector_from_config(self.projector.config)
+        full.load_state_dict({k: _full(v).cpu() for k, v in self.projector.state_dict().items()})
+        return full
+
+    def _full_lora_state(self) -> Dict[str, torch.Tensor]:
+        """The adapters' full tensors, named as in a model without activation-checkpoint wrappers (so any
+        run, and generation, loads them)."""
+        return {k.replace(_CHECKPOINT_WRAPPED, ""): _full(v).cpu() for k, v in lora_state_dict(self.llm).items()}
+
+    def _full_optimizer_state(self) -> Dict[str, Any]:
+        """``optimizer.state_dict()`` with each sharded state tensor gathered whole: the one-process format."""
+        sd = self.optimizer.state_dict()
+        state = {i: {k: (_full(v).cpu() if isinstance(v, DTensor) else v) for k, v in st.items()} for i, st in sd["state"].items()}
+        return {"state": state, "param_groups": sd["param_groups"]}
+
+    def _shard_optimizer_state(self, sd: Dict[str, Any]) -> Dict[str, Any]:
+        """The inverse of ``_full_optimizer_state``: each full state tensor cut into this rank's shard."""
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        state = {}
+        for i, st in sd["state"].items():
+            p = params[int(i)]
+            state[i] = {k: (distribute_tensor(v.to(p.device), p.device_mesh, p.placements, src_data_rank=None)
+                            if torch.is_tensor(v) and isinstance(p, DTensor) and v.shape == p.shape else v) for k, v in st.items()}
+        return {"state": state, "param_groups": sd["param_groups"]}
 
     def _gather_rng(self) -> List[Dict[str, Any]]:
         states = [None] * self.world_size

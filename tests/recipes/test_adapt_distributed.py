@@ -1,0 +1,99 @@
+"""`tune run --nproc_per_node 2 speechmapper_adapt` (FSDP2 on gloo) against one process on tiny/stage2.
+
+Two ranks with gradient_accumulation_steps=1 take, step for step, the batches one process takes with
+gradient_accumulation_steps=2 (rank r reads every 2nd batch), and their averaged gradients are the
+one-process accumulated ones, so the losses agree up to summation order; resuming a 2-process run
+gives the uninterrupted run's losses. The projector has no dropout here: its random masks come from
+each process's own generator, so they would differ between the 1- and 2-process runs.
+"""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from tolerances import FP32_SHALLOW, assert_close_to_scale
+
+from speechmapper_tune.checkpoint.projector_io import load_projector
+from speechmapper_tune.data.sampler import ShuffledBatchSampler
+
+pytestmark = pytest.mark.e2e
+LORA = "lora={rank: 4, alpha: 8, dropout: 0.0, attn_modules: [q_proj, v_proj], apply_to_mlp: True}"
+COMMON = ["--config", "tiny/stage2", "model.dropout=0.0", "batch_size=6", "max_steps=4", "log_every_n_steps=1",
+          "val_every_n_steps=0", "save_every_n_steps=2", "loss.sigma=0.5"]
+FIELDS = ("loss", "ce", "mse", "grad_norm")
+
+
+def _adapt(tune, out, *extra, nproc=1):
+    launch = ["run", "--nproc_per_node", str(nproc)] if nproc > 1 else ["run"]
+    accum = f"gradient_accumulation_steps={2 // nproc}"  # the same 12 items a step either way
+    return tune([*launch, "speechmapper_adapt", *COMMON, accum, f"output_dir={out}", *extra], cwd=out.parent)
+
+
+def _rows(out):
+    return [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _assert_same_curves(actual, expected):
+    assert [r["step"] for r in actual] == [r["step"] for r in expected]
+    for k in FIELDS + ("val_loss", "val_ce", "val_mse"):
+        a = [r[k] for r in actual if k in r]
+        e = [r[k] for r in expected if k in r]
+        assert len(a) == len(e) > 0, k
+        # fp32 through 2 layers, gradients summed in another order (reduce-scatter): relative to each curve's scale
+        assert_close_to_scale(torch.tensor(a), torch.tensor(e), FP32_SHALLOW, k)
+
+
+@pytest.fixture(scope="module")
+def lora_runs(tmp_path_factory, tune):
+    """One process, and two processes with activation checkpointing (same values, recomputed), LoRA on."""
+    root = tmp_path_factory.mktemp("dist_lora")
+    _adapt(tune, root / "one", LORA)
+    proc = _adapt(tune, root / "two", LORA, "enable_activation_checkpointing=True", nproc=2)
+    return root, proc.stdout + proc.stderr
+
+
+def test_two_processes_match_one_without_lora(tmp_path, tune):
+    _adapt(tune, tmp_path / "one")
+    proc = _adapt(tune, tmp_path / "two", nproc=2)
+    assert "FSDP: the SpeechLM sharded over 2 ranks" in proc.stdout + proc.stderr
+    _assert_same_curves(_rows(tmp_path / "two"), _rows(tmp_path / "one"))
+    one, _ = load_projector(tmp_path / "one" / "checkpoints" / "step_4")
+    two, _ = load_projector(tmp_path / "two" / "checkpoints" / "step_4")  # full tensors, the one-process format
+    for (name, a), b in zip(one.state_dict().items(), two.state_dict().values()):
+        # Adam divides by sqrt(v): a near-zero gradient's rounding moves a weight by up to lr, hence the tensor's own scale x lr
+        assert_close_to_scale(b, a, 1e-3, name)
+
+
+def test_two_processes_match_one_with_lora(lora_runs):
+    root, log = lora_runs
+    assert "FSDP: the SpeechLM sharded over 2 ranks" in log
+    _assert_same_curves(_rows(root / "two"), _rows(root / "one"))
+    a = load_file(str(root / "one" / "checkpoints" / "step_4" / "lora_adapters.safetensors"))
+    b = load_file(str(root / "two" / "checkpoints" / "step_4" / "lora_adapters.safetensors"))
+    assert sorted(a) == sorted(b)  # same names: no activation-checkpoint wrapper, no shard in them
+    for k in a:
+        assert b[k].shape == a[k].shape
+        assert_close_to_scale(b[k], a[k], 1e-3, k)
+    state = torch.load(root / "two" / "checkpoints" / "step_4" / "recipe_state.pt", weights_only=True)
+    ref = torch.load(root / "one" / "checkpoints" / "step_4" / "recipe_state.pt", weights_only=True)
+    assert [s["exp_avg"].shape for s in state["optimizer"]["state"].values()] == \
+           [s["exp_avg"].shape for s in ref["optimizer"]["state"].values()]  # optimizer state gathered whole
+
+
+def test_two_process_resume_matches_uninterrupted(lora_runs, tune):
+    root, _ = lora_runs
+    part = root / "part"
+    _adapt(tune, part, LORA, "enable_activation_checkpointing=True", "max_steps=2", nproc=2)
+    _adapt(tune, part, LORA, "enable_activation_checkpointing=True", "resume=True", nproc=2)
+    resumed = [r for r in _rows(part) if r["step"] != 2 or "val_loss" not in r]  # the stopped run's final validation
+    _assert_same_curves(resumed, _rows(root / "two"))
+
+
+def test_ranks_read_the_one_process_global_batch():
+    """Rank r's k-th batch of B, over N ranks, together make the one-process k-th batch of N*B."""
+    one = ShuffledBatchSampler(400, 12, seed=3).epoch_batches(1)
+    ranks = [ShuffledBatchSampler(400, 6, seed=3, rank=r, world_size=2).epoch_batches(1) for r in range(2)]
+    assert len(ranks[0]) == len(ranks[1]) == len(one)
+    for k, batch in enumerate(one):
+        assert ranks[0][k] + ranks[1][k] == batch
