@@ -3,7 +3,7 @@
 A checkpoint is a folder:
 
     projector.safetensors   the projector's weights (fp32 by default; fp16 when shipped)
-    projector_config.json   {"projector": ProjectorConfig or QueryProjectorConfig, "llm": {...}, "stage": 1, "step": N, ...}
+    projector_config.json   {"projector": ProjectorConfig, QueryProjectorConfig or LightAdapterConfig, "llm": {...}, "stage": 1, "step": N, ...}
     recipe_state.pt         optimizer, scheduler, sampler, step, RNG (absent from shipped ones), as plain
                             data: read with ``torch.load(weights_only=True)``, so it cannot run code
 
@@ -37,6 +37,7 @@ from torch import nn
 
 from speechmapper_tune.checkpoint.atomic import atomic_write_json, atomic_write_text
 from speechmapper_tune.models.projector import SpeechMapperProjector, build_projector_from_config
+from speechmapper_tune.models.light_adapter import LightAdapter
 from speechmapper_tune.models.query_projector import QueryProjector
 
 WEIGHTS = "projector.safetensors"
@@ -67,8 +68,8 @@ def _hash_rows(embedding: torch.Tensor, dtype: Optional[torch.dtype]) -> str:
 def save_projector(folder: str | Path, model: nn.Module, meta: Dict[str, Any], dtype: Optional[torch.dtype] = None) -> None:
     """Write weights and config into ``folder`` (the caller makes the folder write atomic)."""
     model = getattr(model, "module", model)  # unwrap DDP
-    if not isinstance(model, (SpeechMapperProjector, QueryProjector)):
-        raise TypeError(f"expected a SpeechMapperProjector or QueryProjector, got {type(model).__name__}")
+    if not isinstance(model, (SpeechMapperProjector, QueryProjector, LightAdapter)):
+        raise TypeError(f"expected a SpeechMapperProjector, QueryProjector or LightAdapter, got {type(model).__name__}")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: (v.to(dtype) if dtype is not None else v).detach().cpu().contiguous() for k, v in model.state_dict().items()}

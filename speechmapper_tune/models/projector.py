@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from speechmapper_tune.models import light_adapter as la
 from speechmapper_tune.models import query_projector as qp
 
 
@@ -240,9 +241,11 @@ def speechmapper_tiny(input_dim: int = 16, output_dim: int = 32, **kw) -> Speech
 
 
 def build_projector_from_config(cfg: Dict[str, Any] | ProjectorConfig) -> nn.Module:
-    """Rebuild a projector from the JSON config saved next to its weights (conv, or ``kind: "query"``)."""
+    """Rebuild a projector from the JSON config saved next to its weights (conv, ``kind: "query"`` or ``"light"``)."""
     if isinstance(cfg, qp.QueryProjectorConfig) or (isinstance(cfg, dict) and cfg.get("kind") == qp.KIND):
         return qp.QueryProjector(cfg if isinstance(cfg, qp.QueryProjectorConfig) else qp.QueryProjectorConfig.from_dict(cfg))
+    if isinstance(cfg, la.LightAdapterConfig) or (isinstance(cfg, dict) and cfg.get("kind") == la.KIND):
+        return la.LightAdapter(cfg if isinstance(cfg, la.LightAdapterConfig) else la.LightAdapterConfig.from_dict(cfg))
     if not isinstance(cfg, ProjectorConfig):
         cfg = ProjectorConfig.from_dict(cfg)  # configs without "kind" (every older checkpoint) are conv projectors
     return SpeechMapperProjector(cfg)
