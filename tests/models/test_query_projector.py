@@ -84,3 +84,23 @@ def test_conv_configs_without_kind_still_build_conv_projectors(tmp_path):
 def test_bad_settings_are_refused():
     with pytest.raises(ValueError, match="window_frames"):
         tiny(window_frames=0)
+
+
+def test_fixed_number_of_queries_whatever_the_length():
+    """window_frames=None (SparQLe): one window over the utterance, always queries_per_window vectors."""
+    torch.manual_seed(3)
+    model = tiny(window_frames=None, queries_per_window=5).eval()
+    lengths = [37, 3, 20]
+    xs = [torch.randn(n, 16) for n in lengths]
+    batch = torch.full((3, 37, 16), 1e3)  # loud padding: masked out of cross-attention
+    for i, x in enumerate(xs):
+        batch[i, : len(x)] = x
+    out, out_len = model(batch, torch.tensor(lengths))
+    assert out.shape == (3, 5, 24) and out_len.tolist() == [5, 5, 5] and model.output_length(1000) == 5
+    for i, x in enumerate(xs):
+        single, n = model(x[None])
+        assert int(n) == 5
+        assert_close_to_scale(out[i], single[0], FP32_SHALLOW)
+    out.sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    assert not hasattr(model, "frame_pos")  # no learned positions: they would fix the longest length
