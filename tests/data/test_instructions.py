@@ -150,3 +150,28 @@ def test_instructions_recipe_writes_what_stage2_reads(tmp_path, tune):
     tune(["run", "speechmapper_instructions", "--config", "instructions/sqa", f"manifest={sqa_manifest}",
           f"output_dir={out.parent}"], cwd=tmp_path)
     assert [json.loads(line)["instruction"] for line in out.read_text().splitlines()] == ["Who won the game?", "Where was it?"]
+
+
+def test_europarl_st_folder_through_extract_and_instructions(tmp_path, tune):
+    """The user's chain on real Whisper tiny.en weights: EuroParl-ST split folder -> features -> instructions."""
+    root = tmp_path / "europarl-st" / "v1.1"
+    (root / "en" / "audios").mkdir(parents=True)
+    sf.write(str(root / "en" / "audios" / "en.1.wav"), np.concatenate([tone(1.0), tone(1.5)]), SR)
+    split = root / "en" / "it" / "dev"
+    split.mkdir(parents=True)
+    (split / "segments.lst").write_text("en.1 0.0 1.0\nen.1 1.0 2.5\n")
+    (split / "segments.en").write_text("Thank you.\nI agree with you.\n")
+    (split / "segments.it").write_text("Grazie.\nSono d'accordo con lei.\n")
+    (split / "speeches.lst").write_text("en.1\n")
+    feats = tmp_path / "st_dev"
+    tune(["run", "speechmapper_extract", "--config", "features/whisper_tiny_en", f"manifest=europarl_st:{split}",
+          f"output_dir={feats}", "sfm.window=trimmed"], cwd=tmp_path)
+    items = load_feature_items(feats / "cuts.jsonl.gz")
+    assert [(it.id, it.num_features) for it in items] == [("en.1_0001", 384), ("en.1_0002", 384)]
+    assert items[1].num_frames == pytest.approx(1.5 * 50 / 2, abs=2)  # 50 frames/s averaged by 2
+    tune(["run", "speechmapper_instructions", "--config", "instructions/st", f"manifest={feats / 'cuts.jsonl.gz'}"],
+         cwd=tmp_path)
+    rows = [json.loads(line) for line in (feats / "instructions.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert [(r["features"], r["target_lang"], r["answer"]) for r in rows] == [
+        ("en.1_0001", "it", "Grazie."), ("en.1_0002", "it", "Sono d'accordo con lei.")]
+    assert rows[0]["instruction"] == ST["it"]
