@@ -63,6 +63,11 @@ RECIPE_KEYS: Dict[str, Set[str]] = {
         "judges",  # a list; the recipe checks each judge's keys (speechmapper_eval.JUDGE_KEYS)
         "comet.model_dir", "comet.batch_size", "comet.gpus",
     },
+    "speechmapper_annotate": {
+        "output_dir", "manifest", "task", "seed", "llm.name", "llm.checkpoint", "llm.chat_format", "llm.dtype",
+        "prompt.system", "prompt.user", "prompt.assistant_prefix", "instruction", "max_new_tokens", "batch_size",
+        "max_items", "overwrite",
+    },
     "speechmapper_eet": {
         "output_dir", "seed", "llm.name", "llm.checkpoint", "llm.chat_format", "llm.dtype",
         "sentences.source", "sentences.num_sentences", "sentences.seed", "noise_degrees",
@@ -92,6 +97,7 @@ RECIPE_MINIMUMS: Dict[str, Dict[str, int]] = {
                            "data.train.num_workers": 0, "data.val.num_workers": 0},
     "speechmapper_generate": {"batch_size": 1, "max_new_tokens": 1},
     "speechmapper_eet": {"batch_size": 1, "max_new_tokens": 1, "sentences.num_sentences": 1},
+    "speechmapper_annotate": {"batch_size": 1, "max_new_tokens": 1},
     "speechmapper_extract": {"average_frames": 1, "batch_size": 1, "shard_size": 1},
 }
 

@@ -15,7 +15,8 @@ def recipe_of(name: str) -> str:
     if folder in by_folder:
         return by_folder[folder]
     for start, recipe in (("stage1", "speechmapper_pretrain"), ("stage2", "speechmapper_adapt"),
-                          ("generate", "speechmapper_generate"), ("eet", "speechmapper_eet")):
+                          ("generate", "speechmapper_generate"), ("eet", "speechmapper_eet"),
+                          ("annotate", "speechmapper_annotate")):
         if stem.startswith(start):
             return recipe
     raise AssertionError(f"no recipe known for the shipped config {name}")

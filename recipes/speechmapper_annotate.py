@@ -1,0 +1,193 @@
+"""Label a transcript corpus with an LLM (SpeechLLM's synthetic labels): sentiment (sa) or named entities (ner).
+
+    tune run speechmapper_annotate --config smollm2_135M/annotate_sa manifest=runs/corpus/tts_en/manifests/train.jsonl
+
+Reads any manifest ``load_audio_manifest`` reads (a feature manifest, an audio manifest, the corpus
+builder's JSON lines, SLUE TSVs) and asks the LLM, greedily, about each transcript as written
+(``prompt.user`` holds ``{transcript}``). The reply becomes a label:
+
+* ``sa``: the first of Negative / Neutral / Positive it names (``metrics.parse_sentiment``);
+* ``ner``: its ``TAG: phrase; ...`` list (``metrics.parse_entities``, first paragraph only), keeping
+  SLUE's combined tags whose phrase occurs in the transcript (as whole words, normalized); ``none``
+  when the reply says so.
+
+``${output_dir}/labels.jsonl`` holds one row per labelled item in the form stage 2's instruction
+data reads (``speechmapper_tune.data.stage2.prepare_instruction_examples``): ``id``, ``features``
+(the item's id: features are extracted under the same id), ``instruction`` (``instruction``), ``answer``
+(the label: ``Positive``, ``PLACE: brussels; WHEN: monday``, ``none``), ``transcript`` (normalized:
+the stage-1 MSE targets), plus ``task``, ``raw`` (the reply) and ``annotator``.
+An item that gives no label (empty transcript, a reply naming no class / listing nothing usable)
+is skipped and written to ``not_annotated.jsonl`` with the reason; ``annotate_summary.json`` counts
+both. Rows are appended batch by batch: a killed run resumes where it stopped (a torn last line is
+dropped), only with the same settings (``annotate_settings.json``; ``overwrite=True`` starts over).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from torchtune import config, training, utils
+
+from speechmapper_tune.checkpoint.atomic import atomic_write_json
+from speechmapper_tune.config_keys import check_recipe_config
+from speechmapper_tune.configs import resolve_config_argv
+from speechmapper_tune.corpus.manifest_io import load_audio_manifest
+from speechmapper_tune.data.generation_data import append_rows, done_ids, settings_diff
+from speechmapper_tune.data.manifest import written_text
+from speechmapper_tune.generation import greedy_generate
+from speechmapper_tune.metrics import (
+    NO_ENTITIES, SLUE_NER_TAGS, format_entities, parse_entities, parse_sentiment,
+)
+from speechmapper_tune.models.chat_format import ChatTokenizer
+from speechmapper_tune.models.llms import embed_tokens, load_llm
+from speechmapper_tune.text import normalize_text
+
+log = utils.get_logger("INFO")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+TASKS = ("sa", "ner")
+LABELS, NOT_ANNOTATED, SETTINGS, SUMMARY = "labels.jsonl", "not_annotated.jsonl", "annotate_settings.json", "annotate_summary.json"
+
+
+def label_from_reply(task: str, reply: str, transcript: str) -> Tuple[Optional[str], str]:
+    """``(answer, note)``: the label a reply gives for ``transcript``, or ``(None, why not)``."""
+    if not reply.strip():
+        return None, "empty reply"
+    if task == "sa":
+        label = parse_sentiment(reply)
+        return (label, "") if label else (None, "the reply names no sentiment (Negative/Neutral/Positive)")
+    first = re.split(r"\n\s*\n", reply.strip(), maxsplit=1)[0]  # a small LLM keeps talking after the list
+    entities, unparsed = parse_entities(first)
+    if not entities:
+        if first.strip().strip(" .").lower().startswith(NO_ENTITIES) or unparsed == 0:
+            return NO_ENTITIES, ""
+        return None, "the reply lists no TAG: phrase pair"
+    words = f" {normalize_text(transcript)} "
+    kept = [(t, p) for t, p in entities if t in SLUE_NER_TAGS and normalize_text(p) and f" {normalize_text(p)} " in words]
+    if not kept:
+        return None, "no entity of the reply has a SLUE tag and a phrase of the transcript"
+    dropped = len(entities) - len(kept)
+    return format_entities(kept), f"{dropped} entities dropped" if dropped else ""
+
+
+class AnnotateRecipe:
+    def __init__(self, cfg: DictConfig):
+        self.cfg = cfg
+        self.output_dir = Path(cfg.output_dir)
+
+    def setup(self) -> None:
+        cfg = self.cfg
+        if cfg.task not in TASKS:
+            raise ValueError(f"task={cfg.task!r}: expected one of {TASKS}")
+        if "{transcript}" not in str(cfg.prompt.user):
+            raise ValueError(f"prompt.user must contain {{transcript}}: {cfg.prompt.user!r}")
+        if not str(cfg.get("instruction") or "").strip():
+            raise ValueError("instruction (what stage 2 asks the speech model, written in each row) is empty")
+        training.set_seed(seed=cfg.get("seed", 0))
+        cuts = load_audio_manifest(cfg.manifest)
+        self.items = [(c.id, written_text(c.supervisions)) for c in cuts]
+        if cfg.get("max_items") is not None:
+            self.items = self.items[: int(cfg.max_items)]
+        ckpt = str(config.instantiate(cfg.llm.checkpoint)) if isinstance(cfg.llm.checkpoint, DictConfig) else str(cfg.llm.checkpoint)
+        settings = {"manifest": str(cfg.manifest), "task": cfg.task, "instruction": cfg.instruction,
+                    "llm": {"name": cfg.llm.name, "checkpoint": ckpt, "chat_format": cfg.llm.chat_format,
+                            "dtype": cfg.llm.get("dtype", "fp32")},
+                    "prompt": OmegaConf.to_container(cfg.prompt, resolve=True), "max_new_tokens": int(cfg.max_new_tokens)}
+        self._start(json.loads(json.dumps(settings)), bool(cfg.get("overwrite", False)))
+        self.model, _, _ = load_llm(cfg.llm.name, ckpt, dtype=DTYPES[cfg.llm.get("dtype", "fp32")])
+        self.chat = ChatTokenizer.from_dir(ckpt, chat_format=cfg.llm.chat_format)
+
+    def _start(self, settings: Dict, overwrite: bool) -> None:
+        out = self.output_dir
+        files = [out / LABELS, out / NOT_ANNOTATED, out / SETTINGS, out / SUMMARY]
+        if overwrite:
+            for f in files:
+                f.unlink(missing_ok=True)
+        recorded = out / SETTINGS
+        if recorded.is_file():
+            diff = settings_diff(json.loads(recorded.read_text(encoding="utf-8")), settings)
+            if diff:
+                raise ValueError(f"{out / LABELS} was made with other settings ({'; '.join(diff)}): pass overwrite=True "
+                                 "to label again, or choose another output_dir")
+        elif (out / LABELS).is_file() and (out / LABELS).stat().st_size:
+            raise ValueError(f"{out / LABELS} records no settings: pass overwrite=True or choose another output_dir")
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(recorded, settings)
+
+    def _prompt(self, transcript: str) -> torch.Tensor:
+        p = self.cfg.prompt
+        msgs = [{"role": "system", "content": p.system}] if p.get("system") else []
+        msgs.append({"role": "user", "content": str(p.user).replace("{transcript}", transcript)})
+        ids = self.chat.render(msgs) + self.chat.encode_text(p.get("assistant_prefix") or "")
+        return embed_tokens(self.model, torch.tensor(ids))
+
+    @torch.no_grad()
+    def run(self) -> None:
+        cfg = self.cfg
+        labels_path, missing_path = self.output_dir / LABELS, self.output_dir / NOT_ANNOTATED
+        done = done_ids(labels_path) | done_ids(missing_path)
+        todo = [(i, t) for i, t in self.items if i not in done]
+        log.info(f"{len(self.items)} items ({len(self.items) - len(todo)} already done), task {cfg.task}")
+        empty = [(i, t) for i, t in todo if not normalize_text(t)]
+        append_rows(missing_path, [{"id": i, "reason": "empty transcript"} for i, _ in empty])
+        todo = [(i, t) for i, t in todo if normalize_text(t)]
+        bs = int(cfg.batch_size)
+        for s in range(0, len(todo), bs):
+            chunk = todo[s : s + bs]
+            results = greedy_generate(self.model, [self._prompt(t) for _, t in chunk],
+                                      max_new_tokens=int(cfg.max_new_tokens), stop_ids=self.chat.stop_ids)
+            rows, bad = [], []
+            for (item_id, text), res in zip(chunk, results):
+                reply = self.chat.decode(res.ids, skip_special_tokens=True)
+                answer, note = label_from_reply(cfg.task, reply, text)
+                if answer is None:
+                    bad.append({"id": item_id, "reason": note, "raw": reply})
+                    continue
+                rows.append({"id": item_id, "features": item_id, "task": cfg.task, "instruction": cfg.instruction,
+                             "answer": answer, "transcript": normalize_text(text), "raw": reply,
+                             "annotator": cfg.llm.name, **({"note": note} if note else {})})
+            append_rows(labels_path, rows)
+            append_rows(missing_path, bad)
+            log.info(f"{min(s + bs, len(todo))}/{len(todo)} items: {len(rows)} labelled, {len(bad)} skipped in this batch")
+        self._summary(labels_path, missing_path)
+
+    def _summary(self, labels_path: Path, missing_path: Path) -> None:
+        labelled = [json.loads(l) for l in labels_path.read_text(encoding="utf-8").splitlines()] if labels_path.is_file() else []
+        skipped = [json.loads(l) for l in missing_path.read_text(encoding="utf-8").splitlines()] if missing_path.is_file() else []
+        answers = Counter(r["answer"] if self.cfg.task == "sa" else
+                          ("none" if r["answer"] == NO_ENTITIES else "entities") for r in labelled)
+        tags = Counter(p.split(":", 1)[0] for r in labelled if r["answer"] != NO_ENTITIES for p in r["answer"].split("; "))
+        summary = {"task": self.cfg.task, "items": len(self.items), "labelled": len(labelled), "skipped": len(skipped),
+                   "skipped_reasons": dict(Counter(r["reason"] for r in skipped)), "answers": dict(answers),
+                   **({"tags": dict(tags)} if self.cfg.task == "ner" else {})}
+        atomic_write_json(self.output_dir / SUMMARY, summary)
+        log.info(f"Labelled {len(labelled)}, skipped {len(skipped)} ({summary['skipped_reasons']}); "
+                 f"answers {dict(answers)}; wrote {labels_path}")
+
+    def cleanup(self) -> None:
+        pass
+
+
+@config.parse
+def recipe_main(cfg: DictConfig) -> None:
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size > 1:  # N processes would each label every item into the same files
+        raise ValueError(f"speechmapper_annotate runs in one process (WORLD_SIZE={world_size}): run it without --nproc_per_node")
+    check_recipe_config(cfg, "speechmapper_annotate")  # a misspelt or unknown setting stops here, before anything loads
+    recipe = AnnotateRecipe(cfg)
+    recipe.setup()
+    recipe.run()
+    recipe.cleanup()
+
+
+if __name__ == "__main__":
+    resolve_config_argv()
+    sys.exit(recipe_main())
