@@ -68,7 +68,8 @@ DURATION_TOLERANCE_S = 0.025  # as the feature extractor: lhotse's slack between
 _COVOST_NAME = re.compile(r"^covost_v2\.(?P<src>[A-Za-z-]+)_(?P<tgt>[A-Za-z-]+)\.(?P<split>train|dev|test)\.tsv$")
 _VOXPOPULI_NAME = re.compile(r"^asr_(?P<split>train|dev|test)\.tsv$")
 _FLEURS_NAME = re.compile(r"^(?P<split>train|dev|test)\.tsv$")
-_SPOKEN_SQUAD_NAME = re.compile(r"^spoken_(?P<split>train|test)-v1\.1(?:_WER\d+)?\.json$")
+# the clean files only: the noisy-test variants (_WER44, _WER54) are not transcripts of the clean dev_wav audio
+_SPOKEN_SQUAD_NAME = re.compile(r"^spoken_(?P<split>train|test)-v1\.1\.json$")
 _SENTENCE_WAV = re.compile(r"^(\d+)_(\d+)_(\d+)\.wav$")
 
 
@@ -327,8 +328,8 @@ def read_spoken_squad(json_path: PathLike, audio_dir: Optional[PathLike] = None,
     split = m["split"] if m else None
     if audio_dir is None:
         if split is None:
-            raise ValueError(f"{json_path}: not a Spoken-SQuAD file name (spoken_train-v1.1.json, spoken_test-v1.1.json): "
-                             "pass audio_dir")
+            raise ValueError(f"{json_path}: not spoken_train-v1.1.json or spoken_test-v1.1.json, whose audio folders are "
+                             "known: call read_spoken_squad(path, audio_dir=<its sentence wavs>)")
         sub = {"train": "train_wav", "test": "dev_wav"}[split]  # the test set was made from SQuAD's dev set
         candidates = [json_path.parent / "Spoken-SQuAD_audio" / sub, json_path.parent / sub]
         audio_dir = next((c for c in candidates if c.is_dir()), None)

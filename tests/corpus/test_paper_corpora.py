@@ -267,5 +267,9 @@ def test_other_manifests_are_not_taken_for_a_corpus(tmp_path):
     plain = tmp_path / "train.tsv"  # a FLEURS name but no audio/ folder beside it
     plain.write_text("x\n")
     assert detect_corpus_format(plain) is None and detect_corpus_format(tmp_path) is None
+    # Spoken-SQuAD's noisy-test transcripts do not belong to the clean dev_wav audio: never paired by name
+    assert detect_corpus_format(tmp_path / "spoken_test-v1.1_WER44.json") is None
+    with pytest.raises(ValueError, match=r"call read_spoken_squad\(path, audio_dir="):
+        load_audio_manifest(f"spoken_squad:{plain}")
     with pytest.raises(ValueError, match="corpus format 'mustc'"):
         load_audio_manifest(plain, corpus_format="mustc")
