@@ -124,6 +124,10 @@ class AdaptRecipe:
         self.model = self._build_model()
         self.projector, self.llm, self.chat = self.model.projector, self.model.llm, self.model.chat
         self.pad_id, self.embedding, self.template = self.model.pad_id, self.model.embedding, self.model.template
+        self.loss_keys = LOSS_KEYS
+        if float(getattr(self.loss_fn, "regularizer_weight", 0.0)) > 0:  # the classifier regularizer reads the table
+            self.loss_fn.set_embedding(self.embedding, blank_id=self.pad_id)
+            self.loss_keys = (*LOSS_KEYS, "regularizer")
         self.lora_params = [p for p in self.llm.parameters() if p.requires_grad]  # empty unless LoRA is on
         assert bool(self.lora_params) == bool(cfg.get("lora")), "the LLM must be frozen except for LoRA adapters"
         if cfg.get("resume", False):
@@ -270,7 +274,8 @@ class AdaptRecipe:
         out = self.model(batch)  # SpeechLM: prompt | speech | suffix | response, logits at the labels
         target = lookup_targets(self.embedding, batch["target_ids"].to(self.device))
         losses = self.loss_fn(out["logits"], out["labels"], out["pred"], target, out["out_lengths"],
-                              batch["num_words"].to(self.device), batch["has_mse"].to(self.device))
+                              batch["num_words"].to(self.device), batch["has_mse"].to(self.device),
+                              batch["target_ids"].to(self.device))
         return {**losses, "tokens": out["tokens"], "speech_vectors": out["speech_vectors"]}
 
     def train(self) -> None:
@@ -288,7 +293,7 @@ class AdaptRecipe:
             validated_at = 0
         t0, tokens = time.perf_counter(), 0
         while self.step < self.max_steps:
-            sums = {k: 0.0 for k in LOSS_KEYS}
+            sums = {k: 0.0 for k in self.loss_keys}
             n_micro = 0
             while n_micro < self.grad_accum:
                 batch = next(batches)
@@ -299,7 +304,7 @@ class AdaptRecipe:
                     self.model.set_requires_gradient_sync(n_micro == self.grad_accum - 1)
                 out = self._forward(batch)
                 (out["objective"] / self.grad_accum).backward()
-                for k in LOSS_KEYS:
+                for k in self.loss_keys:
                     sums[k] += float(out[k].detach())
                 tokens += out["tokens"] + out["speech_vectors"]
                 n_micro += 1
@@ -314,9 +319,9 @@ class AdaptRecipe:
             pbar.update(1)
             metrics = {k: v / n_micro for k, v in sums.items()}
             if self.world_size > 1:
-                t = torch.tensor([metrics[k] for k in LOSS_KEYS], dtype=torch.float64, device=self.device)
+                t = torch.tensor([metrics[k] for k in self.loss_keys], dtype=torch.float64, device=self.device)
                 dist.all_reduce(t)
-                metrics = {k: float(v) / self.world_size for k, v in zip(LOSS_KEYS, t)}
+                metrics = {k: float(v) / self.world_size for k, v in zip(self.loss_keys, t)}
             pbar.set_postfix(ce=f"{metrics['ce']:.3f}", mse=f"{metrics['mse']:.0f}")
             if log_every and (self.step % log_every == 0 or self.step == 1):
                 elapsed = time.perf_counter() - t0
@@ -341,13 +346,13 @@ class AdaptRecipe:
             return {}
         projector = self.projector
         projector.eval()
-        sums, weight = {k: 0.0 for k in LOSS_KEYS}, 0
+        sums, weight = {k: 0.0 for k in self.loss_keys}, 0
         for batch in self.val_loader:  # every rank reads the whole (small) validation set: FSDP needs them all
             self.skipped.record_batch(batch, log)
             if not batch["ids"]:
                 continue
             out = self._forward(batch)
-            for k in LOSS_KEYS:
+            for k in self.loss_keys:
                 sums[k] += float(out[k]) * len(batch["ids"])
             weight += len(batch["ids"])
         projector.train()

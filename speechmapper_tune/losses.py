@@ -277,6 +277,7 @@ def embedding_ctc(
 
 
 LOSS_WEIGHTINGS = ("paper", "balanced")
+REGULARIZERS = ("ctc", "ce")  # Stage2Loss's classifier regularizer
 
 
 def check_weighting(weighting: str) -> None:
@@ -318,23 +319,62 @@ class Stage2Loss(nn.Module):
     (instruction data without a transcript) have no MSE term. It returns ``objective`` (what trains;
     ``weighting="balanced"`` mixes relative gradients, see :func:`stage2_loss`), ``loss`` (always the
     paper's Eq. 3 value, so runs compare), ``ce`` and ``mse``.
+
+    ``regularizer_weight > 0`` (not in the paper; SpeechLLM's classifier regularizer) adds an
+    auxiliary classifier on the projector output against the transcript of the items that have one
+    (``has_mse``): ``regularizer="ctc"`` (alignment-free, :func:`embedding_ctc`, blank = the pad id)
+    or ``"ce"`` (token i at vector i, :func:`embedding_classifier_ce`). The classifier is the frozen
+    LLM's embedding table under distance logits, so it adds no parameters; it is logged as
+    ``regularizer`` and added to the objective as ``weight * term`` (paper weighting) or
+    ``weight * relative(term)`` (balanced). Needs :meth:`set_embedding` and ``target_ids``.
     """
 
-    def __init__(self, sigma: float = 0.9, alpha: float = 5.0, scale: float = 1e3, weighting: str = "paper"):
+    def __init__(self, sigma: float = 0.9, alpha: float = 5.0, scale: float = 1e3, weighting: str = "paper",
+                 regularizer_weight: float = 0.0, regularizer: str = "ctc", regularizer_temperature: float = 0.05):
         super().__init__()
         self.sigma, self.alpha, self.scale, self.weighting = float(sigma), float(alpha), float(scale), str(weighting)
         stage2_loss(torch.zeros(()), torch.zeros(()), self.sigma, self.weighting)  # validates sigma and weighting
         check_alpha(self.alpha)
+        if float(regularizer_weight) < 0 or regularizer not in REGULARIZERS or float(regularizer_temperature) <= 0:
+            raise ValueError(f"loss regularizer_weight={regularizer_weight} must be >= 0, regularizer={regularizer!r} one "
+                             f"of {REGULARIZERS}, regularizer_temperature={regularizer_temperature} > 0")
+        self.regularizer_weight, self.regularizer = float(regularizer_weight), regularizer
+        self.regularizer_temperature = float(regularizer_temperature)
+        self.table: Optional[EmbeddingTable] = None
+        self.blank_id: Optional[int] = None
+
+    def set_embedding(self, embedding: Tensor, blank_id: int) -> None:
+        """The LLM's [vocab, dim] embedding table and the pad id (the CTC blank), for the regularizer."""
+        self.table, self.blank_id = EmbeddingTable.from_weight(embedding), int(blank_id)
 
     def forward(self, logits: Tensor, labels: Tensor, pred: Tensor, target: Tensor, lengths: Tensor,
-                num_words: Tensor, has_mse: Tensor) -> Dict[str, Tensor]:
+                num_words: Tensor, has_mse: Tensor, target_ids: Optional[Tensor] = None) -> Dict[str, Tensor]:
         ce = F.cross_entropy(logits.float(), labels)
         mse = pred.new_zeros((), dtype=torch.float32)
         if bool(has_mse.any()):
             mse = speechmapper_mse(pred[has_mse], target[has_mse], lengths[has_mse], num_words[has_mse],
                                    self.alpha, self.scale).mse
-        return {"objective": stage2_loss(ce, mse, self.sigma, self.weighting), "loss": stage2_loss(ce, mse, self.sigma),
-                "ce": ce, "mse": mse}
+        out = {"objective": stage2_loss(ce, mse, self.sigma, self.weighting), "loss": stage2_loss(ce, mse, self.sigma),
+               "ce": ce, "mse": mse}
+        if self.regularizer_weight > 0:
+            reg = out["regularizer"] = self.regularizer_term(pred, target_ids, lengths, num_words, has_mse)
+            term = relative(reg) if self.weighting == "balanced" and bool(reg.detach() != 0) else reg
+            out["objective"] = out["objective"] + self.regularizer_weight * term
+        return out
+
+    def regularizer_term(self, pred: Tensor, target_ids: Optional[Tensor], lengths: Tensor, num_words: Tensor,
+                         has_mse: Tensor) -> Tensor:
+        """The classifier regularizer over the items with a transcript (0 when the batch has none)."""
+        if self.table is None or target_ids is None:
+            raise ValueError("loss regularizer_weight > 0 needs the LLM embedding table and target_ids: call "
+                             "loss_fn.set_embedding(table, blank_id=pad_id) (speechmapper_adapt does) or set it to 0")
+        if not bool(has_mse.any()):
+            return pred.new_zeros((), dtype=torch.float32)
+        p, ids, n, k = pred[has_mse].float(), target_ids[has_mse], lengths[has_mse], num_words[has_mse]
+        if self.regularizer == "ctc":
+            return embedding_ctc(p, ids, n, k, self.table, self.regularizer_temperature, self.blank_id)
+        word, _ = position_masks(n, k, p.shape[1])
+        return embedding_classifier_ce(p, ids, word, self.table, self.regularizer_temperature)
 
 
 @torch.no_grad()

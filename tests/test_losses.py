@@ -301,3 +301,61 @@ def test_balanced_ctc_term_is_relative():
     loss.set_embedding(E4, blank_id=3)
     out = loss(pred, E4[ids.clamp_min(0)], lengths, words, ids)
     assert out["objective"].item() == pytest.approx(2.5)  # MSE, cosine, 0.5 x CTC: each 1
+
+
+# --- Stage2Loss's classifier regularizer (SpeechLLM), over the items that have a transcript ------------
+
+def _stage2_batch():
+    torch.manual_seed(0)
+    table = torch.randn(7, 4)
+    pred = torch.randn(3, 5, 4, requires_grad=True)
+    target_ids = torch.tensor([[1, 2, 6, 6, 6], [3, 3, 1, 6, 6], [5, 6, 6, 6, 6]])  # pad id 6
+    lengths, num_words = torch.tensor([5, 5, 4]), torch.tensor([2, 3, 1])
+    has_mse = torch.tensor([True, True, False])  # the third is instruction data without a transcript
+    logits, labels = torch.randn(4, 7), torch.tensor([0, 1, 2, 3])
+    return table, pred, target_ids, lengths, num_words, has_mse, logits, labels
+
+
+@pytest.mark.parametrize("kind", ["ctc", "ce"])
+def test_stage2_regularizer_is_the_embedding_classifier_on_transcribed_items(kind):
+    from speechmapper_tune.losses import EmbeddingTable, Stage2Loss, embedding_classifier_ce, embedding_ctc
+
+    table, pred, ids, lengths, words, has_mse, logits, labels = _stage2_batch()
+    target = table[ids]
+    plain = Stage2Loss(sigma=0.5)(logits, labels, pred, target, lengths, words, has_mse)
+    assert "regularizer" not in plain
+    loss = Stage2Loss(sigma=0.5, regularizer_weight=0.3, regularizer=kind, regularizer_temperature=0.5)
+    loss.set_embedding(table, blank_id=6)
+    out = loss(logits, labels, pred, target, lengths, words, has_mse, ids)
+    t = EmbeddingTable.from_weight(table)
+    if kind == "ctc":
+        expected = embedding_ctc(pred[:2], ids[:2], lengths[:2], words[:2], t, 0.5, 6)
+    else:
+        word, _ = position_masks(lengths[:2], words[:2], 5)
+        expected = embedding_classifier_ce(pred[:2], ids[:2], word, t, 0.5)
+    assert_close_to_scale(out["regularizer"], expected, FP32_SHALLOW)
+    assert_close_to_scale(out["objective"], plain["objective"] + 0.3 * expected, FP32_SHALLOW)
+    assert_close_to_scale(out["loss"], plain["loss"], FP32_SHALLOW)  # Eq. 3's value stays comparable
+    out["objective"].backward()
+    assert torch.isfinite(pred.grad).all() and pred.grad[:2].abs().sum() > 0
+    assert pred.grad[2].abs().sum() == 0  # no transcript: neither MSE nor regularizer (the LLM's CE would, in a real run)
+    balanced = Stage2Loss(sigma=0.5, weighting="balanced", regularizer_weight=0.3, regularizer=kind, regularizer_temperature=0.5)
+    balanced.set_embedding(table, blank_id=6)
+    b = balanced(logits, labels, pred, target, lengths, words, has_mse, ids)
+    base = Stage2Loss(sigma=0.5, weighting="balanced")(logits, labels, pred, target, lengths, words, has_mse)
+    assert_close_to_scale(b["objective"], base["objective"] + 0.3, FP32_SHALLOW)  # relative(term) == 1
+
+
+def test_stage2_regularizer_needs_the_table_and_refuses_bad_settings():
+    from speechmapper_tune.losses import Stage2Loss
+
+    table, pred, ids, lengths, words, has_mse, logits, labels = _stage2_batch()
+    with pytest.raises(ValueError, match="set_embedding"):
+        Stage2Loss(regularizer_weight=1.0)(logits, labels, pred, table[ids], lengths, words, has_mse, ids)
+    for bad in ({"regularizer_weight": -1.0}, {"regularizer": "mse"}, {"regularizer_temperature": 0.0}):
+        with pytest.raises(ValueError, match="regularizer"):
+            Stage2Loss(**bad)
+    loss = Stage2Loss(regularizer_weight=1.0)
+    loss.set_embedding(table, blank_id=6)
+    none = torch.tensor([False, False, False])
+    assert loss(logits, labels, pred, table[ids], lengths, words, none, ids)["regularizer"].item() == 0.0
