@@ -72,15 +72,19 @@ _CHECKPOINT_WRAPPED = "_checkpoint_wrapped_module."  # the name torch's activati
 
 def shard_speech_lm(model: SpeechLM) -> None:
     """FSDP2 over a SpeechLM in place (under an initialised process group), torchtune's way: each LLM
-    layer a unit, then the root (projector, token embeddings, final norm, LM head), so the root's forward
-    covers ``SpeechLM.forward``'s direct calls into the LLM. The bench (bench/stage2_memory.py) uses it too."""
+    layer a unit, the projector, the token embeddings and an untied LM head units of their own (as
+    torchtune's custom_sharded_layers), then the root, whose forward covers ``SpeechLM.forward``'s
+    direct calls into the LLM. The bench (bench/stage2_memory.py) uses it too."""
     trainable = [p for p in model.parameters() if p.requires_grad]
     with torch.no_grad():  # torchtune seeds each rank seed+rank: rank 0's fresh projector/LoRA init for all
         for t in [*trainable, *model.projector.buffers()]:
             dist.broadcast(t, src=0)
+    units = {"projector"}
+    if isinstance(model.llm.output, torch.nn.Linear):  # a tied head reads tok_embeddings.weight outside its
+        units |= {"llm.tok_embeddings", "llm.output"}  # forward, so a tied table stays in the root unit
     # FSDP for the trainable parts too: their gradients are averaged by the same reduce-scatter and
     # their optimizer state is sharded, with no second (DDP) wrapper around a submodule
-    training.shard_model(model, [lambda name, _: name.count(".") == 2 and name.startswith("llm.layers.")],
+    training.shard_model(model, [lambda name, _: name in units or (name.count(".") == 2 and name.startswith("llm.layers."))],
                          cpu_offload=False, reshard_after_forward=True)
 
 
