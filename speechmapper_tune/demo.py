@@ -45,7 +45,10 @@ FEATURES = "features/whisper_base_trimmed"  # the shipped projectors were traine
 SHIPPED = {"shipped_asr": "smollm2_135m_whisper_base_stage2_asr", "shipped_asr_lora": "smollm2_135m_whisper_base_stage2_asr_lora",
            "shipped": "smollm2_135m_whisper_base_stage2"}
 PREFIX = "Transcript:"  # the forced answer prefix stage2_demo trains with, given to generate_asr (topline 45.6 -> 37.0% WER)
-SYSTEMS = ("topline", "cascade", "shipped_asr_lora", "shipped_asr", "shipped", "stage1", "stage2")
+# stage 1 alone is read with the paper's zero-shot prompt (table 11), beside the text topline under the same prompt
+SHIPPED_STAGE1 = "smollm2_135m_whisper_base_stage1"
+SYSTEMS = ("topline", "cascade", "shipped_asr_lora", "shipped_asr", "shipped", "stage2",
+           "topline_zeroshot", "shipped_stage1", "stage1")
 
 
 def tune_bin() -> str:
@@ -123,6 +126,11 @@ class Demo:
             "cascade": [*asr, "span_source=asr", f"projector_checkpoint={self.ckpt2}"],
             "topline": [*asr, "span_source=transcript", f"projector_checkpoint={self.ckpt2}"],
         }
+        zeroshot = ["--config", "smollm2_135M/generate_asr_zeroshot"]
+        systems["topline_zeroshot"] = [*zeroshot, "span_source=transcript", f"projector_checkpoint={self.ckpt1}"]
+        stage1_path = _shipped_name(SHIPPED_STAGE1)
+        if stage1_path:
+            systems["shipped_stage1"] = [*zeroshot, f"projector_checkpoint={stage1_path}"]
         shipped = {system: _shipped(system) for system in SHIPPED}
         for system, path in shipped.items():
             if path:
@@ -180,8 +188,11 @@ class Demo:
                f"in the package (`{SHIPPED['shipped_asr']}`: sigma 0, frozen LLM, `smollm2_135M/stage2_asr_full`, 10000 steps in five "
                f"rounds, prefix {PREFIX!r}); `shipped_asr_lora` = the same from round 4 on with LoRA adapters (rank 8, q/v) on the LLM, "
                f"shipped beside it (`{SHIPPED['shipped_asr_lora']}`; the paper keeps the LLM frozen); `shipped` = the task-agnostic one (`{SHIPPED['shipped']}`: sigma 0.9, "
-               "`smollm2_135M/stage1_full` + `stage2_full` on this CPU, no prefix); `stage1` = this run's projector after "
-               "stage 1 only, zero-shot prompt (table 11); `stage2` = this run's projector after stage-2 CE+MSE.", "",
+               "`smollm2_135M/stage1_full` + `stage2_full` on this CPU, no prefix); `stage2` = this run's projector after "
+               f"stage-2 CE+MSE. With the paper's zero-shot prompt (table 11) instead: `shipped_stage1` = the stage-1 "
+               f"projector shipped in the package (`{SHIPPED_STAGE1}`, stage 1 alone, no LLM in its training), "
+               "`stage1` = this run's stage-1 projector, `topline_zeroshot` = the exact transcript's embeddings "
+               "(their ceiling).", "",
                "Training of this run (validation on the dev split: held-out voices, in neither train nor test; first -> last evaluation):", ""]
         for stage, curves in learning.items():
             for key, (first, last) in curves.items():
@@ -241,9 +252,12 @@ def _final(run: Path):
 
 
 def _shipped(system: str):
+    return _shipped_name(SHIPPED[system])
+
+
+def _shipped_name(name: str):
     from speechmapper_tune import pretrained
 
-    name = SHIPPED[system]
     return pretrained.shipped_projector(name) if name in pretrained.available() else None
 
 

@@ -22,9 +22,10 @@ def test_reduced_demo_end_to_end(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = json.loads((out / "results.json").read_text())
     from speechmapper_tune import pretrained
-    from speechmapper_tune.demo import SHIPPED
+    from speechmapper_tune.demo import SHIPPED, SHIPPED_STAGE1
 
-    systems = {"topline", "cascade", "stage1", "stage2"} | {k for k, name in SHIPPED.items() if name in pretrained.available()}
+    systems = {"topline", "cascade", "stage1", "stage2", "topline_zeroshot"} | {k for k, name in SHIPPED.items() if name in pretrained.available()}
+    systems |= {"shipped_stage1"} if SHIPPED_STAGE1 in pretrained.available() else set()
     got = {(r["split"], r["system"]) for r in res["rows"]}
     assert got == {(s, m) for s in ("dev", "test", "real") for m in systems}
     assert all(r["wer"] is not None and r["cer"] is not None and r["stuck"] is not None for r in res["rows"])
