@@ -9,13 +9,17 @@ each process's own generator, so they would differ between the 1- and 2-process 
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 from tolerances import FP32_SHALLOW, assert_close_to_scale
 
 from speechmapper_tune.checkpoint.projector_io import load_projector
+from speechmapper_tune.data.features import SafetensorsShardWriter, read_feature_array
+from speechmapper_tune.data.manifest import load_feature_items
 from speechmapper_tune.data.sampler import ShuffledBatchSampler
+from speechmapper_tune.data.synthetic import prepare_tiny_stage1
 
 pytestmark = pytest.mark.e2e
 LORA = "lora={rank: 4, alpha: 8, dropout: 0.0, attn_modules: [q_proj, v_proj], apply_to_mlp: True}"
@@ -24,10 +28,10 @@ COMMON = ["--config", "tiny/stage2", "model.dropout=0.0", "batch_size=6", "max_s
 FIELDS = ("loss", "ce", "mse", "grad_norm")
 
 
-def _adapt(tune, out, *extra, nproc=1):
+def _adapt(tune, out, *extra, nproc=1, items_per_step=12):
     launch = ["run", "--nproc_per_node", str(nproc)] if nproc > 1 else ["run"]
-    accum = f"gradient_accumulation_steps={2 // nproc}"  # the same 12 items a step either way
-    return tune([*launch, "speechmapper_adapt", *COMMON, accum, f"output_dir={out}", *extra], cwd=out.parent)
+    accum = f"gradient_accumulation_steps={items_per_step // (6 * nproc)}"  # the same items a step either way
+    return tune([*launch, "speechmapper_adapt", *COMMON, accum, f"output_dir={out}", *extra], cwd=out.parent, timeout=300)
 
 
 def _rows(out):
@@ -54,8 +58,9 @@ def lora_runs(tmp_path_factory, tune):
 
 
 def test_two_processes_match_one_without_lora(tmp_path, tune):
-    _adapt(tune, tmp_path / "one")
-    proc = _adapt(tune, tmp_path / "two", nproc=2)
+    """Each rank accumulates 2 micro-batches (gradients reduced once, after the second), as one process does 4."""
+    _adapt(tune, tmp_path / "one", items_per_step=24)
+    proc = _adapt(tune, tmp_path / "two", nproc=2, items_per_step=24)
     assert "FSDP: the SpeechLM sharded over 2 ranks" in proc.stdout + proc.stderr
     _assert_same_curves(_rows(tmp_path / "two"), _rows(tmp_path / "one"))
     one, _ = load_projector(tmp_path / "one" / "checkpoints" / "step_4")
@@ -97,3 +102,22 @@ def test_ranks_read_the_one_process_global_batch():
     assert len(ranks[0]) == len(ranks[1]) == len(one)
     for k, batch in enumerate(one):
         assert ranks[0][k] + ranks[1][k] == batch
+
+
+def test_a_batch_one_rank_cannot_load_is_passed_over_by_both(tmp_path, tune):
+    """Rank 1's first batch holds only unreadable (NaN) items: both ranks pass over that micro-batch
+    (rank 0 alone would wait in FSDP's all-gather for ever) and the run goes on."""
+    out = tmp_path / "run"
+    data = prepare_tiny_stage1(str(out / "data"), feature_dim=16, llm_dim=32, num_train=400, num_val=40)  # as tiny/stage2
+    items = load_feature_items(data["train_manifest"])
+    bad = {items[i].id for i in ShuffledBatchSampler(len(items), 6, seed=0, rank=1, world_size=2).epoch_batches(0)[0]}
+    writer = SafetensorsShardWriter(items[0].storage_path)
+    for it in items:
+        frames = read_feature_array(it.storage_type, it.storage_path, it.storage_key)
+        writer.write(it.storage_key, np.full_like(frames, np.nan) if it.id in bad else frames)
+    writer.close()
+    proc = _adapt(tune, out, "max_steps=3", "save_every_n_steps=0", nproc=2)
+    log = proc.stdout + proc.stderr
+    assert all(f"skipping {i}" in log for i in bad)
+    state = torch.load(out / "checkpoints" / "step_3" / "recipe_state.pt", weights_only=True)
+    assert state["consumed"] == 4  # rank 0 read 4 batches for 3 steps: it passed over its first one too
