@@ -212,7 +212,27 @@ def load_comet(model_dir: str | Path | None, setting: str = "model_path", batch_
         from comet import load_from_checkpoint  # package "unbabel-comet"
     except ImportError as exc:
         raise ImportError(f"{setting}={model_dir}: the `comet` module is not importable ({exc}). {_COMET_HELP}") from exc
-    return CometScorer(load_from_checkpoint(str(ckpt)), ckpt, batch_size, gpus)
+    scorer = CometScorer(load_from_checkpoint(str(ckpt)), ckpt, 1, gpus)
+    try:  # one item now: an unbabel-comet too old for the installed transformers fails here, not mid-evaluation
+        scorer(["a"], ["a"], ["a"])
+    except Exception as exc:  # noqa: BLE001  (COMET and transformers raise various types)
+        raise RuntimeError(f"{setting}={model_dir}: COMET loaded the model but cannot score with it "
+                           f"({type(exc).__name__}: {exc}); {_versions()}") from exc
+    scorer.batch_size = int(batch_size)
+    return scorer
+
+
+def _versions() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = []
+    for name in ("unbabel-comet", "transformers", "numpy"):
+        try:
+            found.append(f"{name} {version(name)}")
+        except PackageNotFoundError:
+            found.append(f"{name} not installed")
+    return ("installed: " + ", ".join(found) + " (unbabel-comet 2.2.x needs transformers < 5: "
+            "score COMET in an environment that has it)")
 
 
 def comet_scores(

@@ -12,6 +12,7 @@ from speechmapper_tune.metrics import (
     comet_checkpoint,
     comet_scores,
     format_entities,
+    load_comet,
     ner_scores,
     parse_entities,
     parse_sentiment,
@@ -162,9 +163,21 @@ def test_comet_with_fake_comet_package(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "comet", fake)
     out = comet_scores(["s1", "s2"], ["r1", "r2"], ["h1", "h2"], tmp_path)
     assert seen["path"] == str(ckpt)
-    assert comet_scores(["s1", "s2"], ["r1", "r2"], ["h1", "h2"], ckpt)["num_items"] == 2  # the .ckpt itself
     assert seen["data"][1] == {"src": "s2", "mt": "h2", "ref": "r2"}
     assert out["scores"] == [50.0, 75.0] and out["comet"] == pytest.approx(62.5)
+    assert comet_scores(["s1", "s2"], ["r1", "r2"], ["h1", "h2"], ckpt)["num_items"] == 2  # the .ckpt itself
+
+
+def test_comet_that_cannot_score_fails_at_load(monkeypatch, tmp_path):
+    class BrokenCometModel:  # as unbabel-comet 2.2.7 under transformers 5: the model loads, predict raises
+        def predict(self, data, batch_size, gpus, progress_bar):
+            raise ValueError("not enough values to unpack (expected 3, got 2)")
+
+    fake = types.ModuleType("comet")
+    fake.load_from_checkpoint = lambda path: BrokenCometModel()
+    monkeypatch.setitem(sys.modules, "comet", fake)
+    with pytest.raises(RuntimeError, match=r"comet.model_dir=.*cannot score with it \(ValueError: not enough.*transformers"):
+        load_comet(_comet_folder(tmp_path), "comet.model_dir")
 
 
 # ------------------------------------------------------------------------ language shares
