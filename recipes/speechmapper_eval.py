@@ -13,9 +13,10 @@ a score on a subset says so.
 
 * ST: per target language, BLEU/chrF (sacrebleu, signature kept), the share of outputs detected as
   the target language and as English (langdetect, paper table 9), and with ``comet.model_dir`` set
-  COMET x 100 from a local model folder (source: the row's ``transcript``, else ``source``; rows
-  with neither are counted, not scored). A COMET asked for but not usable stops the run before any
-  scoring.
+  COMET x 100 from a local model folder. Its source is the reference transcription (paper): the
+  written transcript of the row's id in ``comet.sources`` (a feature or audio manifest), else the
+  row's ``transcript`` or ``source``; rows with none are counted, not scored. A COMET asked for but
+  not usable stops the run before any scoring.
 * SQA: each judge of ``judges`` (local LLMs, loaded one at a time) answers a yes/no equivalence
   prompt per item; each judge's accuracy and their mean (``accuracy``) are reported (the paper
   averages four judges). The single ``judge`` key of older configs is a one-judge list.
@@ -108,6 +109,12 @@ class EvalRecipe:
         if comet:  # asked for: a missing package or model folder stops here, before any scoring
             self.comet = load_comet(comet.get("model_dir"), "comet.model_dir", int(comet.get("batch_size", 16)),
                                     int(comet.get("gpus", 0)))
+        self.sources = {}
+        if comet and comet.get("sources"):  # the utterances' transcripts as written: COMET's source side
+            from speechmapper_tune.corpus.manifest_io import load_audio_manifest
+            from speechmapper_tune.data.manifest import written_text
+
+            self.sources = {c.id: written_text(c.supervisions) for c in load_audio_manifest(comet.sources)}
 
     def run(self) -> None:
         groups = []
@@ -174,11 +181,12 @@ class EvalRecipe:
     def _comet(self, items: List[Dict]) -> Dict:
         if self.comet is None:
             return {}
-        sourced = [r for r in items if r.get("transcript") or r.get("source")]
-        s = self.comet([r.get("transcript") or r["source"] for r in sourced], [r["reference"] for r in sourced],
-                       [r["hypothesis"] for r in sourced])
+        source = {id(r): self.sources.get(r["id"]) or r.get("transcript") or r.get("source") for r in items}
+        sourced = [r for r in items if source[id(r)]]
+        s = self.comet([source[id(r)] for r in sourced], [r["reference"] for r in sourced], [r["hypothesis"] for r in sourced])
         if len(sourced) < len(items):
-            log.warning(f"COMET: {len(items) - len(sourced)} of {len(items)} ST rows have no transcript/source, not scored")
+            log.warning(f"COMET: {len(items) - len(sourced)} of {len(items)} ST rows have no source transcript "
+                        "(in comet.sources, or the row's transcript/source), not scored")
         return {"comet": s["comet"], "comet_n": s["num_items"], "comet_no_source": len(items) - len(sourced)}
 
     def _judge(self, groups: List[List[Dict]]) -> Dict[str, Dict[int, Optional[bool]]]:

@@ -61,7 +61,7 @@ RECIPE_KEYS: Dict[str, Set[str]] = {
         "output_dir", "generations.*", "judge.name", "judge.llm.name", "judge.llm.checkpoint", "judge.llm.chat_format",
         "judge.llm.dtype", "judge.batch_size",
         "judges",  # a list; the recipe checks each judge's keys (speechmapper_eval.JUDGE_KEYS)
-        "comet.model_dir", "comet.batch_size", "comet.gpus",
+        "comet.model_dir", "comet.batch_size", "comet.gpus", "comet.sources",
     },
     "speechmapper_annotate": {
         "output_dir", "manifest", "task", "seed", "llm.name", "llm.checkpoint", "llm.chat_format", "llm.dtype",

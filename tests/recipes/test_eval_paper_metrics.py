@@ -6,7 +6,9 @@ import json
 import sys
 import types
 
+import numpy as np
 import pytest
+import soundfile as sf
 from omegaconf import OmegaConf
 
 from speechmapper_tune.metrics import ner_scores, parse_entities, sentiment_scores
@@ -83,6 +85,15 @@ def test_st_rows_get_comet_and_language_shares(tmp_path, monkeypatch):
     # the third row has no transcript: COMET's source is the reference transcription (paper), so it is counted, not scored
     assert [d["src"] for d in seen["data"]] == ["the cat is black"] * 2
     assert fr["comet"] == pytest.approx((90 + 30) / 2) and fr["comet_n"] == 2 and fr["comet_no_source"] == 1
+
+    # comet.sources: the test set's manifest gives every row its transcript as written
+    sf.write(tmp_path / "t2.wav", np.zeros(1600, dtype="float32"), 16000)
+    manifest = _write_rows(tmp_path / "m.jsonl", [{"id": "t2", "audio": "t2.wav", "text": "The dog is black."}])
+    recipe = _recipe(tmp_path, {"st": str(gen)}, comet={"model_dir": str(folder), "sources": str(manifest)})
+    recipe.run()
+    fr = json.loads((tmp_path / "ev" / "results.json").read_text())[0]["by_language"]["fr"]
+    assert [d["src"] for d in seen["data"]] == ["the cat is black"] * 2 + ["The dog is black."]
+    assert fr["comet_n"] == 3 and fr["comet_no_source"] == 0 and fr["comet"] == pytest.approx((90 + 30 + 30) / 3)
     # target-language adherence (paper table 9): 2 of 3 outputs are French, 1 English
     assert fr["target_share"] == pytest.approx(200 / 3) and fr["english_share"] == pytest.approx(100 / 3)
     assert "| st | st | 3 |" in (tmp_path / "ev" / "results.md").read_text()
