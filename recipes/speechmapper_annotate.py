@@ -11,6 +11,10 @@ builder's JSON lines, SLUE TSVs) and asks the LLM, greedily, about each transcri
   SLUE's combined tags whose phrase occurs in the transcript (as whole words, normalized); ``none``
   when the reply says so.
 
+With ``labels=manifest`` no LLM runs: the labels come from the manifest's own annotation (a SLUE
+manifest's ``ner_answer`` / ``sentiment`` supervision fields), so gold SLUE dev/test sets become the
+same rows, for generation and scoring.
+
 ``${output_dir}/labels.jsonl`` holds one row per labelled item in the form stage 2's instruction
 data reads (``speechmapper_tune.data.stage2.prepare_instruction_examples``): ``id``, ``features``
 (the item's id: features are extracted under the same id), ``instruction`` (``instruction``), ``answer``
@@ -55,6 +59,8 @@ log = utils.get_logger("INFO")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 TASKS = ("sa", "ner")
 LABELS, NOT_ANNOTATED, SETTINGS, SUMMARY = "labels.jsonl", "not_annotated.jsonl", "annotate_settings.json", "annotate_summary.json"
+SOURCES = ("llm", "manifest")
+GOLD_FIELD = {"sa": "sentiment", "ner": "ner_answer"}  # the supervision custom field of a SLUE manifest (corpus.slue)
 
 
 def label_from_reply(task: str, reply: str, transcript: str) -> Tuple[Optional[str], str]:
@@ -91,11 +97,21 @@ class AnnotateRecipe:
             raise ValueError(f"prompt.user must contain {{transcript}}: {cfg.prompt.user!r}")
         if not str(cfg.get("instruction") or "").strip():
             raise ValueError("instruction (what stage 2 asks the speech model, written in each row) is empty")
+        self.source = cfg.get("labels", "llm")
+        if self.source not in SOURCES:
+            raise ValueError(f"labels={self.source!r}: expected one of {SOURCES}")
         training.set_seed(seed=cfg.get("seed", 0))
         cuts = load_audio_manifest(cfg.manifest)
-        self.items = [(c.id, written_text(c.supervisions)) for c in cuts]
+        field = GOLD_FIELD[cfg.task]
+        self.items = [(c.id, written_text(c.supervisions),
+                       next(((s.custom or {}).get(field) for s in c.supervisions if (s.custom or {}).get(field)), None))
+                      for c in cuts]
         if cfg.get("max_items") is not None:
             self.items = self.items[: int(cfg.max_items)]
+        if self.source == "manifest":
+            self._start({"manifest": str(cfg.manifest), "task": cfg.task, "instruction": cfg.instruction, "labels": "manifest"},
+                        bool(cfg.get("overwrite", False)))
+            return
         ckpt = str(config.instantiate(cfg.llm.checkpoint)) if isinstance(cfg.llm.checkpoint, DictConfig) else str(cfg.llm.checkpoint)
         settings = {"manifest": str(cfg.manifest), "task": cfg.task, "instruction": cfg.instruction,
                     "llm": {"name": cfg.llm.name, "checkpoint": ckpt, "chat_format": cfg.llm.chat_format,
@@ -134,30 +150,37 @@ class AnnotateRecipe:
         cfg = self.cfg
         labels_path, missing_path = self.output_dir / LABELS, self.output_dir / NOT_ANNOTATED
         done = done_ids(labels_path) | done_ids(missing_path)
-        todo = [(i, t) for i, t in self.items if i not in done]
-        log.info(f"{len(self.items)} items ({len(self.items) - len(todo)} already done), task {cfg.task}")
-        empty = [(i, t) for i, t in todo if not normalize_text(t)]
-        append_rows(missing_path, [{"id": i, "reason": "empty transcript"} for i, _ in empty])
-        todo = [(i, t) for i, t in todo if normalize_text(t)]
+        todo = [it for it in self.items if it[0] not in done]
+        log.info(f"{len(self.items)} items ({len(self.items) - len(todo)} already done), task {cfg.task}, labels from {self.source}")
+        empty = [it for it in todo if not normalize_text(it[1])]
+        append_rows(missing_path, [{"id": it[0], "reason": "empty transcript"} for it in empty])
+        todo = [it for it in todo if normalize_text(it[1])]
+        if self.source == "manifest":
+            append_rows(labels_path, [self._row(i, t, gold, "manifest", None) for i, t, gold in todo if gold])
+            append_rows(missing_path, [{"id": i, "reason": f"no {GOLD_FIELD[cfg.task]} label in the manifest"}
+                                       for i, _, gold in todo if not gold])
+            todo = []
         bs = int(cfg.batch_size)
         for s in range(0, len(todo), bs):
             chunk = todo[s : s + bs]
-            results = greedy_generate(self.model, [self._prompt(t) for _, t in chunk],
+            results = greedy_generate(self.model, [self._prompt(t) for _, t, _ in chunk],
                                       max_new_tokens=int(cfg.max_new_tokens), stop_ids=self.chat.stop_ids)
             rows, bad = [], []
-            for (item_id, text), res in zip(chunk, results):
+            for (item_id, text, _), res in zip(chunk, results):
                 reply = self.chat.decode(res.ids, skip_special_tokens=True)
                 answer, note = label_from_reply(cfg.task, reply, text)
                 if answer is None:
                     bad.append({"id": item_id, "reason": note, "raw": reply})
                     continue
-                rows.append({"id": item_id, "features": item_id, "task": cfg.task, "instruction": cfg.instruction,
-                             "answer": answer, "transcript": normalize_text(text), "raw": reply,
-                             "annotator": cfg.llm.name, **({"note": note} if note else {})})
+                rows.append({**self._row(item_id, text, answer, cfg.llm.name, reply), **({"note": note} if note else {})})
             append_rows(labels_path, rows)
             append_rows(missing_path, bad)
             log.info(f"{min(s + bs, len(todo))}/{len(todo)} items: {len(rows)} labelled, {len(bad)} skipped in this batch")
         self._summary(labels_path, missing_path)
+
+    def _row(self, item_id: str, text: str, answer: str, annotator: str, reply: Optional[str]) -> Dict:
+        return {"id": item_id, "features": item_id, "task": self.cfg.task, "instruction": self.cfg.instruction,
+                "answer": answer, "transcript": normalize_text(text), "raw": reply, "annotator": annotator}
 
     def _summary(self, labels_path: Path, missing_path: Path) -> None:
         labelled = [json.loads(l) for l in labels_path.read_text(encoding="utf-8").splitlines()] if labels_path.is_file() else []

@@ -66,7 +66,7 @@ RECIPE_KEYS: Dict[str, Set[str]] = {
     "speechmapper_annotate": {
         "output_dir", "manifest", "task", "seed", "llm.name", "llm.checkpoint", "llm.chat_format", "llm.dtype",
         "prompt.system", "prompt.user", "prompt.assistant_prefix", "instruction", "max_new_tokens", "batch_size",
-        "max_items", "overwrite",
+        "max_items", "overwrite", "labels",
     },
     "speechmapper_eet": {
         "output_dir", "seed", "llm.name", "llm.checkpoint", "llm.chat_format", "llm.dtype",

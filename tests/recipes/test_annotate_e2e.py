@@ -101,3 +101,25 @@ def test_unknown_setting_and_bad_task(tmp_path, tune, setup):
     assert proc.returncode != 0 and "did you mean 'max_new_tokens'" in proc.stderr + proc.stdout
     proc = _run(tune, root, llm, manifest, tmp_path / "o", "task=qa", check=False)
     assert proc.returncode != 0 and "task='qa': expected one of ('sa', 'ner')" in proc.stderr + proc.stdout
+
+
+def test_slue_gold_labels_become_the_same_rows(tmp_path, tune):
+    """labels=manifest: a SLUE folder's own labels, no LLM (llm.checkpoint is never read)."""
+    import csv
+
+    root = tmp_path / "slue-voxceleb"
+    (root / "dev_raw").mkdir(parents=True)
+    rows = [["a1", "i loved it", "s1", "dev", "0.0", "0.5", "Positive"], ["a2", "", "s1", "dev", "0.0", "0.5", "Neutral"],
+            ["a3", "it was bad", "s2", "dev", "0.0", "0.5", "Negative"]]
+    with open(root / "slue-voxceleb_dev.tsv", "w", newline="") as f:
+        w = csv.writer(f, delimiter="\t")
+        w.writerow(["id", "normalized_text", "speaker_id", "split", "start_second", "end_second", "sentiment"])
+        w.writerows(rows)
+    for r in rows:
+        sf.write(root / "dev_raw" / f"{r[0]}.flac", np.zeros(16000, dtype="float32"), 16000)
+    out = tmp_path / "gold"
+    _run(tune, tmp_path, tmp_path / "no-llm-here", root, out, "labels=manifest", "instruction=What is the sentiment?")
+    labels = _rows(out / "labels.jsonl")
+    assert [(r["id"], r["answer"], r["annotator"]) for r in labels] == [("a1", "Positive", "manifest"), ("a3", "Negative", "manifest")]
+    assert _rows(out / "not_annotated.jsonl") == [{"id": "a2", "reason": "empty transcript"}]
+    assert labels[0]["instruction"] == "What is the sentiment?" and labels[0]["transcript"] == "i loved it"
