@@ -18,9 +18,9 @@ mixes the relative gradients of CE and MSE (the logged ``loss`` stays Eq. 3);
 projector's validation losses at step 0.
 
 Under ``tune run --nproc_per_node N`` (gloo on CPU, nccl on GPU) the whole SpeechLM is sharded
-with FSDP2 as torchtune's distributed recipes do (``training.shard_model``: each LLM layer, then
-the root, which holds the projector, the embeddings and the LM head), so every rank holds 1/N of
-the frozen weights and of the projector, LoRA and optimizer state. Each rank reads every N-th
+with FSDP2 as torchtune's distributed recipes do (``shard_speech_lm``: each LLM layer, the
+projector, the embeddings and an untied LM head, then the root), so every rank holds 1/N of the
+frozen weights and of the projector, LoRA and optimizer state. Each rank reads every N-th
 batch of ``batch_size``, gradients are averaged across ranks (FSDP's reduce-scatter) and clipped
 by their global norm: N ranks x gradient_accumulation_steps A equal one process with N*A, step
 for step. Checkpoints hold full tensors (gathered, written by rank 0) in the one-process format.
