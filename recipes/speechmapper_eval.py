@@ -46,7 +46,7 @@ from speechmapper_tune.configs import resolve_config_argv
 from speechmapper_tune.data.generation_data import SETTINGS, read_not_generated, read_rows
 from speechmapper_tune.metrics import (
     asr_scores, judge_prompt, language_shares, load_comet, ner_scores, parse_entities, parse_judgement,
-    sentiment_scores, st_scores, with_and_without,
+    parse_sentiment, sentiment_scores, st_scores, with_and_without,
 )
 
 log = utils.get_logger("INFO")
@@ -173,6 +173,10 @@ class EvalRecipe:
                     "recall": s["recall"], "per_tag": s["per_tag"], "unparsed_parts": sum(p[1] for p in parsed),
                     "f1_without_stuck": without["f1"] if without else None}
         if task == "sa":
+            bad = [r["id"] for r in items if parse_sentiment(r["reference"]) is None]
+            if bad:
+                raise ValueError(f"{len(bad)} sa rows have a reference that is not Negative/Neutral/Positive "
+                                 f"(e.g. {', '.join(map(str, bad[:5]))})")
             s = sentiment_scores([r["reference"] for r in items], [r["hypothesis"] for r in items])
             return {"n": len(items), "stuck": stuck, "f1": s["macro_f1"], "weighted_f1": s["weighted_f1"],
                     "accuracy": s["accuracy"], "per_class": s["per_class"], "unparsed": s["unparsed"]}

@@ -179,3 +179,9 @@ def test_ner_and_sa_rows_through_tune_run(tmp_path, tune, judges):
     assert set(res["sqa"]["judges"]) == {"hf_llama_1", "hf_llama_2"}  # two judges of one name are numbered
     table = (tmp_path / "ev" / "results.md").read_text()
     assert f"| slue | ner | 3 |" in table and f"{res['ner']['f1']:.1f}" in table
+
+
+def test_sa_reference_outside_the_classes_is_named(tmp_path):
+    gen = _write_rows(tmp_path / "g.jsonl", [{"id": "s9", "task": "sa", "reference": "Mixed", "hypothesis": "Positive", "flags": []}])
+    with pytest.raises(ValueError, match=r"1 sa rows have a reference that is not Negative/Neutral/Positive \(e.g. s9\)"):
+        _recipe(tmp_path, {"sa": str(gen)}).run()
