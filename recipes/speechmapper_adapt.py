@@ -28,6 +28,7 @@ for step. Checkpoints hold full tensors (gathered, written by rank 0) in the one
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import sys
@@ -68,6 +69,36 @@ from speechmapper_tune.models.speech_lm import DTYPES, SpeechLM
 log = utils.get_logger("INFO")
 LOSS_KEYS = ("loss", "ce", "mse")
 _CHECKPOINT_WRAPPED = "_checkpoint_wrapped_module."  # the name torch's activation-checkpoint wrapper adds
+NF4_BLOCK, NF4_SCALER_BLOCK = 64, 256  # QLoRA's block sizes (torchao's defaults): 64 weights per scale, 256 scales per scale
+NF4_MAX_RANKS = 8  # scale groups sized so that 1, 2, 4 or 8 ranks each hold whole groups of every quantized weight
+
+
+def quantize_nf4_(llm: torch.nn.Module, world_size: int = 1) -> int:
+    """The frozen LLM's layer weights (attention and MLP projections; not the embeddings, head, norms or LoRA
+    adapters) as torchao NF4 tensors in place, as torchtune's QLoRA builders keep them; ``F.linear`` on an NF4
+    weight dequantizes it to the input's dtype. Returns how many weights were quantized.
+
+    Scales are grouped by 256 (QLoRA's) or, in a matrix too small for that, by fewer, chosen independently of
+    the number of ranks, so a run quantizes identically under any ``--nproc_per_node`` that divides them."""
+    from torchao.dtypes.nf4tensor import to_nf4
+
+    n = 0
+    for name, module in llm.layers.named_modules():
+        w = getattr(module, "weight", None)
+        if not isinstance(module, torch.nn.Linear) and type(module).__name__ != "LoRALinear":
+            continue
+        if w is None or w.requires_grad or w.dim() != 2:  # LoRA's trainable adapters stay fp32
+            continue
+        blocks = w.numel() // NF4_BLOCK
+        if w.numel() % NF4_BLOCK or blocks % NF4_MAX_RANKS:
+            raise ValueError(f"llm.quantize=nf4: layers.{name}.weight {tuple(w.shape)} does not split into "
+                             f"{NF4_MAX_RANKS} x n blocks of {NF4_BLOCK} weights")
+        scaler_block = math.gcd(NF4_SCALER_BLOCK, blocks // NF4_MAX_RANKS)
+        if w.shape[0] % world_size or (blocks // scaler_block) % world_size:  # FSDP cuts rows and scale groups evenly
+            raise ValueError(f"llm.quantize=nf4: layers.{name}.weight {tuple(w.shape)} does not shard evenly over {world_size} ranks")
+        module.weight = torch.nn.Parameter(to_nf4(w.detach().contiguous(), NF4_BLOCK, scaler_block), requires_grad=False)
+        n += 1
+    return n
 
 
 def shard_speech_lm(model: SpeechLM) -> None:
@@ -128,6 +159,11 @@ class AdaptRecipe:
         self.model = self._build_model()
         self.projector, self.llm, self.chat = self.model.projector, self.model.llm, self.model.chat
         self.pad_id, self.embedding, self.template = self.model.pad_id, self.model.embedding, self.model.template
+        self.quantize = cfg.llm.get("quantize")
+        if self.quantize is not None:
+            if self.quantize != "nf4":
+                raise ValueError(f"llm.quantize={self.quantize!r}: expected nf4 or null")
+            log.info(f"NF4: {quantize_nf4_(self.llm, self.world_size)} frozen LLM weights quantized (4-bit NormalFloat, torchao)")
         self.loss_keys = LOSS_KEYS
         if float(getattr(self.loss_fn, "regularizer_weight", 0.0)) > 0:  # the classifier regularizer reads the table
             self.loss_fn.set_embedding(self.embedding, blank_id=self.pad_id)
@@ -173,6 +209,7 @@ class AdaptRecipe:
         path = cfg.get("projector_checkpoint")
         llm = {**OmegaConf.to_container(cfg.llm, resolve=True), "checkpoint": resolve_path_setting(cfg.llm.checkpoint),
                "tokenizer": resolve_path_setting(cfg.llm.get("tokenizer"))}
+        llm.pop("quantize", None)  # applied by setup, after loading
         lora = OmegaConf.to_container(cfg.lora, resolve=True) if cfg.get("lora") else None
         prompt = OmegaConf.to_container(cfg.prompt, resolve=True)
         common = dict(llm=llm, prompt=prompt, lora=lora, device=self.device,
@@ -379,6 +416,8 @@ class AdaptRecipe:
                     "sigma": self.loss_fn.sigma, "trim_pad_vectors": self.model.trim_pad_vectors,
                     "prompt": OmegaConf.to_container(self.cfg.prompt, resolve=True),  # generation uses it by default
                     "features": self.features}
+            if self.quantize:  # generation loads the LLM unquantized; the record says what the projector trained against
+                meta["llm_quantize"] = self.quantize
             extra = {LORA_WEIGHTS: lora} if self.lora_params else None
             meta["lora"] = OmegaConf.to_container(self.cfg.lora, resolve=True) if self.lora_params else None
             folder = self.checkpoints.save(self.step, projector, meta, state, extra_weights=extra)

@@ -45,7 +45,7 @@ RECIPE_KEYS: Dict[str, Set[str]] = {
     "speechmapper_adapt": {
         *_TRAINING, *_LLM, "projector_checkpoint", "from_scratch", *_under("prompt", _PROMPT),
         *_under("asr_prompt", _PROMPT), *_LORA, "trim_pad_vectors", "batch_size", "max_seq_len",
-        "enable_activation_checkpointing", "validate_at_start",
+        "enable_activation_checkpointing", "validate_at_start", "llm.quantize",
         *_under("data.train", ("manifest", "instructions", "task", "asr_mix_ratio", "num_workers", "target_text")),
         *_under("data.train.augment", _AUGMENT),  # validation never sees masked features: no data.val.augment
         *_under("data.val", ("manifest", "instructions", "task", "asr_mix_ratio", "num_workers", "max_items", "target_text")),

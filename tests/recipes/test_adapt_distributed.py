@@ -121,3 +121,17 @@ def test_a_batch_one_rank_cannot_load_is_passed_over_by_both(tmp_path, tune):
     assert all(f"skipping {i}" in log for i in bad)
     state = torch.load(out / "checkpoints" / "step_3" / "recipe_state.pt", weights_only=True)
     assert state["consumed"] == 4  # rank 0 read 4 batches for 3 steps: it passed over its first one too
+
+
+def test_nf4_llm_two_processes_match_one(lora_runs, tune):
+    """llm.quantize=nf4: the frozen layer weights held in 4-bit NormalFloat (torchao), quantized the same way
+    whatever the number of ranks, so 2 sharded processes again take one process's steps."""
+    root, _ = lora_runs
+    one, two = root / "nf4_one", root / "nf4_two"
+    _adapt(tune, one, LORA, "llm.quantize=nf4", "max_steps=2")
+    proc = _adapt(tune, two, LORA, "llm.quantize=nf4", "max_steps=2", nproc=2)
+    assert "NF4: 14 frozen LLM weights quantized" in proc.stdout + proc.stderr  # 7 projections x 2 layers
+    _assert_same_curves(_rows(two), _rows(one))
+    plain = _rows(root / "one")[0]["ce"]  # the same first batch through the unquantized LLM
+    assert abs(_rows(one)[0]["ce"] - plain) > 1e-3 * plain  # quantization changed the weights (measured: 5e-3 of CE)
+    assert json.loads((two / "checkpoints" / "step_2" / "projector_config.json").read_text())["llm_quantize"] == "nf4"
