@@ -76,7 +76,7 @@ RECIPE_KEYS: Dict[str, Set[str]] = {
     "speechmapper_extract": {
         "output_dir", "manifest", "device", "dtype", "average_frames", "batch_size", "max_duration",
         "max_utterances", "shard_size", "feature_type",
-        *_under("perturb", ("speeds", "noise_snr_db", "noise", "seed")),  # data.extract.PERTURB_KEYS
+        *_under("perturb", ("speeds", "noise_snr_db", "noise", "channels", "seed")),  # data.extract.PERTURB_KEYS
         # name, path, layer, and the keyword arguments of the SFM classes (build_sfm passes the rest on)
         *_under("sfm", ("name", "path", "layer", "batch_size", "pack", "pack_gap_s", "window", "max_seconds")),
     },
