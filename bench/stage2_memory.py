@@ -1,7 +1,7 @@
 """Memory per rank of one stage-2 step on a Llama-3.1-8B-shaped LLM, 1 process vs N under FSDP2.
 
     python bench/stage2_memory.py                     # 1 layer, bf16, 1 and 2 ranks (gloo, CPU)
-    python bench/stage2_memory.py --layers 4 --lora
+    python bench/stage2_memory.py --projector small --quantize nf4   # the layer weights in NF4
 
 The LLM is ``LLAMA3_1_8B`` of ``speechmapper_tune/models/llms.py`` (width 4096, GQA 32/8, FFN 14336,
 vocabulary 128256, untied LM head, Llama-3.1 RoPE) with ``--layers`` of its 32 layers (the machine's
@@ -52,13 +52,19 @@ def _status(key: str) -> int:
 
 
 def _local_bytes(t: torch.Tensor) -> int:
+    """Storage a rank holds for ``t``: a DTensor's local shard; an NF4 tensor's packed codes and scales
+    (it reports the bf16 shape and dtype it dequantizes to)."""
     from torch.distributed.tensor import DTensor
+    from torchao.dtypes.nf4tensor import NF4Tensor
 
     t = t.to_local() if isinstance(t, DTensor) else t
+    if isinstance(t, NF4Tensor):
+        return sum(getattr(t, a).numel() * getattr(t, a).element_size()
+                   for a in ("quantized_data", "quantized_scalers", "quantization_factor", "scaler_mean", "nf4"))
     return t.numel() * t.element_size()
 
 
-def _build(layers: int, lora: bool, projector: str):
+def _build(layers: int, lora: bool, projector: str, quantize: bool, world: int):
     from speechmapper_tune.models import llms
     from speechmapper_tune.models.projector import speechmapper_paper, speechmapper_small
     from speechmapper_tune.models.speech_lm import SpeechLM
@@ -83,6 +89,10 @@ def _build(layers: int, lora: bool, projector: str):
     llm.requires_grad_(False)
     if cfg is not None:
         set_trainable_params(llm, get_adapter_params(llm))
+    if quantize:
+        from speechmapper_adapt import quantize_nf4_  # the recipe's llm.quantize=nf4
+
+        quantize_nf4_(llm, world)
     embedding = llm.tok_embeddings.weight.detach().float().clone()  # SpeechLM's fp32 table (MSE targets)
     chat = SimpleNamespace(eos_id=1)  # SpeechLM.forward reads only the right-padding id
     model = SpeechLM(llm, chat, None, pad_id=0, embedding=embedding, projector=builders[projector](1024, hp.embed_dim))
@@ -113,7 +123,7 @@ def worker(args) -> None:
     torch.manual_seed(0)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
-    model = _build(args.layers, args.lora, args.projector)
+    model = _build(args.layers, args.lora, args.projector, args.quantize == "nf4", world)
     if world > 1:
         from speechmapper_adapt import shard_speech_lm  # the recipe's sharding, as it runs
 
@@ -140,7 +150,7 @@ def worker(args) -> None:
     seconds = time.perf_counter() - t0
     step_peak = _status("VmHWM")
     opt_bytes = sum(_local_bytes(v) for st in optimizer.state.values() for v in st.values() if torch.is_tensor(v))
-    row = {"ranks": world, "rank": rank, "layers": args.layers, "projector": args.projector, "lora": args.lora, "dtype": "bf16",
+    row = {"ranks": world, "rank": rank, "layers": args.layers, "projector": args.projector, "lora": args.lora, "dtype": args.quantize or "bf16",
            "params_frozen": sum(_local_bytes(p) for p in model.parameters() if not p.requires_grad),
            "params_trainable": sum(_local_bytes(p) for p in trainable),
            "buffers": sum(_local_bytes(b) for b in model.buffers()), "grads": grads, "optimizer": opt_bytes,
@@ -157,6 +167,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=1, help="LLM layers of Llama-3.1-8B's 32 (RAM permitting)")
     ap.add_argument("--lora", action="store_true", help="LoRA rank 8 on q_proj/v_proj, trained with the projector")
     ap.add_argument("--ranks", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--quantize", choices=["nf4"], default=None, help="the recipe's llm.quantize=nf4")
     ap.add_argument("--projector", choices=["paper", "small"], default="paper",
                     help="paper: 279M (1024 -> 4096, A.1); small: the embedded default's blocks (21.7M) at the same widths in/out")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -168,7 +179,8 @@ def main() -> None:
     for n in args.ranks:
         out = f"{args.out}.{n}"
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), __file__] if n > 1 else [sys.executable, __file__]
-        flags = ["--worker", "--layers", str(args.layers), "--projector", args.projector, "--out", out] + (["--lora"] if args.lora else [])
+        flags = ["--worker", "--layers", str(args.layers), "--projector", args.projector, "--out", out]
+        flags += (["--lora"] if args.lora else []) + (["--quantize", args.quantize] if args.quantize else [])
         subprocess.run(cmd + flags, check=True, env={**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // n))})
         for r in range(n):
             with open(f"{out}.rank{r}.json") as f:
