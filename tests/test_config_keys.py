@@ -117,3 +117,11 @@ def test_each_recipe_stops_on_a_bad_setting_before_any_work(tmp_path, tune, reci
     proc = tune(["run", recipe, "--config", name, f"output_dir={out}", *overrides], cwd=tmp_path, check=False, timeout=300)
     assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-3000:]
     assert not out.exists()
+
+
+def test_extraction_perturb_keys_are_the_extractors():
+    from speechmapper_tune.config_keys import RECIPE_KEYS
+    from speechmapper_tune.data.extract import PERTURB_KEYS
+
+    known = {k.split(".", 1)[1] for k in RECIPE_KEYS["speechmapper_extract"] if k.startswith("perturb.")}
+    assert known == set(PERTURB_KEYS)
