@@ -45,7 +45,7 @@ from speechmapper_tune.checkpoint.atomic import atomic_write_json
 from speechmapper_tune.config_keys import check_recipe_config
 from speechmapper_tune.configs import resolve_config_argv
 from speechmapper_tune.corpus.manifest_io import load_audio_manifest
-from speechmapper_tune.data.generation_data import append_rows, done_ids, settings_diff
+from speechmapper_tune.data.generation_data import append_rows, done_ids, start_resumable_output
 from speechmapper_tune.data.manifest import written_text
 from speechmapper_tune.generation import greedy_generate
 from speechmapper_tune.metrics import (
@@ -123,20 +123,7 @@ class AnnotateRecipe:
 
     def _start(self, settings: Dict, overwrite: bool) -> None:
         out = self.output_dir
-        files = [out / LABELS, out / NOT_ANNOTATED, out / SETTINGS, out / SUMMARY]
-        if overwrite:
-            for f in files:
-                f.unlink(missing_ok=True)
-        recorded = out / SETTINGS
-        if recorded.is_file():
-            diff = settings_diff(json.loads(recorded.read_text(encoding="utf-8")), settings)
-            if diff:
-                raise ValueError(f"{out / LABELS} was made with other settings ({'; '.join(diff)}): pass overwrite=True "
-                                 "to label again, or choose another output_dir")
-        elif (out / LABELS).is_file() and (out / LABELS).stat().st_size:
-            raise ValueError(f"{out / LABELS} records no settings: pass overwrite=True or choose another output_dir")
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(recorded, settings)
+        start_resumable_output(out / LABELS, out / SETTINGS, settings, overwrite, (out / NOT_ANNOTATED, out / SUMMARY), "label")
 
     def _prompt(self, transcript: str) -> torch.Tensor:
         p = self.cfg.prompt

@@ -57,22 +57,27 @@ def settings_diff(old: Dict[str, Any], new: Dict[str, Any]) -> List[str]:
 def start_run(output_dir: Path, settings: Dict[str, Any], overwrite: bool = False) -> None:
     """Resume the generations in ``output_dir`` only when they were made with ``settings``; with
     ``overwrite`` start over. A mismatch is an error naming what differs."""
+    files = [output_dir / NOT_GENERATED, *_part_files(output_dir)]
+    start_resumable_output(output_dir / GENERATIONS, output_dir / SETTINGS, settings, overwrite, files, "generate")
+
+
+def start_resumable_output(rows: Path, recorded: Path, settings: Dict[str, Any], overwrite: bool,
+                           also_delete: Iterable[Path] = (), verb: str = "make") -> None:
+    """A resumable rows file (generations, labels) goes on only under the settings it was started with,
+    recorded beside it; ``overwrite`` deletes it, the record and ``also_delete`` first."""
     settings = json.loads(json.dumps(settings))  # as it reads back from JSON
-    files = [output_dir / GENERATIONS, output_dir / NOT_GENERATED, output_dir / SETTINGS, *_part_files(output_dir)]
     if overwrite:
-        for f in files:
+        for f in (rows, recorded, *also_delete):
             f.unlink(missing_ok=True)
-    recorded = output_dir / SETTINGS
-    rows = output_dir / GENERATIONS
     if recorded.is_file():
         diff = settings_diff(json.loads(recorded.read_text(encoding="utf-8")), settings)
         if diff:
-            raise ValueError(f"{rows} was generated with other settings ({'; '.join(diff)}): pass overwrite=True "
-                             "to generate it again, or choose another output_dir")
+            raise ValueError(f"{rows} was made with other settings ({'; '.join(diff)}): pass overwrite=True "
+                             f"to {verb} it again, or choose another output_dir")
     elif rows.is_file() and rows.stat().st_size:
-        raise ValueError(f"{rows} records no generation settings, so it may come from another checkpoint: pass "
-                         "overwrite=True to generate it again, or choose another output_dir")
-    output_dir.mkdir(parents=True, exist_ok=True)
+        raise ValueError(f"{rows} records no settings ({recorded.name}), so it may come from another run: pass "
+                         f"overwrite=True to {verb} it again, or choose another output_dir")
+    rows.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(recorded, settings)
 
 

@@ -91,7 +91,7 @@ def test_a_rerun_with_another_checkpoint_or_decoding_refuses_the_old_rows(tmp_pa
     proc = tune(["run", "speechmapper_generate", "--config", "tiny/generate", f"projector_checkpoint={other}",
                  f"manifest={trained}/data/val.jsonl.gz", f"llm.checkpoint={trained}/data/llm", f"output_dir={gen}",
                  "max_items=4"], cwd=trained, check=False)
-    assert proc.returncode != 0 and "was generated with other settings (projector.weights_sha256" in proc.stderr
+    assert proc.returncode != 0 and "was made with other settings (projector.weights_sha256" in proc.stderr
     proc = _gen(tune, trained, gen, "max_items=4", "max_new_tokens=5", check=False)
     assert proc.returncode != 0 and "decoding.max_new_tokens: 12 -> 5" in proc.stderr
     _gen(tune, trained, gen, "max_items=4", "max_new_tokens=5", "overwrite=True")
