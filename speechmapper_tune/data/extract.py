@@ -98,7 +98,8 @@ TELEPHONE_SR = 8000
 
 @dataclass(frozen=True)
 class Perturbation:
-    """One perturbed copy of an utterance: speed factor, then additive noise at ``snr_db`` (None: none).
+    """One perturbed copy of an utterance: speed factor, channel (reverb: a synthetic room; telephone: an 8 kHz
+    mu-law line), additive noise at ``snr_db`` (None: none); applied in the order of :meth:`apply`.
 
     Speed is lhotse's (``sox speed``: tempo and pitch move together; its own resampler, so no
     torchaudio), on the 16 kHz audio; the copy's manifest cut is lhotse's ``perturb_speed`` of the
