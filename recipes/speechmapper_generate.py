@@ -82,8 +82,6 @@ class GenerateRecipe:
             dist.init_process_group("gloo")  # only barriers: every rank generates its own items
         if cfg.span_source not in SPAN_SOURCES:
             raise ValueError(f"span_source={cfg.span_source!r}: expected one of {SPAN_SOURCES}")
-        if cfg.span_source == "transcript" and cfg.get("instructions"):
-            raise ValueError("span_source=transcript (the text topline) is defined for ASR manifests, not instruction data")
 
     def setup(self) -> None:
         cfg = self.cfg
@@ -139,6 +137,7 @@ class GenerateRecipe:
             write_not_generated(self.output_dir / NOT_GENERATED, self.skipped.items)
         done = done_ids(self.out_path)  # every rank sees the same file: rank 0 merged and repaired it before the barrier
         self.order = [e.item.id for e in examples]
+        self.by_id = {e.item.id: e for e in examples}
         self.examples = [e for e in examples if e.item.id not in done][self.rank :: self.world_size]
         one = self.world_size == 1  # one process appends to the outputs themselves
         self.rows_path = self.out_path if one else part_file(self.output_dir, GENERATIONS, self.rank)
@@ -259,7 +258,9 @@ class GenerateRecipe:
         if src == "projector":
             pred, _, n = self.model.project(batch["features"], batch["lengths"])
             return [pred[b, : int(n[b])] for b in range(pred.shape[0])]
-        if src == "transcript":
+        if src == "transcript" and self.cfg.get("instructions"):  # the source transcript, not the answer (a translation)
+            texts = [self.by_id[i].item.text for i in batch["ids"]]
+        elif src == "transcript":
             texts = [self.chat.decode(r[:-1], skip_special_tokens=True) for r in batch["response"]]
         else:
             from speechmapper_tune.data.extract import load_cut_audio

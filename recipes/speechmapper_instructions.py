@@ -6,7 +6,9 @@
 
 The manifest is ``speechmapper_extract``'s output for one of the paper's corpora (CoVoST 2,
 EuroParl-ST, Spoken-SQuAD... read by ``speechmapper_tune.corpus.paper_corpora``), whose cuts
-keep their translation or questions. ``<output_dir>/instructions.jsonl`` (``output_dir`` default:
+keep their translation or questions, or of any corpus with ``translations=<file.jsonl>`` (rows of
+``{"source", "translation", "target_lang"}``, matched on the normalized transcript; the demo's TTS
+test and dev sentences have French ones in ``speechmapper_tune/corpus/translations``). ``<output_dir>/instructions.jsonl`` (``output_dir`` default:
 the manifest's folder) gets one row per ST cut or per question, with the paper's prompts (appendix B.3).
 The logic lives in ``speechmapper_tune.data.instructions``; this recipe wires the config to it.
 """
@@ -47,12 +49,17 @@ class InstructionsRecipe:
         self.sqa_instruction = str(cfg.get("sqa_instruction") or QUESTION)
         langs = cfg.get("target_langs")
         self.target_langs = [str(x) for x in langs] if langs else None
+        self.translations = cfg.get("translations") or None
+        if self.translations and cfg.task != "st":
+            raise ValueError(f"translations={self.translations} is for task=st (task={cfg.task})")
+        if self.translations and not Path(self.translations).is_file():
+            raise FileNotFoundError(f"translations={self.translations}: file not found")
 
     def run(self) -> None:
         cfg = self.cfg
         n, skipped = build_instructions(
             self.manifest, self.output, cfg.task, self.st_instructions, self.sqa_instruction,
-            bool(cfg.get("with_transcript", True)), self.target_langs,
+            bool(cfg.get("with_transcript", True)), self.target_langs, self.translations,
         )
         log.info(f"Wrote {self.output}: {n} {cfg.task} rows from {self.manifest}; skipped: {skipped.summary()}")
 

@@ -86,6 +86,7 @@ RECIPE_KEYS: Dict[str, Set[str]] = {
     },
     "speechmapper_instructions": {
         "manifest", "output_dir", "task", "target_langs", "with_transcript", "st_instructions.*", "sqa_instruction",
+        "translations",
     },
 }
 

@@ -13,6 +13,8 @@ file doubles as the documentation of how to chain them:
    (``speechmapper_tune/pretrained``: the ASR specialist and the task-agnostic one, each with
    the answer prefix it was trained with), this run's stage 1 (zero-shot) and stage 2, the
    Whisper-base + LLM cascade, the text-embedding topline, and an unseen-instruction probe;
+   speech translation into French on dev and test (an instruction no projector was trained on), scored
+   against the packaged reference translations (``speechmapper_tune/corpus/translations``);
 5. evaluation and the report: ``demo_out/RESULTS.md``, ``demo_out/results.json``, loss curves
    and a WER bar chart (PNG).
 
@@ -49,6 +51,11 @@ PREFIX = "Transcript:"  # the forced answer prefix stage2_demo trains with, give
 SHIPPED_STAGE1 = "smollm2_135m_whisper_base_stage1"
 SYSTEMS = ("topline", "cascade", "shipped_asr_lora", "shipped_asr", "shipped", "stage2",
            "topline_zeroshot", "shipped_stage1", "stage1")
+# speech translation English -> French with the paper's ST instruction (B.3), zero-shot for both projectors
+ST_TRANSLATIONS = "tts_en_fr"  # speechmapper_tune/corpus/translations: the default corpus's dev and test sentences
+ST_SPLITS = ("dev", "test")
+ST_SYSTEMS = ("topline", "cascade", "shipped", "stage2")
+ST_DECODING = ["max_new_tokens=64", "stop_at_newline=True"]  # the sentences are short; a runaway decode stops early
 
 
 def tune_bin() -> str:
@@ -156,6 +163,36 @@ class Demo:
             self.probes[name] = probe / "generations.jsonl"
         return gens
 
+    def translate(self) -> Dict[str, str]:
+        """English speech -> French text: the text topline, the cascade, and the task-agnostic projectors."""
+        from speechmapper_tune.corpus import translations_file
+        from speechmapper_tune.data.instructions import load_translations
+        from speechmapper_tune.text import normalize_text
+
+        table, gens = translations_file(ST_TRANSLATIONS), {}
+        known = load_translations(table)
+        ckpts = {"topline": self.ckpt2, "cascade": self.ckpt2, "shipped": _shipped("shipped"), "stage2": self.ckpt2}
+        for split in ST_SPLITS:
+            manifest = self.feats(split) / "cuts.jsonl.gz"
+            texts = [json.loads(line)["supervisions"][0]["text"] for line in _gz_lines(manifest)]
+            if not any(normalize_text(t) in known for t in texts):  # another corpus size draws other sentences
+                print(f"[demo] no reference translation for the {split} sentences of this corpus: no ST row on {split}")
+                continue
+            rows = self.out / "st" / split
+            self.run("st instructions", ["speechmapper_instructions", "--config", "instructions/st", f"manifest={manifest}",
+                                         f"output_dir={rows}", f"translations={table}"])
+            for system in ST_SYSTEMS:
+                if ckpts[system] is None:
+                    continue
+                source = {"topline": ["span_source=transcript"], "cascade": ["span_source=asr"]}.get(system, [])
+                out = self.out / "generations" / f"st_{system}_{split}"
+                self.run("st generation", ["speechmapper_generate", "--config", "smollm2_135M/generate_st", *source,
+                                           f"projector_checkpoint={ckpts[system]}", f"manifest={manifest}",
+                                           f"instructions={rows / 'instructions.jsonl'}", f"output_dir={out}",
+                                           *ST_DECODING, *self.items])
+                gens[f"st_{system}/{split}"] = str(out / "generations.jsonl")
+        return gens
+
     def evaluate(self, gens: Dict[str, str]) -> List[Dict]:
         ev = self.out / "eval"
         mapping = "{" + ", ".join(f"{k.replace('/', '__')}: {v}" for k, v in gens.items()) + "}"
@@ -164,15 +201,20 @@ class Demo:
 
     # ------------------------------------------------------------------ report
     def report(self, results: List[Dict], wall: float) -> None:
-        rows = []
+        rows, st_rows = [], []
         for r in results:
             system, split = r["name"].split("__")
+            if r["task"] == "st":
+                fr = r["by_language"].get("fr", {})
+                st_rows.append({"split": split, "system": system.removeprefix("st_"), "n": r["n"], "bleu": fr.get("bleu"),
+                                "chrf": fr.get("chrf"), "french_share": fr.get("target_share"), "stuck": r.get("stuck")})
+                continue
             rows.append({"split": split, "system": system, "n": r["n"], "wer": r.get("wer"), "cer": r.get("cer"),
                          "wer_without_stuck": r.get("wer_without_stuck"), "stuck": r.get("stuck")})
         probes = {name: _probe(path) for name, path in self.probes.items()}
         learning = {"stage1": _learning(self.s1, ("val_loss", "val_token_acc", "val_norm_ratio")),
                     "stage2": _learning(self.s2, ("val_ce", "val_mse"))}
-        summary = {"rows": rows, "unseen_instruction_probe": probes, "training": learning,
+        summary = {"rows": rows, "st_rows": st_rows, "unseen_instruction_probe": probes, "training": learning,
                    "wall_seconds": {**{k: round(v, 1) for k, v in self.timings.items()}, "total": round(wall, 1)}}
         (self.out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
         md = ["# SpeechMapper embedded default: results", "",
@@ -202,6 +244,14 @@ class Demo:
             md.append(f"Unseen instruction ({name}, test): \"{PROBE}\": first-word accuracy "
                       f"{pr['first_word_accuracy']:.1f}% over {pr['n']} utterances (always answering the "
                       f"commonest first word: {pr['majority_baseline']:.1f}%).")
+        if st_rows:
+            md += ["", "Speech translation, English -> French (the paper's ST instruction, B.3, in French; no projector here was "
+                   "trained on translation): BLEU and chrF (sacrebleu) against one reference translation per sentence "
+                   "(`speechmapper_tune/corpus/translations`), French share = outputs detected as French.", "",
+                   "| split | system | n | BLEU | chrF | French % | stuck |", "|---|---|---|---|---|---|---|"]
+            for r in sorted(st_rows, key=lambda r: (SPLITS.index(r["split"]), ST_SYSTEMS.index(r["system"]))):
+                md.append(f"| {r['split']} | {r['system']} | {r['n']} | {_f(r['bleu'])} | {_f(r['chrf'])} | "
+                          f"{_f(r['french_share'])} | {r['stuck']} |")
         md += ["", "| phase | wall seconds |", "|---|---|"]
         md += [f"| {k} | {v:.0f} |" for k, v in summary["wall_seconds"].items()]
         md += ["", "Plots: `loss_curves.png`, `wer.png`."]
@@ -298,6 +348,13 @@ def _learning(run: Path, keys) -> Dict[str, tuple]:
     return out
 
 
+def _gz_lines(path: Path) -> List[str]:
+    import gzip
+
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        return [line for line in f if line.strip()]
+
+
 def _first_word(text: str) -> str:
     from speechmapper_tune.text import normalize_text
 
@@ -325,6 +382,7 @@ def main() -> None:
     demo.features()
     demo.train()
     gens = demo.generate()
+    gens.update(demo.translate())
     results = demo.evaluate(gens)
     demo.report(results, time.perf_counter() - t0)
 

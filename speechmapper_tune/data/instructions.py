@@ -14,7 +14,9 @@ reads: ``{"id", "features": <cut id>, "task", "instruction", "answer", ...}``.
 With ``with_transcript`` a row carries the cut's normalized transcript as ``transcript``, which gives that
 example the stage-1 MSE term when stage 2 runs with sigma > 0. The translation, target language
 and questions come from the supervision's ``custom`` fields written by
-:mod:`speechmapper_tune.corpus.paper_corpora`; they survive feature extraction unchanged.
+:mod:`speechmapper_tune.corpus.paper_corpora`; they survive feature extraction unchanged. For a
+corpus without them (the TTS corpus), a translations file (:func:`load_translations`) gives each
+cut its translation by transcript.
 Plain Python (lhotse to read the manifest).
 """
 
@@ -22,7 +24,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 from lhotse import CutSet
 
@@ -43,6 +45,30 @@ def st_instruction(instructions: Mapping[str, str], target_lang: str) -> Optiona
     return instructions.get(target_lang.split("-")[0].split("_")[0].lower())
 
 
+def load_translations(path: str | Path) -> Dict[str, Tuple[str, str]]:
+    """``{normalized source: (target_lang, translation)}`` from a JSON-lines file of
+    ``{"source", "translation", "target_lang"}`` rows (other keys ignored). A missing file, a bad
+    line or one source with two different translations is an error naming the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"translations file not found: {path}")
+    table: Dict[str, Tuple[str, str]] = {}
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            key, entry = normalize_text(row["source"]), (str(row["target_lang"]), str(row["translation"]).strip())
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"{path}:{n}: expected a JSON object with source, translation, target_lang ({e!r})") from e
+        if not key or not entry[1]:
+            raise ValueError(f"{path}:{n}: empty source or translation")
+        if table.get(key, entry) != entry:
+            raise ValueError(f"{path}:{n}: {row['source']!r} has two different translations")
+        table[key] = entry
+    return table
+
+
 def instruction_rows(
     cuts: Iterable,
     task: str,
@@ -51,12 +77,15 @@ def instruction_rows(
     with_transcript: bool = True,
     target_langs: Optional[Sequence[str]] = None,
     skipped: Optional[SkipCounter] = None,
+    translations: Optional[Mapping[str, Tuple[str, str]]] = None,
 ) -> List[Dict]:
     """Instruction rows (see the module docstring) for the cuts of a feature manifest.
 
-    ``target_langs`` (ST): keep only these target languages (None: all). Cuts without features,
-    without the task's fields, or with an empty answer are counted in ``skipped`` and left out;
-    an ST target language without an instruction is an error naming it."""
+    ``target_langs`` (ST): keep only these target languages (None: all). ``translations``
+    (:func:`load_translations`): for cuts whose manifest has no translation, looked up by the
+    normalized transcript (the written form first). Cuts without features, without the task's
+    fields, or with an empty answer are counted in ``skipped`` and left out; an ST target
+    language without an instruction is an error naming it."""
     if task not in TASKS:
         raise ValueError(f"task={task!r}: expected one of {TASKS}")
     if task == "st" and not st_instructions:
@@ -77,6 +106,12 @@ def instruction_rows(
         extra = {"transcript": normalized} if with_transcript and normalized else {}
         if task == "st":
             lang, translation = custom.get(TARGET_LANG), custom.get(TRANSLATION)
+            if (lang is None or translation is None) and translations:
+                found = translations.get(normalize_text(custom.get("written") or "")) or translations.get(normalized)
+                lang, translation = found if found else (None, None)
+                if found is None:
+                    skipped.add("no translation in the manifest or the translations file", cut.id)
+                    continue
             if lang is None or translation is None:
                 skipped.add("no translation in the manifest (not from an ST corpus)", cut.id)
                 continue
@@ -118,16 +153,19 @@ def build_instructions(
     sqa_instruction: str = QUESTION,
     with_transcript: bool = True,
     target_langs: Optional[Sequence[str]] = None,
+    translations: Optional[str | Path] = None,
 ) -> tuple[int, SkipCounter]:
     """Write ``output`` (JSON lines, atomically) from the feature manifest ``manifest``; return
-    (rows written, skipped items). No row at all is an error naming the manifest."""
+    (rows written, skipped items). ``translations``: a file for :func:`load_translations`. No row
+    at all is an error naming the manifest."""
     manifest = Path(manifest)
     if not manifest.is_file():
         raise FileNotFoundError(f"feature manifest not found: {manifest}")
+    table = load_translations(translations) if translations else None  # its errors come before the manifest's
     try:
         cuts = CutSet.from_file(str(manifest)) or []  # lhotse reads an empty manifest as None
         skipped = SkipCounter()
-        rows = instruction_rows(cuts, task, st_instructions, sqa_instruction, with_transcript, target_langs, skipped)
+        rows = instruction_rows(cuts, task, st_instructions, sqa_instruction, with_transcript, target_langs, skipped, table)
     except UnicodeDecodeError as e:
         raise (first_non_utf8_line(manifest) or ValueError(f"cannot read feature manifest {manifest}: {e}")) from e
     except (KeyError, OSError, json.JSONDecodeError) as e:

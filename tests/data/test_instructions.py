@@ -17,7 +17,7 @@ from speechmapper_tune.assets import smollm2_dir
 from speechmapper_tune.configs import resolve_config
 from speechmapper_tune.corpus import load_audio_manifest
 from speechmapper_tune.data.extract import extract_chunk, merge_chunks
-from speechmapper_tune.data.instructions import build_instructions, instruction_rows
+from speechmapper_tune.data.instructions import build_instructions, instruction_rows, load_translations
 from speechmapper_tune.data.manifest import SkipCounter, load_feature_items
 from speechmapper_tune.data.stage2 import PromptTemplate, prepare_instruction_examples
 from speechmapper_tune.models.chat_format import ChatTokenizer
@@ -120,6 +120,38 @@ def test_sqa_rows_one_per_answered_question(tmp_path):
         build_instructions(manifest, tmp_path / "x.jsonl", "st", ST)
     with pytest.raises(ValueError, match=r"sqa_instruction must contain \{question\} exactly once"):
         instruction_rows([], "sqa", sqa_instruction="no slot")
+
+
+def test_a_translations_file_gives_cuts_without_one_their_translation(tmp_path):
+    # a corpus with no translations in its manifest (Spoken-SQuAD's layout stands in for the TTS corpus)
+    manifest = features_of(spoken_squad(tmp_path), tmp_path / "feats")
+    table = tmp_path / "fr.jsonl"
+    table.write_text(json.dumps({"source": "The Broncos won the game, in Santa Clara!", "translation": " Les Broncos ont gagné. ",
+                                 "target_lang": "fr"}) + "\n", encoding="utf-8")
+    n, skipped = build_instructions(manifest, tmp_path / "st.jsonl", "st", ST, translations=table)
+    (row,) = [json.loads(line) for line in (tmp_path / "st.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert (n, row["target_lang"], row["answer"], row["instruction"]) == (1, "fr", "Les Broncos ont gagné.", ST["fr"])
+    assert skipped.as_dict() == {}
+    table.write_text(json.dumps({"source": "another sentence", "translation": "une autre phrase", "target_lang": "fr"}) + "\n")
+    with pytest.raises(ValueError, match=r"skipped: no translation in the manifest or the translations file"):
+        build_instructions(manifest, tmp_path / "st.jsonl", "st", ST, translations=table)
+    # bad files are named with their line before the manifest is read
+    table.write_text('{"source": "a", "translation": "b", "target_lang": "fr"}\n{"source": "a"}\n', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"fr.jsonl:2: expected a JSON object with source, translation, target_lang"):
+        build_instructions(manifest, tmp_path / "st.jsonl", "st", ST, translations=table)
+    table.write_text('{"source": "A!", "translation": "b", "target_lang": "fr"}\n'
+                     '{"source": "a", "translation": "c", "target_lang": "fr"}\n', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"fr.jsonl:2: 'a' has two different translations"):
+        load_translations(table)
+    with pytest.raises(FileNotFoundError, match="translations file not found"):
+        load_translations(tmp_path / "missing.jsonl")
+
+
+def test_the_packaged_demo_translations_read_cleanly():
+    from speechmapper_tune.corpus import translations_file
+
+    table = load_translations(translations_file("tts_en_fr"))
+    assert len(table) == 100 and {lang for lang, _ in table.values()} == {"fr"}
 
 
 def test_shipped_st_instructions_equal_the_stage2_st_prompts():

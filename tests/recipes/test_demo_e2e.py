@@ -37,3 +37,9 @@ def test_reduced_demo_end_to_end(tmp_path):
     for f in ("RESULTS.md", "loss_curves.png", "wer.png"):
         assert (out / f).stat().st_size > 0
     assert "| test | cascade |" in (out / "RESULTS.md").read_text()
+    # speech translation into French: test=4 draws the first test sentences, which have packaged references; dev=2 others
+    st = {(r["split"], r["system"]): r for r in res["st_rows"]}
+    assert set(st) == {("test", m) for m in {"topline", "cascade", "stage2"} | ({"shipped"} & systems)}
+    assert all(r["n"] == 2 and r["bleu"] is not None and r["chrf"] is not None and r["french_share"] is not None
+               for r in st.values())
+    assert "English -> French" in (out / "RESULTS.md").read_text()
