@@ -34,7 +34,7 @@ import random
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, Iterator, List
+from typing import Any, Dict, Iterator, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -101,15 +101,19 @@ def quantize_nf4_(llm: torch.nn.Module, world_size: int = 1) -> int:
     return n
 
 
-def shard_speech_lm(model: SpeechLM) -> None:
+def shard_speech_lm(model: SpeechLM, device: Optional[torch.device] = None) -> None:
     """FSDP2 over a SpeechLM in place (under an initialised process group), torchtune's way: each LLM
     layer a unit, the projector, the token embeddings and an untied LM head units of their own (as
     torchtune's custom_sharded_layers), then the root, whose forward covers ``SpeechLM.forward``'s
-    direct calls into the LLM. The bench (bench/stage2_memory.py) uses it too."""
+    direct calls into the LLM. ``device``: where the collectives run (nccl: the GPU; default: where
+    the tensors are). The bench (bench/stage2_memory.py) uses it too."""
     trainable = [p for p in model.parameters() if p.requires_grad]
     with torch.no_grad():  # torchtune seeds each rank seed+rank: rank 0's fresh projector/LoRA init for all
         for t in [*trainable, *model.projector.buffers()]:
-            dist.broadcast(t, src=0)
+            buf = t.to(device) if device is not None else t  # the model may still be in host memory
+            dist.broadcast(buf, src=0)
+            if buf is not t:
+                t.copy_(buf)
     units = {"projector"}
     if isinstance(model.llm.output, torch.nn.Linear):  # a tied head reads tok_embeddings.weight outside its
         units |= {"llm.tok_embeddings", "llm.output"}  # forward, so a tied table stays in the root unit
@@ -182,10 +186,12 @@ class AdaptRecipe:
         self.val_loader = self._setup_data(cfg.data.val, shuffle=False)[0] if cfg.data.get("val") else None
         log.info(f"Skipped at setup: {self.skipped.total()} ({self.skipped.summary()})")
 
-        self.projector.to(self.device).train()
+        self.projector.train()
         n_proj, n_lora, n_llm = count_parameters(self.projector), sum(p.numel() for p in self.lora_params), count_parameters(self.llm)
         if self.world_size > 1:
             self._shard()
+        else:
+            self.projector.to(self.device)
         self.optimizer = config.instantiate(cfg.optimizer, [*self.projector.parameters(), *self.lora_params])
         self.scheduler = config.instantiate(cfg.lr_scheduler, self.optimizer)
         self.checkpoints = CheckpointManager(self.output_dir, cfg.get("keep_last_n_checkpoints", 2))
@@ -199,9 +205,12 @@ class AdaptRecipe:
 
     def _shard(self) -> None:
         """Shard the SpeechLM (``shard_speech_lm``) and take the sharded parameters' handles."""
-        shard_speech_lm(self.model)
+        shard_speech_lm(self.model, self.device)
         self.projector, self.llm = self.model.projector, self.model.llm  # the same modules, parameters now DTensor shards
         self.lora_params = [p for p in self.llm.parameters() if p.requires_grad]
+        self.embedding = self.model.embedding  # the root unit moved this buffer (and the LLM's) to the device
+        if "regularizer" in self.loss_keys:
+            self.loss_fn.set_embedding(self.embedding, blank_id=self.pad_id)
         log.info(f"FSDP: the SpeechLM sharded over {self.world_size} ranks ({len(self.llm.layers)} LLM layers + root)")
 
     def _build_model(self) -> SpeechLM:
@@ -212,7 +221,10 @@ class AdaptRecipe:
         llm.pop("quantize", None)  # applied by setup, after loading
         lora = OmegaConf.to_container(cfg.lora, resolve=True) if cfg.get("lora") else None
         prompt = OmegaConf.to_container(cfg.prompt, resolve=True)
-        common = dict(llm=llm, prompt=prompt, lora=lora, device=self.device,
+        # N processes: built in host memory, and fully_shard moves each unit to the device as it shards it, so a
+        # device holds its shards plus one whole layer at a time: an LLM bigger than one device still loads
+        load_device = torch.device("cpu") if self.world_size > 1 else self.device
+        common = dict(llm=llm, prompt=prompt, lora=lora, device=load_device,
                       trim_pad_vectors=bool(cfg.get("trim_pad_vectors", False)), on_warning=log.warning)
         if path:  # a LoRA-trained stage-2 checkpoint goes on with its adapters when lora is set
             model = SpeechLM.from_checkpoint(path, **common)

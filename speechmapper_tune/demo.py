@@ -64,8 +64,11 @@ def tune_bin() -> str:
 
 class Demo:
     def __init__(self, out: Path, fresh: bool = False, sizes: Dict[str, int] = None, steps1: int = None,
-                 steps2: int = None, max_items: int = None):
-        self.out = out
+                 steps2: int = None, max_items: int = None, splits=SPLITS):
+        unknown = set(splits) - set(SPLITS)
+        if unknown or not splits:
+            raise SystemExit(f"[demo] --splits {','.join(splits)}: expected some of {','.join(SPLITS)}")
+        self.out, self.splits = out, [s for s in SPLITS if s in splits]
         self.sizes = sizes or SIZES
         self.steps1 = [f"max_steps={steps1}", f"val_every_n_steps={steps1}", f"save_every_n_steps={steps1}"] if steps1 else []
         self.steps2 = [f"max_steps={steps2}", f"val_every_n_steps={steps2}", f"save_every_n_steps={steps2}",
@@ -145,7 +148,7 @@ class Demo:
                                    f"projector_checkpoint={path}"]
             else:
                 print(f"[demo] no shipped projector {SHIPPED[system]!r} in this installation: its rows are left out")
-        for split in SPLITS:
+        for split in self.splits:
             for name, args in systems.items():
                 out = self.out / "generations" / f"{name}_{split}"
                 self.run("generation", ["speechmapper_generate", *args, f"manifest={self.feats(split)}/cuts.jsonl.gz",
@@ -172,7 +175,7 @@ class Demo:
         table, gens = translations_file(ST_TRANSLATIONS), {}
         known = load_translations(table)
         ckpts = {"topline": self.ckpt2, "cascade": self.ckpt2, "shipped": _shipped("shipped"), "stage2": self.ckpt2}
-        for split in ST_SPLITS:
+        for split in [s for s in ST_SPLITS if s in self.splits]:
             manifest = self.feats(split) / "cuts.jsonl.gz"
             texts = [json.loads(line)["supervisions"][0]["text"] for line in _gz_lines(manifest)]
             if not any(normalize_text(t) in known for t in texts):  # another corpus size draws other sentences
@@ -281,9 +284,9 @@ class Demo:
         systems = [s for s in SYSTEMS if any(r["system"] == s for r in rows)]
         width = 0.8 / len(systems)
         for i, sys_ in enumerate(systems):
-            vals = [next((r["wer"] for r in rows if r["system"] == sys_ and r["split"] == sp), 0) or 0 for sp in SPLITS]
-            ax.bar([x + i * width for x in range(len(SPLITS))], [min(v, 200) for v in vals], width, label=sys_)
-        ax.set_xticks([x + 0.4 - width / 2 for x in range(len(SPLITS))], SPLITS)
+            vals = [next((r["wer"] for r in rows if r["system"] == sys_ and r["split"] == sp), 0) or 0 for sp in self.splits]
+            ax.bar([x + i * width for x in range(len(self.splits))], [min(v, 200) for v in vals], width, label=sys_)
+        ax.set_xticks([x + 0.4 - width / 2 for x in range(len(self.splits))], self.splits)
         ax.set_ylabel("WER % (capped at 200)"), ax.legend()
         fig.tight_layout()
         fig.savefig(self.out / "wer.png", dpi=100)
@@ -374,10 +377,11 @@ def main() -> None:
     ap.add_argument("--stage1-steps", type=int, default=None, help="override stage1_demo's max_steps")
     ap.add_argument("--stage2-steps", type=int, default=None, help="override stage2_demo's max_steps (and use batch 2)")
     ap.add_argument("--max-items", type=int, default=None, help="generate for at most N utterances per split")
+    ap.add_argument("--splits", default=",".join(SPLITS), help=f"generate and score on these (default {','.join(SPLITS)})")
     a = ap.parse_args()
     sizes = {k: int(v) for k, v in (kv.split("=") for kv in a.sentences.split(","))} if a.sentences else None
     t0 = time.perf_counter()
-    demo = Demo(Path(a.out), a.fresh, sizes, a.stage1_steps, a.stage2_steps, a.max_items)
+    demo = Demo(Path(a.out), a.fresh, sizes, a.stage1_steps, a.stage2_steps, a.max_items, a.splits.split(","))
     demo.data()
     demo.features()
     demo.train()

@@ -17,7 +17,8 @@ def test_reduced_demo_end_to_end(tmp_path):
     out = tmp_path / "demo"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
     cmd = [sys.executable, "-m", "speechmapper_tune.demo", "--out", str(out), "--sentences", "train=20,dev=2,test=4",
-           "--stage1-steps", "3", "--stage2-steps", "2", "--max-items", "2"]
+           "--stage1-steps", "3", "--stage2-steps", "2", "--max-items", "2",
+           "--splits", "test,real"]  # dev's generation runs the same commands as test's
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = json.loads((out / "results.json").read_text())
@@ -27,7 +28,7 @@ def test_reduced_demo_end_to_end(tmp_path):
     systems = {"topline", "cascade", "stage1", "stage2", "topline_zeroshot"} | {k for k, name in SHIPPED.items() if name in pretrained.available()}
     systems |= {"shipped_stage1"} if SHIPPED_STAGE1 in pretrained.available() else set()
     got = {(r["split"], r["system"]) for r in res["rows"]}
-    assert got == {(s, m) for s in ("dev", "test", "real") for m in systems}
+    assert got == {(s, m) for s in ("test", "real") for m in systems}
     assert all(r["wer"] is not None and r["cer"] is not None and r["stuck"] is not None for r in res["rows"])
     assert {"corpus", "features", "stage1", "stage2", "generation", "evaluation", "total"} <= set(res["wall_seconds"])
     assert {k: v["n"] for k, v in res["unseen_instruction_probe"].items()} == {m: 2 for m in systems & {"stage2", "shipped"}}
@@ -37,7 +38,7 @@ def test_reduced_demo_end_to_end(tmp_path):
     for f in ("RESULTS.md", "loss_curves.png", "wer.png"):
         assert (out / f).stat().st_size > 0
     assert "| test | cascade |" in (out / "RESULTS.md").read_text()
-    # speech translation into French: test=4 draws the first test sentences, which have packaged references; dev=2 others
+    # speech translation into French: test=4 draws the first of the default corpus's test sentences, which have references
     st = {(r["split"], r["system"]): r for r in res["st_rows"]}
     assert set(st) == {("test", m) for m in {"topline", "cascade", "stage2"} | ({"shipped"} & systems)}
     assert all(r["n"] == 2 and r["bleu"] is not None and r["chrf"] is not None and r["french_share"] is not None
