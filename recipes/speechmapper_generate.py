@@ -136,9 +136,9 @@ class GenerateRecipe:
         if self.rank == 0:
             write_not_generated(self.output_dir / NOT_GENERATED, self.skipped.items)
         done = done_ids(self.out_path)  # every rank sees the same file: rank 0 merged and repaired it before the barrier
-        self.order = [e.item.id for e in examples]
-        self.by_id = {e.item.id: e for e in examples}
-        self.examples = [e for e in examples if e.item.id not in done][self.rank :: self.world_size]
+        self.order = [e.id for e in examples]
+        self.by_id = {e.id: e for e in examples}
+        self.examples = [e for e in examples if e.id not in done][self.rank :: self.world_size]
         one = self.world_size == 1  # one process appends to the outputs themselves
         self.rows_path = self.out_path if one else part_file(self.output_dir, GENERATIONS, self.rank)
         self.missing_path = self.output_dir / NOT_GENERATED if one else part_file(self.output_dir, NOT_GENERATED, self.rank)
@@ -220,7 +220,7 @@ class GenerateRecipe:
         cap = cfg.get("length_cap")
         pbar = tqdm(total=len(self.examples), desc=f"generate[{cfg.span_source}]" + (f"[{self.rank}]" if self.world_size > 1 else ""), unit="utt", dynamic_ncols=True)
         t0, n_tokens, n_stuck = time.perf_counter(), 0, 0
-        exs = {e.item.id: e for e in self.examples}
+        exs = {e.id: e for e in self.examples}
         for batch in loader:
             if batch.get("skipped"):
                 self.skipped.record_batch(batch, log)

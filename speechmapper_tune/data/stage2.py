@@ -83,6 +83,11 @@ class Stage2Example:
     out_length: int
     task: str = "asr"
     meta: Dict[str, str] = field(default_factory=dict)  # instruction, context, target_lang: kept for evaluation
+    row_id: str = ""  # the instruction row's id: one cut carries several SQA questions ("" = the cut's id)
+
+    @property
+    def id(self) -> str:
+        return self.row_id or self.item.id
 
 
 def response_ids(chat, text: str) -> List[int]:
@@ -155,7 +160,7 @@ def prepare_instruction_examples(
         targets = chat.encode_text(row["transcript"]) if row.get("transcript") and not generation else []
         meta = {"instruction": instruction, **{k: str(row[k]) for k in ("context", "target_lang") if k in row}}
         ex = Stage2Example(item, split_prompt(chat, template, instruction), response_ids(chat, answer), targets,
-                           int(output_length(item.num_frames)), task, meta)
+                           int(output_length(item.num_frames)), task, meta, str(row.get("id", fid)))
         if _check(ex, max_seq_len, skipped, generation):
             out.append(ex)
     return out
@@ -164,12 +169,12 @@ def prepare_instruction_examples(
 def _check(ex: Stage2Example, max_seq_len: int, skipped: SkipCounter, generation: bool = False) -> bool:
     total = len(ex.prompt.prefix) + ex.out_length + len(ex.prompt.suffix) + (0 if generation else len(ex.response))
     if ex.out_length < 1:
-        skipped.add("too few frames for the projector", ex.item.id)
+        skipped.add("too few frames for the projector", ex.id)
     elif total > max_seq_len:
         skipped.add("prompt + speech longer than max_seq_len - max_new_tokens" if generation
-                    else "prompt + speech + response longer than max_seq_len", ex.item.id)
+                    else "prompt + speech + response longer than max_seq_len", ex.id)
     elif ex.target_ids and len(ex.target_ids) + 1 > ex.out_length:
-        skipped.add("target longer than projector output", ex.item.id)
+        skipped.add("target longer than projector output", ex.id)
     else:
         return True
     return False
@@ -195,10 +200,10 @@ class Stage2Dataset(Dataset):
         ex = self.examples[i]
         feats, error = load_item_features(ex.item)
         if error:
-            return {"id": ex.item.id, "error": error}
+            return {"id": ex.id, "error": error}
         if self.masking is not None:
             feats = self.masking(feats, self.epoch, i)
-        return {"id": ex.item.id, "features": feats, "example": ex}
+        return {"id": ex.id, "features": feats, "example": ex}
 
 
 @dataclass

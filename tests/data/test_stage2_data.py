@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 
@@ -73,6 +75,22 @@ def test_a_non_utf8_byte_in_instructions_names_the_line(tmp_path, chat):
     with pytest.raises(ValueError, match=rf"{path}, line 2: not UTF-8 text \(byte 0xe9"):
         prepare_instruction_examples(path, {it.id: it for it in items}, chat, TEMPLATE, lambda n: n // 4, 512,
                                      SkipCounter(), "st")
+
+
+def test_each_question_about_one_cut_keeps_its_row_id(tmp_path, chat):
+    """Spoken-SQuAD asks several questions per paragraph: generation rows, resume and merging go by the row id."""
+    from speechmapper_tune.data.stage2 import Stage2Collator, Stage2Dataset
+
+    items = load_feature_items(write_synthetic_split(tmp_path, "x", 2, 16, seed=0))
+    path = tmp_path / "instructions.jsonl"
+    rows = [{"id": f"{items[0].id}/q{k}", "features": items[0].id, "instruction": f"Question {k}?", "answer": "yes"}
+            for k in range(2)] + [{"features": items[1].id, "instruction": "Question?", "answer": "no"}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    skipped = SkipCounter()
+    exs = prepare_instruction_examples(path, {it.id: it for it in items}, chat, TEMPLATE, lambda n: n // 4, 512, skipped, "sqa")
+    assert [e.id for e in exs] == [f"{items[0].id}/q0", f"{items[0].id}/q1", items[1].id]  # no id: the cut's
+    batch = Stage2Collator(lambda n: n // 4, 16)([Stage2Dataset(exs)[i] for i in range(3)])
+    assert batch["ids"] == [e.id for e in exs]
 
 
 def test_written_targets_give_the_written_response_and_mse_targets(tmp_path, chat):
