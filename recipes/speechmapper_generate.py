@@ -110,7 +110,7 @@ class GenerateRecipe:
         _check_trained_prompt(meta.get("prompt") if cfg.span_source == "projector" else None, self.template, cfg)
         self.llm = self.model.llm
         self.pad_id = self.model.pad_id
-        self.prompt_text = self.chat.render_text(self.template.messages(), add_generation_prompt=True) + self.template.assistant_prefix
+        self.prompt_text = self._prompt_text(None)
         if self.rank == 0:  # the settings check, overwrite, and the parts a killed multi-process run left
             start_run(self.output_dir, self._settings(), overwrite=bool(cfg.get("overwrite", False)))
             merge_parts(self.output_dir)
@@ -151,6 +151,10 @@ class GenerateRecipe:
             self.transcriber = FasterWhisperTranscriber(resolve_path_setting(cfg.cascade.model_dir), cfg.cascade.get("compute_type", "int8"))
         guard = cfg.get("stuck_guard")
         self.guard = StuckGuard(**OmegaConf.to_container(guard, resolve=True)) if guard else None
+
+    def _prompt_text(self, instruction) -> str:
+        """The prompt as the LLM reads it, ``<speech>`` for the span; ``instruction``: an instruction row's own."""
+        return self.chat.render_text(self.template.messages(instruction), add_generation_prompt=True) + self.template.assistant_prefix
 
     def _settings(self) -> dict:
         """What makes this run's rows: a rerun resumes them only when all of it is the same."""
@@ -241,7 +245,8 @@ class GenerateRecipe:
                 # ASR: the normalized transcript as stored (a decode of its tokens could differ); else the answer
                 reference = self.chat.decode(resp[:-1], skip_special_tokens=True).strip() if cfg.get("instructions") else exs[item_id].item.text
                 rows.append({"id": item_id, "task": batch["tasks"][0] if cfg.get("instructions") else "asr",
-                             "prompt": self.prompt_text, "hypothesis": self.model.answer_text(res.ids),
+                             "prompt": self._prompt_text(meta["instruction"]) if "instruction" in meta else self.prompt_text,
+                             "hypothesis": self.model.answer_text(res.ids),
                              "reference": reference or None,  # no transcript: generated, not scored
                              "flags": list(res.flags), "stopped_by": res.stopped_by, "span_vectors": int(span.shape[0]),
                              "span_source": cfg.span_source, **meta})

@@ -44,3 +44,5 @@ def test_reduced_demo_end_to_end(tmp_path):
     assert all(r["n"] == 2 and r["bleu"] is not None and r["chrf"] is not None and r["french_share"] is not None
                for r in st.values())
     assert "English -> French" in (out / "RESULTS.md").read_text()
+    row = json.loads((out / "generations" / "st_topline_test" / "generations.jsonl").read_text().splitlines()[0])
+    assert row["task"] == "st" and row["target_lang"] == "fr" and "Peux-tu traduire" in row["prompt"]  # the row's instruction
