@@ -52,8 +52,6 @@ class InstructionsRecipe:
         self.translations = cfg.get("translations") or None
         if self.translations and cfg.task != "st":
             raise ValueError(f"translations={self.translations} is for task=st (task={cfg.task})")
-        if self.translations and not Path(self.translations).is_file():
-            raise FileNotFoundError(f"translations={self.translations}: file not found")
 
     def run(self) -> None:
         cfg = self.cfg

@@ -108,10 +108,10 @@ def instruction_rows(
             lang, translation = custom.get(TARGET_LANG), custom.get(TRANSLATION)
             if (lang is None or translation is None) and translations:
                 found = translations.get(normalize_text(custom.get("written") or "")) or translations.get(normalized)
-                lang, translation = found if found else (None, None)
                 if found is None:
                     skipped.add("no translation in the manifest or the translations file", cut.id)
                     continue
+                lang, translation = found
             if lang is None or translation is None:
                 skipped.add("no translation in the manifest (not from an ST corpus)", cut.id)
                 continue
