@@ -13,7 +13,9 @@ trains. The LLM input is built by ``SpeechLM.forward``, the same builder generat
 Reads top to bottom: setup -> train (validate, save_checkpoint) -> cleanup.
 
 Options beyond the paper (defaults are the paper's): ``loss.weighting=balanced``
-mixes the relative gradients of CE and MSE (the logged ``loss`` stays Eq. 3);
+mixes the relative gradients of CE and MSE (the logged ``loss`` stays Eq. 3); ``loss.kl_ratio``
+aligns the LLM's behaviour on speech with its behaviour on the transcript (a KL term against the
+same frozen LLM reading the transcript, run as a teacher inside the forward; ``Stage2Loss``);
 ``data.train.augment`` masks training features; ``validate_at_start`` logs the starting
 projector's validation losses at step 0.
 
@@ -172,6 +174,9 @@ class AdaptRecipe:
         if float(getattr(self.loss_fn, "regularizer_weight", 0.0)) > 0:  # the classifier regularizer reads the table
             self.loss_fn.set_embedding(self.embedding, blank_id=self.pad_id)
             self.loss_keys = (*LOSS_KEYS, "regularizer")
+        self.needs_teacher = bool(getattr(self.loss_fn, "needs_teacher", False))  # loss.kl_ratio > 0: behaviour alignment
+        if self.needs_teacher:
+            self.loss_keys = (*self.loss_keys, "kl")
         self.lora_params = [p for p in self.llm.parameters() if p.requires_grad]  # empty unless LoRA is on
         assert bool(self.lora_params) == bool(cfg.get("lora")), "the LLM must be frozen except for LoRA adapters"
         if cfg.get("resume", False):
@@ -324,11 +329,13 @@ class AdaptRecipe:
             self.epoch, self.consumed = self.epoch + 1, 0
 
     def _forward(self, batch: Dict[str, Any]) -> Dict[str, torch.Tensor]:
-        out = self.model(batch)  # SpeechLM: prompt | speech | suffix | response, logits at the labels
+        # SpeechLM: prompt | speech | suffix | response, logits at the labels (and the transcript-fed teacher's)
+        out = self.model(batch, teacher=self.needs_teacher)
         target = lookup_targets(self.embedding, batch["target_ids"].to(self.device))
+        teacher = {k: out[k] for k in ("teacher_logits", "teacher_rows") if k in out}
         losses = self.loss_fn(out["logits"], out["labels"], out["pred"], target, out["out_lengths"],
                               batch["num_words"].to(self.device), batch["has_mse"].to(self.device),
-                              batch["target_ids"].to(self.device))
+                              batch["target_ids"].to(self.device), **teacher)
         return {**losses, "tokens": out["tokens"], "speech_vectors": out["speech_vectors"]}
 
     def train(self) -> None:
@@ -426,6 +433,7 @@ class AdaptRecipe:
             }
             meta = {"stage": 2, "llm": self.model.llm_meta, "recipe": "speechmapper_adapt", "init": self.init_meta,
                     "sigma": self.loss_fn.sigma, "trim_pad_vectors": self.model.trim_pad_vectors,
+                    **({"kl_ratio": self.loss_fn.kl_ratio, "kl_temperature": self.loss_fn.kl_temperature} if self.needs_teacher else {}),
                     "prompt": OmegaConf.to_container(self.cfg.prompt, resolve=True),  # generation uses it by default
                     "features": self.features}
             if self.quantize:  # generation loads the LLM unquantized; the record says what the projector trained against

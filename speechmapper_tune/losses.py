@@ -276,6 +276,24 @@ def embedding_ctc(
     return F.ctc_loss(log_probs, targets, lengths, num_words, blank=blank_id, reduction="mean", zero_infinity=True)
 
 
+def behaviour_kl(teacher_logits: Tensor, student_logits: Tensor, temperature: float = 1.0) -> Tensor:
+    """Mean over rows of ``temperature**2 * KL(softmax(teacher / T) || softmax(student / T))``, in fp32.
+
+    Rows are aligned positions ([N, V] each: row i of both predicts the same response token); the
+    teacher gets no gradient. The ``T**2`` factor keeps the gradient's scale independent of ``T``
+    (Hinton et al.'s distillation); at ``T = 1`` it is the plain KL in nats. No rows: 0.
+    """
+    if teacher_logits.shape[0] == 0 and student_logits.shape[0] == 0:
+        return student_logits.new_zeros((), dtype=torch.float32)
+    if teacher_logits.shape != student_logits.shape:
+        raise ValueError(f"teacher logits {tuple(teacher_logits.shape)} and student logits "
+                         f"{tuple(student_logits.shape)} are not aligned position for position")
+    t = float(temperature)
+    log_p = F.log_softmax(teacher_logits.detach().float() / t, dim=-1)
+    log_q = F.log_softmax(student_logits.float() / t, dim=-1)
+    return (t * t) * (log_p.exp() * (log_p - log_q)).sum(-1).mean()
+
+
 LOSS_WEIGHTINGS = ("paper", "balanced")
 REGULARIZERS = ("ctc", "ce")  # Stage2Loss's classifier regularizer
 
@@ -327,11 +345,31 @@ class Stage2Loss(nn.Module):
     LLM's embedding table under distance logits, so it adds no parameters; it is logged as
     ``regularizer`` and added to the objective as ``weight * term`` (paper weighting) or
     ``weight * relative(term)`` (balanced). Needs :meth:`set_embedding` and ``target_ids``.
+
+    ``kl_ratio > 0`` (not in the paper; Ultravox's default loss, torchtune's KD shape) adds behaviour
+    alignment: the teacher is the same frozen LLM reading the transcript's token embeddings in the
+    speech span (no gradient), the student the LLM reading the projector's vectors; at every position
+    that predicts a response token (the end-of-turn token included) the term is
+    :func:`behaviour_kl` of the teacher's next-token distribution to the student's at
+    ``kl_temperature``. The two sequences differ in length; the response positions are matched by
+    their label masks (``SpeechLM.forward(..., teacher=True)`` gives ``teacher_logits`` row for row
+    with ``teacher_rows``, the student rows of the items that have a transcript). The task term of
+    Eq. 3 becomes ``(1 - kl_ratio) * CE + kl_ratio * KL``::
+
+        objective = (1 - sigma) * ((1 - kl_ratio) * CE + kl_ratio * KL) + sigma * L_MSE
+
+    so ``kl_ratio=1, sigma=0`` is KL alone, ``kl_ratio=1, sigma>0`` KL + MSE (balanced weighting
+    takes each term relative). Logged as ``kl``; ``loss`` stays Eq. 3's value. The term is exactly 0
+    when the projector emits the transcript's embeddings (the two inputs are then the same).
     """
 
     def __init__(self, sigma: float = 0.9, alpha: float = 5.0, scale: float = 1e3, weighting: str = "paper",
-                 regularizer_weight: float = 0.0, regularizer: str = "ctc", regularizer_temperature: float = 0.05):
+                 regularizer_weight: float = 0.0, regularizer: str = "ctc", regularizer_temperature: float = 0.05,
+                 kl_ratio: float = 0.0, kl_temperature: float = 1.0):
         super().__init__()
+        if not 0.0 <= float(kl_ratio) <= 1.0 or float(kl_temperature) <= 0:
+            raise ValueError(f"loss kl_ratio={kl_ratio} must be in [0, 1] and kl_temperature={kl_temperature} > 0")
+        self.kl_ratio, self.kl_temperature = float(kl_ratio), float(kl_temperature)
         self.sigma, self.alpha, self.scale, self.weighting = float(sigma), float(alpha), float(scale), str(weighting)
         stage2_loss(torch.zeros(()), torch.zeros(()), self.sigma, self.weighting)  # validates sigma and weighting
         check_alpha(self.alpha)
@@ -348,7 +386,8 @@ class Stage2Loss(nn.Module):
         self.table, self.blank_id = EmbeddingTable.from_weight(embedding), int(blank_id)
 
     def forward(self, logits: Tensor, labels: Tensor, pred: Tensor, target: Tensor, lengths: Tensor,
-                num_words: Tensor, has_mse: Tensor, target_ids: Optional[Tensor] = None) -> Dict[str, Tensor]:
+                num_words: Tensor, has_mse: Tensor, target_ids: Optional[Tensor] = None,
+                teacher_logits: Optional[Tensor] = None, teacher_rows: Optional[Tensor] = None) -> Dict[str, Tensor]:
         ce = F.cross_entropy(logits.float(), labels)
         mse = pred.new_zeros((), dtype=torch.float32)
         if bool(has_mse.any()):
@@ -356,11 +395,30 @@ class Stage2Loss(nn.Module):
                                    self.alpha, self.scale).mse
         out = {"objective": stage2_loss(ce, mse, self.sigma, self.weighting), "loss": stage2_loss(ce, mse, self.sigma),
                "ce": ce, "mse": mse}
+        if self.kl_ratio > 0:
+            if teacher_logits is None or teacher_rows is None:
+                raise ValueError("loss kl_ratio > 0 needs the teacher's logits: SpeechLM.forward(batch, teacher=True) "
+                                 "gives teacher_logits and teacher_rows (speechmapper_adapt passes them)")
+            kl = out["kl"] = behaviour_kl(teacher_logits, logits[teacher_rows], self.kl_temperature)
+            out["objective"] = self._kl_objective(ce, kl, mse)
         if self.regularizer_weight > 0:
             reg = out["regularizer"] = self.regularizer_term(pred, target_ids, lengths, num_words, has_mse)
             term = relative(reg) if self.weighting == "balanced" and bool(reg.detach() != 0) else reg
             out["objective"] = out["objective"] + self.regularizer_weight * term
         return out
+
+    @property
+    def needs_teacher(self) -> bool:
+        """Whether ``forward`` needs the teacher's logits (the recipe then runs the teacher)."""
+        return self.kl_ratio > 0
+
+    def _kl_objective(self, ce: Tensor, kl: Tensor, mse: Tensor) -> Tensor:
+        """``(1 - sigma) * ((1 - r) * CE + r * KL) + sigma * MSE``, each term relative under balanced
+        weighting (a term that is exactly 0, e.g. no item with a transcript, stays 0)."""
+        if self.weighting == "balanced":
+            ce, kl, mse = (relative(t) if bool(t.detach() != 0) else t for t in (ce.float(), kl, mse.float()))
+        task = (1.0 - self.kl_ratio) * ce.float() + self.kl_ratio * kl
+        return (1.0 - self.sigma) * task + self.sigma * mse.float()
 
     def regularizer_term(self, pred: Tensor, target_ids: Optional[Tensor], lengths: Tensor, num_words: Tensor,
                          has_mse: Tensor) -> Tensor:

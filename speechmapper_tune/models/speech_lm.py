@@ -213,15 +213,41 @@ class SpeechLM(nn.Module):
         span = trailing_pad_lengths(pred.detach(), out_lengths, self.embedding, self.pad_id) if self.trim_pad_vectors else out_lengths
         return pred, out_lengths, span
 
-    def forward(self, batch: Mapping[str, Any], projector: Optional[nn.Module] = None) -> Dict[str, Any]:
-        """Training forward on a ``Stage2Collator`` batch: logits where a response label is, and those labels."""
+    def forward(self, batch: Mapping[str, Any], projector: Optional[nn.Module] = None, teacher: bool = False) -> Dict[str, Any]:
+        """Training forward on a ``Stage2Collator`` batch: logits where a response label is, and those labels.
+
+        ``teacher``: also the frozen LLM's logits with the transcript's token embeddings in the speech span
+        (:meth:`teacher_logits`, no gradient) at the same response positions, for the items that have a
+        transcript: ``teacher_logits`` [M, V] row for row with the student's rows ``logits[teacher_rows]``.
+        Inside ``forward`` so that one FSDP root forward covers both."""
         pred, out_lengths, span = self.project(batch["features"], batch["lengths"], projector)
         inputs = self.build_inputs([pred[b, : int(n)] for b, n in enumerate(span)], batch["prefix"], batch["suffix"], batch["response"])
         labels = inputs.labels
-        # position t predicts label t+1: logits only where that label exists (the LM head is skipped elsewhere)
-        predicts = F.pad(labels[:, 1:] != IGNORE_INDEX, (0, 1), value=False)
-        return {"logits": forward_embeds(self.llm, inputs.embeds, positions=predicts), "labels": labels[:, 1:][predicts[:, :-1]],
-                "pred": pred, "out_lengths": out_lengths, "tokens": int((labels != IGNORE_INDEX).sum()), "speech_vectors": int(span.sum())}
+        predicts = response_positions(labels)
+        out = {"logits": forward_embeds(self.llm, inputs.embeds, positions=predicts), "labels": labels[:, 1:][predicts[:, :-1]],
+               "pred": pred, "out_lengths": out_lengths, "tokens": int((labels != IGNORE_INDEX).sum()), "speech_vectors": int(span.sum())}
+        if teacher:
+            has = batch["has_mse"].to(self.device)
+            out["teacher_rows"] = has[predicts.nonzero(as_tuple=True)[0]]  # each logit row's item has a transcript
+            out["teacher_logits"] = self.teacher_logits(batch)
+        return out
+
+    @torch.no_grad()
+    def teacher_logits(self, batch: Mapping[str, Any]) -> Tensor:
+        """The behaviour-alignment teacher: the frozen LLM (LoRA adapters off) reading ``prefix | transcript
+        token embeddings | suffix | response`` for the items that have a transcript (``has_mse``; the
+        transcript is their stage-1 target ids, ``num_words`` of them); fp32 logits [M, V] at the positions
+        that predict a response token, in the order of the student's. The response and so the number of
+        such positions per item is the same as the student's; only the span (and so the offset) differs."""
+        keep = [b for b, h in enumerate(batch["has_mse"].tolist()) if h]
+        if not keep:
+            return torch.zeros(0, int(self.embedding.shape[0]), device=self.device)
+        ids, words = batch["target_ids"], batch["num_words"]
+        spans = [embed_tokens(self.llm, ids[b, : int(words[b])].to(self.device)) for b in keep]
+        inputs = self.build_inputs(spans, [batch["prefix"][b] for b in keep], [batch["suffix"][b] for b in keep],
+                                   [batch["response"][b] for b in keep])
+        with _adapters_off(self.llm):
+            return forward_embeds(self.llm, inputs.embeds, positions=response_positions(inputs.labels))
 
     # ------------------------------------------------------------------ generation
     def prompt_parts(self, instruction: Optional[str] = None) -> PromptParts:
@@ -339,6 +365,23 @@ class SpeechLM(nn.Module):
             out.append(" ".join(t for t in texts[k : k + len(ps)] if t))
             k += len(ps)
         return out
+
+
+def response_positions(labels: Tensor) -> Tensor:
+    """bool [B, L]: the positions that predict a response label (position t predicts label t+1), where the
+    training forward computes logits (the LM head is skipped elsewhere)."""
+    return F.pad(labels[:, 1:] != IGNORE_INDEX, (0, 1), value=False)
+
+
+def _adapters_off(llm: nn.Module):
+    """torchtune's ``disable_adapter`` when the LLM has LoRA adapters: the teacher is the LLM as pretrained."""
+    import contextlib
+
+    if any(p.requires_grad for p in llm.parameters()):
+        from torchtune.modules.peft import disable_adapter
+
+        return disable_adapter(llm)
+    return contextlib.nullcontext()
 
 
 def _waves(audio: Union[Audio, Sequence[Audio]]) -> List[np.ndarray]:
