@@ -8,7 +8,7 @@ vocabulary 128256, untied LM head, Llama-3.1 RoPE) with ``--layers`` of its 32 l
 RAM decides), random bf16 weights, frozen as ``load_llm`` leaves it; the paper's projector
 (``speechmapper_paper``, 279M, 1024-dim features; ``--projector small``: 21.7M) trains, LoRA too
 with ``--lora``. Under N ranks the
-SpeechLM is sharded by the recipe's own ``shard_speech_lm`` (each LLM layer, then the root).
+SpeechLM is sharded by ``SpeechLM.shard`` as the recipe shards it (each LLM layer, then the root).
 
 One step as the recipe takes it: forward (``SpeechLM.forward`` + ``Stage2Loss``), backward, global-norm
 clipping, AdamW step, on a batch of 12 items (the paper's) of 300 feature frames, a 20-token prompt
@@ -89,13 +89,11 @@ def _build(layers: int, lora: bool, projector: str, quantize: bool, world: int):
     llm.requires_grad_(False)
     if cfg is not None:
         set_trainable_params(llm, get_adapter_params(llm))
-    if quantize:
-        from speechmapper_adapt import quantize_nf4_  # the recipe's llm.quantize=nf4
-
-        quantize_nf4_(llm, world)
     embedding = llm.tok_embeddings.weight.detach().float().clone()  # SpeechLM's fp32 table (MSE targets)
     chat = SimpleNamespace(eos_id=1)  # SpeechLM.forward reads only the right-padding id
     model = SpeechLM(llm, chat, None, pad_id=0, embedding=embedding, projector=builders[projector](1024, hp.embed_dim))
+    if quantize:
+        model.quantize_("nf4", world)  # the recipe's llm.quantize=nf4
     model.projector.train()
     return model
 
@@ -125,10 +123,8 @@ def worker(args) -> None:
     rank = int(os.environ.get("RANK", "0"))
     model = _build(args.layers, args.lora, args.projector, args.quantize == "nf4", world)
     if world > 1:
-        from speechmapper_adapt import shard_speech_lm  # the recipe's sharding, as it runs
-
         dist.init_process_group("gloo")
-        shard_speech_lm(model)
+        model.shard()  # the recipe's sharding, as it runs
     setup_peak = _status("VmHWM")
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-4)

@@ -20,7 +20,7 @@ same frozen LLM reading the transcript, run as a teacher inside the forward; ``S
 projector's validation losses at step 0.
 
 Under ``tune run --nproc_per_node N`` (gloo on CPU, nccl on GPU) the whole SpeechLM is sharded
-with FSDP2 as torchtune's distributed recipes do (``shard_speech_lm``: each LLM layer, the
+with FSDP2 as torchtune's distributed recipes do (``SpeechLM.shard``: each LLM layer, the
 projector, the embeddings and an untied LM head, then the root), so every rank holds 1/N of the
 frozen weights and of the projector, LoRA and optimizer state. Each rank reads every N-th
 batch of ``batch_size``, gradients are averaged across ranks (FSDP's reduce-scatter) and clipped
@@ -30,18 +30,17 @@ for step. Checkpoints hold full tensors (gathered, written by rank 0) in the one
 
 from __future__ import annotations
 
-import math
 import os
 import random
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, Iterator, List
 
 import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
-from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -66,68 +65,12 @@ from speechmapper_tune.data.stage1 import lookup_targets, sample_subset
 from speechmapper_tune.data.stage2 import PromptTemplate, Stage2Collator, Stage2Dataset, prepare_asr_examples, prepare_instruction_examples
 from speechmapper_tune.models.llms import load_lora_adapters, lora_state_dict
 from speechmapper_tune.models.projector import build_projector_from_config, count_parameters
+from speechmapper_tune.models.sharding import full_optimizer_state, full_state_dict, full_tensor, shard_optimizer_state
 from speechmapper_tune.models.speech_lm import DTYPES, SpeechLM
 
 log = utils.get_logger("INFO")
 LOSS_KEYS = ("loss", "ce", "mse")
 _CHECKPOINT_WRAPPED = "_checkpoint_wrapped_module."  # the name torch's activation-checkpoint wrapper adds
-NF4_BLOCK, NF4_SCALER_BLOCK = 64, 256  # QLoRA's block sizes (torchao's defaults): 64 weights per scale, 256 scales per scale
-NF4_MAX_RANKS = 8  # scale groups sized so that 1, 2, 4 or 8 ranks each hold whole groups of every quantized weight
-
-
-def quantize_nf4_(llm: torch.nn.Module, world_size: int = 1) -> int:
-    """The frozen LLM's layer weights (attention and MLP projections; not the embeddings, head, norms or LoRA
-    adapters) as torchao NF4 tensors in place, as torchtune's QLoRA builders keep them; ``F.linear`` on an NF4
-    weight dequantizes it to the input's dtype. Returns how many weights were quantized.
-
-    Scales are grouped by 256 (QLoRA's) or, in a matrix too small for that, by fewer, chosen independently of
-    the number of ranks, so a run quantizes identically under any ``--nproc_per_node`` that divides them."""
-    from torchao.dtypes.nf4tensor import to_nf4
-
-    n = 0
-    for name, module in llm.layers.named_modules():
-        w = getattr(module, "weight", None)
-        if not isinstance(module, torch.nn.Linear) and type(module).__name__ != "LoRALinear":
-            continue
-        if w is None or w.requires_grad or w.dim() != 2:  # LoRA's trainable adapters stay fp32
-            continue
-        blocks = w.numel() // NF4_BLOCK
-        if w.numel() % NF4_BLOCK or blocks % NF4_MAX_RANKS:
-            raise ValueError(f"llm.quantize=nf4: layers.{name}.weight {tuple(w.shape)} does not split into "
-                             f"{NF4_MAX_RANKS} x n blocks of {NF4_BLOCK} weights")
-        scaler_block = math.gcd(NF4_SCALER_BLOCK, blocks // NF4_MAX_RANKS)
-        if w.shape[0] % world_size or (blocks // scaler_block) % world_size:  # FSDP cuts rows and scale groups evenly
-            raise ValueError(f"llm.quantize=nf4: layers.{name}.weight {tuple(w.shape)} does not shard evenly over {world_size} ranks")
-        module.weight = torch.nn.Parameter(to_nf4(w.detach().contiguous(), NF4_BLOCK, scaler_block), requires_grad=False)
-        n += 1
-    return n
-
-
-def shard_speech_lm(model: SpeechLM, device: Optional[torch.device] = None) -> None:
-    """FSDP2 over a SpeechLM in place (under an initialised process group), torchtune's way: each LLM
-    layer a unit, the projector, the token embeddings and an untied LM head units of their own (as
-    torchtune's custom_sharded_layers), then the root, whose forward covers ``SpeechLM.forward``'s
-    direct calls into the LLM. ``device``: where the collectives run (nccl: the GPU; default: where
-    the tensors are). The bench (bench/stage2_memory.py) uses it too."""
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    with torch.no_grad():  # torchtune seeds each rank seed+rank: rank 0's fresh projector/LoRA init for all
-        for t in [*trainable, *model.projector.buffers()]:
-            buf = t.to(device) if device is not None else t  # the model may still be in host memory
-            dist.broadcast(buf, src=0)
-            if buf is not t:
-                t.copy_(buf)
-    units = {"projector"}
-    if isinstance(model.llm.output, torch.nn.Linear):  # a tied head reads tok_embeddings.weight outside its
-        units |= {"llm.tok_embeddings", "llm.output"}  # forward, so a tied table stays in the root unit
-    # FSDP for the trainable parts too: their gradients are averaged by the same reduce-scatter and
-    # their optimizer state is sharded, with no second (DDP) wrapper around a submodule
-    training.shard_model(model, [lambda name, _: name in units or (name.count(".") == 2 and name.startswith("llm.layers."))],
-                         cpu_offload=False, reshard_after_forward=True)
-
-
-def _full(t: torch.Tensor) -> torch.Tensor:
-    """A tensor whole: a DTensor shard gathered from every rank (a collective), a plain tensor as is."""
-    return t.full_tensor() if isinstance(t, DTensor) else t.detach()
 
 
 class AdaptRecipe:
@@ -167,9 +110,8 @@ class AdaptRecipe:
         self.pad_id, self.embedding, self.template = self.model.pad_id, self.model.embedding, self.model.template
         self.quantize = cfg.llm.get("quantize")
         if self.quantize is not None:
-            if self.quantize != "nf4":
-                raise ValueError(f"llm.quantize={self.quantize!r}: expected nf4 or null")
-            log.info(f"NF4: {quantize_nf4_(self.llm, self.world_size)} frozen LLM weights quantized (4-bit NormalFloat, torchao)")
+            n = self.model.quantize_(self.quantize, self.world_size)  # refuses any method but nf4
+            log.info(f"NF4: {n} frozen LLM weights quantized (4-bit NormalFloat, torchao)")
         self.loss_keys = LOSS_KEYS
         if float(getattr(self.loss_fn, "regularizer_weight", 0.0)) > 0:  # the classifier regularizer reads the table
             self.loss_fn.set_embedding(self.embedding, blank_id=self.pad_id)
@@ -209,8 +151,8 @@ class AdaptRecipe:
                  f"LLM frozen ({n_llm / 1e6:.1f}M, no optimizer state)")
 
     def _shard(self) -> None:
-        """Shard the SpeechLM (``shard_speech_lm``) and take the sharded parameters' handles."""
-        shard_speech_lm(self.model, self.device)
+        """Shard the SpeechLM (``SpeechLM.shard``) and take the sharded parameters' handles."""
+        self.model.shard(self.device)
         self.projector, self.llm = self.model.projector, self.model.llm  # the same modules, parameters now DTensor shards
         self.lora_params = [p for p in self.llm.parameters() if p.requires_grad]
         self.embedding = self.model.embedding  # the root unit moved this buffer (and the LLM's) to the device
@@ -299,7 +241,7 @@ class AdaptRecipe:
     def _resume_state(self, folder: Path) -> None:
         state = self.checkpoints.load_state(folder)
         if self.world_size > 1:  # the file holds full tensors: each rank keeps the shard of its parameters
-            state["optimizer"] = self._shard_optimizer_state(state["optimizer"])
+            state["optimizer"] = shard_optimizer_state(self.optimizer, state["optimizer"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.epoch, self.consumed = state["step"], state["epoch"], state["consumed"]
@@ -422,7 +364,7 @@ class AdaptRecipe:
         rng = rng_state() if self.world_size == 1 else self._gather_rng()
         # every rank takes part in gathering the full tensors; rank 0 writes them
         projector = self._full_projector() if self.world_size > 1 else self.projector
-        optimizer = self._full_optimizer_state() if self.world_size > 1 else self.optimizer.state_dict()
+        optimizer = full_optimizer_state(self.optimizer) if self.world_size > 1 else self.optimizer.state_dict()
         lora = self._full_lora_state() if self.lora_params else None
         if self.is_main:
             state = {
@@ -464,29 +406,13 @@ class AdaptRecipe:
     def _full_projector(self) -> torch.nn.Module:
         """An unsharded CPU copy of the projector (collective: every rank calls it)."""
         full = build_projector_from_config(self.projector.config)
-        full.load_state_dict({k: _full(v).cpu() for k, v in self.projector.state_dict().items()})
+        full.load_state_dict(full_state_dict(self.projector))
         return full
 
     def _full_lora_state(self) -> Dict[str, torch.Tensor]:
         """The adapters' full tensors, named as in a model without activation-checkpoint wrappers (so any
         run, and generation, loads them)."""
-        return {k.replace(_CHECKPOINT_WRAPPED, ""): _full(v).cpu() for k, v in lora_state_dict(self.llm).items()}
-
-    def _full_optimizer_state(self) -> Dict[str, Any]:
-        """``optimizer.state_dict()`` with each sharded state tensor gathered whole: the one-process format."""
-        sd = self.optimizer.state_dict()
-        state = {i: {k: (_full(v).cpu() if isinstance(v, DTensor) else v) for k, v in st.items()} for i, st in sd["state"].items()}
-        return {"state": state, "param_groups": sd["param_groups"]}
-
-    def _shard_optimizer_state(self, sd: Dict[str, Any]) -> Dict[str, Any]:
-        """The inverse of ``_full_optimizer_state``: each full state tensor cut into this rank's shard."""
-        params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        state = {}
-        for i, st in sd["state"].items():
-            p = params[int(i)]
-            state[i] = {k: (distribute_tensor(v.to(p.device), p.device_mesh, p.placements, src_data_rank=None)
-                            if torch.is_tensor(v) and isinstance(p, DTensor) and v.shape == p.shape else v) for k, v in st.items()}
-        return {"state": state, "param_groups": sd["param_groups"]}
+        return {k.replace(_CHECKPOINT_WRAPPED, ""): full_tensor(v).cpu() for k, v in lora_state_dict(self.llm).items()}
 
     def _gather_rng(self) -> List[Dict[str, Any]]:
         states = [None] * self.world_size

@@ -190,6 +190,22 @@ class SpeechLM(nn.Module):
     def device(self) -> torch.device:
         return self.embedding.device
 
+    def quantize_(self, method: str = "nf4", world_size: int = 1) -> int:
+        """The frozen LLM's layer weights quantized in place (``nf4``: torchao's 4-bit NormalFloat, as QLoRA),
+        in scale groups that shard evenly over ``world_size`` ranks; returns how many weights were quantized."""
+        from speechmapper_tune.models.sharding import quantize_
+
+        return quantize_(self.llm, method, world_size)
+
+    def shard(self, device: Optional[torch.device] = None) -> "SpeechLM":
+        """FSDP2 over this model in place, under an initialised process group: each LLM layer, the projector
+        (and an untied head and its table) units of their own, then the root. ``device``: where the collectives
+        run (nccl: the GPU). Whole tensors come back with ``models.sharding.full_state_dict`` and friends."""
+        from speechmapper_tune.models.sharding import shard_speech_lm
+
+        shard_speech_lm(self, device)
+        return self
+
     # ------------------------------------------------------------------ the one input builder
     def build_inputs(self, spans: Sequence[Tensor], prefixes: Sequence[List[int]], suffixes: Sequence[List[int]],
                      responses: Optional[Sequence[List[int]]] = None) -> LLMInputs:
