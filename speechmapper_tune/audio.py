@@ -1,8 +1,9 @@
-"""A user's own audio: read any file soundfile reads, make it 16 kHz mono, cut long recordings.
+"""A user's own audio: read any file soundfile reads, make it 16 kHz mono, cut it into speech pieces.
 
-soundfile (libsndfile) reads WAV, FLAC, OGG/Vorbis/Opus and MP3; soxr resamples. A recording
-longer than a segment the SFM and the projector handle well is cut at its quietest points
-(pauses between words), so no word is split in two and the texts of the pieces join in order.
+soundfile (libsndfile) reads WAV, FLAC, OGG/Vorbis/Opus and MP3; soxr resamples. ``segment_recording``
+finds the speech with a trained voice-activity detector (``speechmapper_tune.vad``: Silero VAD,
+the rules stated there) and cuts it into pieces the SFM and the projector handle well; with
+``vad=False`` the plain energy cutter below cuts clean, pre-cut audio at its quietest points.
 Plain numpy: no torch, no torchtune.
 """
 
@@ -23,6 +24,9 @@ FRAME_S, HOP_S = 0.025, 0.010  # energy frames of 25 ms every 10 ms
 SMOOTH_S = 0.2  # a pause, not one quiet frame: energy averaged over 200 ms
 QUIET_BELOW = 3.5  # natural-log RMS below the recording's loudest (about 30 dB): silence at a segment's edges
 EDGE_MARGIN_S = 0.2  # kept around the speech when a segment's silent edges are cut
+SILENCE_FLOOR = 0.5 * np.log(1e-6)  # log RMS of -60 dBFS: below it, a segment is silence however quiet the file is
+MIN_SECONDS_NO_VAD = 0.3  # without the VAD, a recording this short is not read (a 0.2-s clip gave the system prompt)
+AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", ".au", ".w64", ".caf")
 
 
 class AudioError(ValueError):
@@ -46,6 +50,41 @@ def read_audio(path: str | Path, sample_rate: int = SAMPLE_RATE,
     if truncated:
         on_warning(f"{path}: truncated ({truncated}); using the audio it holds")
     return to_mono_16k(audio, sr, str(path), sample_rate)
+
+
+def read_audio_bytes(data: bytes, name: str = "-", sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+    """Audio held in memory (e.g. read from stdin) as float32 mono at ``sample_rate``; ``name`` names it in errors."""
+    import io
+
+    if not data:
+        raise AudioError(f"{name}: no data")
+    try:
+        audio, sr = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
+    except Exception as e:  # noqa: BLE001  (libsndfile's errors are of several types)
+        raise AudioError(f"{name}: not readable audio ({type(e).__name__}: {e})") from e
+    return to_mono_16k(audio, sr, name, sample_rate)
+
+
+def audio_files_in(folder: str | Path) -> List[Path]:
+    """The audio files directly inside ``folder`` (by suffix, sorted by name; subfolders are not entered)."""
+    return sorted(p for p in Path(folder).iterdir() if p.is_file() and p.suffix.lower() in AUDIO_SUFFIXES)
+
+
+def segment_recording(wave: np.ndarray, max_seconds: float, vad: bool = True,
+                      sample_rate: int = SAMPLE_RATE) -> List[Tuple[int, int]]:
+    """``[(start, end), ...]`` sample ranges to transcribe, each at most ``max_seconds``; ``[]``: no speech.
+
+    ``vad=True``: the speech Silero VAD finds (``speechmapper_tune.vad.speech_segments``).
+    ``vad=False``: the whole recording cut at its quietest points (``split_at_pauses``), less
+    digital silence, and nothing for a recording under ``MIN_SECONDS_NO_VAD``.
+    """
+    if vad:
+        from speechmapper_tune.vad import speech_segments
+
+        return speech_segments(wave, max_seconds, sample_rate)
+    if wave.size < MIN_SECONDS_NO_VAD * sample_rate:
+        return []
+    return split_at_pauses(wave, max_seconds, min(2.0, max_seconds / 2), sample_rate)
 
 
 def wav_truncation(path: str | Path) -> Optional[str]:
@@ -100,7 +139,8 @@ def frame_energy(wave: np.ndarray, sample_rate: int = SAMPLE_RATE) -> np.ndarray
     frames = np.lib.stride_tricks.as_strided(wave, (n, frame), (wave.strides[0] * hop, wave.strides[0]), writeable=False)
     log_rms = 0.5 * np.log(np.mean(frames.astype(np.float64) ** 2, axis=1) + 1e-10)
     k = max(1, int(SMOOTH_S / HOP_S))
-    return np.convolve(log_rms, np.ones(k) / k, mode="same").astype(np.float32)
+    padded = np.pad(log_rms, (k // 2, k - 1 - k // 2), mode="edge")  # zero padding would make silent edges loud
+    return np.convolve(padded, np.ones(k) / k, mode="valid").astype(np.float32)
 
 
 def split_at_pauses(wave: np.ndarray, max_seconds: float, min_seconds: float = 2.0,
@@ -109,7 +149,8 @@ def split_at_pauses(wave: np.ndarray, max_seconds: float, min_seconds: float = 2
 
     Each cut is at the quietest point (smoothed energy) between ``min_seconds`` and ``max_seconds``
     after the previous cut; a recording no longer than ``max_seconds`` is one segment. Each
-    segment's silent edges are then cut off (a margin kept), and an all-silent segment is dropped.
+    segment's silent edges are then cut off (a margin kept), and an all-silent segment (relative
+    to the recording's loudest point, or below -60 dBFS) is dropped.
     """
     if not 0 < min_seconds < max_seconds:
         raise ValueError(f"segment bounds must satisfy 0 < min ({min_seconds}) < max ({max_seconds}) seconds")
@@ -129,7 +170,7 @@ def split_at_pauses(wave: np.ndarray, max_seconds: float, min_seconds: float = 2
 def _trim_quiet_edges(a: int, b: int, energy: np.ndarray, centre: np.ndarray, sample_rate: int):
     """(a, b) without its leading and trailing silence (a margin kept), None when it is all silence:
     the LLM, trained on utterances that start with speech, tends to invent a word for a long pause."""
-    loud = np.nonzero((centre >= a) & (centre < b) & (energy > energy.max() - QUIET_BELOW))[0]
+    loud = np.nonzero((centre >= a) & (centre < b) & (energy > max(energy.max() - QUIET_BELOW, SILENCE_FLOOR)))[0]
     if loud.size == 0:
         return None
     margin = int(EDGE_MARGIN_S * sample_rate)

@@ -365,12 +365,13 @@ class SpeechLM(nn.Module):
         return self.answer_recordings(_waves(audio), instruction, **kwargs)
 
     def answer_recordings(self, waves: Sequence[np.ndarray], instruction: Optional[str] = None,
-                          max_segment_seconds: float = 10.0, progress=None, **kwargs) -> List[str]:
-        """Recordings of any length: cut at pauses into pieces the SFM takes, answered in length-sorted
-        batches, the pieces' texts joined in order. ``progress``: a tqdm bar (its total is set here)."""
-        from speechmapper_tune.audio import split_at_pauses
+                          max_segment_seconds: float = 10.0, progress=None, vad: bool = True, **kwargs) -> List[str]:
+        """Recordings of any length: their speech (Silero VAD; ``vad=False``: the whole recording) cut at
+        pauses into pieces the SFM takes, answered in length-sorted batches, the pieces' texts joined in
+        order; no speech gives "". ``progress``: a tqdm bar (its total is set here)."""
+        from speechmapper_tune.audio import segment_recording
 
-        pieces = [[w[a:b] for a, b in split_at_pauses(w, max_segment_seconds)] for w in waves]
+        pieces = [[w[a:b] for a, b in segment_recording(w, max_segment_seconds, vad)] for w in waves]
         flat = [p for ps in pieces for p in ps]
         if progress is not None:
             progress.total = len(flat)
