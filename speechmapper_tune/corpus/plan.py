@@ -24,7 +24,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from speechmapper_tune.corpus.engines import INSTALL_HINT, Engine, Voice, make_engine
 from speechmapper_tune.corpus.sentences import Sentence
-from speechmapper_tune.corpus.settings import SPLITS, CorpusSettings
+from speechmapper_tune.corpus.settings import ALL_SENTENCES, SPLITS, CorpusSettings
 
 log = logging.getLogger(__name__)
 ALLOCATION_ORDER = ("test", "dev", "train")  # held-out splits first: stable under train growth
@@ -106,7 +106,7 @@ def make_plan(
 ) -> Dict[str, List[Utterance]]:
     """Assign sentences to splits and voices; ``voices`` overrides the settings' lists."""
     voices = voices or {name: s.voices for name, s in settings.splits.items()}
-    total = sum(s.sentences for s in settings.splits.values())
+    total = sum(max(s.sentences, 0) for s in settings.splits.values())
     if total > len(sentences):
         sizes = ", ".join(f"splits.{n}.sentences={s.sentences}" for n, s in settings.splits.items())
         raise ValueError(f"{sizes} ask for {total} sentences but only {len(sentences)} pass the filter")
@@ -118,8 +118,9 @@ def make_plan(
         if split not in settings.splits:
             continue
         spec = settings.splits[split]
-        chosen = [sentences[i] for i in order[start : start + spec.sentences]]
-        start += spec.sentences
+        count = len(order) - start if spec.sentences == ALL_SENTENCES else spec.sentences  # "all": the rest
+        chosen = [sentences[i] for i in order[start : start + count]]
+        start += count
         plan[split] = _assign_voices(chosen, split, voices[split], spec.voices_per_sentence,
                                      settings.seed, engines)
     return {split: plan[split] for split in SPLITS if split in plan}

@@ -9,6 +9,10 @@ Validation happens here, before any heavy work, and every error names the settin
               festival: {binary, stretch}},
     splits: {train|dev|test: {sentences, voices, voices_per_sentence}}
 
+``splits.train.sentences: all`` takes every sentence that passes the filter and is in neither dev
+nor test (held-out splits are cut first, so they stay those of a smaller corpus with the same seed,
+text filter, engine settings and dev/test voices).
+
 ``splits.dev.voices`` left empty means "the train voices" (dev = seen voices, unseen
 sentences); given, they must appear in neither train nor test (a dev split of held-out voices,
 for validation and every choice between runs, so that the test voices are scored only for the
@@ -26,6 +30,7 @@ from speechmapper_tune.corpus.sentences import DEFAULT_WORDNET_DIR
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "dev", "test")
+ALL_SENTENCES = -1  # splits.train.sentences: all
 _TOP_KEYS = {
     "output_dir", "seed", "num_workers", "chunk_size", "wordnet_dir", "text", "engines",
     "splits", "progress",
@@ -36,7 +41,7 @@ _TOP_KEYS = {
 class SplitSettings:
     """How many sentences a split has, read by which voices."""
 
-    sentences: int
+    sentences: int  # ALL_SENTENCES (-1, train only): every sentence left after dev and test
     voices: List[Voice]
     voices_per_sentence: int = 1
 
@@ -139,8 +144,16 @@ def _splits(splits: Any) -> Dict[str, SplitSettings]:
             voices = list(out["train"].voices)  # dev = train voices on unseen sentences
         else:
             voices = _voices(specs, f"splits.{name}.voices")
+        if opts.get("sentences") == "all":
+            if name != "train":
+                raise ValueError(f"Config setting splits.{name}.sentences=all: only splits.train may take all "
+                                 "remaining sentences (dev and test need a size, cut first)")
+            opts["sentences"] = ALL_SENTENCES
+            minimum = ALL_SENTENCES
+        else:
+            minimum = 0
         split = SplitSettings(
-            sentences=_int(opts, "sentences", 0, minimum=0, prefix=f"splits.{name}."),
+            sentences=_int(opts, "sentences", 0, minimum=minimum, prefix=f"splits.{name}."),
             voices=voices,
             voices_per_sentence=_int(opts, "voices_per_sentence", 1, minimum=1,
                                      prefix=f"splits.{name}."),

@@ -66,6 +66,21 @@ def test_growing_train_keeps_dev_and_test(sentences):
     assert small["test"] == big["test"] and small["dev"] == big["dev"]
 
 
+def test_train_all_takes_every_remaining_sentence_and_keeps_dev_and_test(sentences):
+    fixed = plan_for(sentences)
+    every = plan_for(sentences, splits={
+        "train": {"sentences": "all", "voices": TRAIN},
+        "dev": {"sentences": 10},
+        "test": {"sentences": 12, "voices": TEST, "voices_per_sentence": 2},
+    })
+    assert len(every["train"]) == 100 - 10 - 12
+    assert every["test"] == fixed["test"] and every["dev"] == fixed["dev"]
+    assert [u.text for u in every["train"][:40]] == [u.text for u in fixed["train"]]  # a smaller train is its prefix
+    with pytest.raises(ValueError, match="splits.dev.sentences=all: only splits.train"):
+        CorpusSettings.from_dict(config(splits={"train": {"sentences": 1, "voices": TRAIN},
+                                                "dev": {"sentences": "all"}}))
+
+
 def test_voices_balanced_and_params_seeded(sentences):
     plan = plan_for(sentences)
     counts = Counter(u.voice.spec for u in plan["train"])
@@ -138,7 +153,29 @@ def test_shipped_corpus_configs_hold_dev_and_test_voices_out():
 
     from speechmapper_tune.configs import resolve_config
 
-    for name in ("corpus/tts_en", "corpus/tts_en_tiny"):
+    for name in ("corpus/tts_en", "corpus/tts_en_tiny", "corpus/tts_en_large"):
         splits = CorpusSettings.from_dict(OmegaConf.to_container(OmegaConf.load(resolve_config(name)))).splits
         train, dev, test = ({v.key for v in splits[s].voices} for s in ("train", "dev", "test"))
         assert dev and test and not (train & dev) and not (train & test) and not (dev & test), name
+
+
+def test_large_corpus_has_the_dev_and_test_of_tts_en_and_40_held_out_train_voices():
+    from omegaconf import OmegaConf
+
+    from speechmapper_tune.configs import resolve_config
+
+    small, large = (CorpusSettings.from_dict(OmegaConf.to_container(OmegaConf.load(resolve_config(name))))
+                    for name in ("corpus/tts_en", "corpus/tts_en_large"))
+    # what the dev/test plan depends on (seed, text filter, engine ranges, held-out splits) is identical
+    for key in ("seed", "min_words", "max_words", "spell_out_numbers", "engines", "wordnet_dir"):
+        assert getattr(small, key) == getattr(large, key), key
+    assert small.splits["dev"] == large.splits["dev"] and small.splits["test"] == large.splits["test"]
+    train = large.splits["train"]
+    assert train.sentences == -1 and len(train.voices) >= 40
+    assert {v.key for v in small.splits["train"].voices} <= {v.key for v in train.voices}
+    held = [v for s in ("dev", "test") for v in large.splits[s].voices if v.engine == "espeak-ng"]
+    held_variants = {v.name.partition("+")[2].lower() for v in held}
+    for v in train.voices:
+        if v.engine == "espeak-ng":
+            assert v.name.partition("+")[2].lower() not in held_variants, v.spec
+            assert v.name.partition("+")[0] != "en-gb-x-gbcwmd", v.spec  # the West Midlands test accent
