@@ -23,6 +23,7 @@ then the embedding of a reserved pad token up to the projector's output length (
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Dict, Optional, Sequence
 
@@ -121,6 +122,14 @@ class Stage1Loss(nn.Module):
       alignment-free signal (the tokens in order, at any positions), where the MSE and classifier
       terms fix token i at vector i (see :func:`embedding_ctc`). Paper weighting adds ``ctc_weight * CTC``, balanced
       ``ctc_weight * relative(CTC)``. Needs :meth:`set_embedding` with ``blank_id``.
+    - ``classifier_negatives`` (an int; None = the whole table): while training, the classifier and
+      CTC terms score a sampled softmax instead of all rows (:func:`draw_candidates`): the batch's
+      target ids (+ the blank) and the ``classifier_neighbours`` nearest table rows of each, every one
+      of them scored, plus ``classifier_negatives`` rows drawn uniformly from the rest, each weighted
+      to stand for its share of the rest (so the normalizer is unbiased and the logged value tracks the
+      full CE). On SmolLM2 the full-table term is most of a step's FLOPs; in ``eval()`` mode
+      (validation) both terms score the whole table, so ``val_classifier_ce`` stays comparable.
+      The draws use the global torch RNG (saved in checkpoints, so a resume redraws the same rows).
     """
 
     def __init__(
@@ -133,6 +142,8 @@ class Stage1Loss(nn.Module):
         classifier_weight: float = 0.0,
         classifier_temperature: float = 0.05,
         ctc_weight: float = 0.0,
+        classifier_negatives: Optional[int] = None,
+        classifier_neighbours: int = 0,
     ):
         super().__init__()
         check_alpha(alpha)
@@ -150,14 +161,33 @@ class Stage1Loss(nn.Module):
             raise ValueError(f"loss ctc_weight={ctc_weight} must be >= 0")
         self.classifier_weight, self.classifier_temperature = float(classifier_weight), float(classifier_temperature)
         self.ctc_weight = float(ctc_weight)
+        if classifier_negatives is not None and (isinstance(classifier_negatives, bool) or int(classifier_negatives) < 0):
+            raise ValueError(f"loss classifier_negatives={classifier_negatives!r}: expected null (the whole table) "
+                             "or a number of sampled rows >= 0")
+        if int(classifier_neighbours) < 0 or (int(classifier_neighbours) > 0 and classifier_negatives is None):
+            raise ValueError(f"loss classifier_neighbours={classifier_neighbours} must be >= 0, and needs "
+                             "classifier_negatives set (the whole table already holds every neighbour)")
+        self.classifier_negatives = None if classifier_negatives is None else int(classifier_negatives)
+        self.classifier_neighbours = int(classifier_neighbours)
         self.table: Optional[EmbeddingTable] = None
+        self.neighbours: Optional[TableNeighbours] = None
         self.blank_id: Optional[int] = None
 
     def set_embedding(self, embedding: Tensor, blank_id: Optional[int] = None) -> None:
         """Give the loss the LLM's [vocab, dim] embedding table (the recipe loads it anyway) and,
         for the CTC term, its blank: the pad id the stage-1 targets are padded with."""
         self.table = EmbeddingTable.from_weight(embedding)
+        self.neighbours = TableNeighbours(self.table, self.classifier_neighbours) if self.classifier_neighbours else None
         self.blank_id = None if blank_id is None else int(blank_id)
+
+    @property
+    def sampled(self) -> bool:
+        """Whether the classifier/CTC terms score sampled candidates now (training with classifier_negatives)."""
+        return self.training and self.classifier_negatives is not None
+
+    def _candidates(self, must: Tensor) -> tuple[Tensor, Tensor]:
+        extra = self.neighbours.lookup(must) if self.neighbours is not None else None
+        return draw_candidates(must, self.table.weight.shape[0], self.classifier_negatives, extra)
 
     def forward(
         self, pred: Tensor, target: Tensor, lengths: Tensor, num_words: Tensor, target_ids: Optional[Tensor] = None
@@ -188,6 +218,10 @@ class Stage1Loss(nn.Module):
                 "(the stage-1 recipe does) or set loss.classifier_weight=0"
             )
         word, _ = position_masks(lengths, num_words, pred.shape[1])
+        if self.sampled and bool(word.any()):
+            targets = target_ids[word]
+            candidates, log_weights = self._candidates(targets)
+            return candidate_ce(pred[word], targets, self.table, self.classifier_temperature, candidates, log_weights)
         return embedding_classifier_ce(pred, target_ids, word, self.table, self.classifier_temperature)
 
     def ctc(self, pred: Tensor, target_ids: Tensor, lengths: Tensor, num_words: Tensor) -> Tensor:
@@ -197,6 +231,12 @@ class Stage1Loss(nn.Module):
                 "loss CTC needs the LLM embedding table and the pad id as blank: call "
                 "loss_fn.set_embedding(table, blank_id=pad_id) first (the stage-1 recipe does) or set loss.ctc_weight=0"
             )
+        if self.sampled:
+            word_pos = torch.arange(target_ids.shape[1], device=target_ids.device)[None, :] < num_words[:, None]
+            must = torch.cat([target_ids[word_pos], target_ids.new_tensor([self.blank_id])])
+            candidates, log_weights = self._candidates(must)
+            return embedding_ctc(pred, target_ids, lengths, num_words, self.table, self.classifier_temperature,
+                                 self.blank_id, candidates=(candidates, log_weights))
         return embedding_ctc(pred, target_ids, lengths, num_words, self.table, self.classifier_temperature, self.blank_id)
 
     def _objective(self, loss: Tensor, mse: Tensor, cosine: Tensor, ce: Optional[Tensor],
@@ -256,7 +296,7 @@ def embedding_classifier_ce(
 
 def embedding_ctc(
     pred: Tensor, target_ids: Tensor, lengths: Tensor, num_words: Tensor, table: EmbeddingTable,
-    temperature: float, blank_id: int,
+    temperature: float, blank_id: int, candidates: Optional[tuple] = None,
 ) -> Tensor:
     """CTC loss of the first ``num_words`` target ids of each row over its ``lengths`` vectors of ``pred``.
 
@@ -267,13 +307,105 @@ def embedding_ctc(
     of tokens, then averaged over the batch. An utterance no alignment fits (repeated tokens need a
     blank between them, so more frames than tokens) counts 0 with no gradient (``zero_infinity``).
     Costs a [B, T, vocab] logit tensor: the classifier term only scores the word positions.
+    ``candidates`` = ``(ids, log_weights)`` from :func:`draw_candidates` (holding every target and
+    the blank): a sampled softmax over those rows only (:func:`candidate_logits`) instead of the table.
     """
     word_pos = torch.arange(target_ids.shape[1], device=target_ids.device)[None, :] < num_words[:, None]
     targets = target_ids[word_pos]  # the rows' tokens, concatenated, as ctc_loss takes them
     if bool((targets == blank_id).any()):
         raise ValueError(f"a transcript token is the CTC blank (pad id {blank_id}): choose a pad id no text uses")
-    log_probs = embedding_classifier_logits(pred, table, temperature).log_softmax(-1).transpose(0, 1)  # [T, B, V]
+    if candidates is not None:
+        ids, log_weights = candidates
+        logits = candidate_logits(pred, table, temperature, ids, log_weights)
+        targets, blank_id = candidate_index(ids, targets), int(candidate_index(ids, targets.new_tensor([blank_id]))[0])
+    else:
+        logits = embedding_classifier_logits(pred, table, temperature)
+    log_probs = logits.log_softmax(-1).transpose(0, 1)  # [T, B, V or candidates]
     return F.ctc_loss(log_probs, targets, lengths, num_words, blank=blank_id, reduction="mean", zero_infinity=True)
+
+
+# --- a sampled softmax over the embedding table (Stage1Loss.classifier_negatives) ---------------------
+
+def draw_candidates(must: Tensor, vocab: int, num_sampled: int, extra: Optional[Tensor] = None,
+                    generator: Optional[torch.Generator] = None) -> tuple[Tensor, Tensor]:
+    """Rows a sampled softmax scores, and the log weight each adds to its logit.
+
+    ``fixed`` = the sorted unique ids of ``must`` (the targets) and ``extra`` (e.g. their nearest
+    rows): always scored, weight 1 (log weight 0). Then ``S = min(num_sampled, R)`` of the ``R`` other
+    rows, drawn uniformly without replacement, each with log weight ``log(R / S)``: the sum of
+    ``exp(logit)`` over the candidates is then an unbiased estimate of the sum over the whole table
+    (each other row is drawn with probability ``S / R``). With ``S = R`` it is the whole table, exactly.
+    Returns ``(ids, log_weights)``: the fixed ids first (sorted), then the drawn ones.
+    """
+    fixed = must.reshape(-1) if extra is None else torch.cat([must.reshape(-1), extra.reshape(-1)])
+    fixed = torch.unique(fixed[fixed >= 0])  # sorted
+    if fixed.numel() and int(fixed[-1]) >= vocab:
+        raise ValueError(f"candidate id {int(fixed[-1])} is outside the embedding table ({vocab} rows)")
+    rest = vocab - fixed.numel()
+    num = min(int(num_sampled), rest)
+    log_weights = torch.zeros(fixed.numel() + num, device=must.device)
+    if num == 0:
+        return fixed, log_weights
+    is_fixed = torch.zeros(vocab, dtype=torch.bool, device=must.device)
+    is_fixed[fixed] = True
+    perm = torch.randperm(vocab, generator=generator, device="cpu" if generator is not None else must.device)
+    perm = perm.to(must.device)
+    drawn = perm[~is_fixed[perm]][:num]
+    log_weights[fixed.numel():] = math.log(rest / num)
+    return torch.cat([fixed, drawn]), log_weights
+
+
+def candidate_index(candidates: Tensor, ids: Tensor) -> Tensor:
+    """Position of each of ``ids`` among ``candidates`` (every id must be one of the fixed, sorted ones)."""
+    # the fixed ids are the sorted head of the candidates; a drawn id that happens to continue the order
+    # joins the searched head harmlessly (it is no target, and the head stays sorted)
+    n_fixed = int((candidates[1:] > candidates[:-1]).long().cumprod(0).sum()) + 1 if candidates.numel() else 0
+    fixed = candidates[:n_fixed]
+    pos = torch.searchsorted(fixed, ids).clamp_max(max(n_fixed - 1, 0))
+    if not bool((fixed[pos] == ids).all()):
+        raise ValueError("a target id is not among the sampled-softmax candidates' fixed rows")
+    return pos
+
+
+def candidate_logits(pred: Tensor, table: "EmbeddingTable", temperature: float, candidates: Tensor,
+                     log_weights: Tensor) -> Tensor:
+    """:func:`embedding_classifier_logits` restricted to the ``candidates`` rows, plus their log weights."""
+    w, sq = table.weight[candidates], table.sq_norms[candidates]
+    return (2.0 * pred.float() @ w.T - sq) / (temperature * table.mean_sq_norm) + log_weights
+
+
+def candidate_ce(pred_rows: Tensor, targets: Tensor, table: "EmbeddingTable", temperature: float,
+                 candidates: Tensor, log_weights: Tensor) -> Tensor:
+    """Sampled-softmax estimate of :func:`embedding_classifier_ce`: mean over the [N, D] ``pred_rows`` of
+    ``log sum_c w_c exp(logit_c) - logit_target`` over the candidates (see :func:`draw_candidates`)."""
+    logits = candidate_logits(pred_rows, table, temperature, candidates, log_weights)
+    # the target's own logit carries log weight 0 (it is a fixed row), so plain CE on the weighted logits is it
+    return F.cross_entropy(logits, candidate_index(candidates, targets))
+
+
+class TableNeighbours:
+    """The ``k`` nearest other rows (L2) of each table row, computed for a row the first time it is asked for."""
+
+    def __init__(self, table: "EmbeddingTable", k: int, chunk: int = 512):
+        self.table, self.k, self.chunk = table, int(k), int(chunk)
+        vocab = table.weight.shape[0]
+        self.ids = torch.full((vocab, self.k), -1, dtype=torch.long, device=table.weight.device)
+        self.done = torch.zeros(vocab, dtype=torch.bool, device=table.weight.device)
+
+    @torch.no_grad()
+    def lookup(self, ids: Tensor) -> Tensor:
+        """[len(unique ids), k] neighbour ids of the (unique) ``ids``."""
+        ids = torch.unique(ids[ids >= 0])
+        todo = ids[~self.done[ids]]
+        w, sq = self.table.weight, self.table.sq_norms
+        for start in range(0, todo.numel(), self.chunk):
+            rows = todo[start : start + self.chunk]
+            dist = sq[rows, None] - 2.0 * w[rows] @ w.T + sq[None, :]
+            dist[torch.arange(rows.numel(), device=rows.device), rows] = float("inf")  # not itself
+            k = min(self.k, w.shape[0] - 1)  # a table smaller than k + 1 rows: all other rows (the rest stay -1)
+            self.ids[rows, :k] = dist.topk(k, largest=False).indices
+            self.done[rows] = True
+        return self.ids[ids]
 
 
 def behaviour_kl(teacher_logits: Tensor, student_logits: Tensor, temperature: float = 1.0) -> Tensor:
