@@ -59,12 +59,15 @@ from speechmapper_tune.data.stage1 import (
     sample_subset,
 )
 from speechmapper_tune.data.text_tokenizer import load_text_tokenizer
-from speechmapper_tune.losses import nearest_token_accuracy, norm_ratio, position_masks
+from speechmapper_tune.losses import nearest_token_ids, norm_ratio, position_masks
 from speechmapper_tune.models.projector import count_parameters
 
 log = utils.get_logger("INFO")
 LOSS_KEYS = ("loss", "objective", "mse", "mse_word", "mse_pad", "cosine")
 
+# validation token accuracy split by how often the target token occurs in the training targets:
+# val_token_acc_seen_{lo}_{hi} (hi None: and more) and the share of dev word tokens in each bucket
+SEEN_BUCKETS = ((0, 9), (10, 49), (50, 499), (500, None))
 
 class PretrainRecipe:
     """Stage-1 pretraining of the SpeechMapper projector (single device or DDP)."""
@@ -133,6 +136,10 @@ class PretrainRecipe:
         }
         tokenizer = load_text_tokenizer(self.llm_tokenizer)
         self.train_loader, self.sampler = self._setup_data(cfg.data.train_manifest, tokenizer, shuffle=True)
+        # how often each token occurs in the training targets, for the split validation accuracy
+        self.train_token_counts = torch.bincount(
+            torch.tensor([t for e in self.train_loader.dataset.examples for t in e.token_ids], dtype=torch.long),
+            minlength=vocab)[:vocab].to(self.device)
         self.val_loader = None
         if cfg.data.get("val_manifest"):
             self.val_loader, _ = self._setup_data(cfg.data.val_manifest, tokenizer, shuffle=False, split="val")
@@ -321,8 +328,10 @@ class PretrainRecipe:
             return {}
         model = getattr(self.model, "module", self.model)
         model.eval()
+        self.loss_fn.eval()  # a sampled classifier (loss.classifier_negatives) scores the whole table here
         sums: Dict[str, float] = {}
         weight = 0.0
+        seen_hits, seen_total = [0] * len(SEEN_BUCKETS), [0] * len(SEEN_BUCKETS)
         for batch in self.val_loader:
             self.skipped.record_batch(batch, log)
             if not batch["ids"]:
@@ -335,14 +344,28 @@ class PretrainRecipe:
                 vals["classifier_ce"] = float(
                     self.loss_fn.classifier_ce(out["pred"], out["target_ids"], out["out_lengths"], out["num_words"])
                 )
-            vals["token_acc"] = float(nearest_token_accuracy(out["pred"], out["target_ids"], words_only, self.embedding))
+            ids = out["target_ids"][words_only]
+            hit = nearest_token_ids(out["pred"][words_only], self.embedding) == ids  # nearest_token_accuracy, per token
+            vals["token_acc"] = float(hit.float().mean()) if hit.numel() else 0.0
+            seen = self.train_token_counts[ids]
+            for b, (lo, hi) in enumerate(SEEN_BUCKETS):
+                in_bucket = (seen >= lo) & (seen <= hi if hi is not None else True)
+                seen_hits[b] += int((hit & in_bucket).sum())
+                seen_total[b] += int(in_bucket.sum())
             vals["norm_ratio"] = float(norm_ratio(out["pred"], out["target"], words_only))
             w = float(count_tokens(batch)[0])
             for k, v in vals.items():
                 sums[k] = sums.get(k, 0.0) + v * w
             weight += w
         model.train()
-        return {f"val_{k}": v / max(weight, 1e-9) for k, v in sums.items()}
+        self.loss_fn.train()
+        out = {f"val_{k}": v / max(weight, 1e-9) for k, v in sums.items()}
+        for (lo, hi), hits, total in zip(SEEN_BUCKETS, seen_hits, seen_total):
+            name = f"seen_{lo}_{hi}" if hi is not None else f"seen_{lo}_plus"
+            if total:  # no dev token in this bucket: no figure
+                out[f"val_token_acc_{name}"] = hits / total
+            out[f"val_token_share_{name}"] = total / max(sum(seen_total), 1)
+        return out
 
     def save_checkpoint(self) -> None:
         rng = self._gather_rng()

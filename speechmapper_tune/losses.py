@@ -568,6 +568,16 @@ class Stage2Loss(nn.Module):
 
 
 @torch.no_grad()
+def nearest_token_ids(pred: Tensor, embedding: Tensor, chunk: int = 4096) -> Tensor:
+    """Id of the nearest embedding row (L2) of each vector of ``pred`` [..., D], in chunks of rows."""
+    p = pred.reshape(-1, pred.shape[-1]).float()
+    emb = embedding.float()
+    sq = (emb * emb).sum(-1)[None, :]
+    out = [(-2.0 * p[i : i + chunk] @ emb.T + sq).argmin(-1) for i in range(0, p.shape[0], chunk)]
+    return (torch.cat(out) if out else p.new_zeros(0, dtype=torch.long)).reshape(pred.shape[:-1])
+
+
+@torch.no_grad()
 def nearest_token_accuracy(pred: Tensor, target_ids: Tensor, mask: Tensor, embedding: Tensor) -> Tensor:
     """Share of masked positions whose nearest embedding row (L2) is the target token.
 
