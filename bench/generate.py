@@ -17,20 +17,11 @@ implementations interleaved within each round, after a warm-up.
 from __future__ import annotations
 
 import argparse
-import platform
 import time
 
 import torch
 
-
-def _cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo", encoding="utf-8"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+from speechmapper_tune.dtypes import machine_summary
 
 
 def _prompts(model, tok, batch: int, prompt_len: int, seed: int = 0):
@@ -123,7 +114,7 @@ def main() -> None:
 
     rows = [run(d, args) for d in args.dtypes.split(",")]
     print(
-        f"Machine: {_cpu_name()}, {torch.get_num_threads()} torch thread(s); torch {torch.__version__}, "
+        f"Machine: {machine_summary()}; "
         f"transformers {transformers.__version__}. SmolLM2-135M-Instruct, batch {args.batch}, prompts "
         f"{rows[0]['lens'][0]}-{rows[0]['lens'][1]} positions (left-padded), {args.new_tokens} new tokens, "
         f"greedy, no early stop; best of {args.repeats} rounds (implementations interleaved) after a warm-up.\n"

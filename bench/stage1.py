@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import resource
 import struct
 import subprocess
@@ -165,18 +163,9 @@ def child_load(folder: str, how: str) -> dict:
 
 # ---------------------------------------------------------------- driver
 def machine() -> str:
-    cpu = platform.processor() or "cpu"
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import torch
+    from speechmapper_tune.dtypes import machine_summary
 
-    dev = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads{dev}"
+    return machine_summary()
 
 
 def main() -> None:

@@ -66,7 +66,8 @@ from speechmapper_tune.data.stage2 import PromptTemplate, Stage2Collator, Stage2
 from speechmapper_tune.models.llms import load_lora_adapters, lora_state_dict
 from speechmapper_tune.models.projector import build_projector_from_config, count_parameters
 from speechmapper_tune.models.sharding import full_optimizer_state, full_state_dict, full_tensor, shard_optimizer_state
-from speechmapper_tune.models.speech_lm import DTYPES, SpeechLM
+from speechmapper_tune.dtypes import COMPUTE_DTYPES
+from speechmapper_tune.models.speech_lm import SpeechLM
 
 log = utils.get_logger("INFO")
 LOSS_KEYS = ("loss", "ce", "mse")
@@ -85,8 +86,8 @@ class AdaptRecipe:
         self.device = utils.get_device(cfg.get("device", "cpu"))
         if self.world_size > 1 and not dist.is_initialized():
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
-        if cfg.llm.get("dtype", "bf16") not in DTYPES:
-            raise ValueError(f"llm.dtype={cfg.llm.dtype!r}: expected fp32 or bf16 (the loss is always fp32)")
+        if cfg.llm.get("dtype", "auto") not in COMPUTE_DTYPES:
+            raise ValueError(f"llm.dtype={cfg.llm.dtype!r}: expected one of {list(COMPUTE_DTYPES)} (the loss is always fp32)")
         self.loss_fn = config.instantiate(cfg.loss)  # Stage2Loss: validates sigma, alpha, weighting
         self.max_steps = int(cfg.max_steps)
         self.grad_accum = int(cfg.get("gradient_accumulation_steps", 1))

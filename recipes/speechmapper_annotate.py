@@ -34,7 +34,7 @@ import re
 import sys
 from collections import Counter
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -52,11 +52,11 @@ from speechmapper_tune.metrics import (
     NO_ENTITIES, SLUE_NER_TAGS, format_entities, parse_entities, parse_sentiment,
 )
 from speechmapper_tune.models.chat_format import ChatTokenizer
+from speechmapper_tune.dtypes import resolve_dtype
 from speechmapper_tune.models.llms import embed_tokens, load_llm
 from speechmapper_tune.text import normalize_text
 
 log = utils.get_logger("INFO")
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 TASKS = ("sa", "ner")
 LABELS, NOT_ANNOTATED, SETTINGS, SUMMARY = "labels.jsonl", "not_annotated.jsonl", "annotate_settings.json", "annotate_summary.json"
 SOURCES = ("llm", "manifest")
@@ -118,7 +118,7 @@ class AnnotateRecipe:
                             "dtype": cfg.llm.get("dtype", "fp32")},
                     "prompt": OmegaConf.to_container(cfg.prompt, resolve=True), "max_new_tokens": int(cfg.max_new_tokens)}
         self._start(json.loads(json.dumps(settings)), bool(cfg.get("overwrite", False)))
-        self.model, _, _ = load_llm(cfg.llm.name, ckpt, dtype=DTYPES[cfg.llm.get("dtype", "fp32")])
+        self.model, _, _ = load_llm(cfg.llm.name, ckpt, dtype=resolve_dtype(cfg.llm.get("dtype", "fp32"), "cpu", setting="llm.dtype"))
         self.chat = ChatTokenizer.from_dir(ckpt, chat_format=cfg.llm.chat_format)
 
     def _start(self, settings: Dict, overwrite: bool) -> None:

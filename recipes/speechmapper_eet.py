@@ -30,11 +30,11 @@ from speechmapper_tune.configs import resolve_config_argv
 from speechmapper_tune.generation import greedy_generate, newline_token_ids
 from speechmapper_tune.metrics import asr_scores
 from speechmapper_tune.models.chat_format import ChatTokenizer
+from speechmapper_tune.dtypes import resolve_dtype
 from speechmapper_tune.models.llms import embed_tokens, load_llm
 from speechmapper_tune.text import normalize_text
 
 log = utils.get_logger("INFO")
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def noisy_embeddings(emb: torch.Tensor, degree: float, generator: torch.Generator) -> torch.Tensor:
@@ -76,7 +76,7 @@ class EETRecipe:
         training.set_seed(seed=cfg.get("seed", 0))
         ckpt = str(config.instantiate(cfg.llm.checkpoint)) if isinstance(cfg.llm.checkpoint, DictConfig) else str(cfg.llm.checkpoint)
         self.sentences = load_sentences(cfg.sentences)
-        self.model, _, _ = load_llm(cfg.llm.name, ckpt, dtype=DTYPES[cfg.llm.get("dtype", "fp32")])
+        self.model, _, _ = load_llm(cfg.llm.name, ckpt, dtype=resolve_dtype(cfg.llm.get("dtype", "fp32"), "cpu", setting="llm.dtype"))
         self.chat = ChatTokenizer.from_dir(ckpt, chat_format=cfg.llm.chat_format)
         msgs = [{"role": "user", "content": cfg.prompt.user}]
         ids, start = self.chat.render_with_speech(msgs, 0, placeholder="<sentence>", fill_id=0)

@@ -228,18 +228,16 @@ class _Judge:
     """A local judge LLM (torchtune-loaded) answering the yes/no equivalence prompt (paper: BERGEN)."""
 
     def __init__(self, spec: Dict[str, Any]):
-        import torch
 
+        from speechmapper_tune.dtypes import resolve_dtype
         from speechmapper_tune.models.chat_format import ChatTokenizer
         from speechmapper_tune.models.llms import load_llm
 
         llm = spec["llm"]
         ckpt = llm["checkpoint"]
         ckpt = str(config.instantiate(OmegaConf.create(ckpt))) if isinstance(ckpt, dict) else str(ckpt)
-        dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
-        if llm.get("dtype", "bf16") not in dtypes:
-            raise ValueError(f"{spec['where']}.llm.dtype={llm.get('dtype')!r}: expected one of {sorted(dtypes)}")
-        self.model, _, _ = load_llm(llm["name"], ckpt, dtype=dtypes[llm.get("dtype", "bf16")])
+        dtype = resolve_dtype(llm.get("dtype"), "cpu", setting=f"{spec['where']}.llm.dtype")  # auto: bf16 only if native
+        self.model, _, _ = load_llm(llm["name"], ckpt, dtype=dtype)
         self.chat = ChatTokenizer.from_dir(ckpt, chat_format=llm["chat_format"])
         self.batch_size = int(spec.get("batch_size", 8))
 

@@ -21,7 +21,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
@@ -32,6 +31,7 @@ from speechmapper_tune.checkpoint.atomic import atomic_write_text
 from speechmapper_tune.config_keys import check_recipe_config
 from speechmapper_tune.configs import resolve_config_argv
 from speechmapper_tune.corpus import load_audio_manifest
+from speechmapper_tune.dtypes import resolve_dtype
 from speechmapper_tune.data.extract import (
     EXTRACT_INFO,
     check_resume_settings,
@@ -46,7 +46,7 @@ from speechmapper_tune.data.extract import (
 )
 
 log = utils.get_logger("INFO")
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+EXTRACT_DTYPES = ("auto", "fp32", "bf16", "fp16")  # auto: bf16 where computed natively, fp32 elsewhere
 
 
 class ExtractRecipe:
@@ -64,8 +64,8 @@ class ExtractRecipe:
             raise ValueError("set manifest=<audio manifest, JSON-lines file or LibriSpeech folder>")
         if int(cfg.average_frames) < 1:
             raise ValueError(f"average_frames={cfg.average_frames} must be >= 1 (paper: 2)")
-        if cfg.dtype not in DTYPES:
-            raise ValueError(f"dtype={cfg.dtype!r}: expected one of {list(DTYPES)}")
+        if cfg.dtype not in EXTRACT_DTYPES:
+            raise ValueError(f"dtype={cfg.dtype!r}: expected one of {list(EXTRACT_DTYPES)}")
         self.cuts = list(load_audio_manifest(cfg.manifest))
         if cfg.get("max_utterances"):  # the first N, in manifest order: a quick subset
             self.cuts = self.cuts[: int(cfg.max_utterances)]
@@ -90,7 +90,7 @@ class ExtractRecipe:
             s = cfg.sfm
             extra = {k: v for k, v in s.items() if k not in ("name", "path", "layer")}
             self.sfm = build_sfm(s.name, path=s.get("path"), layer=s.get("layer"),
-                                 device=utils.get_device(cfg.get("device", "cpu")), dtype=DTYPES[cfg.dtype], **extra)
+                                 device=utils.get_device(cfg.get("device", "cpu")), dtype=resolve_dtype(cfg.dtype, cfg.get("device", "cpu"), allowed=EXTRACT_DTYPES), **extra)
             log.info(f"SFM {s.name}: dim {self.sfm.dim}, layer {self.sfm.layer}/{self.sfm.num_layers}, "
                      f"{self.sfm.frame_rate:g} frames/s, averaged by {cfg.average_frames}")
 

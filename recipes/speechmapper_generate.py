@@ -55,7 +55,8 @@ from speechmapper_tune.data.manifest import SkipCounter, load_feature_items
 from speechmapper_tune.data.sampler import ShuffledBatchSampler
 from speechmapper_tune.data.stage2 import PromptParts, PromptTemplate, Stage2Collator, Stage2Dataset, prepare_asr_examples, prepare_instruction_examples
 from speechmapper_tune.generation import StuckGuard
-from speechmapper_tune.models.speech_lm import DTYPES, SpeechLM
+from speechmapper_tune.dtypes import COMPUTE_DTYPES, dtype_name, resolve_dtype
+from speechmapper_tune.models.speech_lm import SpeechLM
 
 log = utils.get_logger("INFO")
 
@@ -86,8 +87,8 @@ class GenerateRecipe:
     def setup(self) -> None:
         cfg = self.cfg
         training.set_seed(seed=cfg.get("seed", 0))
-        if cfg.llm.get("dtype", "bf16") not in DTYPES:
-            raise ValueError(f"llm.dtype={cfg.llm.dtype!r}: expected one of {list(DTYPES)}")
+        if cfg.llm.get("dtype", "auto") not in COMPUTE_DTYPES:
+            raise ValueError(f"llm.dtype={cfg.llm.dtype!r}: expected one of {list(COMPUTE_DTYPES)}")
         if cfg.span_source == "projector" and not cfg.get("projector_checkpoint"):
             raise ValueError("span_source=projector needs projector_checkpoint=<stage-1 or stage-2 checkpoint folder>")
         cuts = load_audio_manifest(cfg.manifest)
@@ -166,7 +167,7 @@ class GenerateRecipe:
                          "weights_sha256": file_sha256(Path(model.checkpoint) / WEIGHTS),
                          "lora_sha256": file_sha256(lora) if model.meta.get("lora") and lora.is_file() else None}
         return {"manifest": str(Path(cfg.manifest).resolve()), "span_source": cfg.span_source, "projector": projector,
-                "llm": {"name": model.llm_meta["name"], "fingerprint": model.llm_meta["fingerprint"], "dtype": cfg.llm.get("dtype", "bf16")},
+                "llm": {"name": model.llm_meta["name"], "fingerprint": model.llm_meta["fingerprint"], "dtype": dtype_name(resolve_dtype(cfg.llm.get("dtype"), self.device, setting="llm.dtype"))},
                 "cascade": str(resolve_path_setting(cfg.cascade.model_dir)) if cfg.span_source == "asr" else None,
                 "prompt": self.prompt_text, "instructions": str(cfg.get("instructions") or "") or None, "task": cfg.get("task", "asr"),
                 "decoding": {"max_new_tokens": int(cfg.max_new_tokens), "max_seq_len": cfg.get("max_seq_len"),

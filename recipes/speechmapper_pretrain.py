@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 from torchtune import config, training, utils
 
+from speechmapper_tune.dtypes import autocast_dtype
 from speechmapper_tune.checkpoint.atomic import MetricsFile
 from speechmapper_tune.checkpoint.embedding_table import embedding_shape, load_embedding_table
 from speechmapper_tune.checkpoint.projector_io import (
@@ -81,9 +82,8 @@ class PretrainRecipe:
         self.device = utils.get_device(cfg.get("device", "cpu"))
         if self.world_size > 1 and not dist.is_initialized():
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
-        self.autocast_dtype = {"fp32": None, "bf16": torch.bfloat16}.get(cfg.get("dtype", "fp32"), "bad")
-        if self.autocast_dtype == "bad":
-            raise ValueError(f"dtype={cfg.dtype!r}: expected fp32 or bf16 (the loss always runs in fp32)")
+        # auto: bf16 autocast only where the device computes bf16 natively; the loss always runs in fp32
+        self.autocast_dtype = autocast_dtype(cfg.get("dtype", "fp32"), self.device)
         self.max_steps = int(cfg.max_steps)
         self.grad_accum = int(cfg.get("gradient_accumulation_steps", 1))
         self.step, self.epoch, self.consumed = 0, 0, 0

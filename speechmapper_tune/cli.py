@@ -297,7 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "pre-cut audio)")
         p.add_argument("--max-new-tokens", type=int, default=150, help="per segment (default 150, as the paper)")
         p.add_argument("--device", default="cpu", type=_device_name, help="cpu, cuda, cuda:N or mps (default cpu)")
-        p.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16", help="the LLM's dtype (default bf16)")
+        p.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default="auto",
+                       help="the LLM's dtype (default auto: bf16 on CUDA and on CPUs that compute it natively, else fp32)")
         p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
         p.add_argument("--quiet", action="store_true", help="no progress bar")
         return p

@@ -33,6 +33,8 @@ from torchtune.modules.peft import (
 )
 from torchtune.training import FullModelHFCheckpointer
 
+from speechmapper_tune.dtypes import resolve_dtype
+
 
 @dataclass(frozen=True)
 class Llama3RopeScaling:
@@ -337,7 +339,7 @@ def _reinit_rope(model: nn.Module, device: torch.device) -> None:
 def load_llm(
     name: str,
     checkpoint_dir: Union[str, Path],
-    dtype: torch.dtype = torch.bfloat16,
+    dtype: Union[torch.dtype, str, None] = "auto",
     device: Union[str, torch.device] = "cpu",
     lora: Optional[Union[LoraConfig, Mapping[str, object]]] = None,
 ) -> Tuple[TransformerDecoder, int, int]:
@@ -347,7 +349,7 @@ def load_llm(
     ``"hf_llama"``: a plain Llama sized from config.json (tiny test models, other SmolLM sizes).
 
     The model is built on the meta device and the checkpoint tensors are assigned (cast to
-    ``dtype`` on ``device``), so no random init and no second copy of the weights is made.
+    ``dtype`` on ``device``; a name such as ``"auto"`` goes through ``resolve_dtype``), so no random init and no second copy of the weights is made.
     Every parameter ends with ``requires_grad=False`` and the model in eval mode: the LLM is
     never trained, so no optimizer state is ever created for it.
 
@@ -375,6 +377,8 @@ def load_llm(
         check_hf_config(name, config)
     files = hf_checkpoint_files(checkpoint_dir)
     device = torch.device(device)
+    if not isinstance(dtype, torch.dtype):
+        dtype = resolve_dtype(dtype, device, setting="llm.dtype")
 
     with tempfile.TemporaryDirectory(prefix="speechmapper_llm_") as scratch:  # checkpointer wants an output dir
         checkpointer = FullModelHFCheckpointer(

@@ -32,6 +32,7 @@ from speechmapper_tune.checkpoint.projector_io import (
     lora_weights_file,
     read_projector_meta,
 )
+from speechmapper_tune.dtypes import resolve_dtype
 from speechmapper_tune.data.stage2 import PromptParts, PromptTemplate, assemble_batch, split_prompt
 from speechmapper_tune.generation import GenerationResult, greedy_generate, newline_token_ids
 from speechmapper_tune.losses import IGNORE_INDEX
@@ -39,7 +40,6 @@ from speechmapper_tune.models.chat_format import ChatTokenizer
 from speechmapper_tune.models.injector import inject_speech, trailing_pad_lengths
 from speechmapper_tune.models.llms import embed_tokens, forward_embeds, load_llm, load_lora_adapters
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 FROM_CHECKPOINT = "checkpoint"  # lora=...: the adapters the checkpoint was trained with, if any
 # An instruction prompt for `ask` when the checkpoint's own prompt has no {instruction} (stage 1):
 # the paper's IT template (B.3), as the stage-2 configs use it.
@@ -135,7 +135,7 @@ class SpeechLM(nn.Module):
         folder = resolve_projector(checkpoint) if checkpoint is not None else None
         meta = read_projector_meta(folder) if folder is not None else {}
         recorded = meta.get("llm", {})
-        spec = {"dtype": "bf16", **{k: recorded[k] for k in ("name", "chat_format", "pad_id") if k in recorded},
+        spec = {"dtype": "auto", **{k: recorded[k] for k in ("name", "chat_format", "pad_id") if k in recorded},
                 **{k: v for k, v in (llm or {}).items() if v is not None}}
         for key in ("name", "chat_format", "pad_id"):
             if key not in spec:
@@ -144,8 +144,7 @@ class SpeechLM(nn.Module):
         if not ckpt_dir or not Path(ckpt_dir).exists():
             raise FileNotFoundError(f"llm.checkpoint: the {spec['name']} checkpoint folder {ckpt_dir!r} does not exist; "
                                     "pass the LLM's local folder")
-        if spec["dtype"] not in DTYPES:
-            raise ValueError(f"llm.dtype={spec['dtype']!r}: expected one of {list(DTYPES)}")
+        dtype = resolve_dtype(spec["dtype"], device, setting="llm.dtype")  # auto: bf16 only where computed natively
         embedding = load_embedding_table(ckpt_dir)
         pad_id = int(spec["pad_id"])
         if not 0 <= pad_id < embedding.shape[0]:
@@ -161,7 +160,7 @@ class SpeechLM(nn.Module):
         elif trained_lora:
             on_warning(f"{folder} was trained with LoRA adapters on the LLM ({trained_lora}); lora is not set, "
                        "so they are left out and the LLM stays as pretrained")
-        model, _, _ = load_llm(spec["name"], ckpt_dir, dtype=DTYPES[spec["dtype"]], device=device, lora=lora or None)
+        model, _, _ = load_llm(spec["name"], ckpt_dir, dtype=dtype, device=device, lora=lora or None)
         if trained_lora and lora:
             load_lora_adapters(model, folder)
         chat = ChatTokenizer.from_dir(spec.get("tokenizer") or ckpt_dir, chat_format=spec["chat_format"], pad_token=pad_id)

@@ -121,7 +121,7 @@ def test_lora_state_dict_round_trip(llm_dir, tmp_path):
 
 
 def test_bf16_base_keeps_fp32_adapters(llm_dir):
-    model, _, vocab = load_llm("hf_llama", llm_dir, lora=LORA)  # default dtype bf16
+    model, _, vocab = load_llm("hf_llama", llm_dir, dtype=torch.bfloat16, lora=LORA)
     dtypes = {n: p.dtype for n, p in model.named_parameters()}
     assert {d for n, d in dtypes.items() if ".lora_" in n} == {torch.float32}
     # base weights bf16, except RMSNorm scales (kept fp32 for the fused rms_norm, models/llms.py)
