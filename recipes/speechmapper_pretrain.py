@@ -65,10 +65,10 @@ from speechmapper_tune.models.projector import count_parameters
 
 log = utils.get_logger("INFO")
 LOSS_KEYS = ("loss", "objective", "mse", "mse_word", "mse_pad", "cosine")
-
 # validation token accuracy split by how often the target token occurs in the training targets:
 # val_token_acc_seen_{lo}_{hi} (hi None: and more) and the share of dev word tokens in each bucket
 SEEN_BUCKETS = ((0, 9), (10, 49), (50, 499), (500, None))
+
 
 class PretrainRecipe:
     """Stage-1 pretraining of the SpeechMapper projector (single device or DDP)."""
