@@ -11,8 +11,16 @@ keep their translation or questions, or of any corpus with ``translations=<file.
 test and dev sentences have French ones in ``speechmapper_tune/corpus/translations``). ``<output_dir>/instructions.jsonl`` (``output_dir`` default:
 the manifest's folder) gets one row per ST cut or per question, with the paper's prompts (appendix B.3).
 The logic lives in ``speechmapper_tune.data.instructions``; this recipe wires the config to it.
+
+``task=self`` (``instructions/self_train``, ``instructions/self_heldout``): self-generated instruction data
+for behaviour alignment. Each cut gets ``per_item`` instructions drawn from ``pool``; the frozen LLM answers
+each from the cut's transcript, greedily (``speechmapper_generate span_source=transcript``, run here with
+the ``answer`` settings: resumable, in ``<output_dir>/answers``), and its answer becomes the row's
+``answer``. ``shuffled_reference=True`` (held-out rows) also answers each row from another cut's transcript
+(``<output_dir>/shuffled``) into ``shuffled_answer``: the chance level of the agreement metric.
 """
 
+import json
 import sys
 from pathlib import Path
 
@@ -22,7 +30,7 @@ from torchtune.utils import get_logger
 
 from speechmapper_tune.config_keys import check_recipe_config
 from speechmapper_tune.configs import resolve_config_argv
-from speechmapper_tune.data.instructions import QUESTION, TASKS, build_instructions
+from speechmapper_tune.data.instructions import QUESTION, SELF, TASKS, build_instructions
 
 log = get_logger("INFO")
 INSTRUCTIONS_FILE = "instructions.jsonl"  # the name the stage-2 ST / SQA configs read
@@ -43,6 +51,8 @@ class InstructionsRecipe:
         self.manifest = Path(cfg.manifest)
         if not self.manifest.is_file():
             raise FileNotFoundError(f"manifest={self.manifest}: file not found")
+        if cfg.task == SELF and not (cfg.get("pool") and cfg.get("answer")):
+            raise ValueError("task=self needs pool=[instructions...] and the answer settings (answer.llm, answer.prompt)")
         self.output = Path(cfg.get("output_dir") or self.manifest.parent) / INSTRUCTIONS_FILE
         st = cfg.get("st_instructions")
         self.st_instructions = {str(k): str(v) for k, v in OmegaConf.to_container(st, resolve=True).items()} if st else {}
@@ -55,11 +65,72 @@ class InstructionsRecipe:
 
     def run(self) -> None:
         cfg = self.cfg
+        if cfg.task == SELF:
+            return self._self_generated()
         n, skipped = build_instructions(
             self.manifest, self.output, cfg.task, self.st_instructions, self.sqa_instruction,
             bool(cfg.get("with_transcript", True)), self.target_langs, self.translations,
         )
         log.info(f"Wrote {self.output}: {n} {cfg.task} rows from {self.manifest}; skipped: {skipped.summary()}")
+
+    def _self_generated(self) -> None:
+        """Pooled instructions -> the LLM's answers from the transcripts -> ``instructions.jsonl``."""
+        import time
+
+        from lhotse import CutSet
+
+        from speechmapper_tune.checkpoint.atomic import atomic_write_text
+        from speechmapper_tune.data.generation_data import GENERATIONS, read_rows
+        from speechmapper_tune.data.instructions import attach_answers, pooled_instruction_rows, shuffled_rows
+        from speechmapper_tune.data.manifest import SkipCounter
+
+        cfg, t0 = self.cfg, time.perf_counter()
+        if cfg.get("output_dir") in (None, ""):
+            raise ValueError("task=self needs output_dir=<folder> (its answers and rows are written there)")
+        out = Path(cfg.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        skipped = SkipCounter()
+        pool = [str(p) for p in OmegaConf.to_container(cfg.pool, resolve=True)] if cfg.get("pool") else []
+        rows = pooled_instruction_rows(CutSet.from_file(str(self.manifest)) or [], pool, int(cfg.get("per_item", 1)),
+                                       int(cfg.get("seed", 0)), skipped, cfg.get("max_items"))
+        if not rows:
+            raise ValueError(f"{self.manifest}: no cut to ask about (skipped: {skipped.summary()})")
+        questions = out / "questions.jsonl"
+        atomic_write_text(questions, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        self._answer(questions, out / "answers")
+        rows = attach_answers(rows, read_rows(out / "answers" / GENERATIONS), "answer", skipped)
+        if cfg.get("shuffled_reference", False):
+            shuffled = out / "questions_shuffled.jsonl"
+            atomic_write_text(shuffled, "".join(json.dumps(r, ensure_ascii=False) + "\n"
+                                                for r in shuffled_rows(rows, int(cfg.get("seed", 0)))))
+            self._answer(shuffled, out / "shuffled")
+            rows = attach_answers(rows, read_rows(out / "shuffled" / GENERATIONS), "shuffled_answer", skipped)
+        if not rows:
+            raise ValueError(f"no row was answered (skipped: {skipped.summary()})")
+        atomic_write_text(self.output, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        log.info(f"Wrote {self.output}: {len(rows)} self-generated rows from {self.manifest} in "
+                 f"{time.perf_counter() - t0:.0f} s; skipped: {skipped.summary()}")
+
+    def _answer(self, questions: Path, output_dir: Path) -> None:
+        """The LLM's greedy answers from the transcripts: ``speechmapper_generate span_source=transcript``
+        (resumable: a rerun with the same settings goes on where it stopped)."""
+        from speechmapper_generate import GenerateRecipe
+
+        a = OmegaConf.to_container(self.cfg.answer, resolve=False)
+        gen = OmegaConf.create({
+            "output_dir": str(output_dir), "projector_checkpoint": None, "manifest": str(self.manifest),
+            "instructions": str(questions), "task": SELF, "device": a.get("device", "cpu"), "seed": int(self.cfg.get("seed", 0)),
+            "llm": a["llm"], "prompt": a["prompt"], "span_source": "transcript", "trim_pad_vectors": None,
+            "batch_size": int(a.get("batch_size", 16)), "max_new_tokens": int(a.get("max_new_tokens", 48)),
+            "stop_at_newline": False, "length_cap": None, "stuck_guard": a.get("stuck_guard"), "max_duration": 30.0,
+            "overwrite": bool(a.get("overwrite", False)), "max_items": None,
+            "cascade": {"model_dir": None, "compute_type": "int8"},
+        })
+        recipe = GenerateRecipe(gen)
+        recipe.setup()
+        recipe.run()
+        if hasattr(recipe, "cleanup"):
+            recipe.cleanup()
 
     def cleanup(self) -> None:
         """Nothing to release."""

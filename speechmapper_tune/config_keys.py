@@ -87,6 +87,11 @@ RECIPE_KEYS: Dict[str, Set[str]] = {
     "speechmapper_instructions": {
         "manifest", "output_dir", "task", "target_langs", "with_transcript", "st_instructions.*", "sqa_instruction",
         "translations",
+        # task=self: pooled instructions answered by the LLM from the transcripts (speechmapper_generate's settings)
+        "pool", "per_item", "seed", "shuffled_reference", "max_items", *_under("answer", _LLM),
+        *_under("answer.prompt", _PROMPT), "answer.device", "answer.batch_size", "answer.max_new_tokens",
+        "answer.overwrite", "answer.stuck_guard.max_ngram", "answer.stuck_guard.min_repeats",
+        "answer.stuck_guard.min_span", "answer.stuck_guard.trim",
     },
 }
 

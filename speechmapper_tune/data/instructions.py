@@ -23,6 +23,7 @@ Plain Python (lhotse to read the manifest).
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
@@ -34,8 +35,9 @@ from speechmapper_tune.data.manifest import SkipCounter
 from speechmapper_tune.text import normalize_text
 from speechmapper_tune.textio import first_non_utf8_line
 
-TASKS = ("st", "sqa")
+TASKS = ("st", "sqa", "self")
 QUESTION = "{question}"
+SELF = "self"  # self-generated instruction data: a pooled instruction, the LLM's own answer from the transcript
 
 
 def st_instruction(instructions: Mapping[str, str], target_lang: str) -> Optional[str]:
@@ -86,8 +88,8 @@ def instruction_rows(
     normalized transcript (the written form first). Cuts without features, without the task's
     fields, or with an empty answer are counted in ``skipped`` and left out; an ST target
     language without an instruction is an error naming it."""
-    if task not in TASKS:
-        raise ValueError(f"task={task!r}: expected one of {TASKS}")
+    if task not in TASKS or task == SELF:
+        raise ValueError(f"task={task!r}: expected st or sqa (self-generated rows: pooled_instruction_rows)")
     if task == "st" and not st_instructions:
         raise ValueError("task=st needs st_instructions: {target language: instruction} (paper B.3)")
     if task == "sqa" and sqa_instruction.count(QUESTION) != 1:
@@ -174,3 +176,76 @@ def build_instructions(
         raise ValueError(f"{manifest}: no {task} instruction row (skipped: {skipped.summary()})")
     atomic_write_text(output, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     return len(rows), skipped
+
+
+# --- self-generated instruction data (behaviour alignment) -------------------------------------------------
+
+def pooled_instruction_rows(
+    cuts: Iterable,
+    pool: Sequence[str],
+    per_item: int = 1,
+    seed: int = 0,
+    skipped: Optional[SkipCounter] = None,
+    max_items: Optional[int] = None,
+) -> List[Dict]:
+    """Rows asking ``per_item`` distinct instructions of ``pool`` about each cut's speech, without answers yet.
+
+    ``{"id": "<cut id>#<k>", "features": <cut id>, "task": "self", "instruction", "transcript"}``: the
+    transcript is the normalized one (the stage-1 MSE targets, what the behaviour-alignment teacher and
+    ``speechmapper_generate span_source=transcript`` read). Which instructions a cut gets depends only on
+    ``seed`` and the cut's id, so a row set grows without changing its earlier rows. Cuts without features
+    or transcript are skipped; ``max_items``: the first N usable cuts."""
+    pool = [str(p).strip() for p in pool]
+    if not pool or any(not p for p in pool) or len(set(pool)) != len(pool):
+        raise ValueError(f"pool: expected distinct non-empty instructions, got {pool!r}")
+    if not 1 <= int(per_item) <= len(pool):
+        raise ValueError(f"per_item={per_item}: expected 1..{len(pool)} (the pool's size)")
+    skipped = skipped if skipped is not None else SkipCounter()
+    rows: List[Dict] = []
+    n = 0
+    for cut in cuts:
+        if max_items is not None and n >= int(max_items):
+            break
+        if cut.features is None:
+            skipped.add("no features attached", cut.id)
+            continue
+        transcript = normalize_text(" ".join((s.text or "").strip() for s in cut.supervisions))
+        if not transcript:
+            skipped.add("no transcript (the LLM answers from it)", cut.id)
+            continue
+        n += 1
+        chosen = random.Random(f"{seed}:{cut.id}").sample(range(len(pool)), int(per_item))
+        rows += [{"id": f"{cut.id}#{k}", "features": cut.id, "task": SELF, "instruction": pool[k], "transcript": transcript}
+                 for k in chosen]
+    return rows
+
+
+def shuffled_rows(rows: Sequence[Dict], seed: int = 0) -> List[Dict]:
+    """The same rows (ids, instructions) with ``features`` pointing at another cut's speech, each row's at a
+    different one (a seeded derangement): answered from the transcript, they give the chance-agreement
+    reference of the agreement metric (an answer to the same instruction about another sentence)."""
+    cuts = sorted({r["features"] for r in rows})
+    if len(cuts) < 2:
+        raise ValueError("a shuffled-transcript reference needs rows about at least 2 cuts")
+    order = cuts[:]
+    random.Random(seed).shuffle(order)
+    other = {c: order[(i + 1) % len(order)] for i, c in enumerate(order)}  # a cycle: nobody keeps their own
+    return [{**r, "features": other[r["features"]]} for r in rows]
+
+
+def attach_answers(rows: Sequence[Dict], generations: Sequence[Dict], field: str = "answer",
+                   skipped: Optional[SkipCounter] = None) -> List[Dict]:
+    """``rows`` with ``field`` set to the generation's ``hypothesis`` of the same id (and ``<field>_stopped_by``);
+    a row without a generation or with an empty answer is skipped (counted)."""
+    skipped = skipped if skipped is not None else SkipCounter()
+    by_id = {g["id"]: g for g in generations}
+    out = []
+    for r in rows:
+        g = by_id.get(r["id"])
+        if g is None:
+            skipped.add(f"no generated {field}", r["id"])
+        elif not str(g.get("hypothesis") or "").strip():
+            skipped.add(f"empty generated {field}", r["id"])
+        else:
+            out.append({**r, field: str(g["hypothesis"]).strip(), f"{field}_stopped_by": g.get("stopped_by")})
+    return out

@@ -31,6 +31,9 @@ from speechmapper_tune.losses import IGNORE_INDEX, build_stage1_target_ids
 from speechmapper_tune.textio import read_lines
 
 SPEECH = "{speech}"
+# row fields kept with an example for evaluation: SQA's context, ST's target language, and the answer the
+# LLM gave to another sentence's transcript (self-generated held-out rows: the chance-agreement reference)
+META_KEYS = ("context", "target_lang", "shuffled_answer")
 
 
 @dataclass
@@ -146,7 +149,8 @@ def prepare_instruction_examples(
             continue
         try:
             row = json.loads(line)
-            fid, answer = row["features"], row["answer"]
+            # generation reads rows still without an answer (self-generated data before the LLM answers)
+            fid, answer = row["features"], (row.get("answer") or "" if generation else row["answer"])
             instruction = row["instruction"] if "instruction" in row else template.instructions[row["target_lang"]]
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise ValueError(
@@ -158,7 +162,7 @@ def prepare_instruction_examples(
             skipped.add("features id not in the feature manifest", str(row.get("id", fid)))
             continue
         targets = chat.encode_text(row["transcript"]) if row.get("transcript") and not generation else []
-        meta = {"instruction": instruction, **{k: str(row[k]) for k in ("context", "target_lang") if k in row}}
+        meta = {"instruction": instruction, **{k: str(row[k]) for k in META_KEYS if k in row}}
         ex = Stage2Example(item, split_prompt(chat, template, instruction), response_ids(chat, answer), targets,
                            int(output_length(item.num_frames)), task, meta, str(row.get("id", fid)))
         if _check(ex, max_seq_len, skipped, generation):
