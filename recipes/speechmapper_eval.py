@@ -24,6 +24,11 @@ a score on a subset says so.
   for no entity), see ``speechmapper_tune.metrics.parse_entities``; micro F1 over (tag, phrase)
   pairs (``f1``) and over tags only (``label_f1``), as slue-toolkit.
 * SA (SLUE-VoxCeleb): reference Negative/Neutral/Positive; macro F1, weighted F1, accuracy.
+* Unseen instructions (``self`` rows, ``instructions/self_heldout``): the agreement metric, chrF and exact
+  match of each answer against the same LLM's answer from the transcript (the row's reference), and on the
+  same items the chance level: the LLM's answer to another utterance's transcript (``shuffled_answer``)
+  scored the same way. A cascade's generations on the same rows are scored like any system; the share of
+  the gap closed is ``(system - chance) / (cascade - chance)``. A table of its own in results.md.
 """
 
 from __future__ import annotations
@@ -45,8 +50,8 @@ from speechmapper_tune.config_keys import check_config_keys, check_recipe_config
 from speechmapper_tune.configs import resolve_config_argv
 from speechmapper_tune.data.generation_data import SETTINGS, read_not_generated, read_rows
 from speechmapper_tune.metrics import (
-    asr_scores, judge_prompt, language_shares, load_comet, ner_scores, parse_entities, parse_judgement,
-    parse_sentiment, sentiment_scores, st_scores, with_and_without,
+    agreement_scores, asr_scores, judge_prompt, language_shares, load_comet, ner_scores, parse_entities,
+    parse_judgement, parse_sentiment, sentiment_scores, st_scores, with_and_without,
 )
 
 log = utils.get_logger("INFO")
@@ -139,7 +144,7 @@ class EvalRecipe:
                             "settings": self.settings[name]})
         self.output_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(self.output_dir / "results.json", results)
-        table = markdown_table(results)
+        table = markdown_table(results) + agreement_table(results)
         atomic_write_text(self.output_dir / "results.md", table)
         print(table)
         log.info(f"Wrote {self.output_dir / 'results.json'} and results.md")
@@ -180,6 +185,8 @@ class EvalRecipe:
             s = sentiment_scores([r["reference"] for r in items], [r["hypothesis"] for r in items])
             return {"n": len(items), "stuck": stuck, "f1": s["macro_f1"], "weighted_f1": s["weighted_f1"],
                     "accuracy": s["accuracy"], "per_class": s["per_class"], "unparsed": s["unparsed"]}
+        if task == "self":
+            return agreement(items)
         return {"n": len(items), "note": f"no metric for task {task!r}"}
 
     def _comet(self, items: List[Dict]) -> Dict:
@@ -257,6 +264,36 @@ class _Judge:
             for res in results:
                 verdicts.append(parse_judgement(self.chat.decode(res.ids, skip_special_tokens=True)))
         return verdicts
+
+
+def agreement(items: List[Dict]) -> Dict:
+    """The agreement metric on ``self`` rows, with and without stuck decodes, and its chance level."""
+    refs, hyps = [r["reference"] for r in items], [r["hypothesis"] for r in items]
+    s = agreement_scores(refs, hyps)
+    clean = [r for r in items if "stuck" not in (r.get("flags") or [])]
+    without = agreement_scores([r["reference"] for r in clean], [r["hypothesis"] for r in clean]) if clean else None
+    out = {"n": len(items), "stuck": len(items) - len(clean), "agreement_chrf": s["chrf"], "agreement_exact": s["exact"],
+           "agreement_chrf_without_stuck": without["chrf"] if without else None, "chrf_signature": s["chrf_signature"]}
+    chance = [r for r in items if r.get("shuffled_answer")]
+    if chance:
+        c = agreement_scores([r["reference"] for r in chance], [r["shuffled_answer"] for r in chance])
+        out.update(chance_chrf=c["chrf"], chance_exact=c["exact"], chance_n=len(chance))
+    return out
+
+
+def agreement_table(results: List[Dict]) -> str:
+    rows = [r for r in results if r["task"] == "self"]
+    if not rows:
+        return ""
+    lines = ["", "Unseen instructions: agreement with the LLM's answer from the transcript (chance: its answer to "
+             "another utterance's transcript)", "",
+             "| name | n | agreement chrF | exact % | chrF w/o stuck | stuck | chance chrF | chance exact % |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['name']} | {r.get('n')} | {_fmt(r.get('agreement_chrf'))} | {_fmt(r.get('agreement_exact'))} | "
+                     f"{_fmt(r.get('agreement_chrf_without_stuck'))} | {_fmt(r.get('stuck'))} | "
+                     f"{_fmt(r.get('chance_chrf'))} | {_fmt(r.get('chance_exact'))} |")
+    return "\n".join(lines) + "\n"
 
 
 def _fmt(v) -> str:

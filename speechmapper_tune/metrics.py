@@ -15,6 +15,8 @@ Plain Python (no torchtune); every function takes lists of strings and returns p
 * SLUE (SpeechLLM's tasks): :func:`ner_scores` (micro F1 over (tag, phrase) pairs and the tags-only
   "label F1", slue-toolkit's definitions) with the answer format :func:`format_entities` /
   :func:`parse_entities`; :func:`sentiment_scores` (macro F1, weighted F1, accuracy).
+* Unseen instructions: :func:`agreement_scores` -- chrF and exact match of the speech-fed answer against
+  the same LLM's transcript-fed answer (and of chance and cascade references scored the same way).
 
 All scores are on the 0-100 scale the paper reports (WER/CER in percent, BLEU, chrF, COMET x 100,
 language shares in percent).
@@ -561,3 +563,24 @@ def sentiment_scores(references: Sequence[str], hypotheses: Sequence[str]) -> di
         accuracy=100.0 * sum(r == p for r, p in zip(refs, preds)) / n if n else 0.0,
         per_class=per_class, num_items=n, unparsed=preds.count(None),
     )
+
+
+# --- agreement with the LLM's own behaviour on the transcript (unseen instructions) ------------------------
+
+def agreement_scores(references: Sequence[str], hypotheses: Sequence[str]) -> dict[str, Any]:
+    """How far answers agree with reference answers of the same LLM: corpus chrF (sacrebleu defaults, raw
+    strings, as :func:`st_scores`) and exact match (percent of items equal after :func:`normalize_text`).
+
+    For held-out instructions the reference is the LLM's answer from the transcript; scored the same way,
+    its answer to another utterance's transcript gives chance agreement and a cascade's answer what a user
+    would get instead. Returns ``dict(chrf, exact, chrf_signature, num_items)``; no item: an error."""
+    import sacrebleu
+
+    _check_pairs(references, hypotheses)
+    if not references:
+        raise ValueError("agreement_scores needs at least one item")
+    chrf = sacrebleu.CHRF()
+    exact = sum(normalize_text(r) == normalize_text(h) for r, h in zip(references, hypotheses))
+    return dict(chrf=chrf.corpus_score(list(hypotheses), [list(references)]).score,
+                exact=100.0 * exact / len(references), chrf_signature=str(chrf.get_signature()),
+                num_items=len(references))
