@@ -144,3 +144,21 @@ def test_items_without_a_transcript_have_no_teacher_rows(lm):
     none = _batch(lm, ITEMS, has_transcript=(False, False, False))
     kl0, out0 = _kl(lm, none, loss)
     assert out0["teacher_logits"].shape[0] == 0 and kl0.item() == 0.0
+
+
+def test_the_teacher_is_the_llm_without_its_lora_adapters(lm, tmp_path):
+    """With LoRA on the LLM (trained with the projector), the teacher is the LLM as pretrained."""
+    batch = _batch(lm, ITEMS)
+    with torch.no_grad():
+        plain = lm.teacher_logits(batch)
+    folder = lm.checkpoint
+    lora_lm = SpeechLM.from_checkpoint(folder, llm={**lm.llm_meta, "checkpoint": lm.llm_meta["checkpoint"], "dtype": "fp32"},
+                                       lora={"rank": 2, "alpha": 4.0, "dropout": 0.0, "attn_modules": ["q_proj", "v_proj"]})
+    with torch.no_grad():
+        for name, p in lora_lm.llm.named_parameters():
+            if p.requires_grad:  # adapters away from their identity init: the LLM with them is another model
+                p.copy_(torch.randn_like(p))
+        with_adapters = lora_lm(batch, teacher=True)
+    assert_close_to_scale(with_adapters["teacher_logits"], plain, FP32_SHALLOW)
+    assert with_adapters["logits"].shape == plain.shape
+    assert any(p.requires_grad for p in lora_lm.llm.parameters())  # the adapters are back on after the teacher
