@@ -492,7 +492,9 @@ class Stage2Loss(nn.Module):
 
     so ``kl_ratio=1, sigma=0`` is KL alone, ``kl_ratio=1, sigma>0`` KL + MSE (balanced weighting
     takes each term relative). Logged as ``kl``; ``loss`` stays Eq. 3's value. The term is exactly 0
-    when the projector emits the transcript's embeddings (the two inputs are then the same).
+    when the LLM reads exactly the transcript's embeddings in the span (the two inputs are then the same):
+    the teacher reads the words only, so a stage-1 projector's trailing pad vectors (kept unless
+    ``trim_pad_vectors``) are part of what the KL asks the student to make harmless.
     """
 
     def __init__(self, sigma: float = 0.9, alpha: float = 5.0, scale: float = 1e3, weighting: str = "paper",
