@@ -441,5 +441,7 @@ def recipe_main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    resolve_config_argv()
-    sys.exit(recipe_main())
+    from speechmapper_tune.errors import run_recipe
+
+    # an error prints its message first, in one line (SPEECHMAPPER_DEBUG=1: and the traceback)
+    sys.exit(run_recipe("speechmapper_adapt", resolve_config_argv, recipe_main))

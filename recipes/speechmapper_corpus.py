@@ -71,5 +71,8 @@ def recipe_main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    resolve_config_argv()  # lets --config take a packaged bare name like corpus/tts_en
-    sys.exit(recipe_main())
+    from speechmapper_tune.errors import run_recipe
+
+    # resolve_config_argv lets --config take a packaged bare name like corpus/tts_en
+    # an error prints its message first, in one line (SPEECHMAPPER_DEBUG=1: and the traceback)
+    sys.exit(run_recipe("speechmapper_corpus", resolve_config_argv, recipe_main))

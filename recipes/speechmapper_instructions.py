@@ -146,5 +146,8 @@ def recipe_main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    resolve_config_argv()  # lets --config take a packaged bare name like instructions/st
-    sys.exit(recipe_main())
+    from speechmapper_tune.errors import run_recipe
+
+    # resolve_config_argv lets --config take a packaged bare name like instructions/st
+    # an error prints its message first, in one line (SPEECHMAPPER_DEBUG=1: and the traceback)
+    sys.exit(run_recipe("speechmapper_instructions", resolve_config_argv, recipe_main))

@@ -109,16 +109,34 @@ RECIPE_MINIMUMS: Dict[str, Dict[str, int]] = {
 
 
 def check_recipe_config(cfg: Any, recipe: str) -> None:
+# number settings outside any _component_ (whose numbers are checked against the component's defaults)
+_NUMBERS = {"clip_grad_norm": float}
+RECIPE_NUMBERS: Dict[str, Dict[str, type]] = {
+    "speechmapper_pretrain": {**_NUMBERS},
+    "speechmapper_adapt": {**_NUMBERS, "lora.rank": int, "lora.alpha": float, "lora.dropout": float, "max_seq_len": int,
+                           "data.train.asr_mix_ratio": float, "data.val.asr_mix_ratio": float, "data.val.max_items": int},
+    "speechmapper_generate": {"length_cap.tokens_per_second": float, "length_cap.extra": float, "max_duration": float,
+                              "max_seq_len": int, "max_items": int},
+    "speechmapper_extract": {"max_duration": float, "max_utterances": int},
+}
+
+
     """Check ``cfg`` against the settings ``recipe`` reads (see :data:`RECIPE_KEYS`)."""
-    check_config_keys(cfg, RECIPE_KEYS[recipe], recipe, RECIPE_MINIMUMS.get(recipe))
+    check_config_keys(cfg, RECIPE_KEYS[recipe], recipe, RECIPE_MINIMUMS.get(recipe), RECIPE_NUMBERS.get(recipe))
 
 
-def check_config_keys(cfg: Any, known: Iterable[str], recipe: str, minimums: Optional[Mapping[str, int]] = None) -> None:
-    """Raise ``ValueError`` naming every unknown key of ``cfg`` (a mapping or DictConfig) and every
-    integer setting below its minimum; ``known``: dotted keys as described in the module docstring."""
+def check_config_keys(cfg: Any, known: Iterable[str], recipe: str, minimums: Optional[Mapping[str, int]] = None,
+                      numbers: Optional[Mapping[str, type]] = None) -> None:
+    """Raise ``ValueError`` naming every unknown key of ``cfg`` (a mapping or DictConfig), every integer
+    setting below its minimum and every wrongly typed number (``numbers``: key -> int or float, and each
+    ``_component_``'s number and bool keywords); ``known``: dotted keys as described in the module docstring."""
     tree = _plain(cfg)
     problems = _Walker(set(known)).section(tree, "")
     for key, minimum in (minimums or {}).items():
+    for key, kind in (numbers or {}).items():
+        present, value = _lookup(cfg, tree, key)
+        if present:
+            problems += _type_problem(key, value, kind(0), "the recipe")
         present, value = _lookup(cfg, tree, key)
         if present and (isinstance(value, bool) or not isinstance(value, int) or value < minimum):
             problems.append(f"{key}={value!r} must be an integer >= {minimum}")
@@ -159,7 +177,7 @@ class _Walker:
             params = _keyword_parameters(_import(str(target)))
         except (ImportError, AttributeError) as e:
             return [f"{path}.{COMPONENT}={target!r} cannot be imported ({type(e).__name__}: {e})"]
-        problems = []
+        problems, defaults = [], _defaults(_import(str(target)))
         for key, value in node.items():
             if key == COMPONENT:
                 continue
@@ -168,6 +186,8 @@ class _Walker:
             elif isinstance(value, list) or (isinstance(value, Mapping) and COMPONENT in value):
                 problems += self.value(value, f"{path}.{key}")  # nested components; other values are the component's
         return problems
+            elif key in defaults:
+                problems += _type_problem(f"{path}.{key}", value, defaults[key], str(target))
 
 
 def _unknown(prefix: str, key: str, names: Iterable[str], hint: str = "") -> str:
@@ -201,6 +221,31 @@ def _keyword_parameters(obj: Any) -> Optional[Set[str]]:
 
 
 def _plain(cfg: Any) -> Mapping:
+def _defaults(obj: Any) -> Dict[str, Any]:
+    """A component's keyword parameters whose default is a number or a bool: the type a config value must have."""
+    try:
+        params = inspect.signature(obj).parameters.values()
+    except (TypeError, ValueError):
+        return {}
+    return {p.name: p.default for p in params if isinstance(p.default, (bool, int, float))}
+
+
+def _type_problem(key: str, value: Any, default: Any, target: str) -> List[str]:
+    """``lr: fast`` named here, before anything loads, instead of torch's TypeError after the model is built."""
+    if value is None or (isinstance(value, str) and "${" in value):
+        return []  # unset, or an interpolation (resolved and checked where it is used)
+    if isinstance(default, bool):
+        ok, want = isinstance(value, bool), "true or false"
+    else:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        want = "an integer" if isinstance(default, int) and not isinstance(value, float) and not isinstance(default, bool) else "a number"
+        if isinstance(default, int) and isinstance(value, float) and not value.is_integer():
+            ok, want = False, "an integer"
+    if ok:
+        return []
+    return [f"{key}={value!r} must be {want}" + (f" ({target}'s default is {default!r})" if target != "the recipe" else "")]
+
+
     """The config as nested dicts and lists, interpolations left unresolved."""
     if isinstance(cfg, Mapping) and not hasattr(cfg, "_get_node"):
         return cfg

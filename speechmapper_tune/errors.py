@@ -1,0 +1,40 @@
+"""A recipe's error as its user needs it: the message first, in one line; the traceback only when asked.
+
+    sys.exit(run_recipe("speechmapper_adapt", resolve_config_argv, recipe_main))
+
+A wrong setting (``lr: fast``, a missing manifest) raised deep inside a recipe used to end a 28-line
+traceback; now ``speechmapper_adapt: error: <message>`` comes first and alone, with the exception's
+type and how to see the traceback (``SPEECHMAPPER_DEBUG=1``) on the line after.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from typing import Any, Callable
+
+DEBUG_ENV = "SPEECHMAPPER_DEBUG"
+
+
+def debugging() -> bool:
+    return os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no")
+
+
+def run_recipe(name: str, *steps: Callable[[], Any]) -> Any:
+    """Call ``steps`` in order and return the last one's result; an exception prints ``NAME: error: message``
+    first (the traceback after it with ``SPEECHMAPPER_DEBUG=1``) and returns exit status 1."""
+    result = None
+    try:
+        for step in steps:
+            result = step()
+    except Exception as e:  # noqa: BLE001  (every error a recipe raises is reported the same way)
+        message = str(e).strip() or repr(e)
+        message = message[len(name) + 2 :] if message.startswith(f"{name}: ") else message  # config_keys names the recipe too
+        print(f"{name}: error: {message}", file=sys.stderr, flush=True)
+        if debugging():
+            traceback.print_exc()
+        else:
+            print(f"{name}: ({type(e).__name__}; set {DEBUG_ENV}=1 for the traceback)", file=sys.stderr, flush=True)
+        return 1
+    return result
