@@ -108,7 +108,6 @@ RECIPE_MINIMUMS: Dict[str, Dict[str, int]] = {
 }
 
 
-def check_recipe_config(cfg: Any, recipe: str) -> None:
 # number settings outside any _component_ (whose numbers are checked against the component's defaults)
 _NUMBERS = {"clip_grad_norm": float}
 RECIPE_NUMBERS: Dict[str, Dict[str, type]] = {
@@ -121,6 +120,7 @@ RECIPE_NUMBERS: Dict[str, Dict[str, type]] = {
 }
 
 
+def check_recipe_config(cfg: Any, recipe: str) -> None:
     """Check ``cfg`` against the settings ``recipe`` reads (see :data:`RECIPE_KEYS`)."""
     check_config_keys(cfg, RECIPE_KEYS[recipe], recipe, RECIPE_MINIMUMS.get(recipe), RECIPE_NUMBERS.get(recipe))
 
@@ -132,11 +132,11 @@ def check_config_keys(cfg: Any, known: Iterable[str], recipe: str, minimums: Opt
     ``_component_``'s number and bool keywords); ``known``: dotted keys as described in the module docstring."""
     tree = _plain(cfg)
     problems = _Walker(set(known)).section(tree, "")
-    for key, minimum in (minimums or {}).items():
     for key, kind in (numbers or {}).items():
         present, value = _lookup(cfg, tree, key)
         if present:
             problems += _type_problem(key, value, kind(0), "the recipe")
+    for key, minimum in (minimums or {}).items():
         present, value = _lookup(cfg, tree, key)
         if present and (isinstance(value, bool) or not isinstance(value, int) or value < minimum):
             problems.append(f"{key}={value!r} must be an integer >= {minimum}")
@@ -185,9 +185,9 @@ class _Walker:
                 problems.append(_unknown(f"{path}.", str(key), params, f" ({target} takes {', '.join(sorted(params))})"))
             elif isinstance(value, list) or (isinstance(value, Mapping) and COMPONENT in value):
                 problems += self.value(value, f"{path}.{key}")  # nested components; other values are the component's
-        return problems
             elif key in defaults:
                 problems += _type_problem(f"{path}.{key}", value, defaults[key], str(target))
+        return problems
 
 
 def _unknown(prefix: str, key: str, names: Iterable[str], hint: str = "") -> str:
@@ -220,7 +220,6 @@ def _keyword_parameters(obj: Any) -> Optional[Set[str]]:
     return {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
 
 
-def _plain(cfg: Any) -> Mapping:
 def _defaults(obj: Any) -> Dict[str, Any]:
     """A component's keyword parameters whose default is a number or a bool: the type a config value must have."""
     try:
@@ -246,6 +245,7 @@ def _type_problem(key: str, value: Any, default: Any, target: str) -> List[str]:
     return [f"{key}={value!r} must be {want}" + (f" ({target}'s default is {default!r})" if target != "the recipe" else "")]
 
 
+def _plain(cfg: Any) -> Mapping:
     """The config as nested dicts and lists, interpolations left unresolved."""
     if isinstance(cfg, Mapping) and not hasattr(cfg, "_get_node"):
         return cfg
