@@ -77,23 +77,35 @@ def recipe_summary(name: str) -> str:
     return (doc or "").strip().splitlines()[0] if doc else ""
 
 
+def config_recipe(config: str) -> str:
+    """The recipe a packaged config is for, from its folder or name (as each config's header says)."""
+    folder, _, base = config.rpartition("/")
+    for prefix, recipe in (("corpus", "corpus"), ("features", "extract"), ("eval", "eval"), ("instructions", "instructions")):
+        if folder == prefix:
+            return f"speechmapper_{recipe}"
+    for prefix, recipe in (("stage1", "pretrain"), ("stage2", "adapt"), ("generate", "generate"), ("eet", "eet"),
+                           ("annotate", "annotate")):
+        if base.startswith(prefix):
+            return f"speechmapper_{recipe}"
+    return ""
+
+
 def cmd_ls(_args) -> int:
-    """The recipes and packaged configs, as `tune ls` lists torchtune's own."""
+    """Each recipe, what it does and its packaged configs, as `tune ls` lists torchtune's own."""
+    import textwrap
+
     from speechmapper_tune.configs import available_configs
 
     configs = available_configs()
-    print("RECIPE                        CONFIGS (packaged; pass a bare name to --config)")
-    print("-" * 80)
+    by_recipe = {name: [c for c in configs if config_recipe(c) == name] for name in RECIPES}
+    others = [c for c in configs if not config_recipe(c)]
     for name in RECIPES:
-        print(f"{name:<29} {recipe_summary(name)}")
-    groups = {}
-    for c in configs:
-        groups.setdefault(c.split("/")[0] if "/" in c else "", []).append(c)
-    print(f"\nCONFIGS ({len(configs)})")
-    print("-" * 80)
-    for group, names in sorted(groups.items()):
-        print(("\n".join(f"{n}" for n in names)))
-    print("\nrun one: tune run speechmapper_adapt --config smollm2_135M/stage2_asr_full; copy one: speechmapper cp NAME DEST")
+        print(f"{name:<27} {recipe_summary(name)}")
+        print(textwrap.fill("  ".join(by_recipe[name]) or "(no packaged config)", 110, initial_indent="    ",
+                            subsequent_indent="    ", break_on_hyphens=False))
+    if others:
+        print("other configs\n" + textwrap.fill("  ".join(others), 110, initial_indent="    ", subsequent_indent="    "))
+    print("\nrun:  tune run RECIPE --config CONFIG [key=value ...]      copy to edit:  speechmapper cp RECIPE|CONFIG DEST")
     return 0
 
 
@@ -316,6 +328,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    try:
+        return _main(argv)
+    except BrokenPipeError:  # `speechmapper ls | head`: the reader left, nothing to report
+        sys.stderr.close()
+        return 0
+
+
+def _main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if args.cmd == "list":
         return cmd_list(args)
