@@ -3,6 +3,7 @@
     .venv/bin/python bench/stage1.py                # all, prints markdown tables
     .venv/bin/python bench/stage1.py --only train   # throughput only
     .venv/bin/python bench/stage1.py --device cuda  # on a GPU machine (adds the paper preset)
+    .venv/bin/python bench/stage1.py --only classifier   # the shipped config's step: full vs sampled classifier
 
 Each measurement runs in a fresh subprocess so that peak RSS (ru_maxrss) is its own.
 
@@ -16,6 +17,16 @@ Each measurement runs in a fresh subprocess so that peak RSS (ru_maxrss) is its 
    ``get_input_embeddings()``, materialises every layer (only run up to 8 layers here).
 3. A stage-1 training step with the Llama-8B-shaped table next to the same step with
    SmolLM2's table (49152 x 576), same projector body.
+4. ``--only classifier``: the shipped stage-1 config (``smollm2_135M/stage1_full``: its projector
+   and loss, fp32) as it is (classifier CE over all 49,152 rows), with the sampled classifier
+   (``loss.classifier_negatives`` / ``classifier_neighbours``) and without a classifier, side by side:
+   output vectors/s of the full step (forward, loss, backward, AdamW). Batches mimic the corpus: ~1024
+   output vectors of utterances with 16 vectors and 9 target tokens each, token ids drawn from a
+   Zipf law over 12,000 ids. The neighbour variant's cache (each id's nearest rows, computed the first time
+   the id is a target) is filled for those 12,000 ids before timing, as after a run's first steps; its
+   one-time cost is printed apart. The
+   variants run interleaved, ``--rounds`` times each, in fresh processes; the median is reported, so
+   a load that changes during the run hits every variant alike.
 """
 
 from __future__ import annotations
@@ -161,6 +172,110 @@ def child_load(folder: str, how: str) -> dict:
     return {"shape": list(emb.shape), "seconds": time.perf_counter() - t, "peak_rss_MB": _rss_mb(), "base_rss_MB": base}
 
 
+SHIPPED_STAGE1 = "smollm2_135M/stage1_full"
+CLASSIFIER_VARIANTS = (  # (label, loss overrides)
+    ("shipped: classifier over all 49,152 rows", {}),
+    ("sampled: targets + 1024 drawn rows", {"classifier_negatives": 1024}),
+    ("sampled: targets + 8 neighbours each + 1024 drawn", {"classifier_negatives": 1024, "classifier_neighbours": 8}),
+    ("no classifier (classifier_weight 0)", {"classifier_weight": 0.0}),
+)
+
+
+def child_classifier(loss_overrides: dict, steps: int, max_tokens: int, vectors_per_utt: int, words_per_utt: int,
+                     device: str = "cpu") -> dict:
+    """One variant of the shipped stage-1 step: the config's projector and loss, fp32, SmolLM2-shaped table."""
+    import numpy as np
+    import torch
+    from omegaconf import OmegaConf
+    from torchtune import config as tt_config
+
+    from speechmapper_tune.configs import resolve_config
+    from speechmapper_tune.data.stage1 import lookup_targets
+    from speechmapper_tune.losses import build_stage1_target_ids
+
+    cfg = OmegaConf.load(resolve_config(SHIPPED_STAGE1))
+    for k, v in loss_overrides.items():
+        cfg.loss[k] = v
+    torch.manual_seed(0)
+    model = tt_config.instantiate(cfg.model).to(device)
+    loss_fn = tt_config.instantiate(cfg.loss)
+    vocab, dim, pad_id = 49152, int(cfg.model.output_dim), int(cfg.llm.pad_id)
+    emb = torch.randn(vocab, dim, device=device) * 0.1  # the table's values do not change the cost
+    loss_fn.set_embedding(emb, blank_id=pad_id)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    # input frames per output vector: the projector's own downsampling
+    frames = next(n for n in range(vectors_per_utt, 64 * vectors_per_utt) if model.output_length(n) >= vectors_per_utt)
+    n_utt = max(1, max_tokens // vectors_per_utt)
+    rng = np.random.default_rng(0)
+    zipf = 1.0 / np.arange(1, 12001)
+    zipf /= zipf.sum()
+    ids_pool = rng.permutation(np.arange(100, vocab))[:12000]
+
+    def batch():
+        toks = [[int(t) for t in ids_pool[rng.choice(12000, size=words_per_utt, p=zipf)]] for _ in range(n_utt)]
+        feats = torch.randn(n_utt, frames, model.input_dim, device=device)
+        lengths = torch.full((n_utt,), frames, dtype=torch.long, device=device)
+        out_lengths = [int(model.output_length(frames))] * n_utt
+        target_ids = build_stage1_target_ids(toks, out_lengths, pad_id).to(device)
+        return feats, lengths, target_ids, torch.full((n_utt,), words_per_utt, device=device)
+
+    batches = [batch() for _ in range(steps + 2)]
+    model.train()
+    warm_s = 0.0
+    if loss_fn.neighbours is not None:  # steady state: every id of the pool met once (a one-time cost)
+        t = time.perf_counter()
+        loss_fn.neighbours.lookup(torch.as_tensor(ids_pool, device=device))
+        warm_s = time.perf_counter() - t
+
+    def step(b):
+        feats, lengths, target_ids, nw = b
+        pred, ol = model(feats, lengths)
+        out = loss_fn(pred.float(), lookup_targets(emb, target_ids), ol, nw, target_ids)
+        out["objective"].backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for b in batches[:2]:
+        step(b)
+    t = time.perf_counter()
+    for b in batches[2:]:
+        step(b)
+    dt = (time.perf_counter() - t) / steps
+    vectors = n_utt * int(model.output_length(frames))
+    return {"step_s": dt, "vectors_per_s": vectors / dt, "vectors": vectors, "peak_rss_MB": _rss_mb(),
+            "neighbour_cache_s": warm_s}
+
+
+def bench_classifier(a) -> None:
+    import statistics
+
+    print(f"Shipped stage-1 config ({SHIPPED_STAGE1}: small projector, balanced loss, classifier weight 1), fp32, "
+          f"{a.rounds} interleaved rounds of {a.steps} steps per variant (median):\n")
+    runs = {label: [] for label, _ in CLASSIFIER_VARIANTS}
+    for _ in range(a.rounds):
+        for label, overrides in CLASSIFIER_VARIANTS:
+            r = _run_child(dict(kind="classifier", loss_overrides=overrides, steps=a.steps, max_tokens=a.max_tokens,
+                                vectors_per_utt=16, words_per_utt=9, device=a.device))
+            if "error" in r:
+                print(f"| {label} | error: {r['error']} |")
+                continue
+            runs[label].append(r)
+    base = statistics.median(r["vectors_per_s"] for r in runs[CLASSIFIER_VARIANTS[0][0]]) if runs[CLASSIFIER_VARIANTS[0][0]] else float("nan")
+    print("| variant | step (s) | output vectors/s | x shipped | all rounds (vectors/s) | one-time neighbour cache, 12k ids (s) |")
+    print("|---|---|---|---|---|---|")
+    for label, _ in CLASSIFIER_VARIANTS:
+        if not runs[label]:
+            continue
+        v = statistics.median(r["vectors_per_s"] for r in runs[label])
+        st = statistics.median(r["step_s"] for r in runs[label])
+        every = ", ".join(f"{r['vectors_per_s']:.0f}" for r in runs[label])
+        cache = statistics.median(r["neighbour_cache_s"] for r in runs[label])
+        print(f"| {label} | {st:.3f} | {v:.0f} | {v / base:.2f} | {every} | {cache:.1f} |" if cache else
+              f"| {label} | {st:.3f} | {v:.0f} | {v / base:.2f} | {every} | - |")
+    print()
+
+
 # ---------------------------------------------------------------- driver
 def machine() -> str:
     from speechmapper_tune.dtypes import machine_summary
@@ -170,7 +285,8 @@ def machine() -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", choices=["train", "load", "table"], default=None)
+    ap.add_argument("--only", choices=["train", "load", "table", "classifier"], default=None)
+    ap.add_argument("--rounds", type=int, default=3, help="--only classifier: interleaved rounds per variant")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--max-tokens", type=int, default=1024)
@@ -178,11 +294,14 @@ def main() -> None:
     a = ap.parse_args()
     if a.child:
         args = json.loads(a.child)
-        fn = {"train": child_train, "load": child_load}[args.pop("kind")]
+        fn = {"train": child_train, "load": child_load, "classifier": child_classifier}[args.pop("kind")]
         print(json.dumps(fn(**args)))
         return
 
     print(f"Machine: {machine()}\n")
+    if a.only == "classifier":
+        bench_classifier(a)
+        return
     if a.only in (None, "train"):
         presets = ["tiny", "small"] + (["paper"] if a.device == "cuda" else [])
         print("| preset | table | dtype | params (M) | step (s) | output vectors/s | peak RSS (MB) | peak GPU (MB) |")

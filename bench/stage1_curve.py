@@ -1,0 +1,366 @@
+"""Stage-1 learning curve: train the points of a curve config one at a time, resumably, then tabulate and plot.
+
+    .venv/bin/python bench/stage1_curve.py                           # configs/smollm2_135M/stage1_curve.yaml
+    .venv/bin/python bench/stage1_curve.py --report                  # curve.md + curve.png from what exists
+    .venv/bin/python bench/stage1_curve.py --only v46_3k --only v17_3k
+    .venv/bin/python bench/stage1_curve.py --config my_curve.yaml --wait 0   # do not wait for missing features
+
+Each point is one ``tune run speechmapper_pretrain --config <base_config> output_dir=<output_dir>/<name>
+data.train_manifest=... data.val_manifest=<dev_manifest> max_steps=... resume=True <common> <overrides>``,
+run under ``nice -n 19`` (``--nice``). Stopping the runner (or the machine) at any time and running it again resumes:
+finished points are skipped, the running one continues from its last checkpoint (the recipe's exact resume),
+and its CPU and wall seconds add up over the runs (``<output_dir>/state.json``, written atomically).
+
+A point's training data is ``data.<name>.manifest`` or, with ``sentences: N``, its first N utterances
+(``cuts_first<N>.jsonl.gz`` beside it, so the features' ``extract_info.json`` still applies); while that
+manifest is still being extracted, the first N are cut from its finished shards once they hold N.
+``epochs: E`` means E x the subset's batches per epoch (epoch 0's packing, at the point's
+``max_tokens_per_batch``; items the recipe would skip still count); ``steps_of: other`` the other point's steps.
+A point whose data is not there yet is passed over for the next ready one; with none ready the runner
+sleeps ``--wait`` seconds and looks again (``--wait 0``: stop). A point that fails is marked failed with its
+log's last lines and skipped on later runs (``--retry-failed`` runs it again).
+
+The report reads each point's ``metrics.jsonl``: dev nearest-token accuracy at every validation (overall and
+by how often each dev token occurs in the point's training targets: 0-9, 10-49, 50-499, 500+), the dev
+classifier CE, steps, epochs, CPU-hours and wall hours; ``curve.md`` holds the table, ``curve.png`` the
+curves (dev accuracy against steps, one line per point, a panel per group) and the last accuracy by bucket.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = "smollm2_135M/stage1_curve"
+BUCKETS = ("seen_0_9", "seen_10_49", "seen_50_499", "seen_500_plus")
+POINT_KEYS = {"name", "data", "sentences", "steps", "epochs", "steps_of", "overrides", "group"}
+
+
+# ---------------------------------------------------------------- config and state
+def load_curve(path: str) -> dict:
+    from omegaconf import OmegaConf
+
+    from speechmapper_tune.configs import resolve_config
+
+    file = Path(path) if Path(path).suffix == ".yaml" else Path(resolve_config(path))
+    cfg = OmegaConf.to_container(OmegaConf.load(file), resolve=True)
+    for key in ("base_config", "output_dir", "dev_manifest", "data", "points"):
+        if key not in cfg:
+            raise ValueError(f"{file}: setting {key} is missing")
+    names = set()
+    for i, p in enumerate(cfg["points"]):
+        where = f"{file}: points[{i}] ({p.get('name', '?')})"
+        unknown = set(p) - POINT_KEYS
+        if unknown:
+            raise ValueError(f"{where}: unknown keys {sorted(unknown)}; known: {sorted(POINT_KEYS)}")
+        if not p.get("name") or p["name"] in names:
+            raise ValueError(f"{where}: each point needs a unique name")
+        if p.get("data") not in cfg["data"]:
+            raise ValueError(f"{where}: data={p.get('data')!r} is not one of data: {sorted(cfg['data'])}")
+        if sum(k in p for k in ("steps", "epochs", "steps_of")) != 1:
+            raise ValueError(f"{where}: set exactly one of steps, epochs, steps_of")
+        if "steps_of" in p and p["steps_of"] not in names:
+            raise ValueError(f"{where}: steps_of={p['steps_of']!r} must name an earlier point")
+        names.add(p["name"])
+    cfg["output_dir"] = str(_abs(cfg["output_dir"]))
+    return cfg
+
+
+def _abs(path: str) -> Path:
+    p = Path(path)
+    return p if p.is_absolute() else REPO / p
+
+
+class State:
+    """``state.json``: per point its status, steps, CPU and wall seconds; every write atomic."""
+
+    def __init__(self, out_dir: Path):
+        self.path = out_dir / "state.json"
+        self.data: Dict[str, dict] = json.loads(self.path.read_text()) if self.path.is_file() else {}
+
+    def point(self, name: str) -> dict:
+        return self.data.setdefault(name, {"status": "pending", "cpu_s": 0.0, "wall_s": 0.0})
+
+    def save(self) -> None:
+        from speechmapper_tune.checkpoint.atomic import atomic_write_json
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(self.path, self.data)
+
+
+# ---------------------------------------------------------------- data
+def _read_cuts(path: Path) -> List[str]:
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        return [line for line in f if line.strip()]
+
+
+def subset_manifest(manifest: Path, n: Optional[int]) -> Optional[Path]:
+    """The first ``n`` utterances of ``manifest`` as a manifest beside it (None while not enough are extracted)."""
+    if n is None:
+        return manifest if manifest.is_file() else None
+    out = manifest.parent / f"cuts_first{n}.jsonl.gz"
+    if out.is_file():
+        return out
+    if manifest.is_file():
+        lines = _read_cuts(manifest)
+    else:  # still being extracted: its finished shards, in order, from the first
+        lines, k = [], 0
+        while len(lines) < n and (manifest.parent / "shards" / f"cuts-{k:05d}.jsonl.gz").is_file():
+            lines += _read_cuts(manifest.parent / "shards" / f"cuts-{k:05d}.jsonl.gz")
+            k += 1
+        if len(lines) < n:
+            return None
+    if len(lines) < n:
+        raise ValueError(f"{manifest} holds {len(lines)} utterances, fewer than sentences={n}")
+    from speechmapper_tune.checkpoint.atomic import atomic_path
+
+    with atomic_path(out) as tmp:
+        with gzip.open(tmp, "wt", encoding="utf-8") as f:
+            f.writelines(lines[:n])
+    return out
+
+
+def batches_per_epoch(manifest: Path, base_cfg, overrides: List[str]) -> int:
+    """Epoch 0's batch count of the pretrain recipe's sampler on ``manifest`` (the point's model and batch cap)."""
+    from omegaconf import OmegaConf
+    from torchtune import config as tt_config
+
+    from speechmapper_tune.data.sampler import LengthCappedBatchSampler
+
+    cfg = OmegaConf.merge(base_cfg, OmegaConf.from_dotlist([o for o in overrides if not o.startswith("~")]))
+    model = tt_config.instantiate(cfg.model)
+    max_tokens = int(cfg.data.max_tokens_per_batch)
+    lengths = [int(model.output_length(int(json.loads(l)["features"]["num_frames"]))) for l in _read_cuts(manifest)]
+    lengths = [n for n in lengths if 1 <= n <= max_tokens]
+    return len(LengthCappedBatchSampler(lengths, max_tokens, shuffle=True, seed=int(cfg.seed)))
+
+
+# ---------------------------------------------------------------- running
+def run_point(cfg: dict, point: dict, state: State, steps: int, manifest: Path, nice: int = 19) -> bool:
+    out = Path(cfg["output_dir"]) / point["name"]
+    out.mkdir(parents=True, exist_ok=True)
+    cmd = ["nice", "-n", str(nice), str(REPO / ".venv" / "bin" / "tune"), "run", "speechmapper_pretrain",
+           "--config", cfg["base_config"], f"output_dir={out}", f"data.train_manifest={manifest}",
+           f"data.val_manifest={_abs(cfg['dev_manifest'])}", f"max_steps={steps}", "resume=True",
+           *cfg.get("common", []), *point.get("overrides", [])]
+    st = state.point(point["name"])
+    st.update(status="running", steps=steps, manifest=str(manifest), command=" ".join(cmd[3:]))
+    state.save()
+    print(f"[curve] {point['name']}: {steps} steps on {manifest}", flush=True)
+    t0 = time.time()
+    with open(out / "train.log", "a") as log:
+        log.write(f"\n=== {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())} {' '.join(cmd)}\n")
+        log.flush()
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+        try:
+            _, status, usage = os.wait4(proc.pid, 0)
+        except KeyboardInterrupt:
+            proc.terminate()
+            _, status, usage = os.wait4(proc.pid, 0)
+            _account(state, st, usage, t0, "stopped")
+            raise
+    rc = os.waitstatus_to_exitcode(status)
+    _account(state, st, usage, t0, "done" if rc == 0 else "failed")
+    if rc != 0:
+        tail = (out / "train.log").read_text(errors="replace").splitlines()[-5:]
+        st["error"] = f"exit {rc}: " + " | ".join(tail)
+        state.save()
+        print(f"[curve] {point['name']} FAILED (exit {rc}); log {out / 'train.log'}", flush=True)
+    return rc == 0
+
+
+def _account(state: State, st: dict, usage, t0: float, status: str) -> None:
+    st["cpu_s"] = st.get("cpu_s", 0.0) + usage.ru_utime + usage.ru_stime
+    st["wall_s"] = st.get("wall_s", 0.0) + time.time() - t0
+    st["status"] = status
+    state.save()
+
+
+def plan_steps(cfg: dict, point: dict, state: State, manifest: Path, base_cfg) -> Optional[int]:
+    st = state.point(point["name"])
+    if st.get("steps"):
+        return int(st["steps"])  # fixed at the first start: a resume keeps the schedule's length
+    if "steps" in point:
+        return int(point["steps"])
+    if "steps_of" in point:
+        other = state.data.get(point["steps_of"], {}).get("steps")
+        return int(other) if other else None  # known once the other point has started
+    per_epoch = batches_per_epoch(manifest, base_cfg, list(cfg.get("common", [])) + list(point.get("overrides", [])))
+    st["batches_per_epoch"] = per_epoch
+    return int(point["epochs"]) * per_epoch
+
+
+def run_all(cfg: dict, only: List[str], wait: float, retry_failed: bool, nice: int = 19) -> None:
+    from omegaconf import OmegaConf
+
+    from speechmapper_tune.configs import resolve_config
+
+    base_cfg = OmegaConf.load(resolve_config(cfg["base_config"]))
+    state = State(Path(cfg["output_dir"]))
+    points = [p for p in cfg["points"] if not only or p["name"] in only]
+    while True:
+        todo = [p for p in points if state.point(p["name"])["status"] not in ("done",)
+                and (retry_failed or state.point(p["name"])["status"] != "failed")]
+        if not todo:
+            break
+        started = False
+        for point in todo:
+            data = cfg["data"][point["data"]]
+            manifest = subset_manifest(_abs(data["manifest"]), point.get("sentences"))
+            if manifest is None or not _abs(cfg["dev_manifest"]).is_file():
+                continue
+            steps = plan_steps(cfg, point, state, manifest, base_cfg)
+            if steps is None:
+                continue
+            run_point(cfg, point, state, steps, manifest, nice)
+            report(cfg)
+            started = True
+            break  # re-read from the top: an earlier point may have become ready
+        if not started:
+            if wait <= 0:
+                print(f"[curve] waiting for data of: {', '.join(p['name'] for p in todo)}; stopping (--wait 0)")
+                break
+            print(f"[curve] {time.strftime('%H:%M:%S')} no point ready ({len(todo)} waiting for features); "
+                  f"next look in {wait:.0f} s", flush=True)
+            time.sleep(wait)
+    report(cfg)
+
+
+# ---------------------------------------------------------------- report
+def _metrics(out: Path) -> List[dict]:
+    path = out / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a line cut by a stop
+    return rows
+
+
+def summarize(cfg: dict) -> List[dict]:
+    state = State(Path(cfg["output_dir"]))
+    rows = []
+    for p in cfg["points"]:
+        st = state.data.get(p["name"], {})
+        metrics = _metrics(Path(cfg["output_dir"]) / p["name"])
+        val = [m for m in metrics if "val_token_acc" in m]
+        train = [m for m in metrics if "epoch" in m]
+        best = max(val, key=lambda m: m["val_token_acc"]) if val else None
+        last = val[-1] if val else None
+        data = cfg["data"][p["data"]]
+        rows.append({
+            "name": p["name"], "group": p.get("group", ""), "status": st.get("status", "pending"),
+            "sentences": p.get("sentences") or "all", "voices": data.get("voices", "?"),
+            "overrides": " ".join(p.get("overrides", [])), "steps": st.get("steps"),
+            "step": last["step"] if last else 0, "epoch": train[-1]["epoch"] if train else None,
+            "batches_per_epoch": st.get("batches_per_epoch"),
+            "acc": last["val_token_acc"] if last else None,
+            "best_acc": best["val_token_acc"] if best else None, "best_step": best["step"] if best else None,
+            "ce": last.get("val_classifier_ce") if last else None,
+            "buckets": {b: last.get(f"val_token_acc_{b}") for b in BUCKETS} if last else {},
+            "shares": {b: last.get(f"val_token_share_{b}") for b in BUCKETS} if last else {},
+            "curve": [(m["step"], m["val_token_acc"]) for m in val],
+            "cpu_h": st.get("cpu_s", 0.0) / 3600, "wall_h": st.get("wall_s", 0.0) / 3600,
+        })
+    return rows
+
+
+def _pct(x) -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}"
+
+
+def markdown(rows: List[dict]) -> str:
+    lines = [
+        "| point | group | sentences | voices | changes | steps done / planned | epochs | dev token acc % (last) | "
+        "best (step) | last by train count 0-9 / 10-49 / 50-499 / 500+ % | dev classifier CE | CPU-h | wall h | status |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        buckets = " / ".join(_pct(r["buckets"].get(b)) for b in BUCKETS) if r["buckets"] else "-"
+        best = f"{_pct(r['best_acc'])} ({r['best_step']})" if r["best_acc"] is not None else "-"
+        ce = f"{r['ce']:.2f}" if r["ce"] is not None else "-"
+        epochs = f"{r['epoch'] + 1}" if r["epoch"] is not None else "-"
+        lines.append(f"| {r['name']} | {r['group']} | {r['sentences']} | {r['voices']} | {r['overrides'] or '-'} | "
+                     f"{r['step']} / {r['steps'] or '?'} | {epochs} | {_pct(r['acc'])} | {best} | {buckets} | {ce} | "
+                     f"{r['cpu_h']:.2f} | {r['wall_h']:.2f} | {r['status']} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: List[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = sorted({r["group"] for r in rows if r["curve"]})
+    fig, axes = plt.subplots(1, len(groups) + 1, figsize=(5 * (len(groups) + 1), 4), squeeze=False)
+    for ax, group in zip(axes[0], groups):
+        for r in [r for r in rows if r["group"] == group and r["curve"]]:
+            steps, acc = zip(*r["curve"])
+            ax.plot(steps, [100 * a for a in acc], marker=".", label=r["name"])
+        ax.set(title=f"{group}: dev token accuracy", xlabel="step", ylabel="%")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    ax = axes[0][-1]
+    done = [r for r in rows if r["buckets"]]
+    width = 0.8 / max(len(done), 1)
+    for i, r in enumerate(done):
+        vals = [100 * (r["buckets"].get(b) or 0.0) for b in BUCKETS]
+        ax.bar([k + i * width for k in range(len(BUCKETS))], vals, width, label=r["name"])
+    ax.set_xticks([k + 0.4 - width / 2 for k in range(len(BUCKETS))], ["0-9", "10-49", "50-499", "500+"])
+    ax.set(title="last dev accuracy by training count", xlabel="times the token occurs in training targets", ylabel="%")
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    from speechmapper_tune.checkpoint.atomic import atomic_path
+
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=90, format="png")
+    plt.close(fig)
+
+
+def report(cfg: dict) -> None:
+    from speechmapper_tune.checkpoint.atomic import atomic_write_text
+
+    rows = summarize(cfg)
+    out = Path(cfg["output_dir"])
+    out.mkdir(parents=True, exist_ok=True)
+    table = markdown(rows)
+    atomic_write_text(out / "curve.md", f"Stage-1 learning curve ({cfg['base_config']}; dev = held-out voices)\n\n" + table)
+    if any(r["curve"] for r in rows):
+        plot(rows, out / "curve.png")
+    print(table, flush=True)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default=DEFAULT_CONFIG, help="curve config: a packaged name or a .yaml path")
+    ap.add_argument("--only", action="append", default=[], help="run only these points (repeatable)")
+    ap.add_argument("--report", action="store_true", help="only write curve.md and curve.png")
+    ap.add_argument("--wait", type=float, default=600, help="seconds between looks when no point's data is ready")
+    ap.add_argument("--retry-failed", action="store_true")
+    ap.add_argument("--nice", type=int, default=19, help="niceness of the training runs (default 19: background)")
+    a = ap.parse_args(argv)
+    cfg = load_curve(a.config)
+    unknown = set(a.only) - {p["name"] for p in cfg["points"]}
+    if unknown:
+        sys.exit(f"--only names unknown points {sorted(unknown)}")
+    if a.report:
+        report(cfg)
+    else:
+        run_all(cfg, a.only, a.wait, a.retry_failed, a.nice)
+
+
+if __name__ == "__main__":
+    main()
