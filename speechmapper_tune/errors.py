@@ -38,3 +38,10 @@ def run_recipe(name: str, *steps: Callable[[], Any]) -> Any:
             print(f"{name}: ({type(e).__name__}; set {DEBUG_ENV}=1 for the traceback)", file=sys.stderr, flush=True)
         return 1
     return result
+
+
+def error_summary(e: BaseException, limit: int = 300) -> str:
+    """An exception's message in one line: its lines joined, so lhotse's "failed. Details:" keeps the details
+    that follow on the next lines (the first line alone ended in an empty "Details:"); at most ``limit`` characters."""
+    text = " ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."

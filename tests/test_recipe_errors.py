@@ -67,3 +67,18 @@ def test_a_wrongly_typed_value_stops_tune_run_before_data_or_model(tmp_path, tun
     assert lines[-2] == ("speechmapper_adapt: error: optimizer.lr='fast' must be a number "
                          "(torch.optim.AdamW's default is 0.001)"), proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr and not (out / "checkpoints").exists()
+
+
+def test_an_unreadable_audio_reason_keeps_its_details(tmp_path):
+    from lhotse.audio.backend import read_audio
+
+    from speechmapper_tune.errors import error_summary
+
+    bad = tmp_path / "corrupt.wav"
+    bad.write_bytes(b"RIFF\x00\x00\x00\x00WAVEjunkjunk")
+    with pytest.raises(Exception) as e:
+        read_audio(str(bad))
+    assert str(e.value).splitlines()[0].endswith("Details:")  # lhotse puts the details on the next lines
+    summary = error_summary(e.value)
+    assert "\n" not in summary and "failed. Details: Exception #0" in summary  # the details follow on the same line
+    assert len(error_summary(e.value, 120)) == 120

@@ -34,6 +34,7 @@ from lhotse.audio import Recording
 from lhotse.utils import fastcopy
 
 from speechmapper_tune.corpus import paper_corpora
+from speechmapper_tune.errors import error_summary
 from speechmapper_tune.textio import first_non_utf8_line, numbered
 
 PathLike = Union[str, os.PathLike]
@@ -192,7 +193,7 @@ def _load_plain_jsonl(path: Path) -> CutSet:
                 recording = Recording.from_file(audio, recording_id=row["id"])
             except Exception as e:  # lhotse backends raise various types on unreadable audio
                 recording = _placeholder_recording(row["id"], audio)
-                custom[AUDIO_ERROR] = f"unreadable audio {audio}: {str(e).splitlines()[0]}"
+                custom[AUDIO_ERROR] = f"unreadable audio {audio}: {error_summary(e)}"
             recordings.append(recording)
             segments.append(SupervisionSegment(
                 id=row["id"], recording_id=row["id"], start=0.0, duration=recording.duration,

@@ -53,6 +53,7 @@ from lhotse import CutSet, MonoCut, SupervisionSegment
 from lhotse.audio import Recording
 
 from speechmapper_tune.checkpoint.atomic import atomic_path
+from speechmapper_tune.errors import error_summary
 from speechmapper_tune.textio import read_lines
 
 log = logging.getLogger(__name__)
@@ -173,7 +174,7 @@ def _open_recording(audio: Path, rec_id: str) -> Tuple[Optional[Recording], str]
     try:
         return Recording.from_file(audio, recording_id=rec_id), ""
     except Exception as e:  # noqa: BLE001  (lhotse's backends raise various types on unreadable audio)
-        return None, f"unreadable audio [{str(e).splitlines()[0][:120]}]"
+        return None, f"unreadable audio [{error_summary(e, 120)}]"
 
 
 def _read_recording(audio: Path, rec_id: str, skipped: Skipped, item: str) -> Optional[Recording]:
@@ -358,7 +359,7 @@ def read_spoken_squad(json_path: PathLike, audio_dir: Optional[PathLike] = None,
         try:
             joined = _join_paragraph([parts[i] for i in range(len(parts))], paragraph_dir / f"{cut_id}.wav")
         except (RuntimeError, ValueError) as e:  # soundfile raises RuntimeError/LibsndfileError on bad files
-            skipped.add("unreadable sentence wav", f"{cut_id} ({str(e).splitlines()[0][:120]})")
+            skipped.add("unreadable sentence wav", f"{cut_id} ({error_summary(e, 120)})")
             continue
         rec = _read_recording(joined, cut_id, skipped, cut_id)
         if rec is None:

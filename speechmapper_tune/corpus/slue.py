@@ -37,6 +37,7 @@ from typing import Dict, List, Optional, Union
 from lhotse import CutSet, MonoCut, SupervisionSegment
 
 from speechmapper_tune.corpus.manifest_io import AUDIO_ERROR, _placeholder_recording
+from speechmapper_tune.errors import error_summary
 from speechmapper_tune.metrics import SLUE_NER_TAGS, SLUE_RAW_TO_COMBINED, SLUE_SENTIMENTS, format_entities
 
 log = logging.getLogger(__name__)
@@ -99,7 +100,7 @@ def _recording(rec_id: str, audio: Path):
             raise FileNotFoundError(f"audio file {audio} does not exist")
         return Recording.from_file(audio, recording_id=rec_id), None
     except Exception as e:  # lhotse backends raise various types on unreadable audio
-        return _placeholder_recording(rec_id, audio), f"unreadable audio {audio}: {str(e).splitlines()[0]}"
+        return _placeholder_recording(rec_id, audio), f"unreadable audio {audio}: {error_summary(e)}"
 
 
 def parse_ner_spans(value: Optional[str], text: str, where: str) -> List[List]:

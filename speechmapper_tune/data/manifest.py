@@ -17,6 +17,7 @@ from lhotse import CutSet
 
 from speechmapper_tune.checkpoint.atomic import atomic_path
 from speechmapper_tune.data import features as _features  # importing it registers the storage backend
+from speechmapper_tune.errors import error_summary
 from speechmapper_tune.text import normalize_text
 from speechmapper_tune.textio import first_non_utf8_line
 
@@ -152,7 +153,7 @@ def shard_problem(storage_type: str, shard: str) -> Optional[str]:
     try:
         _features._open_shard(shard)  # reads the header, which safetensors checks against the file size
     except Exception as e:  # noqa: BLE001  (safetensors raises its own error type and OSError)
-        return f"feature shard {shard} unreadable ({str(e).splitlines()[0]})"
+        return f"feature shard {shard} unreadable ({error_summary(e)})"
     return None
 
 
