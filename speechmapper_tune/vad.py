@@ -19,7 +19,7 @@ The rules, in the order they apply (:func:`speech_segments`):
    within the limit and the pause between them is under ``JOIN_GAP_S``; longer runs stay
    separate, so a piece is usually one sentence (the shipped projectors were trained on single
    utterances and may drop a second sentence read in the same piece).
-4. Each piece keeps ``PAD_S`` (0.2 s) of audio either side (less where a neighbour is closer,
+4. Each piece keeps ``PAD_S`` (0.3 s) of audio either side (less where a neighbour is closer,
    which gets half the pause), never more than ``max_seconds`` in all.
 """
 
@@ -36,7 +36,7 @@ MIN_PAUSE_S = 0.3  # a pause between sentences; shorter ones (within a sentence)
 MIN_SPEECH_S = 0.3  # below: not speech the projector can read (0.2-s clips measure <= 0.23 s, 0.5-s words >= 0.35 s)
 SHORT_PIECE_S = 1.0  # a run this short joins a neighbour, when it can, for context
 JOIN_GAP_S = 1.0  # the longest pause a short run is joined across
-PAD_S = 0.2  # audio kept either side of the speech: Silero's onsets and offsets are a window or two late/early
+PAD_S = 0.3  # audio kept either side: Silero's onsets and offsets are a window or two off; 0.3 read LibriVox best (0.2 to 0.5 tried)
 
 
 def speech_probabilities(wave: np.ndarray) -> np.ndarray:
