@@ -24,6 +24,11 @@ item; the optional guard stops them early.
 ``tune run --nproc_per_node N speechmapper_generate ...`` splits the items (and an audio manifest's
 feature chunks) between the N processes; each writes its own part files and rank 0 merges them
 into the same ``generations.jsonl`` (in manifest order) and ``not_generated.jsonl`` one process writes.
+
+``runs``: a list of overrides, each one generation run of the settings above with those values (e.g.
+``{projector_checkpoint: ..., manifest: ..., output_dir: ...}``). They run one after another in this
+process, which loads the frozen LLM once for all of them (projectors with LoRA adapters load their own);
+every run's settings are checked before the first starts.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import List, Optional
 
 import torch
 import torch.distributed as dist
@@ -73,8 +79,9 @@ def _check_trained_prompt(trained, template: PromptTemplate, cfg: DictConfig) ->
 
 
 class GenerateRecipe:
-    def __init__(self, cfg: DictConfig):
+    def __init__(self, cfg: DictConfig, llm_cache: Optional[dict] = None):
         self.cfg = cfg
+        self.llm_cache = llm_cache  # shared by the runs of one process: the frozen LLM loads once
         self.output_dir = Path(cfg.output_dir)
         self.device = utils.get_device(cfg.get("device", "cpu"))  # cuda: this process's LOCAL_RANK device
         self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -103,7 +110,8 @@ class GenerateRecipe:
         self.model = SpeechLM.from_checkpoint(cfg.get("projector_checkpoint"), llm=llm,
                                               prompt=OmegaConf.to_container(cfg.prompt, resolve=True), device=self.device,
                                               trim_pad_vectors=cfg.get("trim_pad_vectors"),
-                                              stop_at_newline=bool(cfg.get("stop_at_newline", False)), on_warning=log.warning)
+                                              stop_at_newline=bool(cfg.get("stop_at_newline", False)), on_warning=log.warning,
+                                              llm_cache=self.llm_cache)
         self.projector, self.chat, self.template = self.model.projector, self.model.chat, self.model.template
         meta = self.model.meta
         if meta.get("lora"):  # the adapters trained with this projector belong to the LLM it feeds
@@ -274,22 +282,38 @@ class GenerateRecipe:
             texts = [self.transcriber(load_cut_audio(self.cuts[i], max_duration=600.0)) for i in batch["ids"]]
         return [self.model.text_span(t) for t in texts]
 
-    def cleanup(self) -> None:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
 def _plain(node):
     return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
 
 
+def run_configs(cfg: DictConfig) -> List[DictConfig]:
+    """The runs ``cfg`` asks for: itself, or one per entry of ``runs`` (the rest of ``cfg`` with its overrides)."""
+    runs = cfg.get("runs")
+    if not runs:
+        return [cfg]
+    base = OmegaConf.masked_copy(cfg, [k for k in cfg.keys() if k != "runs"])
+    configs = []
+    for i, override in enumerate(runs):
+        if not isinstance(override, DictConfig):
+            raise ValueError(f"runs[{i}]: expected a mapping of settings, got {override!r}")
+        configs.append(OmegaConf.merge(base, override))
+    return configs
+
+
 @config.parse
 def recipe_main(cfg: DictConfig) -> None:
-    check_recipe_config(cfg, "speechmapper_generate")  # a misspelt or unknown setting stops here, before anything loads
-    recipe = GenerateRecipe(cfg)
-    recipe.setup()
-    recipe.run()
-    recipe.cleanup()
+    configs = run_configs(cfg)
+    for run_cfg in configs:  # a misspelt or unknown setting in any run stops here, before anything loads
+        check_recipe_config(run_cfg, "speechmapper_generate")
+    llm_cache: dict = {}
+    for i, run_cfg in enumerate(configs):
+        if len(configs) > 1:
+            log.info(f"Run {i + 1} of {len(configs)}: {run_cfg.output_dir}")
+        recipe = GenerateRecipe(run_cfg, llm_cache)
+        recipe.setup()
+        recipe.run()
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

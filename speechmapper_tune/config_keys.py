@@ -56,6 +56,7 @@ RECIPE_KEYS: Dict[str, Set[str]] = {
         "max_new_tokens", "max_seq_len", "stop_at_newline", "length_cap.tokens_per_second", "length_cap.extra",
         "stuck_guard.max_ngram", "stuck_guard.min_repeats", "stuck_guard.min_span", "stuck_guard.trim",
         "max_duration", "overwrite", "max_items", "instructions", "task",
+        "runs",  # a list of overrides, one run each; the recipe checks each run's merged settings
     },
     "speechmapper_eval": {
         "output_dir", "generations.*", "judge.name", "judge.llm.name", "judge.llm.checkpoint", "judge.llm.chat_format",

@@ -89,6 +89,22 @@ class Demo:
         if proc.returncode != 0:
             raise SystemExit(f"[demo] {phase} failed (exit {proc.returncode}); rerun `make demo` to resume")
 
+    def generate_all(self, phase: str, runs: List[List[str]]) -> None:
+        """Several ``speechmapper_generate`` runs (each ``--config NAME key=value ...``) in one process, which
+        loads the frozen LLM once: the runs go into one config's ``runs`` list."""
+        from omegaconf import OmegaConf
+
+        from speechmapper_tune.configs import resolve_config
+
+        configs = []
+        for args in runs:
+            name, overrides = args[args.index("--config") + 1], [a for a in args if "=" in a]
+            configs.append(OmegaConf.merge(OmegaConf.load(resolve_config(name)), OmegaConf.from_dotlist(overrides)))
+        plan = self.out / "generations" / f"plan_{phase.replace(' ', '_')}.yaml"
+        plan.parent.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(OmegaConf.create({"runs": configs}), plan)
+        self.run(phase, ["speechmapper_generate", "--config", str(plan)])
+
     # ------------------------------------------------------------------ phases
     def data(self) -> None:
         corpus = self.out / "corpus"
@@ -148,22 +164,22 @@ class Demo:
                                    f"projector_checkpoint={path}"]
             else:
                 print(f"[demo] no shipped projector {SHIPPED[system]!r} in this installation: its rows are left out")
+        runs = []
         for split in self.splits:
             for name, args in systems.items():
                 out = self.out / "generations" / f"{name}_{split}"
-                self.run("generation", ["speechmapper_generate", *args, f"manifest={self.feats(split)}/cuts.jsonl.gz",
-                                        f"output_dir={out}", *common, *self.items])
+                runs.append([*args, f"manifest={self.feats(split)}/cuts.jsonl.gz", f"output_dir={out}", *common, *self.items])
                 gens[f"{name}/{split}"] = str(out / "generations.jsonl")
         self.probes = {}
         for name, ckpt in (("stage2", self.ckpt2), ("shipped", shipped["shipped"])):  # the task-agnostic ones
             if ckpt is None:
                 continue
             probe = self.out / "generations" / f"probe_first_word_test_{name}"
-            self.run("generation", ["speechmapper_generate", "--config", "smollm2_135M/generate_asr",
-                                    f"projector_checkpoint={ckpt}", f"manifest={self.feats('test')}/cuts.jsonl.gz",
-                                    f"output_dir={probe}", f"prompt.instruction={PROBE}", _prefix(""), "max_new_tokens=8",
-                                    "stop_at_newline=True", *self.items])
+            runs.append(["--config", "smollm2_135M/generate_asr", f"projector_checkpoint={ckpt}",
+                         f"manifest={self.feats('test')}/cuts.jsonl.gz", f"output_dir={probe}",
+                         f"prompt.instruction={PROBE}", _prefix(""), "max_new_tokens=8", "stop_at_newline=True", *self.items])
             self.probes[name] = probe / "generations.jsonl"
+        self.generate_all("generation", runs)  # one process: the LLM loads once for every system and split
         return gens
 
     def translate(self) -> Dict[str, str]:
@@ -172,7 +188,7 @@ class Demo:
         from speechmapper_tune.data.instructions import load_translations
         from speechmapper_tune.text import normalize_text
 
-        table, gens = translations_file(ST_TRANSLATIONS), {}
+        table, gens, runs = translations_file(ST_TRANSLATIONS), {}, []
         known = load_translations(table)
         ckpts = {"topline": self.ckpt2, "cascade": self.ckpt2, "shipped": _shipped("shipped"), "stage2": self.ckpt2}
         for split in [s for s in ST_SPLITS if s in self.splits]:
@@ -189,11 +205,12 @@ class Demo:
                     continue
                 source = {"topline": ["span_source=transcript"], "cascade": ["span_source=asr"]}.get(system, [])
                 out = self.out / "generations" / f"st_{system}_{split}"
-                self.run("st generation", ["speechmapper_generate", "--config", "smollm2_135M/generate_st", *source,
-                                           f"projector_checkpoint={ckpts[system]}", f"manifest={manifest}",
-                                           f"instructions={rows / 'instructions.jsonl'}", f"output_dir={out}",
-                                           *ST_DECODING, *self.items])
+                runs.append(["--config", "smollm2_135M/generate_st", *source, f"projector_checkpoint={ckpts[system]}",
+                             f"manifest={manifest}", f"instructions={rows / 'instructions.jsonl'}", f"output_dir={out}",
+                             *ST_DECODING, *self.items])
                 gens[f"st_{system}/{split}"] = str(out / "generations.jsonl")
+        if runs:
+            self.generate_all("st generation", runs)
         return gens
 
     def evaluate(self, gens: Dict[str, str]) -> List[Dict]:

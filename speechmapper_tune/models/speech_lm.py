@@ -122,7 +122,8 @@ class SpeechLM(nn.Module):
                         prompt: Optional[Mapping[str, Any]] = None, lora: Any = FROM_CHECKPOINT,
                         projector: Optional[nn.Module] = None, device: Union[str, torch.device] = "cpu",
                         trim_pad_vectors: Optional[bool] = None, stop_at_newline: Optional[bool] = None,
-                        on_warning: Callable[[str], None] = print) -> "SpeechLM":
+                        on_warning: Callable[[str], None] = print,
+                        llm_cache: Optional[Dict[Any, Any]] = None) -> "SpeechLM":
         """Load a projector checkpoint (folder or shipped name) with the LLM it was trained for.
 
         ``llm``: ``{name, checkpoint, tokenizer, chat_format, dtype, pad_id}``, each defaulting to what
@@ -131,6 +132,8 @@ class SpeechLM(nn.Module):
         adapters' settings (None: none); default the checkpoint's. ``checkpoint=None`` with ``projector``
         (training from scratch) or without (text spans only: the topline and the cascade).
         ``stop_at_newline``: answers end at their first line; by default only with the zero-shot prompt.
+        ``llm_cache``: a dict kept by the caller; models without LoRA share one frozen LLM (and embedding
+        table) per checkpoint, dtype and device through it, so one process can serve many projectors.
         """
         folder = resolve_projector(checkpoint) if checkpoint is not None else None
         meta = read_projector_meta(folder) if folder is not None else {}
@@ -145,7 +148,9 @@ class SpeechLM(nn.Module):
             raise FileNotFoundError(f"llm.checkpoint: the {spec['name']} checkpoint folder {ckpt_dir!r} does not exist; "
                                     "pass the LLM's local folder")
         dtype = resolve_dtype(spec["dtype"], device, setting="llm.dtype")  # auto: bf16 only where computed natively
-        embedding = load_embedding_table(ckpt_dir)
+        cache = llm_cache if llm_cache is not None else {}
+        emb_key = ("embedding", str(ckpt_dir))
+        embedding = cache[emb_key] if emb_key in cache else cache.setdefault(emb_key, load_embedding_table(ckpt_dir))
         pad_id = int(spec["pad_id"])
         if not 0 <= pad_id < embedding.shape[0]:
             raise ValueError(f"llm.pad_id={pad_id} is outside the vocabulary of {ckpt_dir} (size {embedding.shape[0]})")
@@ -160,7 +165,13 @@ class SpeechLM(nn.Module):
         elif trained_lora:
             on_warning(f"{folder} was trained with LoRA adapters on the LLM ({trained_lora}); lora is not set, "
                        "so they are left out and the LLM stays as pretrained")
-        model, _, _ = load_llm(spec["name"], ckpt_dir, dtype=dtype, device=device, lora=lora or None)
+        llm_key = ("llm", spec["name"], str(ckpt_dir), dtype, str(torch.device(device)))
+        if lora or llm_key not in cache:  # LoRA adapters change the LLM: never shared
+            model, _, _ = load_llm(spec["name"], ckpt_dir, dtype=dtype, device=device, lora=lora or None)
+            if not lora:
+                cache[llm_key] = model
+        else:
+            model = cache[llm_key]
         if trained_lora and lora:
             load_lora_adapters(model, folder)
         chat = ChatTokenizer.from_dir(spec.get("tokenizer") or ckpt_dir, chat_format=spec["chat_format"], pad_token=pad_id)

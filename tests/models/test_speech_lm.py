@@ -122,3 +122,13 @@ def test_unknown_projector_names_the_shipped_ones():
     with pytest.raises(FileNotFoundError, match="smollm2_135m_whisper_base_stage2_asr_lora"):
         speech_lm.resolve_projector("no_such_projector")
     assert speech_lm.resolve_projector("smollm2_135m_whisper_base_stage1").is_dir()
+
+
+def test_an_llm_cache_shares_one_frozen_llm_between_projectors(tmp_path, llm_dir):
+    cache = {}
+    first = SpeechLM.from_checkpoint(_checkpoint(tmp_path / "a", llm_dir), llm=_llm(llm_dir), llm_cache=cache)
+    second = SpeechLM.from_checkpoint(_checkpoint(tmp_path / "b", llm_dir), llm=_llm(llm_dir), llm_cache=cache)
+    assert second.llm is first.llm and second.embedding.data_ptr() == first.embedding.data_ptr()
+    assert second.projector is not first.projector
+    alone = SpeechLM.from_checkpoint(_checkpoint(tmp_path / "c", llm_dir), llm=_llm(llm_dir))
+    assert alone.llm is not first.llm  # without a cache each model loads its own

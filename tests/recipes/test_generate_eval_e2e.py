@@ -33,6 +33,16 @@ def test_generate_resume_and_eval(tmp_path, tune, trained):
     top_rows = [json.loads(l) for l in (top / "generations.jsonl").read_text().splitlines()]
     assert all(r["span_source"] == "transcript" for r in top_rows)
 
+    # `runs`: both systems in one process (one LLM load), row for row what the two processes wrote
+    runs = f"runs=[{{output_dir: {tmp_path}/both/projector}}, {{output_dir: {tmp_path}/both/transcript, span_source: transcript}}]"
+    proc = tune(["run", "speechmapper_generate", "--config", "tiny/generate", f"projector_checkpoint={trained}/checkpoints/step_20",
+                 f"manifest={trained}/data/val.jsonl.gz", f"llm.checkpoint={trained}/data/llm", "max_items=8", runs], cwd=trained)
+    assert "Run 2 of 2" in proc.stderr + proc.stdout
+    for name, alone in (("projector", rows), ("transcript", top_rows)):
+        together = [json.loads(l) for l in (tmp_path / "both" / name / "generations.jsonl").read_text().splitlines()]
+        key = lambda r: (r["id"], r["hypothesis"], r["span_source"])
+        assert sorted(map(key, together)) == sorted(map(key, alone))
+
     ev = tmp_path / "eval"
     proc = tune(["run", "speechmapper_eval", "--config", "eval/default", f"output_dir={ev}",
                  f"generations={{speechmapper: {gen}/generations.jsonl, topline: {top}/generations.jsonl}}"], cwd=tmp_path)
