@@ -279,7 +279,8 @@ class GenerateRecipe:
         else:
             from speechmapper_tune.data.extract import load_cut_audio
 
-            texts = [self.transcriber(load_cut_audio(self.cuts[i], max_duration=600.0)) for i in batch["ids"]]
+            # an instruction row's id is not its cut's (several rows ask about one cut): the cut is the example's item
+            texts = [self.transcriber(load_cut_audio(self.cuts[self.by_id[i].item.id], max_duration=600.0)) for i in batch["ids"]]
         return [self.model.text_span(t) for t in texts]
 
 def _plain(node):
