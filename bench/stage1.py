@@ -182,10 +182,13 @@ CLASSIFIER_VARIANTS = (  # (label, loss overrides)
 
 
 def child_classifier(loss_overrides: dict, steps: int, max_tokens: int, vectors_per_utt: int, words_per_utt: int,
-                     device: str = "cpu") -> dict:
+                     device: str = "cpu", threads: int = 0) -> dict:
     """One variant of the shipped stage-1 step: the config's projector and loss, fp32, SmolLM2-shaped table."""
     import numpy as np
     import torch
+
+    if threads:
+        torch.set_num_threads(threads)
     from omegaconf import OmegaConf
     from torchtune import config as tt_config
 
@@ -238,41 +241,63 @@ def child_classifier(loss_overrides: dict, steps: int, max_tokens: int, vectors_
 
     for b in batches[:2]:
         step(b)
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     for b in batches[2:]:
         step(b)
-    dt = (time.perf_counter() - t) / steps
+    dt, cpu = (time.perf_counter() - t) / steps, (time.process_time() - c) / steps
     vectors = n_utt * int(model.output_length(frames))
-    return {"step_s": dt, "vectors_per_s": vectors / dt, "vectors": vectors, "peak_rss_MB": _rss_mb(),
-            "neighbour_cache_s": warm_s}
+    # the classifier's size: word positions x rows scored (the candidates of the sampled variants)
+    from speechmapper_tune.losses import position_masks
+
+    rows = []
+    for feats, lengths, target_ids, nw in batches[2:]:
+        ol = torch.full((n_utt,), int(model.output_length(frames)))
+        word, _ = position_masks(ol, nw.long(), target_ids.shape[1])
+        if loss_fn.classifier_weight == 0:
+            rows.append((int(word.sum()), 0))
+        elif loss_fn.classifier_negatives is None:
+            rows.append((int(word.sum()), vocab))
+        else:
+            rows.append((int(word.sum()), int(loss_fn._candidates(target_ids[word])[0].numel())))
+    positions = sum(r[0] for r in rows) / len(rows)
+    scored = sum(r[1] for r in rows) / len(rows)
+    return {"step_s": dt, "cpu_s": cpu, "vectors_per_s": vectors / dt, "vectors_per_cpu_s": vectors / cpu,
+            "vectors": vectors, "peak_rss_MB": _rss_mb(), "neighbour_cache_s": warm_s,
+            "word_positions": positions, "rows_scored": scored,
+            # forward logits + their gradient w.r.t. the predictions (the table is frozen): 2 matmuls
+            "classifier_gflop": 4 * positions * scored * dim / 1e9}
 
 
 def bench_classifier(a) -> None:
     import statistics
 
     print(f"Shipped stage-1 config ({SHIPPED_STAGE1}: small projector, balanced loss, classifier weight 1), fp32, "
-          f"{a.rounds} interleaved rounds of {a.steps} steps per variant (median):\n")
+          f"{a.threads or 'default'} torch thread(s), {a.rounds} interleaved rounds of {a.steps} steps per variant "
+          f"(median; 'CPU s' is the process's CPU time per step, steadier than wall time on a shared machine):\n")
     runs = {label: [] for label, _ in CLASSIFIER_VARIANTS}
     for _ in range(a.rounds):
         for label, overrides in CLASSIFIER_VARIANTS:
             r = _run_child(dict(kind="classifier", loss_overrides=overrides, steps=a.steps, max_tokens=a.max_tokens,
-                                vectors_per_utt=16, words_per_utt=9, device=a.device))
+                                vectors_per_utt=16, words_per_utt=9, device=a.device, threads=a.threads))
             if "error" in r:
                 print(f"| {label} | error: {r['error']} |")
                 continue
             runs[label].append(r)
-    base = statistics.median(r["vectors_per_s"] for r in runs[CLASSIFIER_VARIANTS[0][0]]) if runs[CLASSIFIER_VARIANTS[0][0]] else float("nan")
-    print("| variant | step (s) | output vectors/s | x shipped | all rounds (vectors/s) | one-time neighbour cache, 12k ids (s) |")
-    print("|---|---|---|---|---|---|")
+    first = runs[CLASSIFIER_VARIANTS[0][0]]
+    base = statistics.median(r["vectors_per_s"] for r in first) if first else float("nan")
+    base_cpu = statistics.median(r["vectors_per_cpu_s"] for r in first) if first else float("nan")
+    print("| variant | rows scored x word positions | classifier GFLOP/step | step wall s | output vectors/s | x shipped | "
+          "step CPU s | vectors per CPU s | x shipped (CPU) | all rounds (vectors/s) | one-time neighbour cache, 12k ids (s) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for label, _ in CLASSIFIER_VARIANTS:
         if not runs[label]:
             continue
-        v = statistics.median(r["vectors_per_s"] for r in runs[label])
-        st = statistics.median(r["step_s"] for r in runs[label])
+        med = {k: statistics.median(r[k] for r in runs[label]) for k in runs[label][0]}
         every = ", ".join(f"{r['vectors_per_s']:.0f}" for r in runs[label])
-        cache = statistics.median(r["neighbour_cache_s"] for r in runs[label])
-        print(f"| {label} | {st:.3f} | {v:.0f} | {v / base:.2f} | {every} | {cache:.1f} |" if cache else
-              f"| {label} | {st:.3f} | {v:.0f} | {v / base:.2f} | {every} | - |")
+        cache = f"{med['neighbour_cache_s']:.1f}" if med["neighbour_cache_s"] else "-"
+        print(f"| {label} | {med['rows_scored']:.0f} x {med['word_positions']:.0f} | {med['classifier_gflop']:.1f} | "
+              f"{med['step_s']:.3f} | {med['vectors_per_s']:.0f} | {med['vectors_per_s'] / base:.2f} | {med['cpu_s']:.3f} | "
+              f"{med['vectors_per_cpu_s']:.0f} | {med['vectors_per_cpu_s'] / base_cpu:.2f} | {every} | {cache} |")
     print()
 
 
@@ -287,6 +312,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", choices=["train", "load", "table", "classifier"], default=None)
     ap.add_argument("--rounds", type=int, default=3, help="--only classifier: interleaved rounds per variant")
+    ap.add_argument("--threads", type=int, default=0, help="--only classifier: torch threads per child (0: torch's default)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--max-tokens", type=int, default=1024)
