@@ -278,6 +278,16 @@ def agreement(items: List[Dict]) -> Dict:
     if chance:
         c = agreement_scores([r["reference"] for r in chance], [r["shuffled_answer"] for r in chance])
         out.update(chance_chrf=c["chrf"], chance_exact=c["exact"], chance_n=len(chance))
+    by = {}  # per instruction: answers of a fixed format ("No.") agree by chance far more than free text
+    for ins in sorted({r.get("instruction", "") for r in items}):
+        sub = [r for r in items if r.get("instruction", "") == ins]
+        a = agreement_scores([r["reference"] for r in sub], [r["hypothesis"] for r in sub])
+        by[ins] = {"n": len(sub), "chrf": a["chrf"], "exact": a["exact"]}
+        sub_c = [r for r in sub if r.get("shuffled_answer")]
+        if sub_c:
+            c = agreement_scores([r["reference"] for r in sub_c], [r["shuffled_answer"] for r in sub_c])
+            by[ins].update(chance_chrf=c["chrf"], chance_exact=c["exact"])
+    out["by_instruction"] = by
     return out
 
 

@@ -52,3 +52,5 @@ def test_eval_scores_self_rows_with_their_chance_level(tmp_path):
     assert res["stuck"] == 1 and res["agreement_chrf_without_stuck"] == pytest.approx(
         agreement_scores(refs[:2], ["a small dog", "Yes."])["chrf"])
     assert "| speech | 3 |" in (tmp_path / "ev" / "results.md").read_text()
+    per = res["by_instruction"]["Paraphrase the text."]  # every row here asks the same instruction
+    assert per["n"] == 3 and per["chrf"] == pytest.approx(expected["chrf"]) and per["chance_exact"] == pytest.approx(100 / 3)
