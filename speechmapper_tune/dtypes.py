@@ -1,7 +1,8 @@
 """The one home of dtype names: ``auto`` picks bf16 only where the hardware computes it natively.
 
 On CPUs without native bf16 (AVX2-only: AMD Zen 2/3, many Intel client parts) torch emulates bf16
-matrix products, about 46x slower than fp32 (BENCHMARKS.md), so ``auto`` means fp32 there.
+matrix products, 2-8x slower than fp32 through ``nn.Linear`` and up to ~60x for other layouts
+(``bench/dtype.py``, BENCHMARKS.md), so ``auto`` means fp32 there.
 """
 
 from __future__ import annotations
@@ -53,13 +54,13 @@ def resolve_dtype(name: Optional[str], device: Union[str, torch.device] = "cpu",
     if name == AUTO:
         native = native_bf16(device_type)
         where = "CUDA" if device_type == "cuda" else _cpu_kind() if device_type == "cpu" else device_type
-        reason = "computes bf16 natively" if native else "has no native bf16 (torch would emulate it, ~46x slower)"
+        reason = "computes bf16 natively" if native else "has no native bf16 (torch would emulate it, several times slower)"
         chosen = "bf16" if native else "fp32"
         _say_once("info", f"{setting}=auto -> {chosen}: this {where} {reason}")
         return DTYPES[chosen]
     if name == "bf16" and device_type == "cpu" and not native_bf16("cpu"):
         _say_once("warning", f"{setting}=bf16 on this {_cpu_kind()}, which has no native bf16: torch emulates it, "
-                  "expect matrix products ~46x slower than fp32 (use auto or fp32)")
+                  "expect matrix products 2-60x slower than fp32 (use auto or fp32)")
     return DTYPES[name]
 
 

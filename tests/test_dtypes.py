@@ -43,7 +43,7 @@ def test_explicit_bf16_runs_with_one_warning_where_emulated(cpu_bf16, capsys):
     assert resolve_dtype("bf16", "cpu") == torch.bfloat16
     assert resolve_dtype("bf16", "cpu") == torch.bfloat16
     err = capsys.readouterr().err
-    assert err.count("46x slower") == 1
+    assert err.count("slower than fp32") == 1
     cpu_bf16(True)
     resolve_dtype("bf16", "cpu")
     assert capsys.readouterr().err == ""  # native: nothing to warn about
