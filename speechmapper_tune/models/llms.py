@@ -27,6 +27,7 @@ from torchtune.models.llama3_1 import llama3_1, lora_llama3_1
 from torchtune.models.llama3_2 import llama3_2, lora_llama3_2
 from torchtune.modules import TransformerDecoder
 from torchtune.modules.peft import (
+    disable_adapter,
     get_adapter_params,
     set_trainable_params,
     validate_missing_and_unexpected_for_lora,
@@ -546,3 +547,10 @@ def forward_embeds(
     if positions is None:
         return model.unembed(h)
     return model.output(model.norm(h[positions])).float()
+
+
+def adapters_off(llm: nn.Module):
+    """A context in which the LLM runs as pretrained: torchtune's ``disable_adapter`` when it has LoRA adapters."""
+    import contextlib
+
+    return disable_adapter(llm) if any(p.requires_grad for p in llm.parameters()) else contextlib.nullcontext()

@@ -38,7 +38,7 @@ from speechmapper_tune.generation import GenerationResult, greedy_generate, newl
 from speechmapper_tune.losses import IGNORE_INDEX
 from speechmapper_tune.models.chat_format import ChatTokenizer
 from speechmapper_tune.models.injector import inject_speech, trailing_pad_lengths
-from speechmapper_tune.models.llms import embed_tokens, forward_embeds, load_llm, load_lora_adapters
+from speechmapper_tune.models.llms import adapters_off, embed_tokens, forward_embeds, load_llm, load_lora_adapters
 
 FROM_CHECKPOINT = "checkpoint"  # lora=...: the adapters the checkpoint was trained with, if any
 # An instruction prompt for `ask` when the checkpoint's own prompt has no {instruction} (stage 1):
@@ -272,7 +272,7 @@ class SpeechLM(nn.Module):
         spans = [embed_tokens(self.llm, ids[b, : int(words[b])].to(self.device)) for b in keep]
         inputs = self.build_inputs(spans, [batch["prefix"][b] for b in keep], [batch["suffix"][b] for b in keep],
                                    [batch["response"][b] for b in keep])
-        with _adapters_off(self.llm):
+        with adapters_off(self.llm):
             return forward_embeds(self.llm, inputs.embeds, positions=response_positions(inputs.labels))
 
     # ------------------------------------------------------------------ generation
@@ -398,17 +398,6 @@ def response_positions(labels: Tensor) -> Tensor:
     """bool [B, L]: the positions that predict a response label (position t predicts label t+1), where the
     training forward computes logits (the LM head is skipped elsewhere)."""
     return F.pad(labels[:, 1:] != IGNORE_INDEX, (0, 1), value=False)
-
-
-def _adapters_off(llm: nn.Module):
-    """torchtune's ``disable_adapter`` when the LLM has LoRA adapters: the teacher is the LLM as pretrained."""
-    import contextlib
-
-    if any(p.requires_grad for p in llm.parameters()):
-        from torchtune.modules.peft import disable_adapter
-
-        return disable_adapter(llm)
-    return contextlib.nullcontext()
 
 
 def _waves(audio: Union[Audio, Sequence[Audio]]) -> List[np.ndarray]:
