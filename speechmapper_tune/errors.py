@@ -3,7 +3,8 @@
     sys.exit(run_recipe("speechmapper_adapt", resolve_config_argv, recipe_main))
 
 A wrong setting (``lr: fast``, a missing manifest) raised deep inside a recipe used to end a 28-line
-traceback; now ``speechmapper_adapt: error: <message>`` comes first and alone, with the exception's
+traceback; now ``speechmapper_adapt: error: <message>`` (or the message as is, when it begins with the
+recipe's name) comes first and alone, with the exception's
 type and how to see the traceback (``SPEECHMAPPER_DEBUG=1``) on the line after.
 """
 
@@ -30,8 +31,8 @@ def run_recipe(name: str, *steps: Callable[[], Any]) -> Any:
             result = step()
     except Exception as e:  # noqa: BLE001  (every error a recipe raises is reported the same way)
         message = str(e).strip() or repr(e)
-        message = message[len(name) + 2 :] if message.startswith(f"{name}: ") else message  # config_keys names the recipe too
-        print(f"{name}: error: {message}", file=sys.stderr, flush=True)
+        # config_keys' messages name the recipe already: "speechmapper_adapt: unknown setting ..."
+        print(message if message.startswith(f"{name}: ") else f"{name}: error: {message}", file=sys.stderr, flush=True)
         if debugging():
             traceback.print_exc()
         else:

@@ -69,7 +69,7 @@ def test_transcribe_real_speech_a_60s_recording_no_speech_and_bad_files(tmp_path
     wer = jiwer.wer(refs, hyps[:5])
     joined_wer = jiwer.wer(" ".join(refs * 2), hyps[5])
     print(f"LibriVox WER {wer:.3f}, 60-s recording WER {joined_wer:.3f}")
-    assert wer < 0.7 and joined_wer < 0.7  # measured 0.45 and 0.45; a broken pipeline gives >= 0.95
+    assert wer < 0.7 and joined_wer < 0.7  # measured 0.42 and 0.51 (fp32); a broken pipeline gives >= 0.95
 
 
 def test_ask(librivox):

@@ -49,12 +49,14 @@ def test_run_recipe_prints_the_message_first_and_the_traceback_only_when_asked(c
     monkeypatch.delenv(DEBUG_ENV, raising=False)
     assert run_recipe("speechmapper_adapt", lambda: None, _fails) == 1
     lines = capsys.readouterr().err.splitlines()
-    assert lines == ["speechmapper_adapt: error: data.train.manifest: /nowhere/cuts.jsonl.gz does not exist",
+    assert lines == ["speechmapper_adapt: data.train.manifest: /nowhere/cuts.jsonl.gz does not exist",
                      f"speechmapper_adapt: (ValueError; set {DEBUG_ENV}=1 for the traceback)"]
     monkeypatch.setenv(DEBUG_ENV, "1")
     assert run_recipe("speechmapper_adapt", _fails) == 1
     lines = capsys.readouterr().err.splitlines()
-    assert lines[0].startswith("speechmapper_adapt: error: data.train.manifest") and lines[1] == "Traceback (most recent call last):"
+    assert lines[0].startswith("speechmapper_adapt: data.train.manifest") and lines[1] == "Traceback (most recent call last):"
+    assert run_recipe("speechmapper_eval", lambda: open("/nowhere/x.jsonl")) == 1  # a message without the recipe's name
+    assert capsys.readouterr().err.startswith("speechmapper_eval: error: [Errno 2] No such file or directory: '/nowhere/x.jsonl'")
     assert run_recipe("speechmapper_adapt", lambda: 0) == 0
 
 
@@ -64,7 +66,7 @@ def test_a_wrongly_typed_value_stops_tune_run_before_data_or_model(tmp_path, tun
                 cwd=tmp_path, check=False, timeout=300)
     assert proc.returncode == 1
     lines = proc.stderr.strip().splitlines()
-    assert lines[-2] == ("speechmapper_adapt: error: optimizer.lr='fast' must be a number "
+    assert lines[-2] == ("speechmapper_adapt: optimizer.lr='fast' must be a number "
                          "(torch.optim.AdamW's default is 0.001)"), proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr and not (out / "checkpoints").exists()
 
