@@ -1,6 +1,6 @@
 """Stage-1 learning curve: train the points of a curve config one at a time, resumably, then tabulate and plot.
 
-    .venv/bin/python bench/stage1_curve.py                           # configs/smollm2_135M/stage1_curve.yaml
+    .venv/bin/python bench/stage1_curve.py                           # bench/stage1_curve.yaml
     .venv/bin/python bench/stage1_curve.py --report                  # curve.md + curve.png from what exists
     .venv/bin/python bench/stage1_curve.py --only v46_3k --only v17_3k
     .venv/bin/python bench/stage1_curve.py --config my_curve.yaml --wait 0   # do not wait for missing features
@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_CONFIG = "smollm2_135M/stage1_curve"
+DEFAULT_CONFIG = str(Path(__file__).with_suffix(".yaml"))  # the plan: not a recipe config, so beside its runner
 BUCKETS = ("seen_0_9", "seen_10_49", "seen_50_499", "seen_500_plus")
 POINT_KEYS = {"name", "data", "sentences", "steps", "epochs", "steps_of", "overrides", "group"}
 
