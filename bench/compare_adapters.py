@@ -48,8 +48,9 @@ def tune(args, log: Path) -> float:
     tune_bin = str(Path(sys.executable).parent / "tune")
     t = time.perf_counter()
     with open(log, "w") as f:
-        proc = subprocess.run([tune_bin, "run", *args], stdout=f, stderr=subprocess.STDOUT,
-                              env={**os.environ, "TQDM_MININTERVAL": "30"})
+        proc = subprocess.run(
+            [tune_bin, "run", *args], stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "TQDM_MININTERVAL": "30"}
+        )
     if proc.returncode != 0:
         raise SystemExit(f"tune run {' '.join(args[:3])} failed (exit {proc.returncode}): see {log}")
     return time.perf_counter() - t
@@ -83,7 +84,9 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", default="runs/compare")
     ap.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma-separated subset of {list(SYSTEMS)}")
-    ap.add_argument("--sa-labels", default=None, help="sentiment instruction rows for the test features (speechmapper_annotate)")
+    ap.add_argument(
+        "--sa-labels", default=None, help="sentiment instruction rows for the test features (speechmapper_annotate)"
+    )
     a = ap.parse_args()
     from speechmapper_tune import pretrained
 
@@ -94,9 +97,19 @@ def main() -> None:
     for name in a.systems.split(","):
         run = out / name
         run.mkdir(exist_ok=True)
-        args = ["speechmapper_adapt", *SYSTEMS[name], f"output_dir={run}", f"device={a.device}", f"max_steps={a.steps}",
-                f"val_every_n_steps={a.steps}", f"save_every_n_steps={a.steps}", "validate_at_start=True", "resume=True",
-                f"data.train.manifest={FEATURES}/train/cuts.jsonl.gz", f"data.val.manifest={FEATURES}/dev/cuts.jsonl.gz"]
+        args = [
+            "speechmapper_adapt",
+            *SYSTEMS[name],
+            f"output_dir={run}",
+            f"device={a.device}",
+            f"max_steps={a.steps}",
+            f"val_every_n_steps={a.steps}",
+            f"save_every_n_steps={a.steps}",
+            "validate_at_start=True",
+            "resume=True",
+            f"data.train.manifest={FEATURES}/train/cuts.jsonl.gz",
+            f"data.val.manifest={FEATURES}/dev/cuts.jsonl.gz",
+        ]
         if name == "speechmapper":
             args.append(f"projector_checkpoint={stage1}")
         start = _step(run)
@@ -104,32 +117,80 @@ def main() -> None:
         ckpt = run / "checkpoints" / f"step_{a.steps}"
         val = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines() if '"val_ce"' in l]
         gen = run / f"test_generation_step{a.steps}"
-        common = [f"projector_checkpoint={ckpt}", f"manifest={FEATURES}/test/cuts.jsonl.gz", f"device={a.device}",
-                  'prompt.assistant_prefix=""', "stop_at_newline=True"]
-        tune(["speechmapper_generate", "--config", "smollm2_135M/generate_asr", *common, f"output_dir={gen}",
-              "length_cap.tokens_per_second=4.0", "length_cap.extra=4"], run / "generate.log")
+        common = [
+            f"projector_checkpoint={ckpt}",
+            f"manifest={FEATURES}/test/cuts.jsonl.gz",
+            f"device={a.device}",
+            'prompt.assistant_prefix=""',
+            "stop_at_newline=True",
+        ]
+        tune(
+            [
+                "speechmapper_generate",
+                "--config",
+                "smollm2_135M/generate_asr",
+                *common,
+                f"output_dir={gen}",
+                "length_cap.tokens_per_second=4.0",
+                "length_cap.extra=4",
+            ],
+            run / "generate.log",
+        )
         gens = {name: gen / "generations.jsonl"}
         if a.sa_labels:
-            tune(["speechmapper_generate", "--config", "smollm2_135M/generate_asr", *common, f"output_dir={gen}_sa",
-                  f"instructions={a.sa_labels}", "task=sa", "max_new_tokens=4"], run / "generate_sa.log")
+            tune(
+                [
+                    "speechmapper_generate",
+                    "--config",
+                    "smollm2_135M/generate_asr",
+                    *common,
+                    f"output_dir={gen}_sa",
+                    f"instructions={a.sa_labels}",
+                    "task=sa",
+                    "max_new_tokens=4",
+                ],
+                run / "generate_sa.log",
+            )
             gens[f"{name}_sa"] = Path(f"{gen}_sa") / "generations.jsonl"
-        tune(["speechmapper_eval", "--config", "eval/default", f"output_dir={gen}/eval",
-              "generations={" + ", ".join(f"{k}: {v}" for k, v in gens.items()) + "}"], run / "eval.log")
+        tune(
+            [
+                "speechmapper_eval",
+                "--config",
+                "eval/default",
+                f"output_dir={gen}/eval",
+                "generations={" + ", ".join(f"{k}: {v}" for k, v in gens.items()) + "}",
+            ],
+            run / "eval.log",
+        )
         scores = {r["task"]: r for r in json.loads((gen / "eval" / "results.json").read_text())}
         score = scores["asr"]
-        rows.append({"system": name, "trainable": trainable_parameters(ckpt),
-                     "s_per_step": wall / (a.steps - start) if a.steps > start else None, "steps": a.steps,
-                     "val_ce": (val[0]["val_ce"], val[-1]["val_ce"]), "wer": score["wer"], "cer": score.get("cer"),
-                     "n": score["n"], "sa_f1": scores.get("sa", {}).get("f1"), "sa_n": scores.get("sa", {}).get("n")})
+        rows.append(
+            {
+                "system": name,
+                "trainable": trainable_parameters(ckpt),
+                "s_per_step": wall / (a.steps - start) if a.steps > start else None,
+                "steps": a.steps,
+                "val_ce": (val[0]["val_ce"], val[-1]["val_ce"]),
+                "wer": score["wer"],
+                "cer": score.get("cer"),
+                "n": score["n"],
+                "sa_f1": scores.get("sa", {}).get("f1"),
+                "sa_n": scores.get("sa", {}).get("n"),
+            }
+        )
         (out / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
     print(f"\n{a.steps} steps each, batch 8, device {a.device}\n")
-    print("| system | trainable params | s/step | dev CE (step 0 -> last) | test WER | test CER | n | test SA macro F1 |")
+    print(
+        "| system | trainable params | s/step | dev CE (step 0 -> last) | test WER | test CER | n | test SA macro F1 |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         step_s = "-" if r["s_per_step"] is None else f"{r['s_per_step']:.2f}"
         sa = "-" if r["sa_f1"] is None else f"{r['sa_f1']:.1f} ({r['sa_n']})"
-        print(f"| {r['system']} | {r['trainable'] / 1e6:.2f}M | {step_s} | {r['val_ce'][0]:.2f} -> "
-              f"{r['val_ce'][1]:.2f} | {r['wer']:.1f} | {r['cer']:.1f} | {r['n']} | {sa} |")
+        print(
+            f"| {r['system']} | {r['trainable'] / 1e6:.2f}M | {step_s} | {r['val_ce'][0]:.2f} -> "
+            f"{r['val_ce'][1]:.2f} | {r['wer']:.1f} | {r['cer']:.1f} | {r['n']} | {sa} |"
+        )
 
 
 if __name__ == "__main__":

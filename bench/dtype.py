@@ -47,9 +47,11 @@ def main() -> None:
         for name, rows in SHAPES.items():
             x32, w32 = torch.randn(rows, 576, generator=g), torch.randn(1536, 576, generator=g)
             # (name, weight as stored, op): a plain [in, out] weight, and nn.Linear's [out, in] one
-            ops = (("matmul, B stored [576x1536]", w32.t().contiguous(), lambda x, w: x @ w),
-                   ("matmul, B stored [1536x576]", w32, lambda x, w: x @ w.t()),
-                   ("F.linear", w32, F.linear))
+            ops = (
+                ("matmul, B stored [576x1536]", w32.t().contiguous(), lambda x, w: x @ w),
+                ("matmul, B stored [1536x576]", w32, lambda x, w: x @ w.t()),
+                ("F.linear", w32, F.linear),
+            )
             for op, w32_, fn in ops:
                 x16, w16_ = x32.bfloat16(), w32_.bfloat16()
                 fp32 = best_seconds(partial(fn, x32, w32_), args.repeats)

@@ -125,10 +125,14 @@ def main() -> None:
                 row += [f"{cos_mean:.3f} / {cos_min:.3f}", f"{rel:.3f}"]
             rows.append(row)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(f"\nCPU: {cpu_model()}, {os.cpu_count()} cores, torch threads {args.threads}, "
-          f"load avg {load_before:.1f} before / {load:.1f} after; "
-          f"torch {torch.__version__}, fp32, {len(waves)} espeak-ng utterances, {audio_s:.1f} s of audio\n")
-    print("| model | mode | 30-s windows | wall (s) | RTF (audio s / wall s) | cosine vs one-by-one mean / min | rel. diff mean |")
+    print(
+        f"\nCPU: {cpu_model()}, {os.cpu_count()} cores, torch threads {args.threads}, "
+        f"load avg {load_before:.1f} before / {load:.1f} after; "
+        f"torch {torch.__version__}, fp32, {len(waves)} espeak-ng utterances, {audio_s:.1f} s of audio\n"
+    )
+    print(
+        "| model | mode | 30-s windows | wall (s) | RTF (audio s / wall s) | cosine vs one-by-one mean / min | rel. diff mean |"
+    )
     print("|---|---|---|---|---|---|---|")
     for name, mode, windows, wall, rtf, cos, rel in rows:
         print(f"| {name} | {mode} | {windows} | {wall:.1f} | {rtf:.1f} | {cos} | {rel} |")

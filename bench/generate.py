@@ -119,11 +119,16 @@ def main() -> None:
         f"{rows[0]['lens'][0]}-{rows[0]['lens'][1]} positions (left-padded), {args.new_tokens} new tokens, "
         f"greedy, no early stop; best of {args.repeats} rounds (implementations interleaved) after a warm-up.\n"
     )
-    print("| dtype | implementation | tokens/s (total) | prefill s | decode tokens/s | total s | same ids | vs transformers |")
+    print(
+        "| dtype | implementation | tokens/s (total) | prefill s | decode tokens/s | total s | same ids | vs transformers |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        for name, label in (("ours", "greedy_generate"), ("modules", "greedy_generate, lean_decode=False"),
-                            ("hf", "transformers generate")):
+        for name, label in (
+            ("ours", "greedy_generate"),
+            ("modules", "greedy_generate, lean_decode=False"),
+            ("hf", "transformers generate"),
+        ):
             m = r[name]
             print(
                 f"| {r['dtype']} | {label} | {m['tok_s']:.1f} | {m['prefill_s']:.3f} | "

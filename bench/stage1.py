@@ -126,12 +126,19 @@ def _sparse_llama_checkpoint(folder: Path, layers: int) -> None:
     shapes = {"model.embed_tokens.weight": (v, d), "model.norm.weight": (d,), "lm_head.weight": (v, d)}
     for i in range(layers):
         p = f"model.layers.{i}."
-        shapes.update({
-            p + "self_attn.q_proj.weight": (d, d), p + "self_attn.k_proj.weight": (kv * hd, d),
-            p + "self_attn.v_proj.weight": (kv * hd, d), p + "self_attn.o_proj.weight": (d, d),
-            p + "mlp.gate_proj.weight": (f, d), p + "mlp.up_proj.weight": (f, d), p + "mlp.down_proj.weight": (d, f),
-            p + "input_layernorm.weight": (d,), p + "post_attention_layernorm.weight": (d,),
-        })
+        shapes.update(
+            {
+                p + "self_attn.q_proj.weight": (d, d),
+                p + "self_attn.k_proj.weight": (kv * hd, d),
+                p + "self_attn.v_proj.weight": (kv * hd, d),
+                p + "self_attn.o_proj.weight": (d, d),
+                p + "mlp.gate_proj.weight": (f, d),
+                p + "mlp.up_proj.weight": (f, d),
+                p + "mlp.down_proj.weight": (d, f),
+                p + "input_layernorm.weight": (d,),
+                p + "post_attention_layernorm.weight": (d,),
+            }
+        )
     header, off = {}, 0
     for k, s in shapes.items():
         n = int(np.prod(s)) * 2
@@ -146,9 +153,18 @@ def _sparse_llama_checkpoint(folder: Path, layers: int) -> None:
         fh.write(np.random.default_rng(0).integers(0, 2**16, v * d, dtype=np.uint16).view(np.uint16).tobytes())
         fh.truncate(8 + len(raw) + off)
     cfg = {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": v, "hidden_size": d,
-        "intermediate_size": f, "num_hidden_layers": layers, "num_attention_heads": h, "num_key_value_heads": kv,
-        "max_position_embeddings": 8192, "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "torch_dtype": "bfloat16",
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": v,
+        "hidden_size": d,
+        "intermediate_size": f,
+        "num_hidden_layers": layers,
+        "num_attention_heads": h,
+        "num_key_value_heads": kv,
+        "max_position_embeddings": 8192,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 500000.0,
+        "torch_dtype": "bfloat16",
         "tie_word_embeddings": False,
     }
     (folder / "config.json").write_text(json.dumps(cfg))
@@ -181,8 +197,15 @@ CLASSIFIER_VARIANTS = (  # (label, loss overrides)
 )
 
 
-def child_classifier(loss_overrides: dict, steps: int, max_tokens: int, vectors_per_utt: int, words_per_utt: int,
-                     device: str = "cpu", threads: int = 0) -> dict:
+def child_classifier(
+    loss_overrides: dict,
+    steps: int,
+    max_tokens: int,
+    vectors_per_utt: int,
+    words_per_utt: int,
+    device: str = "cpu",
+    threads: int = 0,
+) -> dict:
     """One variant of the shipped stage-1 step: the config's projector and loss, fp32, SmolLM2-shaped table."""
     import numpy as np
     import torch
@@ -250,7 +273,7 @@ def child_classifier(loss_overrides: dict, steps: int, max_tokens: int, vectors_
     from speechmapper_tune.losses import position_masks
 
     rows = []
-    for feats, lengths, target_ids, nw in batches[2:]:
+    for _feats, _lengths, target_ids, nw in batches[2:]:
         ol = torch.full((n_utt,), int(model.output_length(frames)))
         word, _ = position_masks(ol, nw.long(), target_ids.shape[1])
         if loss_fn.classifier_weight == 0:
@@ -261,24 +284,44 @@ def child_classifier(loss_overrides: dict, steps: int, max_tokens: int, vectors_
             rows.append((int(word.sum()), int(loss_fn._candidates(target_ids[word])[0].numel())))
     positions = sum(r[0] for r in rows) / len(rows)
     scored = sum(r[1] for r in rows) / len(rows)
-    return {"step_s": dt, "cpu_s": cpu, "vectors_per_s": vectors / dt, "vectors_per_cpu_s": vectors / cpu,
-            "vectors": vectors, "peak_rss_MB": _rss_mb(), "neighbour_cache_s": warm_s,
-            "word_positions": positions, "rows_scored": scored,
-            # forward logits + their gradient w.r.t. the predictions (the table is frozen): 2 matmuls
-            "classifier_gflop": 4 * positions * scored * dim / 1e9}
+    return {
+        "step_s": dt,
+        "cpu_s": cpu,
+        "vectors_per_s": vectors / dt,
+        "vectors_per_cpu_s": vectors / cpu,
+        "vectors": vectors,
+        "peak_rss_MB": _rss_mb(),
+        "neighbour_cache_s": warm_s,
+        "word_positions": positions,
+        "rows_scored": scored,
+        # forward logits + their gradient w.r.t. the predictions (the table is frozen): 2 matmuls
+        "classifier_gflop": 4 * positions * scored * dim / 1e9,
+    }
 
 
 def bench_classifier(a) -> None:
     import statistics
 
-    print(f"Shipped stage-1 config ({SHIPPED_STAGE1}: small projector, balanced loss, classifier weight 1), fp32, "
-          f"{a.threads or 'default'} torch thread(s), {a.rounds} interleaved rounds of {a.steps} steps per variant "
-          f"(median; 'CPU s' is the process's CPU time per step, steadier than wall time on a shared machine):\n")
+    print(
+        f"Shipped stage-1 config ({SHIPPED_STAGE1}: small projector, balanced loss, classifier weight 1), fp32, "
+        f"{a.threads or 'default'} torch thread(s), {a.rounds} interleaved rounds of {a.steps} steps per variant "
+        f"(median; 'CPU s' is the process's CPU time per step, steadier than wall time on a shared machine):\n"
+    )
     runs = {label: [] for label, _ in CLASSIFIER_VARIANTS}
     for _ in range(a.rounds):
         for label, overrides in CLASSIFIER_VARIANTS:
-            r = _run_child(dict(kind="classifier", loss_overrides=overrides, steps=a.steps, max_tokens=a.max_tokens,
-                                vectors_per_utt=16, words_per_utt=9, device=a.device, threads=a.threads))
+            r = _run_child(
+                dict(
+                    kind="classifier",
+                    loss_overrides=overrides,
+                    steps=a.steps,
+                    max_tokens=a.max_tokens,
+                    vectors_per_utt=16,
+                    words_per_utt=9,
+                    device=a.device,
+                    threads=a.threads,
+                )
+            )
             if "error" in r:
                 print(f"| {label} | error: {r['error']} |")
                 continue
@@ -286,8 +329,10 @@ def bench_classifier(a) -> None:
     first = runs[CLASSIFIER_VARIANTS[0][0]]
     base = statistics.median(r["vectors_per_s"] for r in first) if first else float("nan")
     base_cpu = statistics.median(r["vectors_per_cpu_s"] for r in first) if first else float("nan")
-    print("| variant | rows scored x word positions | classifier GFLOP/step | step wall s | output vectors/s | x shipped | "
-          "step CPU s | vectors per CPU s | x shipped (CPU) | all rounds (vectors/s) | one-time neighbour cache, 12k ids (s) |")
+    print(
+        "| variant | rows scored x word positions | classifier GFLOP/step | step wall s | output vectors/s | x shipped | "
+        "step CPU s | vectors per CPU s | x shipped (CPU) | all rounds (vectors/s) | one-time neighbour cache, 12k ids (s) |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for label, _ in CLASSIFIER_VARIANTS:
         if not runs[label]:
@@ -295,9 +340,11 @@ def bench_classifier(a) -> None:
         med = {k: statistics.median(r[k] for r in runs[label]) for k in runs[label][0]}
         every = ", ".join(f"{r['vectors_per_s']:.0f}" for r in runs[label])
         cache = f"{med['neighbour_cache_s']:.1f}" if med["neighbour_cache_s"] else "-"
-        print(f"| {label} | {med['rows_scored']:.0f} x {med['word_positions']:.0f} | {med['classifier_gflop']:.1f} | "
-              f"{med['step_s']:.3f} | {med['vectors_per_s']:.0f} | {med['vectors_per_s'] / base:.2f} | {med['cpu_s']:.3f} | "
-              f"{med['vectors_per_cpu_s']:.0f} | {med['vectors_per_cpu_s'] / base_cpu:.2f} | {every} | {cache} |")
+        print(
+            f"| {label} | {med['rows_scored']:.0f} x {med['word_positions']:.0f} | {med['classifier_gflop']:.1f} | "
+            f"{med['step_s']:.3f} | {med['vectors_per_s']:.0f} | {med['vectors_per_s'] / base:.2f} | {med['cpu_s']:.3f} | "
+            f"{med['vectors_per_cpu_s']:.0f} | {med['vectors_per_cpu_s'] / base_cpu:.2f} | {every} | {cache} |"
+        )
     print()
 
 
@@ -312,7 +359,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", choices=["train", "load", "table", "classifier"], default=None)
     ap.add_argument("--rounds", type=int, default=3, help="--only classifier: interleaved rounds per variant")
-    ap.add_argument("--threads", type=int, default=0, help="--only classifier: torch threads per child (0: torch's default)")
+    ap.add_argument(
+        "--threads", type=int, default=0, help="--only classifier: torch threads per child (0: torch's default)"
+    )
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--max-tokens", type=int, default=1024)
@@ -335,22 +384,44 @@ def main() -> None:
         for preset in presets:
             table = {"tiny": "tiny", "small": "smollm2", "paper": "llama8b"}[preset]
             for dtype in ("fp32", "bf16"):
-                r = _run_child(dict(kind="train", preset=preset, dtype=dtype, device=a.device,
-                                    max_tokens=a.max_tokens, steps=a.steps, table=table))
+                r = _run_child(
+                    dict(
+                        kind="train",
+                        preset=preset,
+                        dtype=dtype,
+                        device=a.device,
+                        max_tokens=a.max_tokens,
+                        steps=a.steps,
+                        table=table,
+                    )
+                )
                 if "error" in r:
                     print(f"| {preset} | {table} | {dtype} | error: {r['error']} |")
                     continue
-                print(f"| {preset} | {table} | {dtype} | {r['params_M']:.2f} | {r['step_s']:.3f} | "
-                      f"{r['vectors_per_s']:.0f} | {r['peak_rss_MB']:.0f} | {r.get('peak_gpu_MB', float('nan')):.0f} |")
+                print(
+                    f"| {preset} | {table} | {dtype} | {r['params_M']:.2f} | {r['step_s']:.3f} | "
+                    f"{r['vectors_per_s']:.0f} | {r['peak_rss_MB']:.0f} | {r.get('peak_gpu_MB', float('nan')):.0f} |"
+                )
         print()
     if a.only in (None, "table"):
         print("Same small projector body, stage-1 step with each embedding table (fp32 table):\n")
         print("| table | shape | step (s) | peak RSS (MB) |")
         print("|---|---|---|---|")
         for table, shape in (("smollm2", "49152 x 576"), ("llama8b", "128256 x 4096")):
-            r = _run_child(dict(kind="train", preset="small", dtype="fp32", device=a.device,
-                                max_tokens=a.max_tokens, steps=a.steps, table=table))
-            print(f"| {table} | {shape} | {r.get('step_s', float('nan')):.3f} | {r.get('peak_rss_MB', float('nan')):.0f} |")
+            r = _run_child(
+                dict(
+                    kind="train",
+                    preset="small",
+                    dtype="fp32",
+                    device=a.device,
+                    max_tokens=a.max_tokens,
+                    steps=a.steps,
+                    table=table,
+                )
+            )
+            print(
+                f"| {table} | {shape} | {r.get('step_s', float('nan')):.3f} | {r.get('peak_rss_MB', float('nan')):.0f} |"
+            )
         print()
     if a.only in (None, "load"):
         print("Reading the embedding table of a Llama-3.1-8B-shaped checkpoint (bf16), by decoder depth:\n")

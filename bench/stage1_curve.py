@@ -148,10 +148,23 @@ def batches_per_epoch(manifest: Path, base_cfg, overrides: List[str]) -> int:
 def run_point(cfg: dict, point: dict, state: State, steps: int, manifest: Path, nice: int = 19) -> bool:
     out = Path(cfg["output_dir"]) / point["name"]
     out.mkdir(parents=True, exist_ok=True)
-    cmd = ["nice", "-n", str(nice), str(REPO / ".venv" / "bin" / "tune"), "run", "speechmapper_pretrain",
-           "--config", cfg["base_config"], f"output_dir={out}", f"data.train_manifest={manifest}",
-           f"data.val_manifest={_abs(cfg['dev_manifest'])}", f"max_steps={steps}", "resume=True",
-           *cfg.get("common", []), *point.get("overrides", [])]
+    cmd = [
+        "nice",
+        "-n",
+        str(nice),
+        str(REPO / ".venv" / "bin" / "tune"),
+        "run",
+        "speechmapper_pretrain",
+        "--config",
+        cfg["base_config"],
+        f"output_dir={out}",
+        f"data.train_manifest={manifest}",
+        f"data.val_manifest={_abs(cfg['dev_manifest'])}",
+        f"max_steps={steps}",
+        "resume=True",
+        *cfg.get("common", []),
+        *point.get("overrides", []),
+    ]
     st = state.point(point["name"])
     st.update(status="running", steps=steps, manifest=str(manifest), command=" ".join(cmd[3:]))
     state.save()
@@ -208,8 +221,12 @@ def run_all(cfg: dict, only: List[str], wait: float, retry_failed: bool, nice: i
     state = State(Path(cfg["output_dir"]))
     points = [p for p in cfg["points"] if not only or p["name"] in only]
     while True:
-        todo = [p for p in points if state.point(p["name"])["status"] not in ("done",)
-                and (retry_failed or state.point(p["name"])["status"] != "failed")]
+        todo = [
+            p
+            for p in points
+            if state.point(p["name"])["status"] not in ("done",)
+            and (retry_failed or state.point(p["name"])["status"] != "failed")
+        ]
         if not todo:
             break
         started = False
@@ -229,8 +246,11 @@ def run_all(cfg: dict, only: List[str], wait: float, retry_failed: bool, nice: i
             if wait <= 0:
                 print(f"[curve] waiting for data of: {', '.join(p['name'] for p in todo)}; stopping (--wait 0)")
                 break
-            print(f"[curve] {time.strftime('%H:%M:%S')} no point ready ({len(todo)} waiting for features); "
-                  f"next look in {wait:.0f} s", flush=True)
+            print(
+                f"[curve] {time.strftime('%H:%M:%S')} no point ready ({len(todo)} waiting for features); "
+                f"next look in {wait:.0f} s",
+                flush=True,
+            )
             time.sleep(wait)
     report(cfg)
 
@@ -260,20 +280,29 @@ def summarize(cfg: dict) -> List[dict]:
         best = max(val, key=lambda m: m["val_token_acc"]) if val else None
         last = val[-1] if val else None
         data = cfg["data"][p["data"]]
-        rows.append({
-            "name": p["name"], "group": p.get("group", ""), "status": st.get("status", "pending"),
-            "sentences": p.get("sentences") or "all", "voices": data.get("voices", "?"),
-            "overrides": " ".join(p.get("overrides", [])), "steps": st.get("steps"),
-            "step": last["step"] if last else 0, "epoch": train[-1]["epoch"] if train else None,
-            "batches_per_epoch": st.get("batches_per_epoch"),
-            "acc": last["val_token_acc"] if last else None,
-            "best_acc": best["val_token_acc"] if best else None, "best_step": best["step"] if best else None,
-            "ce": last.get("val_classifier_ce") if last else None,
-            "buckets": {b: last.get(f"val_token_acc_{b}") for b in BUCKETS} if last else {},
-            "shares": {b: last.get(f"val_token_share_{b}") for b in BUCKETS} if last else {},
-            "curve": [(m["step"], m["val_token_acc"]) for m in val],
-            "cpu_h": st.get("cpu_s", 0.0) / 3600, "wall_h": st.get("wall_s", 0.0) / 3600,
-        })
+        rows.append(
+            {
+                "name": p["name"],
+                "group": p.get("group", ""),
+                "status": st.get("status", "pending"),
+                "sentences": p.get("sentences") or "all",
+                "voices": data.get("voices", "?"),
+                "overrides": " ".join(p.get("overrides", [])),
+                "steps": st.get("steps"),
+                "step": last["step"] if last else 0,
+                "epoch": train[-1]["epoch"] if train else None,
+                "batches_per_epoch": st.get("batches_per_epoch"),
+                "acc": last["val_token_acc"] if last else None,
+                "best_acc": best["val_token_acc"] if best else None,
+                "best_step": best["step"] if best else None,
+                "ce": last.get("val_classifier_ce") if last else None,
+                "buckets": {b: last.get(f"val_token_acc_{b}") for b in BUCKETS} if last else {},
+                "shares": {b: last.get(f"val_token_share_{b}") for b in BUCKETS} if last else {},
+                "curve": [(m["step"], m["val_token_acc"]) for m in val],
+                "cpu_h": st.get("cpu_s", 0.0) / 3600,
+                "wall_h": st.get("wall_s", 0.0) / 3600,
+            }
+        )
     return rows
 
 
@@ -292,9 +321,11 @@ def markdown(rows: List[dict]) -> str:
         best = f"{_pct(r['best_acc'])} ({r['best_step']})" if r["best_acc"] is not None else "-"
         ce = f"{r['ce']:.2f}" if r["ce"] is not None else "-"
         epochs = f"{r['epoch'] + 1}" if r["epoch"] is not None else "-"
-        lines.append(f"| {r['name']} | {r['group']} | {r['sentences']} | {r['voices']} | {r['overrides'] or '-'} | "
-                     f"{r['step']} / {r['steps'] or '?'} | {epochs} | {_pct(r['acc'])} | {best} | {buckets} | {ce} | "
-                     f"{r['cpu_h']:.2f} | {r['wall_h']:.2f} | {r['status']} |")
+        lines.append(
+            f"| {r['name']} | {r['group']} | {r['sentences']} | {r['voices']} | {r['overrides'] or '-'} | "
+            f"{r['step']} / {r['steps'] or '?'} | {epochs} | {_pct(r['acc'])} | {best} | {buckets} | {ce} | "
+            f"{r['cpu_h']:.2f} | {r['wall_h']:.2f} | {r['status']} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -337,7 +368,9 @@ def report(cfg: dict) -> None:
     out = Path(cfg["output_dir"])
     out.mkdir(parents=True, exist_ok=True)
     table = markdown(rows)
-    atomic_write_text(out / "curve.md", f"Stage-1 learning curve ({cfg['base_config']}; dev = held-out voices)\n\n" + table)
+    atomic_write_text(
+        out / "curve.md", f"Stage-1 learning curve ({cfg['base_config']}; dev = held-out voices)\n\n" + table
+    )
     if any(r["curve"] for r in rows):
         plot(rows, out / "curve.png")
     print(table, flush=True)

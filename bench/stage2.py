@@ -74,7 +74,9 @@ def child(impl: str, dtype: str, steps: int, batch: int, device: str) -> dict:
         positions = F.pad(labels[:, 1:] != IGNORE_INDEX, (0, 1), value=False)  # position t predicts label t+1
         if impl == "transformers":
             logits = logits_of(ids, speech, asm, None)
-            loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX)
+            loss = F.cross_entropy(
+                logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX
+            )
         else:
             loss = F.cross_entropy(logits_of(ids, speech, asm, positions), labels[:, 1:][positions[:, :-1]])
         loss.backward()
@@ -90,8 +92,12 @@ def child(impl: str, dtype: str, steps: int, batch: int, device: str) -> dict:
         tokens += n
         losses.append(l)
     wall = time.perf_counter() - t
-    return {"step_s": wall / steps, "tokens_per_s": tokens / wall, "peak_rss_MB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "first_loss": losses[0]}
+    return {
+        "step_s": wall / steps,
+        "tokens_per_s": tokens / wall,
+        "peak_rss_MB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "first_loss": losses[0],
+    }
 
 
 def main() -> None:
@@ -114,13 +120,19 @@ def main() -> None:
         res = {}
         for impl in ("ours", "transformers", "transformers_label_positions"):
             args = dict(impl=impl, dtype=dtype, steps=a.steps, batch=a.batch, device=a.device)
-            out = subprocess.run([sys.executable, __file__, "--child", json.dumps(args)], capture_output=True, text=True)
+            out = subprocess.run(
+                [sys.executable, __file__, "--child", json.dumps(args)], capture_output=True, text=True
+            )
             if out.returncode != 0:
                 print(f"| {dtype} | {impl} | error: {out.stderr.strip().splitlines()[-1]} |")
                 continue
             res[impl] = r = json.loads(out.stdout.strip().splitlines()[-1])
-            ratio = f"{res['ours']['tokens_per_s'] / r['tokens_per_s']:.2f}x" if impl != "ours" and "ours" in res else ""
-            print(f"| {dtype} | {impl} | {r['step_s']:.2f} | {r['tokens_per_s']:.0f} | {r['peak_rss_MB']:.0f} | {r['first_loss']:.3f} | {ratio} |")
+            ratio = (
+                f"{res['ours']['tokens_per_s'] / r['tokens_per_s']:.2f}x" if impl != "ours" and "ours" in res else ""
+            )
+            print(
+                f"| {dtype} | {impl} | {r['step_s']:.2f} | {r['tokens_per_s']:.0f} | {r['peak_rss_MB']:.0f} | {r['first_loss']:.3f} | {ratio} |"
+            )
 
 
 if __name__ == "__main__":

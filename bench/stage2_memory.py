@@ -59,20 +59,27 @@ def _local_bytes(t: torch.Tensor) -> int:
 
     t = t.to_local() if isinstance(t, DTensor) else t
     if isinstance(t, NF4Tensor):
-        return sum(getattr(t, a).numel() * getattr(t, a).element_size()
-                   for a in ("quantized_data", "quantized_scalers", "quantization_factor", "scaler_mean", "nf4"))
+        return sum(
+            getattr(t, a).numel() * getattr(t, a).element_size()
+            for a in ("quantized_data", "quantized_scalers", "quantization_factor", "scaler_mean", "nf4")
+        )
     return t.numel() * t.element_size()
 
 
 def _build(layers: int, lora: bool, projector: str, quantize: bool, world: int):
+    from torchtune.modules.peft import get_adapter_params, set_trainable_params
+
     from speechmapper_tune.models import llms
     from speechmapper_tune.models.projector import speechmapper_paper, speechmapper_small
     from speechmapper_tune.models.speech_lm import SpeechLM
-    from torchtune.modules.peft import get_adapter_params, set_trainable_params
 
     builders = {"paper": speechmapper_paper, "small": speechmapper_small}
     hp = dataclasses.replace(llms.LLAMA3_1_8B, num_layers=layers)
-    cfg = llms.LoraConfig.from_dict({"rank": 8, "alpha": 16, "dropout": 0.0, "attn_modules": ["q_proj", "v_proj"]}) if lora else None
+    cfg = (
+        llms.LoraConfig.from_dict({"rank": 8, "alpha": 16, "dropout": 0.0, "attn_modules": ["q_proj", "v_proj"]})
+        if lora
+        else None
+    )
     from torchtune.training import set_default_dtype
 
     with set_default_dtype(torch.bfloat16), torch.device("meta"):
@@ -105,11 +112,16 @@ def _batch(model, vocab: int):
     ids = lambda n: torch.randint(2, vocab, (n,), generator=g).tolist()  # noqa: E731
     out_len = int(model.projector.output_length(FRAMES))
     targets = [ids(min(RESPONSE, out_len)) for _ in range(BATCH)]
-    return {"features": torch.randn(BATCH, FRAMES, 1024, generator=g), "lengths": torch.full((BATCH,), FRAMES),
-            "target_ids": build_stage1_target_ids(targets, [out_len] * BATCH, 0),
-            "num_words": torch.tensor([len(t) for t in targets]), "has_mse": torch.ones(BATCH, dtype=torch.bool),
-            "prefix": [ids(PROMPT_PREFIX) for _ in range(BATCH)], "suffix": [ids(PROMPT_SUFFIX) for _ in range(BATCH)],
-            "response": targets}
+    return {
+        "features": torch.randn(BATCH, FRAMES, 1024, generator=g),
+        "lengths": torch.full((BATCH,), FRAMES),
+        "target_ids": build_stage1_target_ids(targets, [out_len] * BATCH, 0),
+        "num_words": torch.tensor([len(t) for t in targets]),
+        "has_mse": torch.ones(BATCH, dtype=torch.bool),
+        "prefix": [ids(PROMPT_PREFIX) for _ in range(BATCH)],
+        "suffix": [ids(PROMPT_SUFFIX) for _ in range(BATCH)],
+        "response": targets,
+    }
 
 
 def worker(args) -> None:
@@ -138,7 +150,9 @@ def worker(args) -> None:
     t0 = time.perf_counter()
     out = model(batch)
     target = lookup_targets(model.embedding, batch["target_ids"])
-    losses = loss_fn(out["logits"], out["labels"], out["pred"], target, out["out_lengths"], batch["num_words"], batch["has_mse"])
+    losses = loss_fn(
+        out["logits"], out["labels"], out["pred"], target, out["out_lengths"], batch["num_words"], batch["has_mse"]
+    )
     losses["objective"].backward()
     grads = sum(_local_bytes(p.grad) for p in trainable if p.grad is not None)
     torch.nn.utils.clip_grad_norm_(trainable, 1.0)
@@ -146,12 +160,24 @@ def worker(args) -> None:
     seconds = time.perf_counter() - t0
     step_peak = _status("VmHWM")
     opt_bytes = sum(_local_bytes(v) for st in optimizer.state.values() for v in st.values() if torch.is_tensor(v))
-    row = {"ranks": world, "rank": rank, "layers": args.layers, "projector": args.projector, "lora": args.lora, "dtype": args.quantize or "bf16",
-           "params_frozen": sum(_local_bytes(p) for p in model.parameters() if not p.requires_grad),
-           "params_trainable": sum(_local_bytes(p) for p in trainable),
-           "buffers": sum(_local_bytes(b) for b in model.buffers()), "grads": grads, "optimizer": opt_bytes,
-           "rss_setup_peak": setup_peak, "rss_before_step": before, "rss_step_peak": step_peak,
-           "step_seconds": round(seconds, 2), "loss": float(losses["loss"].detach())}
+    row = {
+        "ranks": world,
+        "rank": rank,
+        "layers": args.layers,
+        "projector": args.projector,
+        "lora": args.lora,
+        "dtype": args.quantize or "bf16",
+        "params_frozen": sum(_local_bytes(p) for p in model.parameters() if not p.requires_grad),
+        "params_trainable": sum(_local_bytes(p) for p in trainable),
+        "buffers": sum(_local_bytes(b) for b in model.buffers()),
+        "grads": grads,
+        "optimizer": opt_bytes,
+        "rss_setup_peak": setup_peak,
+        "rss_before_step": before,
+        "rss_step_peak": step_peak,
+        "step_seconds": round(seconds, 2),
+        "loss": float(losses["loss"].detach()),
+    }
     with open(f"{args.out}.rank{rank}.json", "w") as f:
         json.dump(row, f)
     if world > 1:
@@ -164,8 +190,12 @@ def main() -> None:
     ap.add_argument("--lora", action="store_true", help="LoRA rank 8 on q_proj/v_proj, trained with the projector")
     ap.add_argument("--ranks", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--quantize", choices=["nf4"], default=None, help="the recipe's llm.quantize=nf4")
-    ap.add_argument("--projector", choices=["paper", "small"], default="paper",
-                    help="paper: 279M (1024 -> 4096, A.1); small: the embedded default's blocks (21.7M) at the same widths in/out")
+    ap.add_argument(
+        "--projector",
+        choices=["paper", "small"],
+        default="paper",
+        help="paper: 279M (1024 -> 4096, A.1); small: the embedded default's blocks (21.7M) at the same widths in/out",
+    )
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--out", default="/tmp/stage2_memory", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -174,20 +204,39 @@ def main() -> None:
     rows = []
     for n in args.ranks:
         out = f"{args.out}.{n}"
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), __file__] if n > 1 else [sys.executable, __file__]
+        cmd = (
+            [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), __file__]
+            if n > 1
+            else [sys.executable, __file__]
+        )
         flags = ["--worker", "--layers", str(args.layers), "--projector", args.projector, "--out", out]
         flags += (["--lora"] if args.lora else []) + (["--quantize", args.quantize] if args.quantize else [])
-        subprocess.run(cmd + flags, check=True, env={**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // n))})
+        subprocess.run(
+            cmd + flags, check=True, env={**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // n))}
+        )
         for r in range(n):
             with open(f"{out}.rank{r}.json") as f:
                 rows.append(json.load(f))
             print(json.dumps(rows[-1]))
     gib = lambda b: f"{b / 2**30:.2f}"  # noqa: E731
-    keys = ["params_frozen", "params_trainable", "buffers", "grads", "optimizer", "rss_before_step", "rss_step_peak", "rss_setup_peak"]
+    keys = [
+        "params_frozen",
+        "params_trainable",
+        "buffers",
+        "grads",
+        "optimizer",
+        "rss_before_step",
+        "rss_step_peak",
+        "rss_setup_peak",
+    ]
     print("\n| ranks | rank | " + " | ".join(k + " GiB" for k in keys) + " | step s | loss |")
     print("|" + "---|" * (len(keys) + 4))
     for r in rows:
-        print(f"| {r['ranks']} | {r['rank']} | " + " | ".join(gib(r[k]) for k in keys) + f" | {r['step_seconds']} | {r['loss']:.1f} |")
+        print(
+            f"| {r['ranks']} | {r['rank']} | "
+            + " | ".join(gib(r[k]) for k in keys)
+            + f" | {r['step_seconds']} | {r['loss']:.1f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -35,22 +35,43 @@ def main() -> None:
     for name, extra in VARIANTS.items():
         run = out / name
         run.mkdir(exist_ok=True)
-        wall = tune(["speechmapper_adapt", "--config", "smollm2_135M/stage2_full", *extra, f"output_dir={run}",
-                     f"device={a.device}", f"max_steps={a.steps}", f"val_every_n_steps={a.steps}",
-                     f"save_every_n_steps={a.steps}", "validate_at_start=True", "resume=True",
-                     f"projector_checkpoint={pretrained.shipped_projector(STAGE1)}",
-                     f"data.train.manifest={FEATURES}/train/cuts.jsonl.gz",
-                     f"data.val.manifest={FEATURES}/dev/cuts.jsonl.gz"], run / "train.log")
+        wall = tune(
+            [
+                "speechmapper_adapt",
+                "--config",
+                "smollm2_135M/stage2_full",
+                *extra,
+                f"output_dir={run}",
+                f"device={a.device}",
+                f"max_steps={a.steps}",
+                f"val_every_n_steps={a.steps}",
+                f"save_every_n_steps={a.steps}",
+                "validate_at_start=True",
+                "resume=True",
+                f"projector_checkpoint={pretrained.shipped_projector(STAGE1)}",
+                f"data.train.manifest={FEATURES}/train/cuts.jsonl.gz",
+                f"data.val.manifest={FEATURES}/dev/cuts.jsonl.gz",
+            ],
+            run / "train.log",
+        )
         val = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines() if '"val_ce"' in l]
-        rows.append({"llm": name, "s_per_step": wall / a.steps, "val_ce": (val[0]["val_ce"], val[-1]["val_ce"]),
-                     "val_mse": (val[0]["val_mse"], val[-1]["val_mse"])})
+        rows.append(
+            {
+                "llm": name,
+                "s_per_step": wall / a.steps,
+                "val_ce": (val[0]["val_ce"], val[-1]["val_ce"]),
+                "val_mse": (val[0]["val_mse"], val[-1]["val_mse"]),
+            }
+        )
         (out / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
     print(f"\n{a.steps} steps each, smollm2_135M/stage2_full, device {a.device}\n")
     print("| frozen LLM | s/step | dev CE (step 0 -> last) | dev MSE (step 0 -> last) |")
     print("|---|---|---|---|")
     for r in rows:
-        print(f"| {r['llm']} | {r['s_per_step']:.2f} | {r['val_ce'][0]:.3f} -> {r['val_ce'][1]:.3f} | "
-              f"{r['val_mse'][0]:.4f} -> {r['val_mse'][1]:.4f} |")
+        print(
+            f"| {r['llm']} | {r['s_per_step']:.2f} | {r['val_ce'][0]:.3f} -> {r['val_ce'][1]:.3f} | "
+            f"{r['val_mse'][0]:.4f} -> {r['val_mse'][1]:.4f} |"
+        )
 
 
 if __name__ == "__main__":

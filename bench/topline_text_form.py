@@ -30,15 +30,19 @@ from speechmapper_tune.corpus.settings import CorpusSettings
 from speechmapper_tune.models.speech_lm import SpeechLM, zero_shot_prompt
 from speechmapper_tune.text import normalize_text
 
-IT_PROMPT = {"user": "Speech: {speech}\n{instruction}", "instruction": "Can you transcribe the Speech content?",
-             "assistant_prefix": "Transcript:"}
+IT_PROMPT = {
+    "user": "Speech: {speech}\n{instruction}",
+    "instruction": "Can you transcribe the Speech content?",
+    "assistant_prefix": "Transcript:",
+}
 
 
 def planned_sentences(config: str):
     """(normalized, written) transcript pairs per split, as the corpus recipe would synthesize them."""
     settings = CorpusSettings.from_dict(OmegaConf.to_container(OmegaConf.load(resolve_config(config)), resolve=True))
-    sentences, _ = load_wordnet_sentences(settings.wordnet_dir, settings.min_words, settings.max_words,
-                                          settings.spell_out_numbers)
+    sentences, _ = load_wordnet_sentences(
+        settings.wordnet_dir, settings.min_words, settings.max_words, settings.spell_out_numbers
+    )
     check = check_engines(settings)
     plan = make_plan(sentences, settings, check.engines, check.voices)
     return {split: [(u.text, u.tts_text) for u in utts] for split, utts in plan.items()}
@@ -71,14 +75,20 @@ def main() -> None:
     print(f"SmolLM2-135M-Instruct ({args.dtype}), {args.corpus}, greedy; WER of the normalized hypothesis\n")
     print("| prompt | split | n | normalized text in the span | written text in the span |")
     print("|---|---|---|---|---|")
-    for name, prompt, newline in (("zero-shot (table 11)", zero_shot, one_line), ("IT + \"Transcript:\"", IT_PROMPT, True)):
+    for name, prompt, newline in (
+        ("zero-shot (table 11)", zero_shot, one_line),
+        ('IT + "Transcript:"', IT_PROMPT, True),
+    ):
         lm = SpeechLM.from_checkpoint(None, llm=llm, prompt=prompt, stop_at_newline=newline)
         for split in args.splits.split(","):
             pairs = plan[split][: args.max_items]
             t0 = time.perf_counter()
             wer = {form: topline_wer(lm, pairs, form, args.batch_size) for form in ("normalized", "written")}
-            print(f"| {name} | {split} | {len(pairs)} | {wer['normalized']:.1f} | {wer['written']:.1f} |"
-                  f"  <!-- {time.perf_counter() - t0:.0f} s -->", flush=True)
+            print(
+                f"| {name} | {split} | {len(pairs)} | {wer['normalized']:.1f} | {wer['written']:.1f} |"
+                f"  <!-- {time.perf_counter() - t0:.0f} s -->",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -120,14 +120,20 @@ def main() -> None:
     sets = {"librivox": utts, "joined": [joined], "long": [long_wave], "none": silent}
     seconds = {k: sum(w.size for w in v) / SR for k, v in sets.items()}
     lm = SpeechLM.from_pretrained(a.projector)
-    whisper = WhisperModel(str(faster_whisper_dir("whisper_base")), device="cpu", compute_type="int8", cpu_threads=a.threads)
+    whisper = WhisperModel(
+        str(faster_whisper_dir("whisper_base")), device="cpu", compute_type="int8", cpu_threads=a.threads
+    )
 
     def fw(wave):
-        segments, _ = whisper.transcribe(wave, language="en", beam_size=1, condition_on_previous_text=False, vad_filter=True)
+        segments, _ = whisper.transcribe(
+            wave, language="en", beam_size=1, condition_on_previous_text=False, vad_filter=True
+        )
         return normalize_text(" ".join(s.text.strip() for s in segments))
 
-    systems = {"SpeechMapper (`speechmapper transcribe`, Silero VAD)": lambda waves: lm.transcribe(list(waves)),
-               "faster-whisper base int8, its own VAD": lambda waves: [fw(w) for w in waves]}
+    systems = {
+        "SpeechMapper (`speechmapper transcribe`, Silero VAD)": lambda waves: lm.transcribe(list(waves)),
+        "faster-whisper base int8, its own VAD": lambda waves: [fw(w) for w in waves],
+    }
     results = {}
     for name, fn in systems.items():
         fn(utts[:1])  # warm-up
@@ -136,27 +142,35 @@ def main() -> None:
             t0 = time.perf_counter()
             row[key] = (fn(waves), time.perf_counter() - t0)
         results[name] = row
-    print(f"{machine()}; audio: LibriVox 5 utterances {seconds['librivox']:.1f} s, joined {seconds['joined']:.1f} s, "
-          f"long recording {seconds['long']:.1f} s ({len(long_refs)} sentences), no-speech inputs {seconds['none']:.1f} s\n")
-    print("| system | LibriVox WER | 60-s joined WER | long: WER | long: words recovered | long: sentences >= half "
-          "| long: sentences lost | no speech: words produced | wall s (LibriVox / joined / long / none) | RTF |")
+    print(
+        f"{machine()}; audio: LibriVox 5 utterances {seconds['librivox']:.1f} s, joined {seconds['joined']:.1f} s, "
+        f"long recording {seconds['long']:.1f} s ({len(long_refs)} sentences), no-speech inputs {seconds['none']:.1f} s\n"
+    )
+    print(
+        "| system | LibriVox WER | 60-s joined WER | long: WER | long: words recovered | long: sentences >= half "
+        "| long: sentences lost | no speech: words produced | wall s (LibriVox / joined / long / none) | RTF |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for name, row in results.items():
         lib, joi, lon, non = (row[k][0] for k in ("librivox", "joined", "long", "none"))
         hits, n, half, lost = sentences_recovered(long_refs, lon[0])
         produced = sum(len(t.split()) for t in non)
         walls = [row[k][1] for k in ("librivox", "joined", "long", "none")]
-        print(f"| {name} | {100 * jiwer.wer(refs, lib):.1f} | {100 * jiwer.wer(' '.join(refs * 2), joi[0]):.1f} "
-              f"| {100 * jiwer.wer(' '.join(long_refs), lon[0] or '<empty>'):.1f} | {100 * hits / n:.1f} % "
-              f"| {half}/{len(long_refs)} | {lost} | {produced} ({'; '.join(repr(t) for t in non)}) "
-              f"| {' / '.join(f'{w:.1f}' for w in walls)} | {sum(seconds.values()) / sum(walls):.1f}x |")
+        print(
+            f"| {name} | {100 * jiwer.wer(refs, lib):.1f} | {100 * jiwer.wer(' '.join(refs * 2), joi[0]):.1f} "
+            f"| {100 * jiwer.wer(' '.join(long_refs), lon[0] or '<empty>'):.1f} | {100 * hits / n:.1f} % "
+            f"| {half}/{len(long_refs)} | {lost} | {produced} ({'; '.join(repr(t) for t in non)}) "
+            f"| {' / '.join(f'{w:.1f}' for w in walls)} | {sum(seconds.values()) / sum(walls):.1f}x |"
+        )
     pieces = speech_segments(long_wave, 10.0)
     kept = np.zeros(long_wave.size, bool)
     for p, q in pieces:
         kept[p:q] = True
     inside = sum(bool(kept[p:q].all()) for p, q in long_spans)  # the rule tests/test_vad.py checks
-    print(f"\nSilero VAD pieces of the long recording: {len(pieces)}, longest {max(q - p for p, q in pieces) / SR:.1f} s; "
-          f"sentences wholly inside a piece: {inside}/{len(long_spans)}")
+    print(
+        f"\nSilero VAD pieces of the long recording: {len(pieces)}, longest {max(q - p for p, q in pieces) / SR:.1f} s; "
+        f"sentences wholly inside a piece: {inside}/{len(long_spans)}"
+    )
 
 
 if __name__ == "__main__":

@@ -16,9 +16,7 @@ CONFIG_DIR = Path(__file__).resolve().parent
 
 def available_configs() -> List[str]:
     """Bare names of every packaged config, e.g. ``['tiny/stage1', 'llama3_1_8B/stage1']``."""
-    return sorted(
-        str(p.relative_to(CONFIG_DIR).with_suffix("")) for p in CONFIG_DIR.rglob("*.yaml")
-    )
+    return sorted(str(p.relative_to(CONFIG_DIR).with_suffix("")) for p in CONFIG_DIR.rglob("*.yaml"))
 
 
 def resolve_config(name_or_path: str) -> Path:

@@ -42,9 +42,8 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader
-from tqdm import tqdm
-
 from torchtune import config, training, utils
+from tqdm import tqdm
 
 from speechmapper_tune.checkpoint.atomic import MetricsFile
 from speechmapper_tune.checkpoint.projector_io import (
@@ -62,11 +61,17 @@ from speechmapper_tune.data.loader import TrainLoader
 from speechmapper_tune.data.manifest import SkipCounter, load_feature_items
 from speechmapper_tune.data.sampler import ShuffledBatchSampler
 from speechmapper_tune.data.stage1 import lookup_targets, sample_subset
-from speechmapper_tune.data.stage2 import PromptTemplate, Stage2Collator, Stage2Dataset, prepare_asr_examples, prepare_instruction_examples
+from speechmapper_tune.data.stage2 import (
+    PromptTemplate,
+    Stage2Collator,
+    Stage2Dataset,
+    prepare_asr_examples,
+    prepare_instruction_examples,
+)
+from speechmapper_tune.dtypes import COMPUTE_DTYPES
 from speechmapper_tune.models.llms import load_lora_adapters, lora_state_dict
 from speechmapper_tune.models.projector import build_projector_from_config, count_parameters
 from speechmapper_tune.models.sharding import full_optimizer_state, full_state_dict, full_tensor, shard_optimizer_state
-from speechmapper_tune.dtypes import COMPUTE_DTYPES
 from speechmapper_tune.models.speech_lm import SpeechLM
 
 log = utils.get_logger("INFO")
@@ -87,7 +92,9 @@ class AdaptRecipe:
         if self.world_size > 1 and not dist.is_initialized():
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
         if cfg.llm.get("dtype", "auto") not in COMPUTE_DTYPES:
-            raise ValueError(f"llm.dtype={cfg.llm.dtype!r}: expected one of {list(COMPUTE_DTYPES)} (the loss is always fp32)")
+            raise ValueError(
+                f"llm.dtype={cfg.llm.dtype!r}: expected one of {list(COMPUTE_DTYPES)} (the loss is always fp32)"
+            )
         self.loss_fn = config.instantiate(cfg.loss)  # Stage2Loss: validates sigma, alpha, weighting
         self.max_steps = int(cfg.max_steps)
         self.grad_accum = int(cfg.get("gradient_accumulation_steps", 1))
@@ -95,7 +102,9 @@ class AdaptRecipe:
         self.resume_from = None  # the checkpoint folder resume=True continues from
         self.skipped = SkipCounter()
         if not cfg.get("resume", False):
-            CheckpointManager(self.output_dir).refuse_existing_run()  # before any work: a new run must not mix with an old one
+            CheckpointManager(
+                self.output_dir
+            ).refuse_existing_run()  # before any work: a new run must not mix with an old one
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -117,7 +126,9 @@ class AdaptRecipe:
         if float(getattr(self.loss_fn, "regularizer_weight", 0.0)) > 0:  # the classifier regularizer reads the table
             self.loss_fn.set_embedding(self.embedding, blank_id=self.pad_id)
             self.loss_keys = (*LOSS_KEYS, "regularizer")
-        self.needs_teacher = bool(getattr(self.loss_fn, "needs_teacher", False))  # loss.kl_ratio > 0: behaviour alignment
+        self.needs_teacher = bool(
+            getattr(self.loss_fn, "needs_teacher", False)
+        )  # loss.kl_ratio > 0: behaviour alignment
         if self.needs_teacher:
             self.loss_keys = (*self.loss_keys, "kl")
         self.lora_params = [p for p in self.llm.parameters() if p.requires_grad]  # empty unless LoRA is on
@@ -135,7 +146,11 @@ class AdaptRecipe:
         log.info(f"Skipped at setup: {self.skipped.total()} ({self.skipped.summary()})")
 
         self.projector.train()
-        n_proj, n_lora, n_llm = count_parameters(self.projector), sum(p.numel() for p in self.lora_params), count_parameters(self.llm)
+        n_proj, n_lora, n_llm = (
+            count_parameters(self.projector),
+            sum(p.numel() for p in self.lora_params),
+            count_parameters(self.llm),
+        )
         if self.world_size > 1:
             self._shard()
         else:
@@ -148,13 +163,18 @@ class AdaptRecipe:
             self._resume_state(self.resume_from)
         self.loggers = [config.instantiate(c) for c in cfg.get("metric_loggers", [])] if self.is_main else []
         self._open_metrics_file()
-        log.info(f"Trainable: projector {n_proj:,} + LoRA {n_lora:,} parameters; "
-                 f"LLM frozen ({n_llm / 1e6:.1f}M, no optimizer state)")
+        log.info(
+            f"Trainable: projector {n_proj:,} + LoRA {n_lora:,} parameters; "
+            f"LLM frozen ({n_llm / 1e6:.1f}M, no optimizer state)"
+        )
 
     def _shard(self) -> None:
         """Shard the SpeechLM (``SpeechLM.shard``) and take the sharded parameters' handles."""
         self.model.shard(self.device)
-        self.projector, self.llm = self.model.projector, self.model.llm  # the same modules, parameters now DTensor shards
+        self.projector, self.llm = (
+            self.model.projector,
+            self.model.llm,
+        )  # the same modules, parameters now DTensor shards
         self.lora_params = [p for p in self.llm.parameters() if p.requires_grad]
         self.embedding = self.model.embedding  # the root unit moved this buffer (and the LLM's) to the device
         if "regularizer" in self.loss_keys:
@@ -164,16 +184,25 @@ class AdaptRecipe:
     def _build_model(self) -> SpeechLM:
         cfg = self.cfg
         path = cfg.get("projector_checkpoint")
-        llm = {**OmegaConf.to_container(cfg.llm, resolve=True), "checkpoint": resolve_path_setting(cfg.llm.checkpoint),
-               "tokenizer": resolve_path_setting(cfg.llm.get("tokenizer"))}
+        llm = {
+            **OmegaConf.to_container(cfg.llm, resolve=True),
+            "checkpoint": resolve_path_setting(cfg.llm.checkpoint),
+            "tokenizer": resolve_path_setting(cfg.llm.get("tokenizer")),
+        }
         llm.pop("quantize", None)  # applied by setup, after loading
         lora = OmegaConf.to_container(cfg.lora, resolve=True) if cfg.get("lora") else None
         prompt = OmegaConf.to_container(cfg.prompt, resolve=True)
         # N processes: built in host memory, and fully_shard moves each unit to the device as it shards it, so a
         # device holds its shards plus one whole layer at a time: an LLM bigger than one device still loads
         load_device = torch.device("cpu") if self.world_size > 1 else self.device
-        common = dict(llm=llm, prompt=prompt, lora=lora, device=load_device,
-                      trim_pad_vectors=bool(cfg.get("trim_pad_vectors", False)), on_warning=log.warning)
+        common = dict(
+            llm=llm,
+            prompt=prompt,
+            lora=lora,
+            device=load_device,
+            trim_pad_vectors=bool(cfg.get("trim_pad_vectors", False)),
+            on_warning=log.warning,
+        )
         if path:  # a LoRA-trained stage-2 checkpoint goes on with its adapters when lora is set
             model = SpeechLM.from_checkpoint(path, **common)
             meta = model.meta
@@ -183,7 +212,9 @@ class AdaptRecipe:
             self.init_meta = {"from": str(path), "stage": meta.get("stage"), "step": meta.get("step")}
             return model
         if not cfg.get("from_scratch", False):
-            raise ValueError("set projector_checkpoint=<stage-1 checkpoint folder>, or from_scratch=True for an ablation")
+            raise ValueError(
+                "set projector_checkpoint=<stage-1 checkpoint folder>, or from_scratch=True for an ablation"
+            )
         projector = config.instantiate(cfg.model)
         model = SpeechLM.from_checkpoint(None, projector=projector, **common)
         log.info("Projector from scratch (ablation: no stage 1)")
@@ -194,36 +225,73 @@ class AdaptRecipe:
         proj = self.projector
         items = load_feature_items(dcfg.manifest, self.skipped)
         if items[0].num_features != proj.input_dim:
-            raise ValueError(f"{dcfg.manifest} has {items[0].num_features}-dim features but the projector takes {proj.input_dim}")
+            raise ValueError(
+                f"{dcfg.manifest} has {items[0].num_features}-dim features but the projector takes {proj.input_dim}"
+            )
         max_len = int(self.cfg.get("max_seq_len", self.llm.max_seq_len))
         examples = []
         if dcfg.get("instructions"):
             by_id = {it.id: it for it in items}
-            examples = prepare_instruction_examples(dcfg.instructions, by_id, self.chat, self.template,
-                                                    proj.output_length, max_len, self.skipped, dcfg.get("task", "instruction"))
+            examples = prepare_instruction_examples(
+                dcfg.instructions,
+                by_id,
+                self.chat,
+                self.template,
+                proj.output_length,
+                max_len,
+                self.skipped,
+                dcfg.get("task", "instruction"),
+            )
             n_asr = int(round(len(examples) * float(dcfg.get("asr_mix_ratio", 0.0))))
             if n_asr:  # section 4.2: ASR samples mixed in to stabilise short task-specific IT
                 asr_template = PromptTemplate(**OmegaConf.to_container(self.cfg.asr_prompt, resolve=True))
-                asr = prepare_asr_examples(items, self.chat, asr_template, proj.output_length, max_len, self.skipped,
-                                           target_text=dcfg.get("target_text", "normalized"))
+                asr = prepare_asr_examples(
+                    items,
+                    self.chat,
+                    asr_template,
+                    proj.output_length,
+                    max_len,
+                    self.skipped,
+                    target_text=dcfg.get("target_text", "normalized"),
+                )
                 rng = random.Random(int(self.cfg.seed))
                 examples += [asr[rng.randrange(len(asr))] for _ in range(n_asr)]
         else:
-            examples = prepare_asr_examples(items, self.chat, self.template, proj.output_length, max_len, self.skipped,
-                                            target_text=dcfg.get("target_text", "normalized"))
+            examples = prepare_asr_examples(
+                items,
+                self.chat,
+                self.template,
+                proj.output_length,
+                max_len,
+                self.skipped,
+                target_text=dcfg.get("target_text", "normalized"),
+            )
         if not shuffle and dcfg.get("max_items"):
             examples = [examples[i] for i in sample_subset(len(examples), int(dcfg.max_items), 0)]
         if not examples:
             raise ValueError(f"{dcfg.manifest}: no usable example (skipped: {self.skipped.summary()})")
         rank, world = (self.rank, self.world_size) if shuffle else (0, 1)
-        sampler = ShuffledBatchSampler(len(examples), int(self.cfg.batch_size), shuffle=shuffle,
-                                       seed=int(self.cfg.seed), rank=rank, world_size=world)
+        sampler = ShuffledBatchSampler(
+            len(examples),
+            int(self.cfg.batch_size),
+            shuffle=shuffle,
+            seed=int(self.cfg.seed),
+            rank=rank,
+            world_size=world,
+        )
         if shuffle and len(sampler) == 0:
-            raise ValueError(f"{dcfg.manifest}: {len(examples)} examples make no full batch of {self.cfg.batch_size} per rank")
+            raise ValueError(
+                f"{dcfg.manifest}: {len(examples)} examples make no full batch of {self.cfg.batch_size} per rank"
+            )
         log.info(f"{'train' if shuffle else 'val'}: {len(examples)} examples from {dcfg.manifest}")
         augment = dcfg.get("augment") if shuffle else None  # validation never sees masked features
-        loader = DataLoader(Stage2Dataset(examples, augment=augment, seed=int(self.cfg.seed)), batch_sampler=sampler, collate_fn=Stage2Collator(proj.output_length, self.pad_id),
-                            num_workers=int(dcfg.get("num_workers", 0)), generator=torch.Generator().manual_seed(int(self.cfg.seed)))
+        loader = DataLoader(
+            Stage2Dataset(examples, augment=augment, seed=int(self.cfg.seed)),
+            batch_sampler=sampler,
+            collate_fn=Stage2Collator(proj.output_length, self.pad_id),
+            num_workers=int(dcfg.get("num_workers", 0)),
+            generator=torch.Generator().manual_seed(int(self.cfg.seed)),
+        )
         if shuffle:  # an epoch in which no item loads is an error, not an endless loop
             loader = TrainLoader(loader, dcfg.manifest, self.skipped)
         return loader, sampler
@@ -231,7 +299,9 @@ class AdaptRecipe:
     def _resume_weights(self):
         folder = CheckpointManager(self.output_dir).latest()
         if folder is None:
-            log.info(f"resume=True but no checkpoint in {self.output_dir / 'checkpoints'}: starting from the initial projector")
+            log.info(
+                f"resume=True but no checkpoint in {self.output_dir / 'checkpoints'}: starting from the initial projector"
+            )
             return None
         model, _ = load_projector(folder)
         self.projector.load_state_dict(model.state_dict())
@@ -260,8 +330,14 @@ class AdaptRecipe:
         first = True
         while True:
             if first and self.consumed:
-                self.sampler.load_state_dict({"epoch": self.epoch, "consumed": self.consumed,
-                                              "seed": self.sampler.seed, "world_size": self.world_size})
+                self.sampler.load_state_dict(
+                    {
+                        "epoch": self.epoch,
+                        "consumed": self.consumed,
+                        "seed": self.sampler.seed,
+                        "world_size": self.world_size,
+                    }
+                )
             else:
                 self.sampler.set_epoch(self.epoch)
             first = False
@@ -276,20 +352,34 @@ class AdaptRecipe:
         out = self.model(batch, teacher=self.needs_teacher)
         target = lookup_targets(self.embedding, batch["target_ids"].to(self.device))
         teacher = {k: out[k] for k in ("teacher_logits", "teacher_rows") if k in out}
-        losses = self.loss_fn(out["logits"], out["labels"], out["pred"], target, out["out_lengths"],
-                              batch["num_words"].to(self.device), batch["has_mse"].to(self.device),
-                              batch["target_ids"].to(self.device), **teacher)
+        losses = self.loss_fn(
+            out["logits"],
+            out["labels"],
+            out["pred"],
+            target,
+            out["out_lengths"],
+            batch["num_words"].to(self.device),
+            batch["has_mse"].to(self.device),
+            batch["target_ids"].to(self.device),
+            **teacher,
+        )
         return {**losses, "tokens": out["tokens"], "speech_vectors": out["speech_vectors"]}
 
     def train(self) -> None:
         cfg = self.cfg
-        if self.step and self.step >= self.max_steps:  # resumed a finished run: validating and saving again would repeat them
+        if (
+            self.step and self.step >= self.max_steps
+        ):  # resumed a finished run: validating and saving again would repeat them
             log.info(f"Already at step {self.step} (max_steps={self.max_steps}): nothing to do")
             return
-        log_every, val_every, save_every = (int(cfg.get(k, 0) or 0) for k in ("log_every_n_steps", "val_every_n_steps", "save_every_n_steps"))
+        log_every, val_every, save_every = (
+            int(cfg.get(k, 0) or 0) for k in ("log_every_n_steps", "val_every_n_steps", "save_every_n_steps")
+        )
         clip = cfg.get("clip_grad_norm")
         batches = self._batches()
-        pbar = tqdm(total=self.max_steps, initial=self.step, disable=not self.is_main, desc="stage 2", dynamic_ncols=True)
+        pbar = tqdm(
+            total=self.max_steps, initial=self.step, disable=not self.is_main, desc="stage 2", dynamic_ncols=True
+        )
         validated_at = None
         if cfg.get("validate_at_start", False) and self.step == 0:
             self._log(self.validate())  # the stage-1 projector's baseline, so "val CE falls" is measurable
@@ -328,9 +418,13 @@ class AdaptRecipe:
             pbar.set_postfix(ce=f"{metrics['ce']:.3f}", mse=f"{metrics['mse']:.0f}")
             if log_every and (self.step % log_every == 0 or self.step == 1):
                 elapsed = time.perf_counter() - t0
-                metrics.update(lr=self.optimizer.param_groups[0]["lr"], grad_norm=float(grad_norm),
-                               tokens_per_second=tokens * self.world_size / max(elapsed, 1e-9),
-                               epoch=self.epoch, skipped=self.skipped.total())
+                metrics.update(
+                    lr=self.optimizer.param_groups[0]["lr"],
+                    grad_norm=float(grad_norm),
+                    tokens_per_second=tokens * self.world_size / max(elapsed, 1e-9),
+                    epoch=self.epoch,
+                    skipped=self.skipped.total(),
+                )
                 self._log(metrics)
                 t0, tokens = time.perf_counter(), 0
             if val_every and self.step % val_every == 0 and self.step < self.max_steps:
@@ -371,15 +465,30 @@ class AdaptRecipe:
             state = {
                 "optimizer": optimizer,
                 "scheduler": self.scheduler.state_dict(),
-                "step": self.step, "epoch": self.epoch, "consumed": self.consumed, "rng": rng,
+                "step": self.step,
+                "epoch": self.epoch,
+                "consumed": self.consumed,
+                "rng": rng,
                 "config": OmegaConf.to_container(self.cfg, resolve=True),
             }
-            meta = {"stage": 2, "llm": self.model.llm_meta, "recipe": "speechmapper_adapt", "init": self.init_meta,
-                    "sigma": self.loss_fn.sigma, "trim_pad_vectors": self.model.trim_pad_vectors,
-                    **({"kl_ratio": self.loss_fn.kl_ratio, "kl_temperature": self.loss_fn.kl_temperature} if self.needs_teacher else {}),
-                    "prompt": OmegaConf.to_container(self.cfg.prompt, resolve=True),  # generation uses it by default
-                    "features": self.features}
-            if self.quantize:  # generation loads the LLM unquantized; the record says what the projector trained against
+            meta = {
+                "stage": 2,
+                "llm": self.model.llm_meta,
+                "recipe": "speechmapper_adapt",
+                "init": self.init_meta,
+                "sigma": self.loss_fn.sigma,
+                "trim_pad_vectors": self.model.trim_pad_vectors,
+                **(
+                    {"kl_ratio": self.loss_fn.kl_ratio, "kl_temperature": self.loss_fn.kl_temperature}
+                    if self.needs_teacher
+                    else {}
+                ),
+                "prompt": OmegaConf.to_container(self.cfg.prompt, resolve=True),  # generation uses it by default
+                "features": self.features,
+            }
+            if (
+                self.quantize
+            ):  # generation loads the LLM unquantized; the record says what the projector trained against
                 meta["llm_quantize"] = self.quantize
             extra = {LORA_WEIGHTS: lora} if self.lora_params else None
             meta["lora"] = OmegaConf.to_container(self.cfg.lora, resolve=True) if self.lora_params else None

@@ -38,7 +38,6 @@ from typing import Dict, Optional, Tuple
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-
 from torchtune import config, training, utils
 
 from speechmapper_tune.checkpoint.atomic import atomic_write_json
@@ -47,18 +46,27 @@ from speechmapper_tune.configs import resolve_config_argv
 from speechmapper_tune.corpus.manifest_io import load_audio_manifest
 from speechmapper_tune.data.generation_data import append_rows, done_ids, start_resumable_output
 from speechmapper_tune.data.manifest import written_text
+from speechmapper_tune.dtypes import resolve_dtype
 from speechmapper_tune.generation import greedy_generate
 from speechmapper_tune.metrics import (
-    NO_ENTITIES, SLUE_NER_TAGS, format_entities, parse_entities, parse_sentiment,
+    NO_ENTITIES,
+    SLUE_NER_TAGS,
+    format_entities,
+    parse_entities,
+    parse_sentiment,
 )
 from speechmapper_tune.models.chat_format import ChatTokenizer
-from speechmapper_tune.dtypes import resolve_dtype
 from speechmapper_tune.models.llms import embed_tokens, load_llm
 from speechmapper_tune.text import normalize_text
 
 log = utils.get_logger("INFO")
 TASKS = ("sa", "ner")
-LABELS, NOT_ANNOTATED, SETTINGS, SUMMARY = "labels.jsonl", "not_annotated.jsonl", "annotate_settings.json", "annotate_summary.json"
+LABELS, NOT_ANNOTATED, SETTINGS, SUMMARY = (
+    "labels.jsonl",
+    "not_annotated.jsonl",
+    "annotate_settings.json",
+    "annotate_summary.json",
+)
 SOURCES = ("llm", "manifest")
 GOLD_FIELD = {"sa": "sentiment", "ner": "ner_answer"}  # the supervision custom field of a SLUE manifest (corpus.slue)
 
@@ -77,7 +85,9 @@ def label_from_reply(task: str, reply: str, transcript: str) -> Tuple[Optional[s
             return NO_ENTITIES, ""
         return None, "the reply lists no TAG: phrase pair"
     words = f" {normalize_text(transcript)} "
-    kept = [(t, p) for t, p in entities if t in SLUE_NER_TAGS and normalize_text(p) and f" {normalize_text(p)} " in words]
+    kept = [
+        (t, p) for t, p in entities if t in SLUE_NER_TAGS and normalize_text(p) and f" {normalize_text(p)} " in words
+    ]
     if not kept:
         return None, "no entity of the reply has a SLUE tag and a phrase of the transcript"
     dropped = len(entities) - len(kept)
@@ -103,27 +113,51 @@ class AnnotateRecipe:
         training.set_seed(seed=cfg.get("seed", 0))
         cuts = load_audio_manifest(cfg.manifest)
         field = GOLD_FIELD[cfg.task]
-        self.items = [(c.id, written_text(c.supervisions),
-                       next(((s.custom or {}).get(field) for s in c.supervisions if (s.custom or {}).get(field)), None))
-                      for c in cuts]
+        self.items = [
+            (
+                c.id,
+                written_text(c.supervisions),
+                next(((s.custom or {}).get(field) for s in c.supervisions if (s.custom or {}).get(field)), None),
+            )
+            for c in cuts
+        ]
         if cfg.get("max_items") is not None:
             self.items = self.items[: int(cfg.max_items)]
         if self.source == "manifest":
-            self._start({"manifest": str(cfg.manifest), "task": cfg.task, "instruction": cfg.instruction, "labels": "manifest"},
-                        bool(cfg.get("overwrite", False)))
+            self._start(
+                {"manifest": str(cfg.manifest), "task": cfg.task, "instruction": cfg.instruction, "labels": "manifest"},
+                bool(cfg.get("overwrite", False)),
+            )
             return
-        ckpt = str(config.instantiate(cfg.llm.checkpoint)) if isinstance(cfg.llm.checkpoint, DictConfig) else str(cfg.llm.checkpoint)
-        settings = {"manifest": str(cfg.manifest), "task": cfg.task, "instruction": cfg.instruction,
-                    "llm": {"name": cfg.llm.name, "checkpoint": ckpt, "chat_format": cfg.llm.chat_format,
-                            "dtype": cfg.llm.get("dtype", "fp32")},
-                    "prompt": OmegaConf.to_container(cfg.prompt, resolve=True), "max_new_tokens": int(cfg.max_new_tokens)}
+        ckpt = (
+            str(config.instantiate(cfg.llm.checkpoint))
+            if isinstance(cfg.llm.checkpoint, DictConfig)
+            else str(cfg.llm.checkpoint)
+        )
+        settings = {
+            "manifest": str(cfg.manifest),
+            "task": cfg.task,
+            "instruction": cfg.instruction,
+            "llm": {
+                "name": cfg.llm.name,
+                "checkpoint": ckpt,
+                "chat_format": cfg.llm.chat_format,
+                "dtype": cfg.llm.get("dtype", "fp32"),
+            },
+            "prompt": OmegaConf.to_container(cfg.prompt, resolve=True),
+            "max_new_tokens": int(cfg.max_new_tokens),
+        }
         self._start(json.loads(json.dumps(settings)), bool(cfg.get("overwrite", False)))
-        self.model, _, _ = load_llm(cfg.llm.name, ckpt, dtype=resolve_dtype(cfg.llm.get("dtype", "fp32"), "cpu", setting="llm.dtype"))
+        self.model, _, _ = load_llm(
+            cfg.llm.name, ckpt, dtype=resolve_dtype(cfg.llm.get("dtype", "fp32"), "cpu", setting="llm.dtype")
+        )
         self.chat = ChatTokenizer.from_dir(ckpt, chat_format=cfg.llm.chat_format)
 
     def _start(self, settings: Dict, overwrite: bool) -> None:
         out = self.output_dir
-        start_resumable_output(out / LABELS, out / SETTINGS, settings, overwrite, (out / NOT_ANNOTATED, out / SUMMARY), "label")
+        start_resumable_output(
+            out / LABELS, out / SETTINGS, settings, overwrite, (out / NOT_ANNOTATED, out / SUMMARY), "label"
+        )
 
     def _prompt(self, transcript: str) -> torch.Tensor:
         p = self.cfg.prompt
@@ -138,20 +172,32 @@ class AnnotateRecipe:
         labels_path, missing_path = self.output_dir / LABELS, self.output_dir / NOT_ANNOTATED
         done = done_ids(labels_path) | done_ids(missing_path)
         todo = [it for it in self.items if it[0] not in done]
-        log.info(f"{len(self.items)} items ({len(self.items) - len(todo)} already done), task {cfg.task}, labels from {self.source}")
+        log.info(
+            f"{len(self.items)} items ({len(self.items) - len(todo)} already done), task {cfg.task}, labels from {self.source}"
+        )
         empty = [it for it in todo if not normalize_text(it[1])]
         append_rows(missing_path, [{"id": it[0], "reason": "empty transcript"} for it in empty])
         todo = [it for it in todo if normalize_text(it[1])]
         if self.source == "manifest":
             append_rows(labels_path, [self._row(i, t, gold, "manifest", None) for i, t, gold in todo if gold])
-            append_rows(missing_path, [{"id": i, "reason": f"no {GOLD_FIELD[cfg.task]} label in the manifest"}
-                                       for i, _, gold in todo if not gold])
+            append_rows(
+                missing_path,
+                [
+                    {"id": i, "reason": f"no {GOLD_FIELD[cfg.task]} label in the manifest"}
+                    for i, _, gold in todo
+                    if not gold
+                ],
+            )
             todo = []
         bs = int(cfg.batch_size)
         for s in range(0, len(todo), bs):
             chunk = todo[s : s + bs]
-            results = greedy_generate(self.model, [self._prompt(t) for _, t, _ in chunk],
-                                      max_new_tokens=int(cfg.max_new_tokens), stop_ids=self.chat.stop_ids)
+            results = greedy_generate(
+                self.model,
+                [self._prompt(t) for _, t, _ in chunk],
+                max_new_tokens=int(cfg.max_new_tokens),
+                stop_ids=self.chat.stop_ids,
+            )
             rows, bad = [], []
             for (item_id, text, _), res in zip(chunk, results):
                 reply = self.chat.decode(res.ids, skip_special_tokens=True)
@@ -159,28 +205,60 @@ class AnnotateRecipe:
                 if answer is None:
                     bad.append({"id": item_id, "reason": note, "raw": reply})
                     continue
-                rows.append({**self._row(item_id, text, answer, cfg.llm.name, reply), **({"note": note} if note else {})})
+                rows.append(
+                    {**self._row(item_id, text, answer, cfg.llm.name, reply), **({"note": note} if note else {})}
+                )
             append_rows(labels_path, rows)
             append_rows(missing_path, bad)
-            log.info(f"{min(s + bs, len(todo))}/{len(todo)} items: {len(rows)} labelled, {len(bad)} skipped in this batch")
+            log.info(
+                f"{min(s + bs, len(todo))}/{len(todo)} items: {len(rows)} labelled, {len(bad)} skipped in this batch"
+            )
         self._summary(labels_path, missing_path)
 
     def _row(self, item_id: str, text: str, answer: str, annotator: str, reply: Optional[str]) -> Dict:
-        return {"id": item_id, "features": item_id, "task": self.cfg.task, "instruction": self.cfg.instruction,
-                "answer": answer, "transcript": normalize_text(text), "raw": reply, "annotator": annotator}
+        return {
+            "id": item_id,
+            "features": item_id,
+            "task": self.cfg.task,
+            "instruction": self.cfg.instruction,
+            "answer": answer,
+            "transcript": normalize_text(text),
+            "raw": reply,
+            "annotator": annotator,
+        }
 
     def _summary(self, labels_path: Path, missing_path: Path) -> None:
-        labelled = [json.loads(l) for l in labels_path.read_text(encoding="utf-8").splitlines()] if labels_path.is_file() else []
-        skipped = [json.loads(l) for l in missing_path.read_text(encoding="utf-8").splitlines()] if missing_path.is_file() else []
-        answers = Counter(r["answer"] if self.cfg.task == "sa" else
-                          ("none" if r["answer"] == NO_ENTITIES else "entities") for r in labelled)
-        tags = Counter(p.split(":", 1)[0] for r in labelled if r["answer"] != NO_ENTITIES for p in r["answer"].split("; "))
-        summary = {"task": self.cfg.task, "items": len(self.items), "labelled": len(labelled), "skipped": len(skipped),
-                   "skipped_reasons": dict(Counter(r["reason"] for r in skipped)), "answers": dict(answers),
-                   **({"tags": dict(tags)} if self.cfg.task == "ner" else {})}
+        labelled = (
+            [json.loads(l) for l in labels_path.read_text(encoding="utf-8").splitlines()]
+            if labels_path.is_file()
+            else []
+        )
+        skipped = (
+            [json.loads(l) for l in missing_path.read_text(encoding="utf-8").splitlines()]
+            if missing_path.is_file()
+            else []
+        )
+        answers = Counter(
+            r["answer"] if self.cfg.task == "sa" else ("none" if r["answer"] == NO_ENTITIES else "entities")
+            for r in labelled
+        )
+        tags = Counter(
+            p.split(":", 1)[0] for r in labelled if r["answer"] != NO_ENTITIES for p in r["answer"].split("; ")
+        )
+        summary = {
+            "task": self.cfg.task,
+            "items": len(self.items),
+            "labelled": len(labelled),
+            "skipped": len(skipped),
+            "skipped_reasons": dict(Counter(r["reason"] for r in skipped)),
+            "answers": dict(answers),
+            **({"tags": dict(tags)} if self.cfg.task == "ner" else {}),
+        }
         atomic_write_json(self.output_dir / SUMMARY, summary)
-        log.info(f"Labelled {len(labelled)}, skipped {len(skipped)} ({summary['skipped_reasons']}); "
-                 f"answers {dict(answers)}; wrote {labels_path}")
+        log.info(
+            f"Labelled {len(labelled)}, skipped {len(skipped)} ({summary['skipped_reasons']}); "
+            f"answers {dict(answers)}; wrote {labels_path}"
+        )
 
     def cleanup(self) -> None:
         pass
@@ -190,7 +268,9 @@ class AnnotateRecipe:
 def recipe_main(cfg: DictConfig) -> None:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size > 1:  # N processes would each label every item into the same files
-        raise ValueError(f"speechmapper_annotate runs in one process (WORLD_SIZE={world_size}): run it without --nproc_per_node")
+        raise ValueError(
+            f"speechmapper_annotate runs in one process (WORLD_SIZE={world_size}): run it without --nproc_per_node"
+        )
     check_recipe_config(cfg, "speechmapper_annotate")  # a misspelt or unknown setting stops here, before anything loads
     recipe = AnnotateRecipe(cfg)
     recipe.setup()

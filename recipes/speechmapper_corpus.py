@@ -44,18 +44,26 @@ class CorpusRecipe:
         self.prepared = prepare_plan(self.settings)
         plan, check, _ = self.prepared
         for split, utts in plan.items():
-            log.info("Plan %s: %d utterances, voices %s", split, len(utts),
-                     ", ".join(v.spec for v in check.voices.get(split, [])) or "none")
+            log.info(
+                "Plan %s: %d utterances, voices %s",
+                split,
+                len(utts),
+                ", ".join(v.spec for v in check.voices.get(split, [])) or "none",
+            )
 
     def run(self):
         start = time.time()
         self.result = build_corpus(self.settings, self.prepared)
         for split, info in self.result.info["splits"].items():
             log.info("%s: %d utterances, %.3f h", split, info["utterances"], info["hours"])
-        log.info("Corpus in %s (%d synthesized, %d kept from a previous run, %d failed) in %.0f s",
-                 self.settings.output_dir, self.result.report.synthesized,
-                 self.result.report.skipped_existing, len(self.result.report.failed),
-                 time.time() - start)
+        log.info(
+            "Corpus in %s (%d synthesized, %d kept from a previous run, %d failed) in %.0f s",
+            self.settings.output_dir,
+            self.result.report.synthesized,
+            self.result.report.skipped_existing,
+            len(self.result.report.failed),
+            time.time() - start,
+        )
 
     def cleanup(self):
         """Nothing to release: workers and scratch folders are closed by the library."""

@@ -21,16 +21,15 @@ from typing import List
 
 import torch
 from omegaconf import DictConfig
-
 from torchtune import config, training, utils
 
 from speechmapper_tune.checkpoint.atomic import atomic_write_json, atomic_write_text
 from speechmapper_tune.config_keys import check_recipe_config
 from speechmapper_tune.configs import resolve_config_argv
+from speechmapper_tune.dtypes import resolve_dtype
 from speechmapper_tune.generation import greedy_generate, newline_token_ids
 from speechmapper_tune.metrics import asr_scores
 from speechmapper_tune.models.chat_format import ChatTokenizer
-from speechmapper_tune.dtypes import resolve_dtype
 from speechmapper_tune.models.llms import embed_tokens, load_llm
 from speechmapper_tune.text import normalize_text
 
@@ -74,13 +73,22 @@ class EETRecipe:
     def setup(self) -> None:
         cfg = self.cfg
         training.set_seed(seed=cfg.get("seed", 0))
-        ckpt = str(config.instantiate(cfg.llm.checkpoint)) if isinstance(cfg.llm.checkpoint, DictConfig) else str(cfg.llm.checkpoint)
+        ckpt = (
+            str(config.instantiate(cfg.llm.checkpoint))
+            if isinstance(cfg.llm.checkpoint, DictConfig)
+            else str(cfg.llm.checkpoint)
+        )
         self.sentences = load_sentences(cfg.sentences)
-        self.model, _, _ = load_llm(cfg.llm.name, ckpt, dtype=resolve_dtype(cfg.llm.get("dtype", "fp32"), "cpu", setting="llm.dtype"))
+        self.model, _, _ = load_llm(
+            cfg.llm.name, ckpt, dtype=resolve_dtype(cfg.llm.get("dtype", "fp32"), "cpu", setting="llm.dtype")
+        )
         self.chat = ChatTokenizer.from_dir(ckpt, chat_format=cfg.llm.chat_format)
         msgs = [{"role": "user", "content": cfg.prompt.user}]
         ids, start = self.chat.render_with_speech(msgs, 0, placeholder="<sentence>", fill_id=0)
-        self.prefix, self.suffix = ids[:start], ids[start:] + self.chat.encode_text(cfg.prompt.get("assistant_prefix", ""))
+        self.prefix, self.suffix = (
+            ids[:start],
+            ids[start:] + self.chat.encode_text(cfg.prompt.get("assistant_prefix", "")),
+        )
         self.newlines = newline_token_ids(self.chat) if cfg.get("stop_at_newline", False) else None
 
     @torch.no_grad()
@@ -94,11 +102,26 @@ class EETRecipe:
             for s in range(0, len(self.sentences), bs):
                 prompts = []
                 for text in self.sentences[s : s + bs]:
-                    sent = noisy_embeddings(embed_tokens(self.model, torch.tensor(self.chat.encode_text(text))), degree, g)
-                    prompts.append(torch.cat([embed_tokens(self.model, torch.tensor(self.prefix)), sent,
-                                              embed_tokens(self.model, torch.tensor(self.suffix))]))
-                for res in greedy_generate(self.model, prompts, max_new_tokens=int(cfg.max_new_tokens), stop_ids=self.chat.stop_ids,
-                                           stop_at_newline=self.newlines is not None, newline_ids=self.newlines):
+                    sent = noisy_embeddings(
+                        embed_tokens(self.model, torch.tensor(self.chat.encode_text(text))), degree, g
+                    )
+                    prompts.append(
+                        torch.cat(
+                            [
+                                embed_tokens(self.model, torch.tensor(self.prefix)),
+                                sent,
+                                embed_tokens(self.model, torch.tensor(self.suffix)),
+                            ]
+                        )
+                    )
+                for res in greedy_generate(
+                    self.model,
+                    prompts,
+                    max_new_tokens=int(cfg.max_new_tokens),
+                    stop_ids=self.chat.stop_ids,
+                    stop_at_newline=self.newlines is not None,
+                    newline_ids=self.newlines,
+                ):
                     hyps.append(first_line(self.chat.decode(res.ids, skip_special_tokens=True)))
                     stuck += int(res.stuck)
             sc = asr_scores(self.sentences, hyps)
@@ -106,8 +129,15 @@ class EETRecipe:
             table.append(f"| {degree:g} | {sc['wer']:.1f} | {sc['cer']:.1f} | {stuck} |")
             log.info(f"noise {degree:g}: WER {sc['wer']:.1f}")
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(self.output_dir / "eet.json", {"llm": cfg.llm.name, "num_sentences": len(self.sentences),
-                                                         "wer": {k: v["wer"] for k, v in results.items()}, "details": results})
+        atomic_write_json(
+            self.output_dir / "eet.json",
+            {
+                "llm": cfg.llm.name,
+                "num_sentences": len(self.sentences),
+                "wer": {k: v["wer"] for k, v in results.items()},
+                "details": results,
+            },
+        )
         atomic_write_text(self.output_dir / "eet.md", "\n".join(table) + "\n")
         print("\n".join(table))
 
@@ -119,7 +149,9 @@ class EETRecipe:
 def recipe_main(cfg: DictConfig) -> None:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size > 1:  # N processes would each run every sentence and noise degree and write the same table
-        raise ValueError(f"speechmapper_eet runs in one process (WORLD_SIZE={world_size}): run it without --nproc_per_node")
+        raise ValueError(
+            f"speechmapper_eet runs in one process (WORLD_SIZE={world_size}): run it without --nproc_per_node"
+        )
     check_recipe_config(cfg, "speechmapper_eet")  # a misspelt or unknown setting stops here, before anything loads
     recipe = EETRecipe(cfg)
     recipe.setup()

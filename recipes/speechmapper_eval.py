@@ -42,7 +42,6 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from omegaconf import DictConfig, OmegaConf
-
 from torchtune import config, utils
 
 from speechmapper_tune.checkpoint.atomic import atomic_write_json, atomic_write_text
@@ -50,8 +49,18 @@ from speechmapper_tune.config_keys import check_config_keys, check_recipe_config
 from speechmapper_tune.configs import resolve_config_argv
 from speechmapper_tune.data.generation_data import SETTINGS, read_not_generated, read_rows
 from speechmapper_tune.metrics import (
-    agreement_scores, asr_scores, judge_prompt, language_shares, load_comet, ner_scores, parse_entities,
-    parse_judgement, parse_sentiment, sentiment_scores, st_scores, with_and_without,
+    agreement_scores,
+    asr_scores,
+    judge_prompt,
+    language_shares,
+    load_comet,
+    ner_scores,
+    parse_entities,
+    parse_judgement,
+    parse_sentiment,
+    sentiment_scores,
+    st_scores,
+    with_and_without,
 )
 
 log = utils.get_logger("INFO")
@@ -66,9 +75,15 @@ def judge_specs(cfg: DictConfig) -> List[Dict[str, Any]]:
     many, one = cfg.get("judges"), cfg.get("judge")
     if many and one:
         raise ValueError("set judges (a list) or judge (one judge), not both")
-    specs = OmegaConf.to_container(many, resolve=True) if many else ([OmegaConf.to_container(one, resolve=True)] if one else [])
+    specs = (
+        OmegaConf.to_container(many, resolve=True)
+        if many
+        else ([OmegaConf.to_container(one, resolve=True)] if one else [])
+    )
     if not isinstance(specs, list):
-        raise ValueError(f"judges must be a list of judges ({{llm: {{name, checkpoint, chat_format}}, batch_size}}), got {specs!r}")
+        raise ValueError(
+            f"judges must be a list of judges ({{llm: {{name, checkpoint, chat_format}}, batch_size}}), got {specs!r}"
+        )
     out, names = [], Counter()
     for i, spec in enumerate(specs):
         where = "judge" if one else f"judges[{i}]"
@@ -112,8 +127,9 @@ class EvalRecipe:
         self.comet = None
         comet = self.cfg.get("comet")
         if comet:  # asked for: a missing package or model folder stops here, before any scoring
-            self.comet = load_comet(comet.get("model_dir"), "comet.model_dir", int(comet.get("batch_size", 16)),
-                                    int(comet.get("gpus", 0)))
+            self.comet = load_comet(
+                comet.get("model_dir"), "comet.model_dir", int(comet.get("batch_size", 16)), int(comet.get("gpus", 0))
+            )
         self.sources = {}
         if comet and comet.get("sources"):  # the utterances' transcripts as written: COMET's source side
             from speechmapper_tune.corpus.manifest_io import load_audio_manifest
@@ -127,8 +143,10 @@ class EvalRecipe:
             missing = self.missing[name]
             if missing:
                 reasons = Counter(m["reason"] for m in missing)
-                log.warning(f"{name}: {len(missing)} manifest items were not generated, so not scored: "
-                            + "; ".join(f"{r}: {n}" for r, n in reasons.most_common()))
+                log.warning(
+                    f"{name}: {len(missing)} manifest items were not generated, so not scored: "
+                    + "; ".join(f"{r}: {n}" for r, n in reasons.most_common())
+                )
             for task in sorted({r.get("task", "asr") for r in rows}):
                 items = [r for r in rows if r.get("task", "asr") == task]
                 groups.append((name, task, items, [r for r in items if r.get("reference")]))
@@ -137,11 +155,17 @@ class EvalRecipe:
         for name, task, items, scored in groups:
             score = self._sqa(scored, verdicts) if task == "sqa" else self._score(task, scored)
             missing = self.missing[name]
-            results.append({"name": name, "task": task, **score,
-                            "no_reference": len(items) - len(scored),
-                            "not_generated": None if missing is None else len(missing),
-                            "not_generated_reasons": dict(Counter(m["reason"] for m in missing or [])),
-                            "settings": self.settings[name]})
+            results.append(
+                {
+                    "name": name,
+                    "task": task,
+                    **score,
+                    "no_reference": len(items) - len(scored),
+                    "not_generated": None if missing is None else len(missing),
+                    "not_generated_reasons": dict(Counter(m["reason"] for m in missing or [])),
+                    "settings": self.settings[name],
+                }
+            )
         self.output_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(self.output_dir / "results.json", results)
         table = markdown_table(results) + agreement_table(results)
@@ -154,8 +178,14 @@ class EvalRecipe:
         if task == "asr":
             wer = with_and_without(items, lambda r, h: asr_scores(r, h)["wer"])
             cer = with_and_without(items, lambda r, h: asr_scores(r, h)["cer"])
-            return {"n": wer["num_items"], "stuck": wer["num_flagged"], "wer": wer["all"], "cer": cer["all"],
-                    "wer_without_stuck": wer["without"], "cer_without_stuck": cer["without"]}
+            return {
+                "n": wer["num_items"],
+                "stuck": wer["num_flagged"],
+                "wer": wer["all"],
+                "cer": cer["all"],
+                "wer_without_stuck": wer["without"],
+                "cer_without_stuck": cer["without"],
+            }
         if task == "st":
             langs = sorted({r.get("target_lang") for r in items if r.get("target_lang")})
             out = {"n": len(items), "stuck": stuck, "by_language": {}}
@@ -164,9 +194,14 @@ class EvalRecipe:
                 refs, hyps = [r["reference"] for r in sub], [r["hypothesis"] for r in sub]
                 s = st_scores(refs, hyps, lang or "en")
                 shares = language_shares(hyps, lang) if lang else {}
-                out["by_language"][lang or "?"] = {"bleu": s["bleu"], "chrf": s["chrf"], "bleu_signature": s["bleu_signature"],
-                                                   "target_share": shares.get("target"), "english_share": shares.get("english"),
-                                                   **self._comet(sub)}
+                out["by_language"][lang or "?"] = {
+                    "bleu": s["bleu"],
+                    "chrf": s["chrf"],
+                    "bleu_signature": s["bleu_signature"],
+                    "target_share": shares.get("target"),
+                    "english_share": shares.get("english"),
+                    **self._comet(sub),
+                }
             return out
         if task == "ner":
             refs = [parse_entities(r["reference"])[0] for r in items]
@@ -174,17 +209,34 @@ class EvalRecipe:
             s = ner_scores(refs, [p[0] for p in parsed])
             clean = [i for i, r in enumerate(items) if "stuck" not in (r.get("flags") or [])]
             without = ner_scores([refs[i] for i in clean], [parsed[i][0] for i in clean]) if clean else None
-            return {"n": len(items), "stuck": stuck, "f1": s["f1"], "label_f1": s["label_f1"], "precision": s["precision"],
-                    "recall": s["recall"], "per_tag": s["per_tag"], "unparsed_parts": sum(p[1] for p in parsed),
-                    "f1_without_stuck": without["f1"] if without else None}
+            return {
+                "n": len(items),
+                "stuck": stuck,
+                "f1": s["f1"],
+                "label_f1": s["label_f1"],
+                "precision": s["precision"],
+                "recall": s["recall"],
+                "per_tag": s["per_tag"],
+                "unparsed_parts": sum(p[1] for p in parsed),
+                "f1_without_stuck": without["f1"] if without else None,
+            }
         if task == "sa":
             bad = [r["id"] for r in items if parse_sentiment(r["reference"]) is None]
             if bad:
-                raise ValueError(f"{len(bad)} sa rows have a reference that is not Negative/Neutral/Positive "
-                                 f"(e.g. {', '.join(map(str, bad[:5]))})")
+                raise ValueError(
+                    f"{len(bad)} sa rows have a reference that is not Negative/Neutral/Positive "
+                    f"(e.g. {', '.join(map(str, bad[:5]))})"
+                )
             s = sentiment_scores([r["reference"] for r in items], [r["hypothesis"] for r in items])
-            return {"n": len(items), "stuck": stuck, "f1": s["macro_f1"], "weighted_f1": s["weighted_f1"],
-                    "accuracy": s["accuracy"], "per_class": s["per_class"], "unparsed": s["unparsed"]}
+            return {
+                "n": len(items),
+                "stuck": stuck,
+                "f1": s["macro_f1"],
+                "weighted_f1": s["weighted_f1"],
+                "accuracy": s["accuracy"],
+                "per_class": s["per_class"],
+                "unparsed": s["unparsed"],
+            }
         if task == "self":
             return agreement(items)
         return {"n": len(items), "note": f"no metric for task {task!r}"}
@@ -194,10 +246,14 @@ class EvalRecipe:
             return {}
         source = {id(r): self.sources.get(r["id"]) or r.get("transcript") or r.get("source") for r in items}
         sourced = [r for r in items if source[id(r)]]
-        s = self.comet([source[id(r)] for r in sourced], [r["reference"] for r in sourced], [r["hypothesis"] for r in sourced])
+        s = self.comet(
+            [source[id(r)] for r in sourced], [r["reference"] for r in sourced], [r["hypothesis"] for r in sourced]
+        )
         if len(sourced) < len(items):
-            log.warning(f"COMET: {len(items) - len(sourced)} of {len(items)} ST rows have no source transcript "
-                        "(in comet.sources, or the row's transcript/source), not scored")
+            log.warning(
+                f"COMET: {len(items) - len(sourced)} of {len(items)} ST rows have no source transcript "
+                "(in comet.sources, or the row's transcript/source), not scored"
+            )
         return {"comet": s["comet"], "comet_n": s["num_items"], "comet_no_source": len(items) - len(sourced)}
 
     def _judge(self, groups: List[List[Dict]]) -> Dict[str, Dict[int, Optional[bool]]]:
@@ -224,8 +280,12 @@ class EvalRecipe:
             ok = [v for v in mine if v is not None]
             per[name] = {"accuracy": 100.0 * sum(ok) / len(ok) if ok else None, "unparsed_judgements": mine.count(None)}
         accs = [p["accuracy"] for p in per.values() if p["accuracy"] is not None]
-        return {**out, "accuracy": sum(accs) / len(accs) if accs else None, "judges": per,
-                "unparsed_judgements": sum(p["unparsed_judgements"] for p in per.values())}
+        return {
+            **out,
+            "accuracy": sum(accs) / len(accs) if accs else None,
+            "judges": per,
+            "unparsed_judgements": sum(p["unparsed_judgements"] for p in per.values()),
+        }
 
     def cleanup(self) -> None:
         pass
@@ -243,7 +303,9 @@ class _Judge:
         llm = spec["llm"]
         ckpt = llm["checkpoint"]
         ckpt = str(config.instantiate(OmegaConf.create(ckpt))) if isinstance(ckpt, dict) else str(ckpt)
-        dtype = resolve_dtype(llm.get("dtype"), "cpu", setting=f"{spec['where']}.llm.dtype")  # auto: bf16 only if native
+        dtype = resolve_dtype(
+            llm.get("dtype"), "cpu", setting=f"{spec['where']}.llm.dtype"
+        )  # auto: bf16 only if native
         self.model, _, _ = load_llm(llm["name"], ckpt, dtype=dtype)
         self.chat = ChatTokenizer.from_dir(ckpt, chat_format=llm["chat_format"])
         self.batch_size = int(spec.get("batch_size", 8))
@@ -256,9 +318,18 @@ class _Judge:
         verdicts = []
         for s in range(0, len(items), self.batch_size):
             chunk = items[s : s + self.batch_size]
-            prompts = [self.model.tok_embeddings(torch.tensor(self.chat.render(
-                judge_prompt(r.get("context", ""), r.get("instruction", ""), r["reference"], r["hypothesis"]))))
-                for r in chunk]
+            prompts = [
+                self.model.tok_embeddings(
+                    torch.tensor(
+                        self.chat.render(
+                            judge_prompt(
+                                r.get("context", ""), r.get("instruction", ""), r["reference"], r["hypothesis"]
+                            )
+                        )
+                    )
+                )
+                for r in chunk
+            ]
             with torch.no_grad():
                 results = greedy_generate(self.model, prompts, max_new_tokens=4, stop_ids=self.chat.stop_ids)
             for res in results:
@@ -272,8 +343,14 @@ def agreement(items: List[Dict]) -> Dict:
     s = agreement_scores(refs, hyps)
     clean = [r for r in items if "stuck" not in (r.get("flags") or [])]
     without = agreement_scores([r["reference"] for r in clean], [r["hypothesis"] for r in clean]) if clean else None
-    out = {"n": len(items), "stuck": len(items) - len(clean), "agreement_chrf": s["chrf"], "agreement_exact": s["exact"],
-           "agreement_chrf_without_stuck": without["chrf"] if without else None, "chrf_signature": s["chrf_signature"]}
+    out = {
+        "n": len(items),
+        "stuck": len(items) - len(clean),
+        "agreement_chrf": s["chrf"],
+        "agreement_exact": s["exact"],
+        "agreement_chrf_without_stuck": without["chrf"] if without else None,
+        "chrf_signature": s["chrf_signature"],
+    }
     chance = [r for r in items if r.get("shuffled_answer")]
     if chance:
         c = agreement_scores([r["reference"] for r in chance], [r["shuffled_answer"] for r in chance])
@@ -295,14 +372,20 @@ def agreement_table(results: List[Dict]) -> str:
     rows = [r for r in results if r["task"] == "self"]
     if not rows:
         return ""
-    lines = ["", "Unseen instructions: agreement with the LLM's answer from the transcript (chance: its answer to "
-             "another utterance's transcript)", "",
-             "| name | n | agreement chrF | exact % | chrF w/o stuck | stuck | chance chrF | chance exact % |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "",
+        "Unseen instructions: agreement with the LLM's answer from the transcript (chance: its answer to "
+        "another utterance's transcript)",
+        "",
+        "| name | n | agreement chrF | exact % | chrF w/o stuck | stuck | chance chrF | chance exact % |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['name']} | {r.get('n')} | {_fmt(r.get('agreement_chrf'))} | {_fmt(r.get('agreement_exact'))} | "
-                     f"{_fmt(r.get('agreement_chrf_without_stuck'))} | {_fmt(r.get('stuck'))} | "
-                     f"{_fmt(r.get('chance_chrf'))} | {_fmt(r.get('chance_exact'))} |")
+        lines.append(
+            f"| {r['name']} | {r.get('n')} | {_fmt(r.get('agreement_chrf'))} | {_fmt(r.get('agreement_exact'))} | "
+            f"{_fmt(r.get('agreement_chrf_without_stuck'))} | {_fmt(r.get('stuck'))} | "
+            f"{_fmt(r.get('chance_chrf'))} | {_fmt(r.get('chance_exact'))} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -311,16 +394,20 @@ def _fmt(v) -> str:
 
 
 def markdown_table(results: List[Dict]) -> str:
-    lines = ["| name | task | n | WER | CER | WER w/o stuck | stuck | BLEU | chrF | COMET | target lang % | accuracy | F1 | "
-             "no ref | not generated |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| name | task | n | WER | CER | WER w/o stuck | stuck | BLEU | chrF | COMET | target lang % | accuracy | F1 | "
+        "no ref | not generated |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in results:
         st = next(iter(r.get("by_language", {}).values()), {}) if r["task"] == "st" else {}
-        lines.append(f"| {r['name']} | {r['task']} | {r.get('n')} | {_fmt(r.get('wer'))} | {_fmt(r.get('cer'))} | "
-                     f"{_fmt(r.get('wer_without_stuck'))} | {_fmt(r.get('stuck'))} | {_fmt(st.get('bleu'))} | "
-                     f"{_fmt(st.get('chrf'))} | {_fmt(st.get('comet'))} | {_fmt(st.get('target_share'))} | "
-                     f"{_fmt(r.get('accuracy'))} | {_fmt(r.get('f1'))} | "
-                     f"{_fmt(r.get('no_reference'))} | {_fmt(r.get('not_generated'))} |")
+        lines.append(
+            f"| {r['name']} | {r['task']} | {r.get('n')} | {_fmt(r.get('wer'))} | {_fmt(r.get('cer'))} | "
+            f"{_fmt(r.get('wer_without_stuck'))} | {_fmt(r.get('stuck'))} | {_fmt(st.get('bleu'))} | "
+            f"{_fmt(st.get('chrf'))} | {_fmt(st.get('comet'))} | {_fmt(st.get('target_share'))} | "
+            f"{_fmt(r.get('accuracy'))} | {_fmt(r.get('f1'))} | "
+            f"{_fmt(r.get('no_reference'))} | {_fmt(r.get('not_generated'))} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -328,7 +415,9 @@ def markdown_table(results: List[Dict]) -> str:
 def recipe_main(cfg: DictConfig) -> None:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size > 1:  # scoring is quick, and N processes would each score every file and write the same results
-        raise ValueError(f"speechmapper_eval runs in one process (WORLD_SIZE={world_size}): run it without --nproc_per_node")
+        raise ValueError(
+            f"speechmapper_eval runs in one process (WORLD_SIZE={world_size}): run it without --nproc_per_node"
+        )
     check_recipe_config(cfg, "speechmapper_eval")  # a misspelt or unknown setting stops here, before anything loads
     recipe = EvalRecipe(cfg)
     recipe.setup()

@@ -23,15 +23,13 @@ from pathlib import Path
 
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
-from tqdm import tqdm
-
 from torchtune import config, utils
+from tqdm import tqdm
 
 from speechmapper_tune.checkpoint.atomic import atomic_write_text
 from speechmapper_tune.config_keys import check_recipe_config
 from speechmapper_tune.configs import resolve_config_argv
 from speechmapper_tune.corpus import load_audio_manifest
-from speechmapper_tune.dtypes import resolve_dtype
 from speechmapper_tune.data.extract import (
     EXTRACT_INFO,
     check_resume_settings,
@@ -44,6 +42,7 @@ from speechmapper_tune.data.extract import (
     record_settings,
     with_copies,
 )
+from speechmapper_tune.dtypes import resolve_dtype
 
 log = utils.get_logger("INFO")
 EXTRACT_DTYPES = ("auto", "fp32", "bf16", "fp16")  # auto: bf16 where computed natively, fp32 elsewhere
@@ -77,7 +76,11 @@ class ExtractRecipe:
         check_resume_settings(self.output_dir, self.settings)  # chunk k must hold the same items as before
         items = with_copies(self.cuts, perturbations)
         self.chunks = chunked(items, int(cfg.shard_size))
-        self.todo = [k for k in range(len(self.chunks)) if k % self.world_size == self.rank and not chunk_done(self.output_dir, k)]
+        self.todo = [
+            k
+            for k in range(len(self.chunks))
+            if k % self.world_size == self.rank and not chunk_done(self.output_dir, k)
+        ]
         done = len(self.chunks) - sum(1 for k in range(len(self.chunks)) if not chunk_done(self.output_dir, k))
         copies = f" + {len(items) - len(self.cuts)} perturbed copies" if perturbations else ""
         log.info(f"{len(self.cuts)} utterances{copies} in {len(self.chunks)} chunks; {done} chunks already done")
@@ -89,10 +92,18 @@ class ExtractRecipe:
 
             s = cfg.sfm
             extra = {k: v for k, v in s.items() if k not in ("name", "path", "layer")}
-            self.sfm = build_sfm(s.name, path=s.get("path"), layer=s.get("layer"),
-                                 device=utils.get_device(cfg.get("device", "cpu")), dtype=resolve_dtype(cfg.dtype, cfg.get("device", "cpu"), allowed=EXTRACT_DTYPES), **extra)
-            log.info(f"SFM {s.name}: dim {self.sfm.dim}, layer {self.sfm.layer}/{self.sfm.num_layers}, "
-                     f"{self.sfm.frame_rate:g} frames/s, averaged by {cfg.average_frames}")
+            self.sfm = build_sfm(
+                s.name,
+                path=s.get("path"),
+                layer=s.get("layer"),
+                device=utils.get_device(cfg.get("device", "cpu")),
+                dtype=resolve_dtype(cfg.dtype, cfg.get("device", "cpu"), allowed=EXTRACT_DTYPES),
+                **extra,
+            )
+            log.info(
+                f"SFM {s.name}: dim {self.sfm.dim}, layer {self.sfm.layer}/{self.sfm.num_layers}, "
+                f"{self.sfm.frame_rate:g} frames/s, averaged by {cfg.average_frames}"
+            )
 
     def run(self) -> None:
         cfg = self.cfg
@@ -106,8 +117,13 @@ class ExtractRecipe:
             res = extract_chunk(
                 self.chunks[k],
                 lambda waves: [f.numpy() for f in self.sfm.encode(waves)],
-                self.output_dir, k, feature_type, frame_shift, k_avg,
-                int(cfg.batch_size), float(cfg.max_duration),
+                self.output_dir,
+                k,
+                feature_type,
+                frame_shift,
+                k_avg,
+                int(cfg.batch_size),
+                float(cfg.max_duration),
                 on_item=lambda s: pbar.update(1),
             )
             seconds += res.audio_seconds
@@ -117,17 +133,29 @@ class ExtractRecipe:
         pbar.close()
         if total:
             wall = time.perf_counter() - t0
-            log.info(f"rank {self.rank}: {seconds / 3600:.2f} h of audio in {wall:.0f} s "
-                     f"({seconds / max(wall, 1e-9):.1f} audio s per s); {failed} items skipped")
+            log.info(
+                f"rank {self.rank}: {seconds / 3600:.2f} h of audio in {wall:.0f} s "
+                f"({seconds / max(wall, 1e-9):.1f} audio s per s); {failed} items skipped"
+            )
         if self.world_size > 1:
             dist.barrier()
         if self.rank == 0:
             manifest, n, n_failed = merge_chunks(self.output_dir, len(self.chunks))
-            info = {"manifest": str(manifest), "utterances": n, "failed": n_failed, "sfm": cfg.sfm.name,
-                    "average_frames": k_avg, **self.settings,
-                    # what a checkpoint trained on these features records, to rebuild them from audio
-                    "features": {"sfm": OmegaConf.to_container(cfg.sfm, resolve=True), "average_frames": k_avg,
-                                 "feature_type": feature_type, "storage_dtype": "float16"}}
+            info = {
+                "manifest": str(manifest),
+                "utterances": n,
+                "failed": n_failed,
+                "sfm": cfg.sfm.name,
+                "average_frames": k_avg,
+                **self.settings,
+                # what a checkpoint trained on these features records, to rebuild them from audio
+                "features": {
+                    "sfm": OmegaConf.to_container(cfg.sfm, resolve=True),
+                    "average_frames": k_avg,
+                    "feature_type": feature_type,
+                    "storage_dtype": "float16",
+                },
+            }
             atomic_write_text(self.output_dir / EXTRACT_INFO, json.dumps(info, indent=2) + "\n")
             log.info(f"Wrote {manifest}: {n} utterances; {n_failed} skipped (see {self.output_dir / 'failures.jsonl'})")
 

@@ -45,23 +45,40 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
-from tqdm import tqdm
-
 from torchtune import config, training, utils
+from tqdm import tqdm
 
 from speechmapper_tune.checkpoint.projector_io import LORA_WEIGHTS, WEIGHTS, lora_weights_file
 from speechmapper_tune.config_keys import check_recipe_config
 from speechmapper_tune.configs import resolve_config_argv, resolve_path_setting
 from speechmapper_tune.corpus import load_audio_manifest
 from speechmapper_tune.data.extract import chunk_done, chunked, extract_chunk, merge_chunks
-from speechmapper_tune.data.generation_data import (GENERATIONS, NOT_GENERATED, SPAN_SOURCES, FasterWhisperTranscriber,
-                                                    append_rows, done_ids, file_sha256, merge_parts, part_file, read_rows,
-                                                    start_run, write_not_generated)
+from speechmapper_tune.data.generation_data import (
+    GENERATIONS,
+    NOT_GENERATED,
+    SPAN_SOURCES,
+    FasterWhisperTranscriber,
+    append_rows,
+    done_ids,
+    file_sha256,
+    merge_parts,
+    part_file,
+    read_rows,
+    start_run,
+    write_not_generated,
+)
 from speechmapper_tune.data.manifest import SkipCounter, load_feature_items
 from speechmapper_tune.data.sampler import ShuffledBatchSampler
-from speechmapper_tune.data.stage2 import PromptParts, PromptTemplate, Stage2Collator, Stage2Dataset, prepare_asr_examples, prepare_instruction_examples
-from speechmapper_tune.generation import StuckGuard
+from speechmapper_tune.data.stage2 import (
+    PromptParts,
+    PromptTemplate,
+    Stage2Collator,
+    Stage2Dataset,
+    prepare_asr_examples,
+    prepare_instruction_examples,
+)
 from speechmapper_tune.dtypes import COMPUTE_DTYPES, dtype_name, resolve_dtype
+from speechmapper_tune.generation import StuckGuard
 from speechmapper_tune.models.speech_lm import SpeechLM
 
 log = utils.get_logger("INFO")
@@ -71,11 +88,16 @@ def _check_trained_prompt(trained, template: PromptTemplate, cfg: DictConfig) ->
     """Warn when the prompt differs from the one the stage-2 checkpoint was trained with (a silent WER loss)."""
     if not trained or cfg.get("instructions") or cfg.get("task", "asr") != "asr":
         return
-    diff = {k: (trained.get(k), getattr(template, k)) for k in ("system", "user", "instruction", "assistant_prefix")
-            if k in trained and (trained.get(k) or None) != (getattr(template, k) or None)}
+    diff = {
+        k: (trained.get(k), getattr(template, k))
+        for k in ("system", "user", "instruction", "assistant_prefix")
+        if k in trained and (trained.get(k) or None) != (getattr(template, k) or None)
+    }
     if diff:
-        log.warning(f"{cfg.projector_checkpoint} was trained with another prompt: "
-                    + "; ".join(f"prompt.{k}={t!r} in training, {g!r} here" for k, (t, g) in diff.items()))
+        log.warning(
+            f"{cfg.projector_checkpoint} was trained with another prompt: "
+            + "; ".join(f"prompt.{k}={t!r} in training, {g!r} here" for k, (t, g) in diff.items())
+        )
 
 
 class GenerateRecipe:
@@ -102,20 +124,32 @@ class GenerateRecipe:
         first = next(iter(cuts), None)
         has_features = first is not None and first.features is not None
         if not has_features and cfg.span_source != "projector":
-            raise ValueError(f"span_source={cfg.span_source} reads a feature manifest (speechmapper_extract's cuts.jsonl.gz); "
-                             f"manifest={cfg.manifest} has no features")
-        llm = {**OmegaConf.to_container(cfg.llm, resolve=True), "checkpoint": resolve_path_setting(cfg.llm.checkpoint),
-               "tokenizer": resolve_path_setting(cfg.llm.get("tokenizer"))}
+            raise ValueError(
+                f"span_source={cfg.span_source} reads a feature manifest (speechmapper_extract's cuts.jsonl.gz); "
+                f"manifest={cfg.manifest} has no features"
+            )
+        llm = {
+            **OmegaConf.to_container(cfg.llm, resolve=True),
+            "checkpoint": resolve_path_setting(cfg.llm.checkpoint),
+            "tokenizer": resolve_path_setting(cfg.llm.get("tokenizer")),
+        }
         # the projector is checked against this LLM, and its LoRA adapters found, before the LLM loads
-        self.model = SpeechLM.from_checkpoint(cfg.get("projector_checkpoint"), llm=llm,
-                                              prompt=OmegaConf.to_container(cfg.prompt, resolve=True), device=self.device,
-                                              trim_pad_vectors=cfg.get("trim_pad_vectors"),
-                                              stop_at_newline=bool(cfg.get("stop_at_newline", False)), on_warning=log.warning,
-                                              llm_cache=self.llm_cache)
+        self.model = SpeechLM.from_checkpoint(
+            cfg.get("projector_checkpoint"),
+            llm=llm,
+            prompt=OmegaConf.to_container(cfg.prompt, resolve=True),
+            device=self.device,
+            trim_pad_vectors=cfg.get("trim_pad_vectors"),
+            stop_at_newline=bool(cfg.get("stop_at_newline", False)),
+            on_warning=log.warning,
+            llm_cache=self.llm_cache,
+        )
         self.projector, self.chat, self.template = self.model.projector, self.model.chat, self.model.template
         meta = self.model.meta
         if meta.get("lora"):  # the adapters trained with this projector belong to the LLM it feeds
-            log.info(f"LoRA adapters (rank {meta['lora']['rank']}) loaded from {lora_weights_file(self.model.checkpoint)}")
+            log.info(
+                f"LoRA adapters (rank {meta['lora']['rank']}) loaded from {lora_weights_file(self.model.checkpoint)}"
+            )
         _check_trained_prompt(meta.get("prompt") if cfg.span_source == "projector" else None, self.template, cfg)
         self.llm = self.model.llm
         self.pad_id = self.model.pad_id
@@ -136,34 +170,56 @@ class GenerateRecipe:
         out_len = self.projector.output_length if self.projector else (lambda n: n)
         max_len = int(cfg.get("max_seq_len", self.llm.max_seq_len)) - int(cfg.max_new_tokens)
         if cfg.get("instructions"):
-            examples = prepare_instruction_examples(cfg.instructions, {it.id: it for it in items}, self.chat, self.template,
-                                                    out_len, max_len, self.skipped, cfg.task, generation=True)
+            examples = prepare_instruction_examples(
+                cfg.instructions,
+                {it.id: it for it in items},
+                self.chat,
+                self.template,
+                out_len,
+                max_len,
+                self.skipped,
+                cfg.task,
+                generation=True,
+            )
         else:
-            examples = prepare_asr_examples(items, self.chat, self.template, out_len, max_len, self.skipped, generation=True)
+            examples = prepare_asr_examples(
+                items, self.chat, self.template, out_len, max_len, self.skipped, generation=True
+            )
         if cfg.get("max_items"):
             examples = examples[: int(cfg.max_items)]
         if self.rank == 0:
             write_not_generated(self.output_dir / NOT_GENERATED, self.skipped.items)
-        done = done_ids(self.out_path)  # every rank sees the same file: rank 0 merged and repaired it before the barrier
+        done = done_ids(
+            self.out_path
+        )  # every rank sees the same file: rank 0 merged and repaired it before the barrier
         self.order = [e.id for e in examples]
         self.by_id = {e.id: e for e in examples}
         self.examples = [e for e in examples if e.id not in done][self.rank :: self.world_size]
         one = self.world_size == 1  # one process appends to the outputs themselves
         self.rows_path = self.out_path if one else part_file(self.output_dir, GENERATIONS, self.rank)
-        self.missing_path = self.output_dir / NOT_GENERATED if one else part_file(self.output_dir, NOT_GENERATED, self.rank)
+        self.missing_path = (
+            self.output_dir / NOT_GENERATED if one else part_file(self.output_dir, NOT_GENERATED, self.rank)
+        )
         share = f"; rank {self.rank} of {self.world_size} generates {len(self.examples)}" if not one else ""
-        log.info(f"{len(examples)} items ({len(done)} already generated{share}); not generated {self.skipped.total()} "
-                 f"({self.skipped.summary()}), listed in {self.output_dir / NOT_GENERATED}")
+        log.info(
+            f"{len(examples)} items ({len(done)} already generated{share}); not generated {self.skipped.total()} "
+            f"({self.skipped.summary()}), listed in {self.output_dir / NOT_GENERATED}"
+        )
         self.transcriber = None
         if cfg.span_source == "asr":
             self.cuts = {c.id: c for c in cuts}
-            self.transcriber = FasterWhisperTranscriber(resolve_path_setting(cfg.cascade.model_dir), cfg.cascade.get("compute_type", "int8"))
+            self.transcriber = FasterWhisperTranscriber(
+                resolve_path_setting(cfg.cascade.model_dir), cfg.cascade.get("compute_type", "int8")
+            )
         guard = cfg.get("stuck_guard")
         self.guard = StuckGuard(**OmegaConf.to_container(guard, resolve=True)) if guard else None
 
     def _prompt_text(self, instruction) -> str:
         """The prompt as the LLM reads it, ``<speech>`` for the span; ``instruction``: an instruction row's own."""
-        return self.chat.render_text(self.template.messages(instruction), add_generation_prompt=True) + self.template.assistant_prefix
+        return (
+            self.chat.render_text(self.template.messages(instruction), add_generation_prompt=True)
+            + self.template.assistant_prefix
+        )
 
     def _settings(self) -> dict:
         """What makes this run's rows: a rerun resumes them only when all of it is the same."""
@@ -171,24 +227,43 @@ class GenerateRecipe:
         projector = None
         if model.checkpoint is not None:
             lora = Path(model.checkpoint) / LORA_WEIGHTS
-            projector = {"step": model.meta.get("step"),  # the weights, not where they are: a copied folder resumes
-                         "weights_sha256": file_sha256(Path(model.checkpoint) / WEIGHTS),
-                         "lora_sha256": file_sha256(lora) if model.meta.get("lora") and lora.is_file() else None}
-        return {"manifest": str(Path(cfg.manifest).resolve()), "span_source": cfg.span_source, "projector": projector,
-                "llm": {"name": model.llm_meta["name"], "fingerprint": model.llm_meta["fingerprint"], "dtype": dtype_name(resolve_dtype(cfg.llm.get("dtype"), self.device, setting="llm.dtype"))},
-                "cascade": str(resolve_path_setting(cfg.cascade.model_dir)) if cfg.span_source == "asr" else None,
-                "prompt": self.prompt_text, "instructions": str(cfg.get("instructions") or "") or None, "task": cfg.get("task", "asr"),
-                "decoding": {"max_new_tokens": int(cfg.max_new_tokens), "max_seq_len": cfg.get("max_seq_len"),
-                             "stop_at_newline": model.stop_at_newline, "trim_pad_vectors": model.trim_pad_vectors,
-                             "length_cap": _plain(cfg.get("length_cap")), "stuck_guard": _plain(cfg.get("stuck_guard"))}}
+            projector = {
+                "step": model.meta.get("step"),  # the weights, not where they are: a copied folder resumes
+                "weights_sha256": file_sha256(Path(model.checkpoint) / WEIGHTS),
+                "lora_sha256": file_sha256(lora) if model.meta.get("lora") and lora.is_file() else None,
+            }
+        return {
+            "manifest": str(Path(cfg.manifest).resolve()),
+            "span_source": cfg.span_source,
+            "projector": projector,
+            "llm": {
+                "name": model.llm_meta["name"],
+                "fingerprint": model.llm_meta["fingerprint"],
+                "dtype": dtype_name(resolve_dtype(cfg.llm.get("dtype"), self.device, setting="llm.dtype")),
+            },
+            "cascade": str(resolve_path_setting(cfg.cascade.model_dir)) if cfg.span_source == "asr" else None,
+            "prompt": self.prompt_text,
+            "instructions": str(cfg.get("instructions") or "") or None,
+            "task": cfg.get("task", "asr"),
+            "decoding": {
+                "max_new_tokens": int(cfg.max_new_tokens),
+                "max_seq_len": cfg.get("max_seq_len"),
+                "stop_at_newline": model.stop_at_newline,
+                "trim_pad_vectors": model.trim_pad_vectors,
+                "length_cap": _plain(cfg.get("length_cap")),
+                "stuck_guard": _plain(cfg.get("stuck_guard")),
+            },
+        }
 
     def _extract_features(self, cuts) -> Path:
         """Features of an audio manifest, made with the speech encoder the checkpoint records (as
         speechmapper_extract does: same chunks, resume and failure list), in ``output_dir/features``."""
         cfg, feats = self.cfg, self.model.features
         if not feats or "sfm" not in feats:
-            raise ValueError(f"manifest={cfg.manifest} has no features, and {self.model.checkpoint} does not record which "
-                             "speech encoder made its training features: run speechmapper_extract on it first")
+            raise ValueError(
+                f"manifest={cfg.manifest} has no features, and {self.model.checkpoint} does not record which "
+                "speech encoder made its training features: run speechmapper_extract on it first"
+            )
         # one folder per feature setting: another checkpoint's encoder never reuses these
         key = hashlib.sha256(json.dumps(feats, sort_keys=True).encode()).hexdigest()[:12]
         out = self.output_dir / "features" / f"{feats.get('feature_type', 'features')}-{key}"
@@ -198,9 +273,18 @@ class GenerateRecipe:
             sfm, k_avg = self.model.sfm(), int(feats.get("average_frames", 1))
             pbar = tqdm(total=sum(len(chunks[k]) for k in todo), desc="features", unit="utt", dynamic_ncols=True)
             for k in todo:
-                extract_chunk(chunks[k], lambda waves: [f.float().cpu().numpy() for f in sfm.encode(waves)], out, k,
-                              feats.get("feature_type", "features"), k_avg / sfm.frame_rate, k_avg, int(cfg.batch_size),
-                              float(cfg.get("max_duration", 30.0)), on_item=lambda _: pbar.update(1))
+                extract_chunk(
+                    chunks[k],
+                    lambda waves: [f.float().cpu().numpy() for f in sfm.encode(waves)],
+                    out,
+                    k,
+                    feats.get("feature_type", "features"),
+                    k_avg / sfm.frame_rate,
+                    k_avg,
+                    int(cfg.batch_size),
+                    float(cfg.get("max_duration", 30.0)),
+                    on_item=lambda _: pbar.update(1),
+                )
             pbar.close()
         self._barrier()
         if self.rank == 0:
@@ -219,19 +303,30 @@ class GenerateRecipe:
         if self.examples:
             self._generate()
         else:
-            log.info(f"Nothing to generate{f' on rank {self.rank}' if self.world_size > 1 else ''}: {self.out_path} is complete")
+            log.info(
+                f"Nothing to generate{f' on rank {self.rank}' if self.world_size > 1 else ''}: {self.out_path} is complete"
+            )
         self._barrier()
         if self.world_size > 1 and self.rank == 0:
-            log.info(f"Merged {merge_parts(self.output_dir, self.order)} rows of {self.world_size} processes into {self.out_path}")
+            log.info(
+                f"Merged {merge_parts(self.output_dir, self.order)} rows of {self.world_size} processes into {self.out_path}"
+            )
 
     @torch.no_grad()
     def _generate(self) -> None:
         cfg = self.cfg
-        loader = DataLoader(Stage2Dataset(self.examples),
-                            batch_sampler=ShuffledBatchSampler(len(self.examples), int(cfg.batch_size), shuffle=False),
-                            collate_fn=Stage2Collator(self.projector.output_length if self.projector else (lambda n: n), self.pad_id))
+        loader = DataLoader(
+            Stage2Dataset(self.examples),
+            batch_sampler=ShuffledBatchSampler(len(self.examples), int(cfg.batch_size), shuffle=False),
+            collate_fn=Stage2Collator(self.projector.output_length if self.projector else (lambda n: n), self.pad_id),
+        )
         cap = cfg.get("length_cap")
-        pbar = tqdm(total=len(self.examples), desc=f"generate[{cfg.span_source}]" + (f"[{self.rank}]" if self.world_size > 1 else ""), unit="utt", dynamic_ncols=True)
+        pbar = tqdm(
+            total=len(self.examples),
+            desc=f"generate[{cfg.span_source}]" + (f"[{self.rank}]" if self.world_size > 1 else ""),
+            unit="utt",
+            dynamic_ncols=True,
+        )
         t0, n_tokens, n_stuck = time.perf_counter(), 0, 0
         exs = {e.id: e for e in self.examples}
         for batch in loader:
@@ -245,34 +340,55 @@ class GenerateRecipe:
             caps = None
             if cap:  # a length cap from the audio duration (tokens per second + a constant)
                 caps = [int(cap.tokens_per_second * exs[i].item.duration + cap.extra) for i in batch["ids"]]
-            results = self.model.generate(spans, parts, max_new_tokens=int(cfg.max_new_tokens),
-                                          max_new_tokens_per_item=caps, stuck_guard=self.guard)
+            results = self.model.generate(
+                spans,
+                parts,
+                max_new_tokens=int(cfg.max_new_tokens),
+                max_new_tokens_per_item=caps,
+                stuck_guard=self.guard,
+            )
             rows = []
             for item_id, res, span, resp, meta in zip(batch["ids"], results, spans, batch["response"], batch["meta"]):
                 n_tokens += len(res.ids)
                 n_stuck += int(res.stuck)
                 # ASR: the normalized transcript as stored (a decode of its tokens could differ); else the answer
-                reference = self.chat.decode(resp[:-1], skip_special_tokens=True).strip() if cfg.get("instructions") else exs[item_id].item.text
-                rows.append({"id": item_id, "task": batch["tasks"][0] if cfg.get("instructions") else "asr",
-                             "prompt": self._prompt_text(meta["instruction"]) if "instruction" in meta else self.prompt_text,
-                             "hypothesis": self.model.answer_text(res.ids),
-                             "reference": reference or None,  # no transcript: generated, not scored
-                             "flags": list(res.flags), "stopped_by": res.stopped_by, "span_vectors": int(span.shape[0]),
-                             "span_source": cfg.span_source, **meta})
+                reference = (
+                    self.chat.decode(resp[:-1], skip_special_tokens=True).strip()
+                    if cfg.get("instructions")
+                    else exs[item_id].item.text
+                )
+                rows.append(
+                    {
+                        "id": item_id,
+                        "task": batch["tasks"][0] if cfg.get("instructions") else "asr",
+                        "prompt": self._prompt_text(meta["instruction"]) if "instruction" in meta else self.prompt_text,
+                        "hypothesis": self.model.answer_text(res.ids),
+                        "reference": reference or None,  # no transcript: generated, not scored
+                        "flags": list(res.flags),
+                        "stopped_by": res.stopped_by,
+                        "span_vectors": int(span.shape[0]),
+                        "span_source": cfg.span_source,
+                        **meta,
+                    }
+                )
             append_rows(self.rows_path, rows)
             pbar.update(len(rows))
             pbar.set_postfix(tok_s=f"{n_tokens / max(time.perf_counter() - t0, 1e-9):.1f}", stuck=n_stuck)
         pbar.close()
         wall = time.perf_counter() - t0
-        log.info(f"Generated {n_tokens} tokens in {wall:.0f} s ({n_tokens / max(wall, 1e-9):.1f} tokens/s); "
-                 f"{n_stuck} stuck decodes flagged; skipped {self.skipped.total()}; wrote {self.rows_path}")
+        log.info(
+            f"Generated {n_tokens} tokens in {wall:.0f} s ({n_tokens / max(wall, 1e-9):.1f} tokens/s); "
+            f"{n_stuck} stuck decodes flagged; skipped {self.skipped.total()}; wrote {self.rows_path}"
+        )
 
     def _spans(self, batch):
         src = self.cfg.span_source
         if src == "projector":
             pred, _, n = self.model.project(batch["features"], batch["lengths"])
             return [pred[b, : int(n[b])] for b in range(pred.shape[0])]
-        if src == "transcript" and self.cfg.get("instructions"):  # the source transcript, not the answer (a translation)
+        if src == "transcript" and self.cfg.get(
+            "instructions"
+        ):  # the source transcript, not the answer (a translation)
             texts = [self.by_id[i].item.text for i in batch["ids"]]
         elif src == "transcript":
             texts = [self.chat.decode(r[:-1], skip_special_tokens=True) for r in batch["response"]]
@@ -280,8 +396,12 @@ class GenerateRecipe:
             from speechmapper_tune.data.extract import load_cut_audio
 
             # an instruction row's id is not its cut's (several rows ask about one cut): the cut is the example's item
-            texts = [self.transcriber(load_cut_audio(self.cuts[self.by_id[i].item.id], max_duration=600.0)) for i in batch["ids"]]
+            texts = [
+                self.transcriber(load_cut_audio(self.cuts[self.by_id[i].item.id], max_duration=600.0))
+                for i in batch["ids"]
+            ]
         return [self.model.text_span(t) for t in texts]
+
 
 def _plain(node):
     return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node

@@ -52,10 +52,14 @@ class InstructionsRecipe:
         if not self.manifest.is_file():
             raise FileNotFoundError(f"manifest={self.manifest}: file not found")
         if cfg.task == SELF and not (cfg.get("pool") and cfg.get("answer")):
-            raise ValueError("task=self needs pool=[instructions...] and the answer settings (answer.llm, answer.prompt)")
+            raise ValueError(
+                "task=self needs pool=[instructions...] and the answer settings (answer.llm, answer.prompt)"
+            )
         self.output = Path(cfg.get("output_dir") or self.manifest.parent) / INSTRUCTIONS_FILE
         st = cfg.get("st_instructions")
-        self.st_instructions = {str(k): str(v) for k, v in OmegaConf.to_container(st, resolve=True).items()} if st else {}
+        self.st_instructions = (
+            {str(k): str(v) for k, v in OmegaConf.to_container(st, resolve=True).items()} if st else {}
+        )
         self.sqa_instruction = str(cfg.get("sqa_instruction") or QUESTION)
         langs = cfg.get("target_langs")
         self.target_langs = [str(x) for x in langs] if langs else None
@@ -68,8 +72,14 @@ class InstructionsRecipe:
         if cfg.task == SELF:
             return self._self_generated()
         n, skipped = build_instructions(
-            self.manifest, self.output, cfg.task, self.st_instructions, self.sqa_instruction,
-            bool(cfg.get("with_transcript", True)), self.target_langs, self.translations,
+            self.manifest,
+            self.output,
+            cfg.task,
+            self.st_instructions,
+            self.sqa_instruction,
+            bool(cfg.get("with_transcript", True)),
+            self.target_langs,
+            self.translations,
         )
         log.info(f"Wrote {self.output}: {n} {cfg.task} rows from {self.manifest}; skipped: {skipped.summary()}")
 
@@ -91,8 +101,14 @@ class InstructionsRecipe:
         out.mkdir(parents=True, exist_ok=True)
         skipped = SkipCounter()
         pool = [str(p) for p in OmegaConf.to_container(cfg.pool, resolve=True)] if cfg.get("pool") else []
-        rows = pooled_instruction_rows(CutSet.from_file(str(self.manifest)) or [], pool, int(cfg.get("per_item", 1)),
-                                       int(cfg.get("seed", 0)), skipped, cfg.get("max_items"))
+        rows = pooled_instruction_rows(
+            CutSet.from_file(str(self.manifest)) or [],
+            pool,
+            int(cfg.get("per_item", 1)),
+            int(cfg.get("seed", 0)),
+            skipped,
+            cfg.get("max_items"),
+        )
         if not rows:
             raise ValueError(f"{self.manifest}: no cut to ask about (skipped: {skipped.summary()})")
         questions = out / "questions.jsonl"
@@ -101,15 +117,19 @@ class InstructionsRecipe:
         rows = attach_answers(rows, read_rows(out / "answers" / GENERATIONS), "answer", skipped)
         if cfg.get("shuffled_reference", False):
             shuffled = out / "questions_shuffled.jsonl"
-            atomic_write_text(shuffled, "".join(json.dumps(r, ensure_ascii=False) + "\n"
-                                                for r in shuffled_rows(rows, int(cfg.get("seed", 0)))))
+            atomic_write_text(
+                shuffled,
+                "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in shuffled_rows(rows, int(cfg.get("seed", 0)))),
+            )
             self._answer(shuffled, out / "shuffled")
             rows = attach_answers(rows, read_rows(out / "shuffled" / GENERATIONS), "shuffled_answer", skipped)
         if not rows:
             raise ValueError(f"no row was answered (skipped: {skipped.summary()})")
         atomic_write_text(self.output, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-        log.info(f"Wrote {self.output}: {len(rows)} self-generated rows from {self.manifest} in "
-                 f"{time.perf_counter() - t0:.0f} s; skipped: {skipped.summary()}")
+        log.info(
+            f"Wrote {self.output}: {len(rows)} self-generated rows from {self.manifest} in "
+            f"{time.perf_counter() - t0:.0f} s; skipped: {skipped.summary()}"
+        )
 
     def _answer(self, questions: Path, output_dir: Path) -> None:
         """The LLM's greedy answers from the transcripts: ``speechmapper_generate span_source=transcript``
@@ -117,15 +137,30 @@ class InstructionsRecipe:
         from speechmapper_generate import GenerateRecipe
 
         a = OmegaConf.to_container(self.cfg.answer, resolve=False)
-        gen = OmegaConf.create({
-            "output_dir": str(output_dir), "projector_checkpoint": None, "manifest": str(self.manifest),
-            "instructions": str(questions), "task": SELF, "device": a.get("device", "cpu"), "seed": int(self.cfg.get("seed", 0)),
-            "llm": a["llm"], "prompt": a["prompt"], "span_source": "transcript", "trim_pad_vectors": None,
-            "batch_size": int(a.get("batch_size", 16)), "max_new_tokens": int(a.get("max_new_tokens", 48)),
-            "stop_at_newline": False, "length_cap": None, "stuck_guard": a.get("stuck_guard"), "max_duration": 30.0,
-            "overwrite": bool(a.get("overwrite", False)), "max_items": None,
-            "cascade": {"model_dir": None, "compute_type": "int8"},
-        })
+        gen = OmegaConf.create(
+            {
+                "output_dir": str(output_dir),
+                "projector_checkpoint": None,
+                "manifest": str(self.manifest),
+                "instructions": str(questions),
+                "task": SELF,
+                "device": a.get("device", "cpu"),
+                "seed": int(self.cfg.get("seed", 0)),
+                "llm": a["llm"],
+                "prompt": a["prompt"],
+                "span_source": "transcript",
+                "trim_pad_vectors": None,
+                "batch_size": int(a.get("batch_size", 16)),
+                "max_new_tokens": int(a.get("max_new_tokens", 48)),
+                "stop_at_newline": False,
+                "length_cap": None,
+                "stuck_guard": a.get("stuck_guard"),
+                "max_duration": 30.0,
+                "overwrite": bool(a.get("overwrite", False)),
+                "max_items": None,
+                "cascade": {"model_dir": None, "compute_type": "int8"},
+            }
+        )
         recipe = GenerateRecipe(gen)
         recipe.setup()
         recipe.run()

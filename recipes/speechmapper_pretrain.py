@@ -30,11 +30,9 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
+from torchtune import config, training, utils
 from tqdm import tqdm
 
-from torchtune import config, training, utils
-
-from speechmapper_tune.dtypes import autocast_dtype
 from speechmapper_tune.checkpoint.atomic import MetricsFile
 from speechmapper_tune.checkpoint.embedding_table import embedding_shape, load_embedding_table
 from speechmapper_tune.checkpoint.projector_io import (
@@ -60,6 +58,7 @@ from speechmapper_tune.data.stage1 import (
     sample_subset,
 )
 from speechmapper_tune.data.text_tokenizer import load_text_tokenizer
+from speechmapper_tune.dtypes import autocast_dtype
 from speechmapper_tune.losses import nearest_token_ids, norm_ratio, position_masks
 from speechmapper_tune.models.projector import count_parameters
 
@@ -89,7 +88,9 @@ class PretrainRecipe:
         self.step, self.epoch, self.consumed = 0, 0, 0
         self.skipped = SkipCounter()
         if not cfg.get("resume", False) and not cfg.get("dry_run", False):
-            CheckpointManager(self.output_dir).refuse_existing_run()  # before any work: a new run must not mix with an old one
+            CheckpointManager(
+                self.output_dir
+            ).refuse_existing_run()  # before any work: a new run must not mix with an old one
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -139,7 +140,8 @@ class PretrainRecipe:
         # how often each token occurs in the training targets, for the split validation accuracy
         self.train_token_counts = torch.bincount(
             torch.tensor([t for e in self.train_loader.dataset.examples for t in e.token_ids], dtype=torch.long),
-            minlength=vocab)[:vocab].to(self.device)
+            minlength=vocab,
+        )[:vocab].to(self.device)
         self.val_loader = None
         if cfg.data.get("val_manifest"):
             self.val_loader, _ = self._setup_data(cfg.data.val_manifest, tokenizer, shuffle=False, split="val")
@@ -168,8 +170,10 @@ class PretrainRecipe:
         ours = json.loads(json.dumps(self.model.config.to_dict()))  # tuples as the saved JSON has them
         if saved != ours:
             diff = sorted(k for k in set(saved) | set(ours) if saved.get(k) != ours.get(k))
-            raise ValueError(f"init_projector={folder}: its architecture differs from model in {diff}; "
-                             f"set the model settings to the checkpoint's ({ {k: saved.get(k) for k in diff} })")
+            raise ValueError(
+                f"init_projector={folder}: its architecture differs from model in {diff}; "
+                f"set the model settings to the checkpoint's ({ {k: saved.get(k) for k in diff} })"
+            )
         source, _ = load_checked_projector(folder, self.embedding)
         self.model.load_state_dict(source.state_dict())
         log.info(f"Initialized the projector from {folder} (fresh optimizer and LR schedule)")
@@ -186,7 +190,9 @@ class PretrainRecipe:
         examples = prepare_stage1_examples(items, tokenizer.encode, out_len, max_tokens, self.skipped, target_text)
         if target_text == "written":  # a manifest without written forms would silently train on normalized text
             differ = sum(e.item.written not in ("", e.item.text) for e in examples)
-            log.info(f"{split}: written-form targets; {differ} of {len(examples)} differ from the normalized transcript")
+            log.info(
+                f"{split}: written-form targets; {differ} of {len(examples)} differ from the normalized transcript"
+            )
         if split == "val" and cfg.get("max_val_items"):
             examples = [examples[i] for i in sample_subset(len(examples), int(cfg.max_val_items), 0)]
         if not examples:
@@ -195,7 +201,12 @@ class PretrainRecipe:
         log.info(f"{split}: {len(examples)} utterances, {hours:.2f} h, from {manifest}")
         rank, world = (self.rank, self.world_size) if split == "train" else (0, 1)
         sampler = LengthCappedBatchSampler(
-            [e.out_length for e in examples], max_tokens, shuffle=shuffle, seed=int(self.cfg.seed), rank=rank, world_size=world
+            [e.out_length for e in examples],
+            max_tokens,
+            shuffle=shuffle,
+            seed=int(self.cfg.seed),
+            rank=rank,
+            world_size=world,
         )
         if split == "train" and len(sampler) == 0:
             raise ValueError(f"{manifest}: fewer batches than ranks ({world}); add data or lower max_tokens_per_batch")
@@ -205,7 +216,9 @@ class PretrainRecipe:
             batch_sampler=sampler,
             collate_fn=Stage1Collator(out_len, self.pad_id),
             num_workers=int(cfg.get("num_workers", 0)),
-            generator=torch.Generator().manual_seed(int(self.cfg.seed)),  # keeps the global RNG (dropout) exact on resume
+            generator=torch.Generator().manual_seed(
+                int(self.cfg.seed)
+            ),  # keeps the global RNG (dropout) exact on resume
         )
         if split == "train":  # an epoch in which no item loads is an error, not an endless loop
             loader = TrainLoader(loader, manifest, self.skipped)
@@ -240,7 +253,14 @@ class PretrainRecipe:
             if not first or self.consumed == 0:
                 self.sampler.set_epoch(self.epoch)
             else:
-                self.sampler.load_state_dict({"epoch": self.epoch, "consumed": self.consumed, "seed": self.sampler.seed, "world_size": self.world_size})
+                self.sampler.load_state_dict(
+                    {
+                        "epoch": self.epoch,
+                        "consumed": self.consumed,
+                        "seed": self.sampler.seed,
+                        "world_size": self.world_size,
+                    }
+                )
             first = False
             self.train_loader.dataset.set_epoch(self.epoch)  # feature masks depend on (seed, epoch, index)
             for batch in self.train_loader:
@@ -264,15 +284,23 @@ class PretrainRecipe:
         cfg = self.cfg
         if cfg.get("dry_run", False):
             return
-        if self.step and self.step >= self.max_steps:  # resumed a finished run: validating and saving again would repeat them
+        if (
+            self.step and self.step >= self.max_steps
+        ):  # resumed a finished run: validating and saving again would repeat them
             log.info(f"Already at step {self.step} (max_steps={self.max_steps}): nothing to do")
             return
-        log_every, val_every, save_every = (int(cfg.get(k, 0) or 0) for k in ("log_every_n_steps", "val_every_n_steps", "save_every_n_steps"))
+        log_every, val_every, save_every = (
+            int(cfg.get(k, 0) or 0) for k in ("log_every_n_steps", "val_every_n_steps", "save_every_n_steps")
+        )
         clip = cfg.get("clip_grad_norm")
         batches = self._batches()
-        if cfg.get("validate_at_start", False) and self.step == 0:  # the starting point's figures (e.g. of init_projector)
+        if (
+            cfg.get("validate_at_start", False) and self.step == 0
+        ):  # the starting point's figures (e.g. of init_projector)
             self._log(self.validate())
-        pbar = tqdm(total=self.max_steps, initial=self.step, disable=not self.is_main, desc="stage 1", dynamic_ncols=True)
+        pbar = tqdm(
+            total=self.max_steps, initial=self.step, disable=not self.is_main, desc="stage 1", dynamic_ncols=True
+        )
         t0, vectors = time.perf_counter(), 0
         self.model.train()
         while self.step < self.max_steps:
@@ -373,15 +401,24 @@ class PretrainRecipe:
             state = {
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
-                "sampler": {"epoch": self.epoch, "consumed": self.consumed, "seed": self.sampler.seed, "world_size": self.world_size},
+                "sampler": {
+                    "epoch": self.epoch,
+                    "consumed": self.consumed,
+                    "seed": self.sampler.seed,
+                    "world_size": self.world_size,
+                },
                 "step": self.step,
                 "epoch": self.epoch,
                 "consumed": self.consumed,
                 "rng": rng,
                 "config": OmegaConf.to_container(self.cfg, resolve=True),
             }
-            meta = {"stage": 1, "llm": self.llm_meta, "recipe": "speechmapper_pretrain",
-                    "features": features_record(self.cfg.data.train_manifest)}
+            meta = {
+                "stage": 1,
+                "llm": self.llm_meta,
+                "recipe": "speechmapper_pretrain",
+                "features": features_record(self.cfg.data.train_manifest),
+            }
             folder = self.checkpoints.save(self.step, self.model, meta, state)
             log.info(f"Saved checkpoint {folder}")
         self._barrier()

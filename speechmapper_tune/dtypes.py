@@ -39,8 +39,13 @@ def _say_once(level: str, message: str) -> None:
     print(f"speechmapper: {level}: {message}", file=sys.stderr, flush=True)
 
 
-def resolve_dtype(name: Optional[str], device: Union[str, torch.device] = "cpu", *, setting: str = "dtype",
-                  allowed: Iterable[str] = COMPUTE_DTYPES) -> torch.dtype:
+def resolve_dtype(
+    name: Optional[str],
+    device: Union[str, torch.device] = "cpu",
+    *,
+    setting: str = "dtype",
+    allowed: Iterable[str] = COMPUTE_DTYPES,
+) -> torch.dtype:
     """The torch dtype for the setting value ``name`` on ``device``; ``None`` means ``auto``.
 
     ``auto``: bf16 on CUDA and on CPUs with native bf16, fp32 elsewhere; the choice is logged once with
@@ -54,18 +59,24 @@ def resolve_dtype(name: Optional[str], device: Union[str, torch.device] = "cpu",
     if name == AUTO:
         native = native_bf16(device_type)
         where = "CUDA" if device_type == "cuda" else _cpu_kind() if device_type == "cpu" else device_type
-        reason = "computes bf16 natively" if native else "has no native bf16 (torch would emulate it, several times slower)"
+        reason = (
+            "computes bf16 natively" if native else "has no native bf16 (torch would emulate it, several times slower)"
+        )
         chosen = "bf16" if native else "fp32"
         _say_once("info", f"{setting}=auto -> {chosen}: this {where} {reason}")
         return DTYPES[chosen]
     if name == "bf16" and device_type == "cpu" and not native_bf16("cpu"):
-        _say_once("warning", f"{setting}=bf16 on this {_cpu_kind()}, which has no native bf16: torch emulates it, "
-                  "expect matrix products 2-60x slower than fp32 (use auto or fp32)")
+        _say_once(
+            "warning",
+            f"{setting}=bf16 on this {_cpu_kind()}, which has no native bf16: torch emulates it, "
+            "expect matrix products 2-60x slower than fp32 (use auto or fp32)",
+        )
     return DTYPES[name]
 
 
-def autocast_dtype(name: Optional[str], device: Union[str, torch.device] = "cpu", *,
-                   setting: str = "dtype") -> Optional[torch.dtype]:
+def autocast_dtype(
+    name: Optional[str], device: Union[str, torch.device] = "cpu", *, setting: str = "dtype"
+) -> Optional[torch.dtype]:
     """The autocast dtype for a training setting: ``None`` (no autocast) where it resolves to fp32."""
     dtype = resolve_dtype(name, device, setting=setting)
     return None if dtype == torch.float32 else dtype
@@ -88,6 +99,8 @@ def machine_summary() -> str:
     except OSError:
         pass
     cuda = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
-    return (f"{cpu}, {os.cpu_count()} cores, capability {torch.backends.cpu.get_cpu_capability()}, native bf16 "
-            f"{'yes' if native_bf16('cpu') else 'no (emulated)'}, torch {torch.__version__}, "
-            f"{torch.get_num_threads()} threads{cuda}")
+    return (
+        f"{cpu}, {os.cpu_count()} cores, capability {torch.backends.cpu.get_cpu_capability()}, native bf16 "
+        f"{'yes' if native_bf16('cpu') else 'no (emulated)'}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads{cuda}"
+    )

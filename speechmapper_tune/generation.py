@@ -293,8 +293,12 @@ class _LeanForward:
     def __init__(self, model: nn.Module, window: "_CacheWindow"):
         self.model, self.window = model, window
         layers = list(getattr(model, "layers", []))
-        self.usable = (bool(layers) and len(layers) == len(window.full) and all(map(_plain_layer, layers))
-                       and all(l.attn.num_heads % k.shape[1] == 0 for l, (k, _) in zip(layers, window.full)))
+        self.usable = (
+            bool(layers)
+            and len(layers) == len(window.full)
+            and all(map(_plain_layer, layers))
+            and all(l.attn.num_heads % k.shape[1] == 0 for l, (k, _) in zip(layers, window.full))
+        )
 
     def __call__(self, x: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, start: int) -> torch.Tensor:
         """Fp32 logits [B, V] of the last position after feeding embeddings ``x`` [B, s, D] into cache
@@ -333,9 +337,15 @@ def _plain_layer(layer: nn.Module) -> bool:
     a = getattr(layer, "attn", None)
     if a is None or not all(hasattr(layer, n) for n in ("sa_norm", "mlp_norm", "mlp", "sa_scale", "mlp_scale")):
         return False
-    if not all(hasattr(a, n) for n in ("q_proj", "k_proj", "v_proj", "output_proj", "num_heads", "num_kv_heads", "head_dim")):
+    if not all(
+        hasattr(a, n) for n in ("q_proj", "k_proj", "v_proj", "output_proj", "num_heads", "num_kv_heads", "head_dim")
+    ):
         return False
-    if getattr(a, "q_norm", None) is not None or getattr(a, "k_norm", None) is not None or getattr(a, "kv_cache", None) is None:
+    if (
+        getattr(a, "q_norm", None) is not None
+        or getattr(a, "k_norm", None) is not None
+        or getattr(a, "kv_cache", None) is None
+    ):
         return False
     rope = getattr(a, "pos_embeddings", None)
     return rope is None or type(rope).__name__ in ("RotaryPositionalEmbeddings", "Llama3ScaledRoPE")
@@ -494,7 +504,9 @@ def greedy_generate(
             length = prompt_len + step + 1  # cache slots in use once this token is fed
             valid[:, length - 1] = True
             if lean is not None:
-                logits = lean(model.tok_embeddings(tokens)[:, None], valid[:, None, :length], next_pos[:, None], length - 1)
+                logits = lean(
+                    model.tok_embeddings(tokens)[:, None], valid[:, None, :length], next_pos[:, None], length - 1
+                )
             else:
                 window.show(length)
                 logits = _last_logits(

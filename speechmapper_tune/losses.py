@@ -34,9 +34,7 @@ from torch import Tensor, nn
 IGNORE_INDEX = -100
 
 
-def build_stage1_target_ids(
-    token_ids: Sequence[Sequence[int]], out_lengths: Sequence[int], pad_id: int
-) -> Tensor:
+def build_stage1_target_ids(token_ids: Sequence[Sequence[int]], out_lengths: Sequence[int], pad_id: int) -> Tensor:
     """[B, max(out_lengths)] ids: tokens, then ``pad_id`` up to each out length, then IGNORE_INDEX.
 
     A target needs ``len(tokens) + 1 <= out_length``: the first pad marks where the words end.
@@ -155,18 +153,29 @@ class Stage1Loss(nn.Module):
                 f"loss classifier_weight={classifier_weight} must be >= 0 and "
                 f"classifier_temperature={classifier_temperature} > 0"
             )
-        self.alpha, self.gamma, self.scale, self.cosine_positions = float(alpha), float(gamma), float(scale), cosine_positions
+        self.alpha, self.gamma, self.scale, self.cosine_positions = (
+            float(alpha),
+            float(gamma),
+            float(scale),
+            cosine_positions,
+        )
         self.weighting = weighting
         if float(ctc_weight) < 0:
             raise ValueError(f"loss ctc_weight={ctc_weight} must be >= 0")
         self.classifier_weight, self.classifier_temperature = float(classifier_weight), float(classifier_temperature)
         self.ctc_weight = float(ctc_weight)
-        if classifier_negatives is not None and (isinstance(classifier_negatives, bool) or int(classifier_negatives) < 0):
-            raise ValueError(f"loss classifier_negatives={classifier_negatives!r}: expected null (the whole table) "
-                             "or a number of sampled rows >= 0")
+        if classifier_negatives is not None and (
+            isinstance(classifier_negatives, bool) or int(classifier_negatives) < 0
+        ):
+            raise ValueError(
+                f"loss classifier_negatives={classifier_negatives!r}: expected null (the whole table) "
+                "or a number of sampled rows >= 0"
+            )
         if int(classifier_neighbours) < 0 or (int(classifier_neighbours) > 0 and classifier_negatives is None):
-            raise ValueError(f"loss classifier_neighbours={classifier_neighbours} must be >= 0, and needs "
-                             "classifier_negatives set (the whole table already holds every neighbour)")
+            raise ValueError(
+                f"loss classifier_neighbours={classifier_neighbours} must be >= 0, and needs "
+                "classifier_negatives set (the whole table already holds every neighbour)"
+            )
         self.classifier_negatives = None if classifier_negatives is None else int(classifier_negatives)
         self.classifier_neighbours = int(classifier_neighbours)
         self.table: Optional[EmbeddingTable] = None
@@ -177,7 +186,9 @@ class Stage1Loss(nn.Module):
         """Give the loss the LLM's [vocab, dim] embedding table (the recipe loads it anyway) and,
         for the CTC term, its blank: the pad id the stage-1 targets are padded with."""
         self.table = EmbeddingTable.from_weight(embedding)
-        self.neighbours = TableNeighbours(self.table, self.classifier_neighbours) if self.classifier_neighbours else None
+        self.neighbours = (
+            TableNeighbours(self.table, self.classifier_neighbours) if self.classifier_neighbours else None
+        )
         self.blank_id = None if blank_id is None else int(blank_id)
 
     @property
@@ -235,12 +246,23 @@ class Stage1Loss(nn.Module):
             word_pos = torch.arange(target_ids.shape[1], device=target_ids.device)[None, :] < num_words[:, None]
             must = torch.cat([target_ids[word_pos], target_ids.new_tensor([self.blank_id])])
             candidates, log_weights = self._candidates(must)
-            return embedding_ctc(pred, target_ids, lengths, num_words, self.table, self.classifier_temperature,
-                                 self.blank_id, candidates=(candidates, log_weights))
-        return embedding_ctc(pred, target_ids, lengths, num_words, self.table, self.classifier_temperature, self.blank_id)
+            return embedding_ctc(
+                pred,
+                target_ids,
+                lengths,
+                num_words,
+                self.table,
+                self.classifier_temperature,
+                self.blank_id,
+                candidates=(candidates, log_weights),
+            )
+        return embedding_ctc(
+            pred, target_ids, lengths, num_words, self.table, self.classifier_temperature, self.blank_id
+        )
 
-    def _objective(self, loss: Tensor, mse: Tensor, cosine: Tensor, ce: Optional[Tensor],
-                   ctc: Optional[Tensor] = None) -> Tensor:
+    def _objective(
+        self, loss: Tensor, mse: Tensor, cosine: Tensor, ce: Optional[Tensor], ctc: Optional[Tensor] = None
+    ) -> Tensor:
         if self.weighting == "paper":
             objective = loss if ce is None else loss + self.classifier_weight * ce
             return objective if ctc is None else objective + self.ctc_weight * ctc
@@ -295,8 +317,14 @@ def embedding_classifier_ce(
 
 
 def embedding_ctc(
-    pred: Tensor, target_ids: Tensor, lengths: Tensor, num_words: Tensor, table: EmbeddingTable,
-    temperature: float, blank_id: int, candidates: Optional[tuple] = None,
+    pred: Tensor,
+    target_ids: Tensor,
+    lengths: Tensor,
+    num_words: Tensor,
+    table: EmbeddingTable,
+    temperature: float,
+    blank_id: int,
+    candidates: Optional[tuple] = None,
 ) -> Tensor:
     """CTC loss of the first ``num_words`` target ids of each row over its ``lengths`` vectors of ``pred``.
 
@@ -326,8 +354,14 @@ def embedding_ctc(
 
 # --- a sampled softmax over the embedding table (Stage1Loss.classifier_negatives) ---------------------
 
-def draw_candidates(must: Tensor, vocab: int, num_sampled: int, extra: Optional[Tensor] = None,
-                    generator: Optional[torch.Generator] = None) -> tuple[Tensor, Tensor]:
+
+def draw_candidates(
+    must: Tensor,
+    vocab: int,
+    num_sampled: int,
+    extra: Optional[Tensor] = None,
+    generator: Optional[torch.Generator] = None,
+) -> tuple[Tensor, Tensor]:
     """Rows a sampled softmax scores, and the log weight each adds to its logit.
 
     ``fixed`` = the sorted unique ids of ``must`` (the targets) and ``extra`` (e.g. their nearest
@@ -351,7 +385,7 @@ def draw_candidates(must: Tensor, vocab: int, num_sampled: int, extra: Optional[
     perm = torch.randperm(vocab, generator=generator, device="cpu" if generator is not None else must.device)
     perm = perm.to(must.device)
     drawn = perm[~is_fixed[perm]][:num]
-    log_weights[fixed.numel():] = math.log(rest / num)
+    log_weights[fixed.numel() :] = math.log(rest / num)
     return torch.cat([fixed, drawn]), log_weights
 
 
@@ -367,15 +401,22 @@ def candidate_index(candidates: Tensor, ids: Tensor) -> Tensor:
     return pos
 
 
-def candidate_logits(pred: Tensor, table: "EmbeddingTable", temperature: float, candidates: Tensor,
-                     log_weights: Tensor) -> Tensor:
+def candidate_logits(
+    pred: Tensor, table: "EmbeddingTable", temperature: float, candidates: Tensor, log_weights: Tensor
+) -> Tensor:
     """:func:`embedding_classifier_logits` restricted to the ``candidates`` rows, plus their log weights."""
     w, sq = table.weight[candidates], table.sq_norms[candidates]
     return (2.0 * pred.float() @ w.T - sq) / (temperature * table.mean_sq_norm) + log_weights
 
 
-def candidate_ce(pred_rows: Tensor, targets: Tensor, table: "EmbeddingTable", temperature: float,
-                 candidates: Tensor, log_weights: Tensor) -> Tensor:
+def candidate_ce(
+    pred_rows: Tensor,
+    targets: Tensor,
+    table: "EmbeddingTable",
+    temperature: float,
+    candidates: Tensor,
+    log_weights: Tensor,
+) -> Tensor:
     """Sampled-softmax estimate of :func:`embedding_classifier_ce`: mean over the [N, D] ``pred_rows`` of
     ``log sum_c w_c exp(logit_c) - logit_target`` over the candidates (see :func:`draw_candidates`)."""
     logits = candidate_logits(pred_rows, table, temperature, candidates, log_weights)
@@ -418,8 +459,10 @@ def behaviour_kl(teacher_logits: Tensor, student_logits: Tensor, temperature: fl
     if teacher_logits.shape[0] == 0 and student_logits.shape[0] == 0:
         return student_logits.new_zeros((), dtype=torch.float32)
     if teacher_logits.shape != student_logits.shape:
-        raise ValueError(f"teacher logits {tuple(teacher_logits.shape)} and student logits "
-                         f"{tuple(student_logits.shape)} are not aligned position for position")
+        raise ValueError(
+            f"teacher logits {tuple(teacher_logits.shape)} and student logits "
+            f"{tuple(student_logits.shape)} are not aligned position for position"
+        )
     t = float(temperature)
     log_p = F.log_softmax(teacher_logits.detach().float() / t, dim=-1)
     log_q = F.log_softmax(student_logits.float() / t, dim=-1)
@@ -497,9 +540,18 @@ class Stage2Loss(nn.Module):
     ``trim_pad_vectors``) are part of what the KL asks the student to make harmless.
     """
 
-    def __init__(self, sigma: float = 0.9, alpha: float = 5.0, scale: float = 1e3, weighting: str = "paper",
-                 regularizer_weight: float = 0.0, regularizer: str = "ctc", regularizer_temperature: float = 0.05,
-                 kl_ratio: float = 0.0, kl_temperature: float = 1.0):
+    def __init__(
+        self,
+        sigma: float = 0.9,
+        alpha: float = 5.0,
+        scale: float = 1e3,
+        weighting: str = "paper",
+        regularizer_weight: float = 0.0,
+        regularizer: str = "ctc",
+        regularizer_temperature: float = 0.05,
+        kl_ratio: float = 0.0,
+        kl_temperature: float = 1.0,
+    ):
         super().__init__()
         if not 0.0 <= float(kl_ratio) <= 1.0 or float(kl_temperature) <= 0:
             raise ValueError(f"loss kl_ratio={kl_ratio} must be in [0, 1] and kl_temperature={kl_temperature} > 0")
@@ -508,8 +560,10 @@ class Stage2Loss(nn.Module):
         stage2_loss(torch.zeros(()), torch.zeros(()), self.sigma, self.weighting)  # validates sigma and weighting
         check_alpha(self.alpha)
         if float(regularizer_weight) < 0 or regularizer not in REGULARIZERS or float(regularizer_temperature) <= 0:
-            raise ValueError(f"loss regularizer_weight={regularizer_weight} must be >= 0, regularizer={regularizer!r} one "
-                             f"of {REGULARIZERS}, regularizer_temperature={regularizer_temperature} > 0")
+            raise ValueError(
+                f"loss regularizer_weight={regularizer_weight} must be >= 0, regularizer={regularizer!r} one "
+                f"of {REGULARIZERS}, regularizer_temperature={regularizer_temperature} > 0"
+            )
         self.regularizer_weight, self.regularizer = float(regularizer_weight), regularizer
         self.regularizer_temperature = float(regularizer_temperature)
         self.table: Optional[EmbeddingTable] = None
@@ -519,20 +573,37 @@ class Stage2Loss(nn.Module):
         """The LLM's [vocab, dim] embedding table and the pad id (the CTC blank), for the regularizer."""
         self.table, self.blank_id = EmbeddingTable.from_weight(embedding), int(blank_id)
 
-    def forward(self, logits: Tensor, labels: Tensor, pred: Tensor, target: Tensor, lengths: Tensor,
-                num_words: Tensor, has_mse: Tensor, target_ids: Optional[Tensor] = None,
-                teacher_logits: Optional[Tensor] = None, teacher_rows: Optional[Tensor] = None) -> Dict[str, Tensor]:
+    def forward(
+        self,
+        logits: Tensor,
+        labels: Tensor,
+        pred: Tensor,
+        target: Tensor,
+        lengths: Tensor,
+        num_words: Tensor,
+        has_mse: Tensor,
+        target_ids: Optional[Tensor] = None,
+        teacher_logits: Optional[Tensor] = None,
+        teacher_rows: Optional[Tensor] = None,
+    ) -> Dict[str, Tensor]:
         ce = F.cross_entropy(logits.float(), labels)
         mse = pred.new_zeros((), dtype=torch.float32)
         if bool(has_mse.any()):
-            mse = speechmapper_mse(pred[has_mse], target[has_mse], lengths[has_mse], num_words[has_mse],
-                                   self.alpha, self.scale).mse
-        out = {"objective": stage2_loss(ce, mse, self.sigma, self.weighting), "loss": stage2_loss(ce, mse, self.sigma),
-               "ce": ce, "mse": mse}
+            mse = speechmapper_mse(
+                pred[has_mse], target[has_mse], lengths[has_mse], num_words[has_mse], self.alpha, self.scale
+            ).mse
+        out = {
+            "objective": stage2_loss(ce, mse, self.sigma, self.weighting),
+            "loss": stage2_loss(ce, mse, self.sigma),
+            "ce": ce,
+            "mse": mse,
+        }
         if self.kl_ratio > 0:
             if teacher_logits is None or teacher_rows is None:
-                raise ValueError("loss kl_ratio > 0 needs the teacher's logits: SpeechLM.forward(batch, teacher=True) "
-                                 "gives teacher_logits and teacher_rows (speechmapper_adapt passes them)")
+                raise ValueError(
+                    "loss kl_ratio > 0 needs the teacher's logits: SpeechLM.forward(batch, teacher=True) "
+                    "gives teacher_logits and teacher_rows (speechmapper_adapt passes them)"
+                )
             kl = out["kl"] = behaviour_kl(teacher_logits, logits[teacher_rows], self.kl_temperature)
             out["objective"] = self._kl_objective(ce, kl, mse)
         if self.regularizer_weight > 0:
@@ -554,12 +625,15 @@ class Stage2Loss(nn.Module):
         task = (1.0 - self.kl_ratio) * ce.float() + self.kl_ratio * kl
         return (1.0 - self.sigma) * task + self.sigma * mse.float()
 
-    def regularizer_term(self, pred: Tensor, target_ids: Optional[Tensor], lengths: Tensor, num_words: Tensor,
-                         has_mse: Tensor) -> Tensor:
+    def regularizer_term(
+        self, pred: Tensor, target_ids: Optional[Tensor], lengths: Tensor, num_words: Tensor, has_mse: Tensor
+    ) -> Tensor:
         """The classifier regularizer over the items with a transcript (0 when the batch has none)."""
         if self.table is None or target_ids is None:
-            raise ValueError("loss regularizer_weight > 0 needs the LLM embedding table and target_ids: call "
-                             "loss_fn.set_embedding(table, blank_id=pad_id) (speechmapper_adapt does) or set it to 0")
+            raise ValueError(
+                "loss regularizer_weight > 0 needs the LLM embedding table and target_ids: call "
+                "loss_fn.set_embedding(table, blank_id=pad_id) (speechmapper_adapt does) or set it to 0"
+            )
         if not bool(has_mse.any()):
             return pred.new_zeros((), dtype=torch.float32)
         p, ids, n, k = pred[has_mse].float(), target_ids[has_mse], lengths[has_mse], num_words[has_mse]

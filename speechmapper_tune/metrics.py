@@ -204,7 +204,9 @@ class CometScorer:
         return dict(comet=sum(scores) / len(scores), scores=scores, num_items=len(scores))
 
 
-def load_comet(model_dir: str | Path | None, setting: str = "model_path", batch_size: int = 16, gpus: int = 0) -> CometScorer:
+def load_comet(
+    model_dir: str | Path | None, setting: str = "model_path", batch_size: int = 16, gpus: int = 0
+) -> CometScorer:
     """Load a local COMET model (never downloaded here). The folder is checked first, then the
     ``comet`` package is imported: either missing raises (``FileNotFoundError``/``ValueError``,
     ``ImportError``) naming ``setting`` and the path. COMET's checkpoint is a PyTorch Lightning
@@ -213,13 +215,17 @@ def load_comet(model_dir: str | Path | None, setting: str = "model_path", batch_
     try:
         from comet import load_from_checkpoint  # package "unbabel-comet"
     except ImportError as exc:
-        raise ImportError(f"{setting}={model_dir}: the `comet` module is not importable ({exc}). {_COMET_HELP}") from exc
+        raise ImportError(
+            f"{setting}={model_dir}: the `comet` module is not importable ({exc}). {_COMET_HELP}"
+        ) from exc
     scorer = CometScorer(load_from_checkpoint(str(ckpt)), ckpt, 1, gpus)
     try:  # one item now: an unbabel-comet too old for the installed transformers fails here, not mid-evaluation
         scorer(["a"], ["a"], ["a"])
     except Exception as exc:  # noqa: BLE001  (COMET and transformers raise various types)
-        raise RuntimeError(f"{setting}={model_dir}: COMET loaded the model but cannot score with it "
-                           f"({type(exc).__name__}: {exc}); {_versions()}") from exc
+        raise RuntimeError(
+            f"{setting}={model_dir}: COMET loaded the model but cannot score with it "
+            f"({type(exc).__name__}: {exc}); {_versions()}"
+        ) from exc
     scorer.batch_size = int(batch_size)
     return scorer
 
@@ -233,8 +239,10 @@ def _versions() -> str:
             found.append(f"{name} {version(name)}")
         except PackageNotFoundError:
             found.append(f"{name} not installed")
-    return ("installed: " + ", ".join(found) + " (unbabel-comet 2.2.x needs transformers < 5: "
-            "score COMET in an environment that has it)")
+    return (
+        "installed: " + ", ".join(found) + " (unbabel-comet 2.2.x needs transformers < 5: "
+        "score COMET in an environment that has it)"
+    )
 
 
 def comet_scores(
@@ -414,11 +422,24 @@ def parse_judgement(text: str | None) -> bool | None:
 
 # SLUE's "combined" NER label set (slue-toolkit generic_utils): OntoNotes tags merged into 7, five dropped
 SLUE_RAW_TO_COMBINED: dict[str, str | None] = {
-    "DATE": "WHEN", "TIME": "WHEN",
-    "CARDINAL": "QUANT", "ORDINAL": "QUANT", "QUANTITY": "QUANT", "MONEY": "QUANT", "PERCENT": "QUANT",
-    "GPE": "PLACE", "LOC": "PLACE",
-    "NORP": "NORP", "ORG": "ORG", "LAW": "LAW", "PERSON": "PERSON",
-    "FAC": None, "EVENT": None, "WORK_OF_ART": None, "PRODUCT": None, "LANGUAGE": None,
+    "DATE": "WHEN",
+    "TIME": "WHEN",
+    "CARDINAL": "QUANT",
+    "ORDINAL": "QUANT",
+    "QUANTITY": "QUANT",
+    "MONEY": "QUANT",
+    "PERCENT": "QUANT",
+    "GPE": "PLACE",
+    "LOC": "PLACE",
+    "NORP": "NORP",
+    "ORG": "ORG",
+    "LAW": "LAW",
+    "PERSON": "PERSON",
+    "FAC": None,
+    "EVENT": None,
+    "WORK_OF_ART": None,
+    "PRODUCT": None,
+    "LANGUAGE": None,
 }
 SLUE_NER_TAGS = ("LAW", "NORP", "ORG", "PERSON", "PLACE", "QUANT", "WHEN")
 SLUE_SENTIMENTS = ("Negative", "Neutral", "Positive")
@@ -558,14 +579,19 @@ def sentiment_scores(references: Sequence[str], hypotheses: Sequence[str]) -> di
     n = len(refs)
     mean = (lambda k: sum(v[k] for v in per_class.values()) / len(per_class)) if per_class else (lambda k: 0.0)
     return dict(
-        macro_f1=mean("f1"), macro_precision=mean("precision"), macro_recall=mean("recall"),
+        macro_f1=mean("f1"),
+        macro_precision=mean("precision"),
+        macro_recall=mean("recall"),
         weighted_f1=sum(v["f1"] * v["support"] for v in per_class.values()) / n if n else 0.0,
         accuracy=100.0 * sum(r == p for r, p in zip(refs, preds)) / n if n else 0.0,
-        per_class=per_class, num_items=n, unparsed=preds.count(None),
+        per_class=per_class,
+        num_items=n,
+        unparsed=preds.count(None),
     )
 
 
 # --- agreement with the LLM's own behaviour on the transcript (unseen instructions) ------------------------
+
 
 def agreement_scores(references: Sequence[str], hypotheses: Sequence[str]) -> dict[str, Any]:
     """How far answers agree with reference answers of the same LLM: corpus chrF (sacrebleu defaults, raw
@@ -581,6 +607,9 @@ def agreement_scores(references: Sequence[str], hypotheses: Sequence[str]) -> di
         raise ValueError("agreement_scores needs at least one item")
     chrf = sacrebleu.CHRF()
     exact = sum(normalize_text(r) == normalize_text(h) for r, h in zip(references, hypotheses))
-    return dict(chrf=chrf.corpus_score(list(hypotheses), [list(references)]).score,
-                exact=100.0 * exact / len(references), chrf_signature=str(chrf.get_signature()),
-                num_items=len(references))
+    return dict(
+        chrf=chrf.corpus_score(list(hypotheses), [list(references)]).score,
+        exact=100.0 * exact / len(references),
+        chrf_signature=str(chrf.get_signature()),
+        num_items=len(references),
+    )

@@ -17,8 +17,9 @@ def _open_binary(path: Path):
 
 def _not_utf8(path: Path, lineno: int, e: UnicodeDecodeError) -> ValueError:
     byte = e.object[e.start : e.start + 1].hex()
-    return ValueError(f"{path}, line {lineno}: not UTF-8 text (byte 0x{byte} at column {e.start + 1}); "
-                      "save the file as UTF-8")
+    return ValueError(
+        f"{path}, line {lineno}: not UTF-8 text (byte 0x{byte} at column {e.start + 1}); save the file as UTF-8"
+    )
 
 
 def read_lines(path) -> Iterator[Tuple[int, str]]:

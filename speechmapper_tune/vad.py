@@ -47,17 +47,26 @@ def speech_probabilities(wave: np.ndarray) -> np.ndarray:
     return get_vad_model()(padded).reshape(-1)
 
 
-def speech_runs(wave: np.ndarray, max_seconds: float = float("inf"),
-                sample_rate: int = SAMPLE_RATE) -> List[Tuple[int, int]]:
+def speech_runs(
+    wave: np.ndarray, max_seconds: float = float("inf"), sample_rate: int = SAMPLE_RATE
+) -> List[Tuple[int, int]]:
     """Unpadded ``[(start, end), ...]`` sample ranges Silero calls speech (rule 1), each at most
     ``max_seconds - 2 * PAD_S`` long."""
     from faster_whisper.vad import VadOptions, get_speech_timestamps
 
     if sample_rate != SAMPLE_RATE:
         raise ValueError(f"the VAD reads {SAMPLE_RATE}-Hz audio, got {sample_rate} Hz")
-    opts = VadOptions(threshold=THRESHOLD, min_speech_duration_ms=0, min_silence_duration_ms=int(MIN_PAUSE_S * 1000),
-                      speech_pad_ms=0, max_speech_duration_s=max_seconds - 2 * PAD_S)
-    return [(int(r["start"]), min(int(r["end"]), wave.size)) for r in get_speech_timestamps(np.asarray(wave, np.float32), opts)]
+    opts = VadOptions(
+        threshold=THRESHOLD,
+        min_speech_duration_ms=0,
+        min_silence_duration_ms=int(MIN_PAUSE_S * 1000),
+        speech_pad_ms=0,
+        max_speech_duration_s=max_seconds - 2 * PAD_S,
+    )
+    return [
+        (int(r["start"]), min(int(r["end"]), wave.size))
+        for r in get_speech_timestamps(np.asarray(wave, np.float32), opts)
+    ]
 
 
 def speech_segments(wave: np.ndarray, max_seconds: float, sample_rate: int = SAMPLE_RATE) -> List[Tuple[int, int]]:

@@ -26,7 +26,14 @@ def test_agreement_scores_by_hand():
 
 
 def _row(i, ref, hyp, shuffled=None, flags=()):
-    r = {"id": f"u{i}", "task": "self", "reference": ref, "hypothesis": hyp, "flags": list(flags), "instruction": "Paraphrase the text."}
+    r = {
+        "id": f"u{i}",
+        "task": "self",
+        "reference": ref,
+        "hypothesis": hyp,
+        "flags": list(flags),
+        "instruction": "Paraphrase the text.",
+    }
     if shuffled is not None:
         r["shuffled_answer"] = shuffled
     return r
@@ -35,8 +42,11 @@ def _row(i, ref, hyp, shuffled=None, flags=()):
 def test_eval_scores_self_rows_with_their_chance_level(tmp_path):
     from speechmapper_eval import EvalRecipe
 
-    rows = [_row(0, "A small dog.", "a small dog", "A red river."), _row(1, "No.", "Yes.", "No."),
-            _row(2, "Four words long here.", "four words long here", "Three words here.", flags=["stuck"])]
+    rows = [
+        _row(0, "A small dog.", "a small dog", "A red river."),
+        _row(1, "No.", "Yes.", "No."),
+        _row(2, "Four words long here.", "four words long here", "Three words here.", flags=["stuck"]),
+    ]
     gen = tmp_path / "g" / "generations.jsonl"
     gen.parent.mkdir()
     gen.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -50,7 +60,12 @@ def test_eval_scores_self_rows_with_their_chance_level(tmp_path):
     assert res["agreement_chrf"] == pytest.approx(expected["chrf"]) and res["agreement_exact"] == pytest.approx(200 / 3)
     assert res["chance_chrf"] == pytest.approx(chance["chrf"]) and res["chance_exact"] == pytest.approx(100 / 3)
     assert res["stuck"] == 1 and res["agreement_chrf_without_stuck"] == pytest.approx(
-        agreement_scores(refs[:2], ["a small dog", "Yes."])["chrf"])
+        agreement_scores(refs[:2], ["a small dog", "Yes."])["chrf"]
+    )
     assert "| speech | 3 |" in (tmp_path / "ev" / "results.md").read_text()
     per = res["by_instruction"]["Paraphrase the text."]  # every row here asks the same instruction
-    assert per["n"] == 3 and per["chrf"] == pytest.approx(expected["chrf"]) and per["chance_exact"] == pytest.approx(100 / 3)
+    assert (
+        per["n"] == 3
+        and per["chrf"] == pytest.approx(expected["chrf"])
+        and per["chance_exact"] == pytest.approx(100 / 3)
+    )

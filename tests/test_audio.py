@@ -15,11 +15,15 @@ SR = 16000
 def _speech_like(seconds: float, seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
     t = np.arange(int(seconds * SR)) / SR
-    return (0.3 * np.sin(2 * np.pi * 180 * t) * (1 + 0.5 * np.sin(2 * np.pi * 3 * t)) + 0.02 * rng.standard_normal(t.size)).astype(np.float32)
+    return (
+        0.3 * np.sin(2 * np.pi * 180 * t) * (1 + 0.5 * np.sin(2 * np.pi * 3 * t)) + 0.02 * rng.standard_normal(t.size)
+    ).astype(np.float32)
 
 
-@pytest.mark.parametrize("fmt, ext, rate, channels", [("WAV", "wav", 16000, 1), ("FLAC", "flac", 44100, 2),
-                                                      ("OGG", "ogg", 22050, 1), ("MP3", "mp3", 48000, 2)])
+@pytest.mark.parametrize(
+    "fmt, ext, rate, channels",
+    [("WAV", "wav", 16000, 1), ("FLAC", "flac", 44100, 2), ("OGG", "ogg", 22050, 1), ("MP3", "mp3", 48000, 2)],
+)
 def test_formats_rates_and_channels_give_16k_mono(tmp_path, fmt, ext, rate, channels):
     x = _speech_like(1.5, 0)
     data = soxr.resample(x, SR, rate)
@@ -57,7 +61,7 @@ def test_long_recordings_are_cut_in_the_pauses():
         pos += gap.size
     segments = split_at_pauses(wave, max_seconds=10.0)
     assert len(segments) >= 3 and all(b - a <= 10 * SR for a, b in segments)
-    for (a, b), (c, _) in zip(segments, segments[1:]):
+    for (_a, b), (c, _) in zip(segments, segments[1:]):
         assert b <= c and any(s <= b and c <= e for s, e in pauses), (b, c)  # each cut falls in a pause
     starts = [0] + [end for _, end in pauses[:-1]]
     speech = np.concatenate([np.arange(s, s + p.size) for p, s in zip(parts, starts)])
@@ -69,7 +73,7 @@ def test_long_recordings_are_cut_in_the_pauses():
 
 def test_short_audio_is_one_segment_and_silence_is_dropped():
     x = np.concatenate([np.zeros(SR, np.float32), _speech_like(3.0, 1), np.zeros(SR, np.float32)])
-    (a, b), = split_at_pauses(x, max_seconds=10.0)
+    ((a, b),) = split_at_pauses(x, max_seconds=10.0)
     assert 0.7 * SR <= a <= SR and 4 * SR <= b <= 4.3 * SR  # the silent edges go, a margin stays
     with pytest.raises(ValueError, match="segment bounds"):
         split_at_pauses(x, max_seconds=1.0, min_seconds=2.0)

@@ -47,15 +47,24 @@ def test_transcribe_real_speech_a_60s_recording_no_speech_and_bad_files(tmp_path
     sf.write(tmp_path / "joined.flac", joined, 16000)
     sf.write(tmp_path / "word.wav", waves[4][int(1.6 * 16000) : int(2.12 * 16000)], 16000)  # "amiable", 0.52 s
     sf.write(tmp_path / "silence.wav", np.zeros(5 * 16000, np.float32), 16000)
-    sf.write(tmp_path / "noise.wav", (0.003 * np.random.default_rng(0).standard_normal(5 * 16000)).astype(np.float32), 16000)
+    sf.write(
+        tmp_path / "noise.wav", (0.003 * np.random.default_rng(0).standard_normal(5 * 16000)).astype(np.float32), 16000
+    )
     sf.write(tmp_path / "clip.wav", waves[4][int(0.6 * 16000) : int(0.8 * 16000)], 16000)
     (tmp_path / "corrupt.wav").write_bytes(b"RIFF\x00\x00\x00\x00WAVEjunkjunk")
-    others = [tmp_path / n for n in ("joined.flac", "word.wav", "silence.wav", "noise.wav", "clip.wav", "corrupt.wav", "missing.wav")]
+    others = [
+        tmp_path / n
+        for n in ("joined.flac", "word.wav", "silence.wav", "noise.wav", "clip.wav", "corrupt.wav", "missing.wav")
+    ]
     proc = speechmapper("transcribe", *files, *others, "--format", "jsonl", "--quiet")
     assert proc.returncode == 1, proc.stderr  # two inputs failed, the others were transcribed
     assert "Traceback" not in proc.stderr
     errors = [line for line in proc.stderr.splitlines() if "error" in line]
-    assert len(errors) == 2 and "corrupt.wav: not a readable audio file" in errors[0] and "missing.wav: no such file" in errors[1]
+    assert (
+        len(errors) == 2
+        and "corrupt.wav: not a readable audio file" in errors[0]
+        and "missing.wav: no such file" in errors[1]
+    )
     rows = [json.loads(line) for line in proc.stdout.splitlines()]
     assert [r["file"] for r in rows] == [*files, *map(str, others)]
     by_name = {Path(r["file"]).name: r for r in rows}
@@ -83,8 +92,13 @@ def test_list_and_clear_errors(tmp_path):
     assert proc.returncode == 0 and "smollm2_135m_whisper_base_stage2_asr_lora (transcribe default)" in proc.stdout
     proc = speechmapper("transcribe", tmp_path / "nothing.wav", "--projector", "no_such_projector")
     assert proc.returncode == 1 and "nothing.wav: no such file" in proc.stderr  # inputs first: nothing else is loaded
-    proc = speechmapper("transcribe", f"{LIBRIVOX}/sense_and_sensibility_01_austen_64kb-0880.wav", "--projector", "no_such_projector")
-    assert proc.returncode == 2 and "no_such_projector: neither a projector checkpoint folder nor a shipped projector" in proc.stderr
+    proc = speechmapper(
+        "transcribe", f"{LIBRIVOX}/sense_and_sensibility_01_austen_64kb-0880.wav", "--projector", "no_such_projector"
+    )
+    assert (
+        proc.returncode == 2
+        and "no_such_projector: neither a projector checkpoint folder nor a shipped projector" in proc.stderr
+    )
     assert speechmapper("transcribe", "x.wav", "--max-segment-seconds", "40").returncode == 2
 
 
@@ -97,6 +111,17 @@ def test_cp_a_recipe_and_run_it_with_tune(tmp_path, tune):
     assert speechmapper("cp", "no_such_thing", "x", cwd=tmp_path).returncode == 2
     out = tmp_path / "run"
     # torchtune runs a recipe file in the current folder by its module name: `tune run my_adapt.py`, not ./my_adapt.py
-    tune(["run", "my_adapt.py", "--config", "stage2.yaml", f"output_dir={out}", "max_steps=2", "val_every_n_steps=0",
-          "save_every_n_steps=2"], cwd=tmp_path)
+    tune(
+        [
+            "run",
+            "my_adapt.py",
+            "--config",
+            "stage2.yaml",
+            f"output_dir={out}",
+            "max_steps=2",
+            "val_every_n_steps=0",
+            "save_every_n_steps=2",
+        ],
+        cwd=tmp_path,
+    )
     assert (out / "checkpoints" / "step_2" / "projector.safetensors").is_file()

@@ -24,9 +24,17 @@ from speechmapper_tune import cli
 
 SR = 16000
 LIBRIVOX = "/usr/share/pocketsphinx/test/data/librivox"
-NINE = ("speechmapper_corpus", "speechmapper_extract", "speechmapper_pretrain", "speechmapper_adapt",
-        "speechmapper_generate", "speechmapper_eval", "speechmapper_eet", "speechmapper_annotate",
-        "speechmapper_instructions")
+NINE = (
+    "speechmapper_corpus",
+    "speechmapper_extract",
+    "speechmapper_pretrain",
+    "speechmapper_adapt",
+    "speechmapper_generate",
+    "speechmapper_eval",
+    "speechmapper_eet",
+    "speechmapper_annotate",
+    "speechmapper_instructions",
+)
 
 
 @pytest.fixture
@@ -44,10 +52,14 @@ def no_speech(tmp_path):
 
 
 def test_a_missing_file_fails_fast_without_loading_torch_or_the_model(tmp_path):
-    code = ("import sys; from speechmapper_tune.cli import main; rc = main(['transcribe', sys.argv[1], '--quiet']); "
-            "print(rc, 'torch' in sys.modules)")
+    code = (
+        "import sys; from speechmapper_tune.cli import main; rc = main(['transcribe', sys.argv[1], '--quiet']); "
+        "print(rc, 'torch' in sys.modules)"
+    )
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "missing.wav")], capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "missing.wav")], capture_output=True, text=True, timeout=60
+    )
     seconds = time.perf_counter() - t0
     assert proc.stdout.split() == ["1", "False"], proc.stdout + proc.stderr
     assert proc.stderr.strip() == f"speechmapper: error: {tmp_path / 'missing.wav'}: no such file"
@@ -75,8 +87,14 @@ def test_jsonl_has_a_row_per_input_failures_included(no_speech, tmp_path, capsys
     args = [no_speech[2], tmp_path / "missing.wav", folder, tmp_path / "empty", tmp_path / "corrupt.wav"]
     assert cli.main(["transcribe", *map(str, args), "--format", "jsonl", "--quiet"]) == 1
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    assert [r["file"] for r in rows] == [str(no_speech[2]), str(tmp_path / "missing.wav"), str(folder / "a.flac"),
-                                         str(folder / "b.wav"), str(tmp_path / "empty"), str(tmp_path / "corrupt.wav")]
+    assert [r["file"] for r in rows] == [
+        str(no_speech[2]),
+        str(tmp_path / "missing.wav"),
+        str(folder / "a.flac"),
+        str(folder / "b.wav"),
+        str(tmp_path / "empty"),
+        str(tmp_path / "corrupt.wav"),
+    ]
     ok = {"text": "", "segments": 0, "speech_seconds": 0.0, "error": None}
     assert rows[0] == {"file": str(no_speech[2]), "seconds": 0.2, **ok}
     assert rows[2] == {"file": str(folder / "a.flac"), "seconds": 5.0, **ok}
@@ -100,7 +118,10 @@ def test_stdin_is_read_with_dash(no_speech, capsys, monkeypatch):
 def test_a_misspelt_device_is_a_usage_error(device, capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(["transcribe", "x.wav", "--device", device])
-    assert e.value.code == 2 and f"{device!r} is not a device name: use cpu, cuda, cuda:N or mps" in capsys.readouterr().err
+    assert (
+        e.value.code == 2
+        and f"{device!r} is not a device name: use cpu, cuda, cuda:N or mps" in capsys.readouterr().err
+    )
 
 
 def _speech_file(tmp_path) -> Path:
@@ -115,7 +136,9 @@ def test_cuda_on_a_torch_without_it_is_named_before_the_model(tmp_path, capsys, 
     monkeypatch.setattr(cli, "_load", lambda *a: pytest.fail("the device is checked first"))
     assert cli.main(["transcribe", str(_speech_file(tmp_path)), "--device", "cuda", "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("speechmapper: error: --device cuda: ") and err.endswith("use --device cpu") and "\n" not in err
+    assert (
+        err.startswith("speechmapper: error: --device cuda: ") and err.endswith("use --device cpu") and "\n" not in err
+    )
 
 
 def test_a_checkpoint_without_recorded_features_is_named(tmp_path, capsys, monkeypatch):
@@ -161,6 +184,7 @@ def test_cp_copies_all_nine_recipes_and_a_config(tmp_path, capsys):
 
 def test_the_installed_command_has_ls():
     command = Path(sys.executable).parent / "speechmapper"
-    proc = subprocess.run([str(command), "ls"], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.run(
+        [str(command), "ls"], capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
     assert proc.returncode == 0 and "speechmapper_instructions" in proc.stdout, proc.stderr

@@ -10,13 +10,21 @@ from speechmapper_tune.configs import available_configs, resolve_config
 def recipe_of(name: str) -> str:
     """The recipe a shipped config is for, from its folder and name."""
     folder, stem = name.split("/")
-    by_folder = {"corpus": "speechmapper_corpus", "features": "speechmapper_extract", "eval": "speechmapper_eval",
-                 "instructions": "speechmapper_instructions"}
+    by_folder = {
+        "corpus": "speechmapper_corpus",
+        "features": "speechmapper_extract",
+        "eval": "speechmapper_eval",
+        "instructions": "speechmapper_instructions",
+    }
     if folder in by_folder:
         return by_folder[folder]
-    for start, recipe in (("stage1", "speechmapper_pretrain"), ("stage2", "speechmapper_adapt"),
-                          ("generate", "speechmapper_generate"), ("eet", "speechmapper_eet"),
-                          ("annotate", "speechmapper_annotate")):
+    for start, recipe in (
+        ("stage1", "speechmapper_pretrain"),
+        ("stage2", "speechmapper_adapt"),
+        ("generate", "speechmapper_generate"),
+        ("eet", "speechmapper_eet"),
+        ("annotate", "speechmapper_annotate"),
+    ):
         if stem.startswith(start):
             return recipe
     raise AssertionError(f"no recipe known for the shipped config {name}")
@@ -38,7 +46,10 @@ def test_every_shipped_config_passes_its_recipes_check(name):
 
 
 def test_a_misspelt_top_level_setting_names_the_closest():
-    assert error("tiny/stage1", "max_step=2") == "speechmapper_pretrain: unknown setting 'max_step' (did you mean 'max_steps'?)"
+    assert (
+        error("tiny/stage1", "max_step=2")
+        == "speechmapper_pretrain: unknown setting 'max_step' (did you mean 'max_steps'?)"
+    )
 
 
 def test_an_unknown_setting_is_named():
@@ -46,7 +57,10 @@ def test_an_unknown_setting_is_named():
 
 
 def test_a_misspelt_component_argument_is_named_from_its_signature():
-    assert error("tiny/stage2", "loss.sigmma=0.5") == "speechmapper_adapt: unknown setting 'loss.sigmma' (did you mean 'loss.sigma'?)"
+    assert (
+        error("tiny/stage2", "loss.sigmma=0.5")
+        == "speechmapper_adapt: unknown setting 'loss.sigmma' (did you mean 'loss.sigma'?)"
+    )
     msg = error("tiny/stage1", "optimizer.zzz=1")
     assert "unknown setting 'optimizer.zzz'" in msg and "torch.optim.AdamW takes" in msg and "weight_decay" in msg
 
@@ -69,12 +83,15 @@ def test_free_sections_take_any_key():
     check_recipe_config(load("smollm2_135M/stage2_st_ce", "prompt.instructions.pt=Traduz"), "speechmapper_adapt")
 
 
-@pytest.mark.parametrize("override, message", [
-    ("gradient_accumulation_steps=0", "gradient_accumulation_steps=0 must be an integer >= 1"),
-    ("data.max_tokens_per_batch=0", "data.max_tokens_per_batch=0 must be an integer >= 1"),
-    ("max_steps=-1", "max_steps=-1 must be an integer >= 0"),
-    ("gradient_accumulation_steps=1.5", "gradient_accumulation_steps=1.5 must be an integer >= 1"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("gradient_accumulation_steps=0", "gradient_accumulation_steps=0 must be an integer >= 1"),
+        ("data.max_tokens_per_batch=0", "data.max_tokens_per_batch=0 must be an integer >= 1"),
+        ("max_steps=-1", "max_steps=-1 must be an integer >= 0"),
+        ("gradient_accumulation_steps=1.5", "gradient_accumulation_steps=1.5 must be an integer >= 1"),
+    ],
+)
 def test_counts_below_their_minimum_are_named(override, message):
     assert message in error("tiny/stage1", override)
 
@@ -95,26 +112,43 @@ def test_the_augment_keys_are_the_maskings():
     from speechmapper_tune.data.augment import MASK_KEYS
 
     for recipe, section in (("speechmapper_pretrain", "data.augment"), ("speechmapper_adapt", "data.train.augment")):
-        assert {k[len(section) + 1:] for k in RECIPE_KEYS[recipe] if k.startswith(section + ".")} == set(MASK_KEYS)
+        assert {k[len(section) + 1 :] for k in RECIPE_KEYS[recipe] if k.startswith(section + ".")} == set(MASK_KEYS)
 
 
 @pytest.mark.e2e
-@pytest.mark.parametrize("recipe, name, overrides, message", [
-    ("speechmapper_pretrain", "tiny/stage1", ["max_step=2", "max_steps=1"],
-     "speechmapper_pretrain: unknown setting 'max_step' (did you mean 'max_steps'?)"),
-    ("speechmapper_adapt", "tiny/stage2", ["loss.sigmma=0.5", "max_steps=1"],
-     "speechmapper_adapt: unknown setting 'loss.sigmma' (did you mean 'loss.sigma'?)"),
-    ("speechmapper_adapt", "tiny/stage2", ["gradient_accumulation_steps=0", "max_steps=1"],
-     "speechmapper_adapt: gradient_accumulation_steps=0 must be an integer >= 1"),
-    ("speechmapper_generate", "tiny/generate", ["foo=1"], "speechmapper_generate: unknown setting 'foo'"),
-    ("speechmapper_eval", "eval/default", ["foo=1"], "speechmapper_eval: unknown setting 'foo'"),
-    ("speechmapper_eet", "smollm2_135M/eet", ["foo=1"], "speechmapper_eet: unknown setting 'foo'"),
-    ("speechmapper_extract", "features/whisper_tiny_en", ["foo=1"], "speechmapper_extract: unknown setting 'foo'"),
-    ("speechmapper_corpus", "corpus/tts_en_tiny", ["foo=1"], "speechmapper_corpus: unknown setting 'foo'"),
-])
+@pytest.mark.parametrize(
+    "recipe, name, overrides, message",
+    [
+        (
+            "speechmapper_pretrain",
+            "tiny/stage1",
+            ["max_step=2", "max_steps=1"],
+            "speechmapper_pretrain: unknown setting 'max_step' (did you mean 'max_steps'?)",
+        ),
+        (
+            "speechmapper_adapt",
+            "tiny/stage2",
+            ["loss.sigmma=0.5", "max_steps=1"],
+            "speechmapper_adapt: unknown setting 'loss.sigmma' (did you mean 'loss.sigma'?)",
+        ),
+        (
+            "speechmapper_adapt",
+            "tiny/stage2",
+            ["gradient_accumulation_steps=0", "max_steps=1"],
+            "speechmapper_adapt: gradient_accumulation_steps=0 must be an integer >= 1",
+        ),
+        ("speechmapper_generate", "tiny/generate", ["foo=1"], "speechmapper_generate: unknown setting 'foo'"),
+        ("speechmapper_eval", "eval/default", ["foo=1"], "speechmapper_eval: unknown setting 'foo'"),
+        ("speechmapper_eet", "smollm2_135M/eet", ["foo=1"], "speechmapper_eet: unknown setting 'foo'"),
+        ("speechmapper_extract", "features/whisper_tiny_en", ["foo=1"], "speechmapper_extract: unknown setting 'foo'"),
+        ("speechmapper_corpus", "corpus/tts_en_tiny", ["foo=1"], "speechmapper_corpus: unknown setting 'foo'"),
+    ],
+)
 def test_each_recipe_stops_on_a_bad_setting_before_any_work(tmp_path, tune, recipe, name, overrides, message):
     out = tmp_path / "o"
-    proc = tune(["run", recipe, "--config", name, f"output_dir={out}", *overrides], cwd=tmp_path, check=False, timeout=300)
+    proc = tune(
+        ["run", recipe, "--config", name, f"output_dir={out}", *overrides], cwd=tmp_path, check=False, timeout=300
+    )
     assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-3000:]
     assert not out.exists()
 

@@ -284,6 +284,7 @@ def test_model_is_reusable_for_training_afterwards(smollm2):
     kv_heads, call = attn.num_kv_heads, attn._attention_call
     greedy_generate(model, embeds[:2], max_new_tokens=3)
     greedy_generate(model, embeds[:1], max_new_tokens=2)  # another batch size
+
     def fail(*_):
         raise RuntimeError("boom")
 

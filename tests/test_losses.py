@@ -183,8 +183,10 @@ def test_classifier_ce_by_hand_and_its_mask():
     assert out["classifier_ce"].item() == pytest.approx(expected, rel=1e-5)
     assert out["objective"].item() == pytest.approx(out["loss"].item() + expected, rel=1e-5)
     # batched == one sample at a time (each has 2 kept positions, so the mean of the two)
-    singles = [loss(pred[i : i + 1], E4[ids[i : i + 1].clamp_min(0)], lengths[i : i + 1], words[i : i + 1], ids[i : i + 1])
-               for i in range(2)]
+    singles = [
+        loss(pred[i : i + 1], E4[ids[i : i + 1].clamp_min(0)], lengths[i : i + 1], words[i : i + 1], ids[i : i + 1])
+        for i in range(2)
+    ]
     assert expected == pytest.approx(sum(s["classifier_ce"].item() for s in singles) / 2, rel=1e-5)
 
 
@@ -248,8 +250,10 @@ def test_ctc_by_hand_and_against_torch():
     loss.set_embedding(E4, blank_id=3)
     out = loss(pred, E4[ids.clamp_min(0)], lengths, words, ids)
     # torch's reduction="mean": each row's NLL over its number of tokens, then the mean over rows
-    per_row = [hand_ctc_nll(pred[i, : lengths[i]].tolist(), ids[i, : words[i]].tolist(), 3, 0.8) / int(words[i])
-               for i in range(3)]
+    per_row = [
+        hand_ctc_nll(pred[i, : lengths[i]].tolist(), ids[i, : words[i]].tolist(), 3, 0.8) / int(words[i])
+        for i in range(3)
+    ]
     assert_close_to_scale(out["ctc"], torch.tensor(sum(per_row) / 3), FP32_SHALLOW)
     assert_close_to_scale(out["objective"], out["loss"] + 0.5 * out["ctc"], FP32_SHALLOW)
 
@@ -271,7 +275,10 @@ def test_ctc_infeasible_row_counts_zero():
     loss.set_embedding(E4, blank_id=3)
     short = torch.tensor([4, 3, 2])  # the repeated word cannot fit 2 vectors (1, blank, 1)
     out = loss(pred, E4[ids.clamp_min(0)], short, words, ids)
-    hand = [hand_ctc_nll(pred[i, : short[i]].tolist(), ids[i, : words[i]].tolist(), 3, 0.05) / int(words[i]) for i in range(2)]
+    hand = [
+        hand_ctc_nll(pred[i, : short[i]].tolist(), ids[i, : words[i]].tolist(), 3, 0.05) / int(words[i])
+        for i in range(2)
+    ]
     assert_close_to_scale(out["ctc"], torch.tensor(sum(hand) / 3), FP32_SHALLOW)
 
 
@@ -304,6 +311,7 @@ def test_balanced_ctc_term_is_relative():
 
 
 # --- Stage2Loss's classifier regularizer (SpeechLLM), over the items that have a transcript ------------
+
 
 def _stage2_batch():
     torch.manual_seed(0)
@@ -338,8 +346,12 @@ def test_stage2_regularizer_is_the_embedding_classifier_on_transcribed_items(kin
     assert_close_to_scale(out["loss"], plain["loss"], FP32_SHALLOW)  # Eq. 3's value stays comparable
     out["objective"].backward()
     assert torch.isfinite(pred.grad).all() and pred.grad[:2].abs().sum() > 0
-    assert pred.grad[2].abs().sum() == 0  # no transcript: neither MSE nor regularizer (the LLM's CE would, in a real run)
-    balanced = Stage2Loss(sigma=0.5, weighting="balanced", regularizer_weight=0.3, regularizer=kind, regularizer_temperature=0.5)
+    assert (
+        pred.grad[2].abs().sum() == 0
+    )  # no transcript: neither MSE nor regularizer (the LLM's CE would, in a real run)
+    balanced = Stage2Loss(
+        sigma=0.5, weighting="balanced", regularizer_weight=0.3, regularizer=kind, regularizer_temperature=0.5
+    )
     balanced.set_embedding(table, blank_id=6)
     b = balanced(logits, labels, pred, target, lengths, words, has_mse, ids)
     base = Stage2Loss(sigma=0.5, weighting="balanced")(logits, labels, pred, target, lengths, words, has_mse)

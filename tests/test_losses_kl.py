@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-
 from tolerances import FP32_SHALLOW, assert_close_to_scale
 
 from speechmapper_tune.losses import Stage2Loss, behaviour_kl, relative
@@ -24,7 +23,9 @@ def test_behaviour_kl_by_hand():
     # T = 2 on the logits themselves: p = softmax((0, ln 3 / 2)) = (1, sqrt 3) / (1 + sqrt 3)
     s3 = math.sqrt(3.0)
     p = (1 / (1 + s3), s3 / (1 + s3))
-    assert behaviour_kl(TEACHER, STUDENT, 2.0).item() == pytest.approx(4 * sum(x * math.log(x / 0.5) for x in p), rel=1e-6)
+    assert behaviour_kl(TEACHER, STUDENT, 2.0).item() == pytest.approx(
+        4 * sum(x * math.log(x / 0.5) for x in p), rel=1e-6
+    )
     # rows are averaged; equal distributions give exactly 0; the direction is teacher -> student
     two = behaviour_kl(torch.cat([TEACHER, STUDENT]), torch.cat([STUDENT, STUDENT]))
     assert two.item() == pytest.approx(KL_T1 / 2, rel=1e-6)
@@ -62,7 +63,8 @@ def test_the_task_term_mixes_ce_and_kl_inside_eq3(sigma, ratio):
     logits, labels, pred, target, lengths, words, has, teacher, rows = _batch()
     plain = Stage2Loss(sigma=sigma)(logits, labels, pred, target, lengths, words, has)
     out = Stage2Loss(sigma=sigma, kl_ratio=ratio, kl_temperature=2.0)(
-        logits, labels, pred, target, lengths, words, has, None, teacher, rows)
+        logits, labels, pred, target, lengths, words, has, None, teacher, rows
+    )
     kl = behaviour_kl(teacher, logits[:3], 2.0)
     assert_close_to_scale(out["kl"], kl, FP32_SHALLOW)
     expected = (1 - sigma) * ((1 - ratio) * plain["ce"] + ratio * kl) + sigma * plain["mse"]
@@ -77,7 +79,8 @@ def test_the_task_term_mixes_ce_and_kl_inside_eq3(sigma, ratio):
 def test_balanced_weighting_takes_each_term_relative():
     logits, labels, pred, target, lengths, words, has, teacher, rows = _batch()
     out = Stage2Loss(sigma=0.5, weighting="balanced", kl_ratio=0.5)(
-        logits, labels, pred, target, lengths, words, has, None, teacher, rows)
+        logits, labels, pred, target, lengths, words, has, None, teacher, rows
+    )
     assert out["objective"].item() == pytest.approx(1.0, rel=1e-6)  # 0.5 * (0.5 * 1 + 0.5 * 1) + 0.5 * 1
     ce = torch.nn.functional.cross_entropy(logits, labels)
     kl = behaviour_kl(teacher, logits[:3])

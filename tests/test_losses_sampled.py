@@ -7,8 +7,8 @@ import torch
 from tolerances import FP32_SHALLOW, assert_close_to_scale
 
 from speechmapper_tune.losses import (
-    EmbeddingTable,
     IGNORE_INDEX,
+    EmbeddingTable,
     Stage1Loss,
     TableNeighbours,
     candidate_ce,
@@ -41,8 +41,9 @@ def test_candidate_ce_by_hand_and_its_normalizer_is_unbiased():
     table, t, p = EmbeddingTable.from_weight(E4), 0.5, [0.3, -0.2]
     l = [logit(p, j, t) for j in range(4)]
     # fixed rows 1 and 2 (target 2), row 0 drawn standing for the 2 other rows (0 and 3)
-    got = candidate_ce(torch.tensor([p]), torch.tensor([2]), table, t, torch.tensor([1, 2, 0]),
-                       torch.tensor([0.0, 0.0, math.log(2)]))
+    got = candidate_ce(
+        torch.tensor([p]), torch.tensor([2]), table, t, torch.tensor([1, 2, 0]), torch.tensor([0.0, 0.0, math.log(2)])
+    )
     assert got.item() == pytest.approx(math.log(math.exp(l[1]) + math.exp(l[2]) + 2 * math.exp(l[0])) - l[2], rel=1e-5)
     # averaged over the two equally likely draws (row 0 or row 3), the normalizer is the whole table's
     est = [math.exp(l[1]) + math.exp(l[2]) + 2 * math.exp(l[d]) for d in (0, 3)]
@@ -72,8 +73,14 @@ def test_stage1_sampled_classifier_trains_on_candidates_and_validates_on_the_tab
     # no negatives: the targets' rows only, by hand
     only = Stage1Loss(classifier_weight=1.0, classifier_temperature=0.5, classifier_negatives=0)
     only.set_embedding(E4)
-    hand = sum(math.log(sum(math.exp(logit(pred[i, j].tolist(), c, 0.5)) for c in (1, 2, 3)))
-               - logit(pred[i, j].tolist(), y, 0.5) for (i, j), y in kept) / 4
+    hand = (
+        sum(
+            math.log(sum(math.exp(logit(pred[i, j].tolist(), c, 0.5)) for c in (1, 2, 3)))
+            - logit(pred[i, j].tolist(), y, 0.5)
+            for (i, j), y in kept
+        )
+        / 4
+    )
     assert only(pred, target, lengths, words, ids)["classifier_ce"].item() == pytest.approx(hand, rel=1e-5)
     only.eval()  # validation: the whole table again
     assert only(pred, target, lengths, words, ids)["classifier_ce"].item() == pytest.approx(ref.item(), rel=1e-5)
@@ -120,11 +127,14 @@ def test_sampled_ctc_over_the_whole_table_in_another_order_is_the_full_ctc():
     assert_close_to_scale(sampled(*args2)["ctc"], full(*args2)["ctc"], FP32_SHALLOW)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"classifier_negatives": -1}, "classifier_negatives=-1"),
-    ({"classifier_neighbours": 4}, "needs classifier_negatives"),
-    ({"classifier_negatives": 8, "classifier_neighbours": -1}, "classifier_neighbours=-1"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"classifier_negatives": -1}, "classifier_negatives=-1"),
+        ({"classifier_neighbours": 4}, "needs classifier_negatives"),
+        ({"classifier_negatives": 8, "classifier_neighbours": -1}, "classifier_neighbours=-1"),
+    ],
+)
 def test_sampled_settings_errors_name_the_setting(kwargs, message):
     with pytest.raises(ValueError, match=message):
         Stage1Loss(classifier_weight=1.0, **kwargs)

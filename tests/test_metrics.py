@@ -11,16 +11,16 @@ from speechmapper_tune.metrics import (
     bleu_tokenizer,
     comet_checkpoint,
     comet_scores,
+    detect_language,
     format_entities,
+    judge_prompt,
+    language_shares,
     load_comet,
     ner_scores,
     parse_entities,
+    parse_judgement,
     parse_sentiment,
     sentiment_scores,
-    detect_language,
-    judge_prompt,
-    language_shares,
-    parse_judgement,
     st_scores,
     with_and_without,
 )
@@ -145,7 +145,9 @@ def test_comet_missing_model(monkeypatch, tmp_path):
         comet_scores(["src"], ["ref"], ["hyp"], tmp_path)
     (tmp_path / "checkpoints").mkdir()
     (tmp_path / "checkpoints" / "model.ckpt").write_bytes(b"")
-    with pytest.raises(FileNotFoundError, match="hparams.yaml is missing"):  # COMET's loader reads it beside checkpoints/
+    with pytest.raises(
+        FileNotFoundError, match="hparams.yaml is missing"
+    ):  # COMET's loader reads it beside checkpoints/
         comet_checkpoint(tmp_path, "comet.model_dir")
 
 
@@ -176,7 +178,9 @@ def test_comet_that_cannot_score_fails_at_load(monkeypatch, tmp_path):
     fake = types.ModuleType("comet")
     fake.load_from_checkpoint = lambda path: BrokenCometModel()
     monkeypatch.setitem(sys.modules, "comet", fake)
-    with pytest.raises(RuntimeError, match=r"comet.model_dir=.*cannot score with it \(ValueError: not enough.*transformers"):
+    with pytest.raises(
+        RuntimeError, match=r"comet.model_dir=.*cannot score with it \(ValueError: not enough.*transformers"
+    ):
         load_comet(_comet_folder(tmp_path), "comet.model_dir")
 
 
@@ -238,8 +242,12 @@ def test_judge_prompt():
     msgs = judge_prompt("Paris is the capital of France.", "What is the capital of France?", "Paris", "It is Paris.")
     assert [m["role"] for m in msgs] == ["system", "user"]
     user = msgs[1]["content"]
-    for part in ("Paris is the capital of France.", "What is the capital of France?", "Reference answer: Paris",
-                 "Candidate answer: It is Paris."):
+    for part in (
+        "Paris is the capital of France.",
+        "What is the capital of France?",
+        "Reference answer: Paris",
+        "Candidate answer: It is Paris.",
+    ):
         assert part in user
     assert "yes" in msgs[0]["content"].lower() and "no" in msgs[0]["content"].lower()
 
@@ -279,17 +287,21 @@ def test_entities_format_and_parse():
     assert parse_entities("none") == ([], 0) and parse_entities("None.") == ([], 0) and parse_entities("") == ([], 0)
     # bullets, markdown, new lines, quotes and a trailing period are tolerated; "Entities:" (no phrase) and a
     # part without a colon are counted as unparsed
-    reply = "Entities:\n- **PERSON**: \"Mr Smith\".\n2) work of art: the mona lisa\nsomething else"
+    reply = 'Entities:\n- **PERSON**: "Mr Smith".\n2) work of art: the mona lisa\nsomething else'
     assert parse_entities(reply) == ([("PERSON", "Mr Smith"), ("WORK_OF_ART", "the mona lisa")], 2)
 
 
 def test_ner_micro_f1_and_label_f1_by_hand():
-    refs = [[("PLACE", "eu"), ("WHEN", "today"), ("PLACE", "eu")],  # the repeated pair counts twice
-            [("PERSON", "john smith")],
-            []]
-    hyps = [[("PLACE", "EU"), ("WHEN", "yesterday")],  # phrases compared normalized: EU == eu
-            [("PERSON", "john smith"), ("ORG", "the commission")],
-            [("QUANT", "two")]]
+    refs = [
+        [("PLACE", "eu"), ("WHEN", "today"), ("PLACE", "eu")],  # the repeated pair counts twice
+        [("PERSON", "john smith")],
+        [],
+    ]
+    hyps = [
+        [("PLACE", "EU"), ("WHEN", "yesterday")],  # phrases compared normalized: EU == eu
+        [("PERSON", "john smith"), ("ORG", "the commission")],
+        [("QUANT", "two")],
+    ]
     s = ner_scores(refs, hyps)
     # pairs: tp = 1 (PLACE eu #1) + 1 (PERSON) = 2; reference pairs 4; predicted 5
     p, r = 2 / 5, 2 / 4

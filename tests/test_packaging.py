@@ -19,11 +19,17 @@ def _requirements():
 
 def test_constraints_pin_the_installed_versions_inside_the_ranges():
     reqs = _requirements()
-    pins = [Requirement(l) for l in (REPO / "constraints.txt").read_text().splitlines() if l.strip() and not l.startswith("#")]
+    pins = [
+        Requirement(l)
+        for l in (REPO / "constraints.txt").read_text().splitlines()
+        if l.strip() and not l.startswith("#")
+    ]
     for pin in pins:
         (exact,) = pin.specifier
         assert exact.operator == "==", pin
-        assert reqs[pin.name.lower()].specifier.contains(exact.version), f"{pin} is outside setup.cfg's {reqs[pin.name.lower()]}"
+        assert reqs[pin.name.lower()].specifier.contains(exact.version), (
+            f"{pin} is outside setup.cfg's {reqs[pin.name.lower()]}"
+        )
         assert version(pin.name).split("+")[0] == exact.version, f"installed {pin.name} {version(pin.name)} != {pin}"
     for name in ("torch", "transformers", "torchtune", "torchao", "lhotse"):
         spec = reqs[name].specifier

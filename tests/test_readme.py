@@ -90,7 +90,11 @@ def test_readme_checkpoint_paths_are_what_the_configs_write():
                 folder, step = ckpt.rsplit("/checkpoints/step_", 1)
                 assert folder in written, f"{cmd}: no earlier command writes {folder}"
                 assert int(step) in written[folder], f"{cmd}: {folder} saves steps {sorted(written[folder])}"
-            out, steps, every = overrides.get("output_dir", cfg.get("output_dir")), cfg.get("max_steps"), cfg.get("save_every_n_steps")
+            out, steps, every = (
+                overrides.get("output_dir", cfg.get("output_dir")),
+                cfg.get("max_steps"),
+                cfg.get("save_every_n_steps"),
+            )
             if steps is not None and every:
                 written[str(out)] = {*range(int(every), int(steps) + 1, int(every)), int(steps)}
     assert len(written) >= 2, written
@@ -121,6 +125,9 @@ def test_readme_python_runs_as_written(tmp_path):
         script = tmp_path / f"snippet_{i}.py"
         script.write_text(code + "\nprint('SNIPPET-OK')\n", encoding="utf-8")
         env = {**os.environ, "OMP_NUM_THREADS": "2", "TQDM_DISABLE": "1"}
-        proc = subprocess.run([sys.executable, script.name], cwd=tmp_path, env=env, capture_output=True, text=True,
-                              timeout=600)
-        assert proc.returncode == 0 and "SNIPPET-OK" in proc.stdout, f"README snippet {i}:\n{code}\n{proc.stderr[-3000:]}"
+        proc = subprocess.run(
+            [sys.executable, script.name], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+        )
+        assert proc.returncode == 0 and "SNIPPET-OK" in proc.stdout, (
+            f"README snippet {i}:\n{code}\n{proc.stderr[-3000:]}"
+        )

@@ -10,8 +10,14 @@ from speechmapper_tune.configs import resolve_config
 from speechmapper_tune.errors import DEBUG_ENV, run_recipe
 
 
-@pytest.mark.parametrize("config, recipe", [("tiny/stage2", "speechmapper_adapt"), ("smollm2_135M/stage2_asr_full", "speechmapper_adapt"),
-                                            ("smollm2_135M/stage1", "speechmapper_pretrain")])
+@pytest.mark.parametrize(
+    "config, recipe",
+    [
+        ("tiny/stage2", "speechmapper_adapt"),
+        ("smollm2_135M/stage2_asr_full", "speechmapper_adapt"),
+        ("smollm2_135M/stage1", "speechmapper_pretrain"),
+    ],
+)
 def test_wrongly_typed_settings_are_named(config, recipe):
     cfg = OmegaConf.load(resolve_config(config))
     check_recipe_config(cfg, recipe)  # as shipped: no complaint
@@ -49,25 +55,37 @@ def test_run_recipe_prints_the_message_first_and_the_traceback_only_when_asked(c
     monkeypatch.delenv(DEBUG_ENV, raising=False)
     assert run_recipe("speechmapper_adapt", lambda: None, _fails) == 1
     lines = capsys.readouterr().err.splitlines()
-    assert lines == ["speechmapper_adapt: data.train.manifest: /nowhere/cuts.jsonl.gz does not exist",
-                     f"speechmapper_adapt: (ValueError; set {DEBUG_ENV}=1 for the traceback)"]
+    assert lines == [
+        "speechmapper_adapt: data.train.manifest: /nowhere/cuts.jsonl.gz does not exist",
+        f"speechmapper_adapt: (ValueError; set {DEBUG_ENV}=1 for the traceback)",
+    ]
     monkeypatch.setenv(DEBUG_ENV, "1")
     assert run_recipe("speechmapper_adapt", _fails) == 1
     lines = capsys.readouterr().err.splitlines()
-    assert lines[0].startswith("speechmapper_adapt: data.train.manifest") and lines[1] == "Traceback (most recent call last):"
+    assert (
+        lines[0].startswith("speechmapper_adapt: data.train.manifest")
+        and lines[1] == "Traceback (most recent call last):"
+    )
     assert run_recipe("speechmapper_eval", lambda: open("/nowhere/x.jsonl")) == 1  # a message without the recipe's name
-    assert capsys.readouterr().err.startswith("speechmapper_eval: error: [Errno 2] No such file or directory: '/nowhere/x.jsonl'")
+    assert capsys.readouterr().err.startswith(
+        "speechmapper_eval: error: [Errno 2] No such file or directory: '/nowhere/x.jsonl'"
+    )
     assert run_recipe("speechmapper_adapt", lambda: 0) == 0
 
 
 def test_a_wrongly_typed_value_stops_tune_run_before_data_or_model(tmp_path, tune):
     out = tmp_path / "run"
-    proc = tune(["run", "speechmapper_adapt", "--config", "tiny/stage2", f"output_dir={out}", "optimizer.lr=fast"],
-                cwd=tmp_path, check=False, timeout=300)
+    proc = tune(
+        ["run", "speechmapper_adapt", "--config", "tiny/stage2", f"output_dir={out}", "optimizer.lr=fast"],
+        cwd=tmp_path,
+        check=False,
+        timeout=300,
+    )
     assert proc.returncode == 1
     lines = proc.stderr.strip().splitlines()
-    assert lines[-2] == ("speechmapper_adapt: optimizer.lr='fast' must be a number "
-                         "(torch.optim.AdamW's default is 0.001)"), proc.stderr[-2000:]
+    assert lines[-2] == (
+        "speechmapper_adapt: optimizer.lr='fast' must be a number (torch.optim.AdamW's default is 0.001)"
+    ), proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr and not (out / "checkpoints").exists()
 
 

@@ -37,7 +37,9 @@ PAUSES = [0.35, 1.2, 0.5, 0.8, 2.0, 0.4, 0.9]  # between sentences: from a short
 def _espeak(text: str, voice: str = "en-us", speed: int = 160) -> np.ndarray:
     if shutil.which("espeak-ng") is None:
         pytest.skip("espeak-ng not installed (make sysdeps)")
-    raw = subprocess.run(["espeak-ng", "-v", voice, "-s", str(speed), "--stdout", text], capture_output=True, check=True).stdout
+    raw = subprocess.run(
+        ["espeak-ng", "-v", voice, "-s", str(speed), "--stdout", text], capture_output=True, check=True
+    ).stdout
     x, sr = sf.read(io.BytesIO(raw), dtype="float32")
     return soxr.resample(x, sr, SR).astype(np.float32)
 
@@ -87,7 +89,7 @@ def test_long_pauses_cut_between_sentences(joined):
     wave, spans = joined
     segments = speech_segments(wave, 10.0)
     # sentences of 1 s or more never share a piece (all pauses here are >= 0.35 s); none is cut inside (all fit in 10 s)
-    for (a, b), (c, d), pause in zip(spans, spans[1:], PAUSES):
+    for (a, b), (c, d), _pause in zip(spans, spans[1:], PAUSES):
         together = any(s <= a and d <= e for s, e in segments)
         if min(b - a, d - c) >= SHORT_PIECE_S * SR:
             assert not together, (a / SR, c / SR)
@@ -105,12 +107,16 @@ def _librivox(stem: str) -> np.ndarray:
 def test_no_pieces_from_silence_noise_or_a_short_clip():
     rng = np.random.default_rng(0)
     speech = _librivox("0930")
-    for name, x in [("digital silence", np.zeros(5 * SR, np.float32)),
-                    ("faint white noise", (0.003 * rng.standard_normal(5 * SR)).astype(np.float32)),
-                    ("loud white noise", (0.1 * rng.standard_normal(5 * SR)).astype(np.float32)),
-                    ("0.2-s clip of speech", speech[int(0.6 * SR) : int(0.8 * SR)]),
-                    ("0.2-s clip in silence", np.concatenate([np.zeros(SR, np.float32), speech[int(0.6 * SR) : int(0.8 * SR)],
-                                                             np.zeros(SR, np.float32)]))]:
+    for name, x in [
+        ("digital silence", np.zeros(5 * SR, np.float32)),
+        ("faint white noise", (0.003 * rng.standard_normal(5 * SR)).astype(np.float32)),
+        ("loud white noise", (0.1 * rng.standard_normal(5 * SR)).astype(np.float32)),
+        ("0.2-s clip of speech", speech[int(0.6 * SR) : int(0.8 * SR)]),
+        (
+            "0.2-s clip in silence",
+            np.concatenate([np.zeros(SR, np.float32), speech[int(0.6 * SR) : int(0.8 * SR)], np.zeros(SR, np.float32)]),
+        ),
+    ]:
         assert speech_segments(x, 10.0) == [], name
         assert segment_recording(x, 10.0) == [], name
 
@@ -122,7 +128,7 @@ def test_a_real_half_second_word_is_kept(where):
     for x in (word, tts):
         if where == "in silence":
             x = np.concatenate([np.zeros(SR, np.float32), x, np.zeros(2 * SR, np.float32)])
-        (a, b), = speech_segments(x, 10.0)
+        ((a, b),) = speech_segments(x, 10.0)
         lo, hi = _audible(x)
         assert a <= lo + 0.05 * SR and hi - 0.05 * SR <= b  # the word is in the piece (Silero's 32-ms windows)
         assert b - a >= MIN_SPEECH_S * SR
@@ -133,10 +139,12 @@ def test_a_short_word_next_to_a_sentence_joins_it_and_vad_off_keeps_everything()
     a, b = _audible(word)
     gap = np.zeros(int(0.45 * SR), np.float32)
     wave = np.concatenate([word[a:b], gap, sentence])
-    (s, e), = speech_segments(wave, 10.0)  # one piece: a lone "well" reads poorly, so it joins its sentence
+    ((s, e),) = speech_segments(wave, 10.0)  # one piece: a lone "well" reads poorly, so it joins its sentence
     assert s == 0 and e >= wave.size - 0.3 * SR
     assert _covered(segment_recording(wave, 10.0, vad=False), wave.size)[: b - a].all()
-    assert segment_recording(np.zeros(5 * SR, np.float32), 10.0, vad=False) == []  # digital silence, even without the VAD
+    assert (
+        segment_recording(np.zeros(5 * SR, np.float32), 10.0, vad=False) == []
+    )  # digital silence, even without the VAD
     assert segment_recording(_librivox("0930")[: int(0.2 * SR)], 10.0, vad=False) == []  # under 0.3 s
 
 

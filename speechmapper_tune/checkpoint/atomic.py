@@ -69,7 +69,9 @@ class MetricsFile:
                 json.loads(line)
             except json.JSONDecodeError as err:
                 if i < len(lines) - 1:
-                    raise ValueError(f"{self.path}:{i + 1} is not a JSON line ({err}): fix or remove it to resume") from err
+                    raise ValueError(
+                        f"{self.path}:{i + 1} is not a JSON line ({err}): fix or remove it to resume"
+                    ) from err
                 log.warning(f"{self.path}: dropping its unreadable last line (a job killed while writing it): {line!r}")
                 return lines[:-1]
         return lines

@@ -36,8 +36,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from speechmapper_tune.checkpoint.atomic import atomic_write_json, atomic_write_text
-from speechmapper_tune.models.projector import SpeechMapperProjector, build_projector_from_config
 from speechmapper_tune.models.light_adapter import LightAdapter
+from speechmapper_tune.models.projector import SpeechMapperProjector, build_projector_from_config
 from speechmapper_tune.models.query_projector import QueryProjector
 
 WEIGHTS = "projector.safetensors"
@@ -65,14 +65,18 @@ def _hash_rows(embedding: torch.Tensor, dtype: Optional[torch.dtype]) -> str:
     return hashlib.sha256(rows.numpy().round(5).tobytes()).hexdigest()[:16]
 
 
-def save_projector(folder: str | Path, model: nn.Module, meta: Dict[str, Any], dtype: Optional[torch.dtype] = None) -> None:
+def save_projector(
+    folder: str | Path, model: nn.Module, meta: Dict[str, Any], dtype: Optional[torch.dtype] = None
+) -> None:
     """Write weights and config into ``folder`` (the caller makes the folder write atomic)."""
     model = getattr(model, "module", model)  # unwrap DDP
     if not isinstance(model, (SpeechMapperProjector, QueryProjector, LightAdapter)):
         raise TypeError(f"expected a SpeechMapperProjector, QueryProjector or LightAdapter, got {type(model).__name__}")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    state = {k: (v.to(dtype) if dtype is not None else v).detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    state = {
+        k: (v.to(dtype) if dtype is not None else v).detach().cpu().contiguous() for k, v in model.state_dict().items()
+    }
     save_file(state, str(folder / WEIGHTS), metadata={"format": "pt"})
     atomic_write_json(folder / CONFIG, {"projector": model.config.to_dict(), **meta})
 
@@ -103,7 +107,9 @@ def load_weights(file: str | Path) -> Dict[str, torch.Tensor]:
         raise ValueError(f"cannot read {file} (truncated or corrupt?): {err}") from err
 
 
-def load_projector(folder: str | Path, device: str | torch.device = "cpu") -> Tuple[SpeechMapperProjector, Dict[str, Any]]:
+def load_projector(
+    folder: str | Path, device: str | torch.device = "cpu"
+) -> Tuple[SpeechMapperProjector, Dict[str, Any]]:
     """Rebuild a projector from its config and load its weights (in fp32)."""
     folder = Path(folder)
     meta = read_projector_meta(folder)
@@ -121,18 +127,25 @@ def check_projector_fits(meta: Dict[str, Any], embedding: torch.Tensor, where: s
     output width and the table's fingerprint), made before the LLM itself is loaded."""
     out_dim, llm_dim = meta["projector"]["output_dim"], int(embedding.shape[1])
     if out_dim != llm_dim:
-        raise ValueError(f"projector checkpoint {where} outputs {out_dim}-dim vectors but the LLM's embeddings are {llm_dim}-dim")
+        raise ValueError(
+            f"projector checkpoint {where} outputs {out_dim}-dim vectors but the LLM's embeddings are {llm_dim}-dim"
+        )
     llm = meta.get("llm") or {}
     if not llm.get("fingerprint"):  # nothing to check against: the LLM may be the wrong one
-        log.warning(f"projector checkpoint {where} records no fingerprint of its LLM's embedding table, so it cannot "
-                    f"be checked against this LLM ({llm.get('checkpoint') or 'LLM not recorded'}); it is used as is")
+        log.warning(
+            f"projector checkpoint {where} records no fingerprint of its LLM's embedding table, so it cannot "
+            f"be checked against this LLM ({llm.get('checkpoint') or 'LLM not recorded'}); it is used as is"
+        )
     elif not fingerprint_matches(llm["fingerprint"], embedding):
-        raise ValueError(f"projector checkpoint {where} was trained for another LLM "
-                         f"({llm.get('checkpoint')}): the embedding tables differ")
+        raise ValueError(
+            f"projector checkpoint {where} was trained for another LLM "
+            f"({llm.get('checkpoint')}): the embedding tables differ"
+        )
 
 
-def load_checked_projector(folder: str | Path, embedding: torch.Tensor,
-                           device: str | torch.device = "cpu") -> Tuple[SpeechMapperProjector, Dict[str, Any]]:
+def load_checked_projector(
+    folder: str | Path, embedding: torch.Tensor, device: str | torch.device = "cpu"
+) -> Tuple[SpeechMapperProjector, Dict[str, Any]]:
     """``load_projector`` after ``check_projector_fits`` (every recipe and the SpeechLM load this way)."""
     check_projector_fits(read_projector_meta(folder), embedding, folder)
     return load_projector(folder, device)
@@ -203,7 +216,9 @@ class CheckpointManager:
         shutil.rmtree(tmp, ignore_errors=True)
         save_projector(tmp, model, {**meta, "step": step})
         for name, sd in (extra_weights or {}).items():
-            save_file({k: v.detach().cpu().contiguous() for k, v in sd.items()}, str(tmp / name), metadata={"format": "pt"})
+            save_file(
+                {k: v.detach().cpu().contiguous() for k, v in sd.items()}, str(tmp / name), metadata={"format": "pt"}
+            )
         if recipe_state is not None:
             torch.save(recipe_state, tmp / STATE)
         for f in tmp.iterdir():  # data on disk before the rename makes it visible
@@ -222,7 +237,9 @@ class CheckpointManager:
         an incomplete folder, the newest complete ``step_N`` (with a warning); None when there is none."""
         folder, broken = self._resolve()
         if broken:
-            found = f"resuming from the newest complete checkpoint, {folder}" if folder else "no complete checkpoint found"
+            found = (
+                f"resuming from the newest complete checkpoint, {folder}" if folder else "no complete checkpoint found"
+            )
             log.warning(f"{broken}: {found}")
         return folder
 

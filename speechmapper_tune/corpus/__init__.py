@@ -35,8 +35,22 @@ def translations_file(name: str) -> Path:
 
 
 __all__ = [
-    "CorpusResult", "CorpusSettings", "INSTALL_HINT", "Sentence", "SynthReport", "Utterance",
-    "Voice", "build_corpus", "check_engines", "filter_sentences", "load_audio_manifest",
-    "load_wordnet_sentences", "make_engine", "make_plan", "prepare_plan", "synthesize",
-    "translations_file", "write_manifests",
+    "CorpusResult",
+    "CorpusSettings",
+    "INSTALL_HINT",
+    "Sentence",
+    "SynthReport",
+    "Utterance",
+    "Voice",
+    "build_corpus",
+    "check_engines",
+    "filter_sentences",
+    "load_audio_manifest",
+    "load_wordnet_sentences",
+    "make_engine",
+    "make_plan",
+    "prepare_plan",
+    "synthesize",
+    "translations_file",
+    "write_manifests",
 ]

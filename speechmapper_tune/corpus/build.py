@@ -82,11 +82,7 @@ def _chunks(todo: Sequence[Utterance], chunk_size: int) -> List[List[Utterance]]
     by_voice: Dict[str, List[Utterance]] = {}
     for utt in todo:
         by_voice.setdefault(utt.voice.spec, []).append(utt)
-    chunks = [
-        utts[i : i + chunk_size]
-        for _, utts in sorted(by_voice.items())
-        for i in range(0, len(utts), chunk_size)
-    ]
+    chunks = [utts[i : i + chunk_size] for _, utts in sorted(by_voice.items()) for i in range(0, len(utts), chunk_size)]
     return sorted(chunks, key=len, reverse=True)  # long chunks first: better load balance
 
 
@@ -106,8 +102,12 @@ def synthesize(
     all_utts = [u for utts in plan.values() for u in utts]
     todo = [u for u in all_utts if wav_duration_if_valid(out / u.audio_relpath) is None]
     report = SynthReport(skipped_existing=len(all_utts) - len(todo))
-    log.info("Synthesizing %d utterances (%d already done) with %d worker(s)",
-             len(todo), report.skipped_existing, num_workers)
+    log.info(
+        "Synthesizing %d utterances (%d already done) with %d worker(s)",
+        len(todo),
+        report.skipped_existing,
+        num_workers,
+    )
     tasks = [(engines[c[0].voice.engine], str(out), c) for c in _chunks(todo, chunk_size)]
     bar = tqdm(total=len(todo), desc="TTS", unit="utt", disable=not progress)
     try:
@@ -141,18 +141,31 @@ def _collect(results, report: SynthReport, bar: tqdm) -> None:
 def _cut(utt: Utterance, path: Path, num_samples: int) -> MonoCut:
     duration = num_samples / TARGET_SR
     recording = Recording(
-        id=utt.id, sources=[AudioSource(type="file", channels=[0], source=str(path))],
-        sampling_rate=TARGET_SR, num_samples=num_samples, duration=duration,
+        id=utt.id,
+        sources=[AudioSource(type="file", channels=[0], source=str(path))],
+        sampling_rate=TARGET_SR,
+        num_samples=num_samples,
+        duration=duration,
     )
     supervision = SupervisionSegment(
-        id=utt.id, recording_id=utt.id, start=0.0, duration=duration, channel=0,
-        text=utt.text, language="en", speaker=utt.voice.spec,
+        id=utt.id,
+        recording_id=utt.id,
+        start=0.0,
+        duration=duration,
+        channel=0,
+        text=utt.text,
+        language="en",
+        speaker=utt.voice.spec,
         # "written": the text as the engine read it (cased, punctuated), for written-form targets
-        custom={"engine": utt.voice.engine, "voice": utt.voice.spec, "split": utt.split,
-                "tts_params": dict(utt.params), "written": utt.tts_text},
+        custom={
+            "engine": utt.voice.engine,
+            "voice": utt.voice.spec,
+            "split": utt.split,
+            "tts_params": dict(utt.params),
+            "written": utt.tts_text,
+        },
     )
-    return MonoCut(id=utt.id, start=0.0, duration=duration, channel=0,
-                   recording=recording, supervisions=[supervision])
+    return MonoCut(id=utt.id, start=0.0, duration=duration, channel=0, recording=recording, supervisions=[supervision])
 
 
 def write_manifests(plan: Dict[str, List[Utterance]], output_dir: str) -> Dict[str, CutSet]:
@@ -170,20 +183,27 @@ def write_manifests(plan: Dict[str, List[Utterance]], output_dir: str) -> Dict[s
                 missing += 1
                 continue
             cuts.append(_cut(utt, path, round(duration * TARGET_SR)))
-            rows.append({
-                "id": utt.id, "audio": os.path.relpath(path, manifest_dir), "duration": duration,
-                "text": utt.text, "lang": "en", "engine": utt.voice.engine,
-                "voice": utt.voice.spec, "split": split,
-            })
+            rows.append(
+                {
+                    "id": utt.id,
+                    "audio": os.path.relpath(path, manifest_dir),
+                    "duration": duration,
+                    "text": utt.text,
+                    "lang": "en",
+                    "engine": utt.voice.engine,
+                    "voice": utt.voice.spec,
+                    "split": split,
+                }
+            )
         if missing:
-            log.warning("Split %s: %d planned utterance(s) have no valid wav and are left out",
-                        split, missing)
+            log.warning("Split %s: %d planned utterance(s) have no valid wav and are left out", split, missing)
         with atomic_path(manifest_dir / f"cuts_{split}.jsonl.gz") as tmp:
             with gzip.open(tmp, "wt", encoding="utf-8") as f:
                 for cut in cuts:
                     f.write(json.dumps(cut.to_dict(), ensure_ascii=False) + "\n")
-        atomic_write_text(manifest_dir / f"{split}.jsonl",
-                          "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        atomic_write_text(
+            manifest_dir / f"{split}.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+        )
         cutsets[split] = CutSet.from_cuts(cuts)
     return cutsets
 
@@ -212,8 +232,9 @@ def prepare_plan(settings: CorpusSettings):
 def build_corpus(settings: CorpusSettings, prepared=None) -> CorpusResult:
     """Build (or resume) the whole corpus described by ``settings``."""
     plan, check, stats = prepared or prepare_plan(settings)
-    report = synthesize(plan, check.engines, settings.output_dir, settings.num_workers,
-                        settings.chunk_size, settings.progress)
+    report = synthesize(
+        plan, check.engines, settings.output_dir, settings.num_workers, settings.chunk_size, settings.progress
+    )
     if report.failed and not report.synthesized and not report.skipped_existing:
         raise RuntimeError(f"Every utterance failed to synthesize, e.g. {report.failed[0]}")
     cutsets = write_manifests(plan, settings.output_dir)

@@ -41,9 +41,14 @@ INSTALL_HINT = "apt-get install " + " ".join(
 )
 # Voices made from the same person's recordings: holding out one but not the other leaks.
 RECORDED_SPEAKERS = {
-    "flite:slt": "slt", "festival:cmu_us_slt_arctic_hts": "slt",
-    "flite:kal": "kal", "flite:kal16": "kal", "festival:kal_diphone": "kal",
-    "flite:awb": "awb", "flite:rms": "rms", "festival:ked_diphone": "ked",
+    "flite:slt": "slt",
+    "festival:cmu_us_slt_arctic_hts": "slt",
+    "flite:kal": "kal",
+    "flite:kal16": "kal",
+    "festival:kal_diphone": "kal",
+    "flite:awb": "awb",
+    "flite:rms": "rms",
+    "festival:ked_diphone": "ked",
 }
 PER_SENTENCE_TIMEOUT_S = 60.0
 _SLUG = re.compile(r"[^A-Za-z0-9]+")
@@ -60,9 +65,7 @@ class Voice:
     def parse(cls, spec: str) -> "Voice":
         engine, sep, name = str(spec).partition(":")
         if not sep or not name or engine not in ENGINE_NAMES:
-            raise ValueError(
-                f"Bad voice {spec!r}: expected ENGINE:NAME with ENGINE one of {ENGINE_NAMES}"
-            )
+            raise ValueError(f"Bad voice {spec!r}: expected ENGINE:NAME with ENGINE one of {ENGINE_NAMES}")
         return cls(engine, name)
 
     @property
@@ -101,9 +104,7 @@ class SynthItem:
 def _run(cmd: Sequence[str], timeout: float, stdin: Optional[str] = None) -> str:
     """Run a command, return stdout; raise RuntimeError with stderr on failure."""
     try:
-        proc = subprocess.run(
-            list(cmd), input=stdin, capture_output=True, text=True, timeout=timeout
-        )
+        proc = subprocess.run(list(cmd), input=stdin, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired as e:
         raise RuntimeError(f"{cmd[0]} timed out after {timeout:.0f} s") from e
     if proc.returncode != 0:
@@ -244,8 +245,8 @@ class FestivalEngine(Engine):
             f"(voice_{self._bare(items[0].voice)})",
             "(define (smt_say text path)",
             "  (unwind-protect",
-            "    (begin (utt.save.wave (SynthText text) path 'riff) (format t \"OK %s\\n\" path))",
-            "    (format t \"FAIL %s\\n\" path)))",
+            '    (begin (utt.save.wave (SynthText text) path \'riff) (format t "OK %s\\n" path))',
+            '    (format t "FAIL %s\\n" path)))',
         ]
         for item in items:
             stretch = dict(item.params).get("stretch", 1.0)

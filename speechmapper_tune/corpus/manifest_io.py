@@ -40,13 +40,21 @@ from speechmapper_tune.textio import first_non_utf8_line, numbered
 PathLike = Union[str, os.PathLike]
 _PLAIN_KEYS = ("id", "audio")  # and "text", optional
 _LIBRISPEECH_PARTS = (
-    "dev-clean", "dev-other", "test-clean", "test-other", "train-clean-100",
-    "train-clean-360", "train-other-500", "dev-clean-2", "train-clean-5",
+    "dev-clean",
+    "dev-other",
+    "test-clean",
+    "test-other",
+    "train-clean-100",
+    "train-clean-360",
+    "train-other-500",
+    "dev-clean-2",
+    "train-clean-5",
 )
 
 
-def load_audio_manifest(path: PathLike, supervisions: Optional[PathLike] = None,
-                        corpus_format: Optional[str] = None) -> CutSet:
+def load_audio_manifest(
+    path: PathLike, supervisions: Optional[PathLike] = None, corpus_format: Optional[str] = None
+) -> CutSet:
     """Load ``path`` (see the module docstring for the forms) as a CutSet.
 
     ``corpus_format`` (or a ``FORMAT:`` prefix on ``path``) names one of the paper's corpus layouts
@@ -75,8 +83,7 @@ def load_audio_manifest(path: PathLike, supervisions: Optional[PathLike] = None,
         raise (first_non_utf8_line(path) or ValueError(f"{path}: not UTF-8 text ({e})")) from None
     except Exception as e:  # lhotse raises several types for unknown content
         raise ValueError(
-            f"{path} is neither a lhotse manifest nor a JSON-lines file with keys "
-            f"{_PLAIN_KEYS}: {e}"
+            f"{path} is neither a lhotse manifest nor a JSON-lines file with keys {_PLAIN_KEYS}: {e}"
         ) from e
     if isinstance(manifest, CutSet):
         return manifest
@@ -103,9 +110,7 @@ def _first_row(path: Path) -> Any:
     return None
 
 
-def _from_recordings_and_supervisions(
-    path: Path, manifest: Any, supervisions: Optional[PathLike]
-) -> CutSet:
+def _from_recordings_and_supervisions(path: Path, manifest: Any, supervisions: Optional[PathLike]) -> CutSet:
     if supervisions is None:
         sibling = path.with_name(path.name.replace("recordings", "supervisions"))
         if isinstance(manifest, RecordingSet) and sibling != path and sibling.is_file():
@@ -125,8 +130,7 @@ def _from_recordings_and_supervisions(
     return _cuts_from(pair[RecordingSet], pair[SupervisionSet], f"{path} + {supervisions}")
 
 
-def _cuts_from(recordings: RecordingSet, supervisions: Iterable[SupervisionSegment],
-               where: str) -> CutSet:
+def _cuts_from(recordings: RecordingSet, supervisions: Iterable[SupervisionSegment], where: str) -> CutSet:
     """One cut per supervision, spanning it, with the supervision's id as the cut id.
 
     (``CutSet.from_manifests`` would name cuts ``{recording}-{index}`` and keep whole
@@ -136,10 +140,16 @@ def _cuts_from(recordings: RecordingSet, supervisions: Iterable[SupervisionSegme
     for sup in supervisions:
         if sup.recording_id not in recordings:
             raise ValueError(f"{where}: supervision {sup.id!r} names unknown recording {sup.recording_id!r}")
-        cuts.append(MonoCut(
-            id=sup.id, start=sup.start, duration=sup.duration, channel=sup.channel,
-            recording=recordings[sup.recording_id], supervisions=[sup],
-        ))
+        cuts.append(
+            MonoCut(
+                id=sup.id,
+                start=sup.start,
+                duration=sup.duration,
+                channel=sup.channel,
+                recording=recordings[sup.recording_id],
+                supervisions=[sup],
+            )
+        )
     return CutSet.from_cuts(cuts)
 
 
@@ -195,10 +205,18 @@ def _load_plain_jsonl(path: Path) -> CutSet:
                 recording = _placeholder_recording(row["id"], audio)
                 custom[AUDIO_ERROR] = f"unreadable audio {audio}: {error_summary(e)}"
             recordings.append(recording)
-            segments.append(SupervisionSegment(
-                id=row["id"], recording_id=row["id"], start=0.0, duration=recording.duration,
-                channel=0, text=row["text"], language=lang, custom=custom or None,
-            ))
+            segments.append(
+                SupervisionSegment(
+                    id=row["id"],
+                    recording_id=row["id"],
+                    start=0.0,
+                    duration=recording.duration,
+                    channel=0,
+                    text=row["text"],
+                    language=lang,
+                    custom=custom or None,
+                )
+            )
     if not recordings:
         raise ValueError(f"{path} holds no utterance")
     return _cuts_from(RecordingSet.from_recordings(recordings), segments, str(path))
@@ -221,8 +239,7 @@ def _load_librispeech(folder: Path) -> CutSet:
     cuts = []
     for part in parts:
         recordings = manifests[part]["recordings"]
-        sups = [fastcopy(s, language="en") if s.language == "English" else s
-                for s in manifests[part]["supervisions"]]
+        sups = [fastcopy(s, language="en") if s.language == "English" else s for s in manifests[part]["supervisions"]]
         cuts.extend(_cuts_from(recordings, sups, f"{root / part}"))
     if not cuts:
         raise ValueError(f"{folder}: the LibriSpeech transcripts name no existing .flac file")

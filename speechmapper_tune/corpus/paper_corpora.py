@@ -93,8 +93,13 @@ class Skipped:
 
     def log(self, kept: int) -> None:
         if self.counts:
-            log.warning(f"{self.where}: skipped {self.total()} of {kept + self.total()} items: " + "; ".join(
-                f"{reason}: {n} (e.g. {', '.join(self.examples[reason])})" for reason, n in self.counts.most_common()))
+            log.warning(
+                f"{self.where}: skipped {self.total()} of {kept + self.total()} items: "
+                + "; ".join(
+                    f"{reason}: {n} (e.g. {', '.join(self.examples[reason])})"
+                    for reason, n in self.counts.most_common()
+                )
+            )
 
 
 def detect_corpus_format(path: PathLike) -> Optional[str]:
@@ -125,8 +130,11 @@ def split_format(manifest: str) -> Tuple[Optional[str], str]:
 def read_corpus(path: PathLike, corpus_format: str) -> CutSet:
     """Read ``path`` in ``corpus_format`` (one of :data:`CORPUS_FORMATS`)."""
     readers: Dict[str, Callable[[Path], CutSet]] = {
-        "covost2": read_covost2, "europarl_st": read_europarl_st, "spoken_squad": read_spoken_squad,
-        "voxpopuli": read_voxpopuli, "fleurs": read_fleurs,
+        "covost2": read_covost2,
+        "europarl_st": read_europarl_st,
+        "spoken_squad": read_spoken_squad,
+        "voxpopuli": read_voxpopuli,
+        "fleurs": read_fleurs,
     }
     if corpus_format not in readers:
         raise ValueError(f"corpus format {corpus_format!r}: expected one of {CORPUS_FORMATS}")
@@ -156,12 +164,16 @@ def _tsv_rows(path: Path, header: Optional[Sequence[str]], escapechar: Optional[
         if columns is None:
             missing = [c for c in header if c not in fields]
             if missing:
-                raise ValueError(f"{path}, line {lineno}: the header lacks column(s) {missing} (expected {list(header)}, "
-                                 f"got {fields})")
+                raise ValueError(
+                    f"{path}, line {lineno}: the header lacks column(s) {missing} (expected {list(header)}, "
+                    f"got {fields})"
+                )
             columns = fields
             continue
         if len(fields) != len(columns):
-            raise ValueError(f"{path}, line {lineno}: {len(fields)} tab-separated fields, the header has {len(columns)}")
+            raise ValueError(
+                f"{path}, line {lineno}: {len(fields)} tab-separated fields, the header has {len(columns)}"
+            )
         yield lineno, dict(zip(columns, fields))
     if header is not None and columns is None:
         raise ValueError(f"{path}: empty file (expected a header with {list(header)})")
@@ -185,13 +197,30 @@ def _read_recording(audio: Path, rec_id: str, skipped: Skipped, item: str) -> Op
     return rec
 
 
-def _cut(cut_id: str, recording: Recording, text: str, language: Optional[str], custom: Dict,
-         start: float = 0.0, duration: Optional[float] = None, speaker: Optional[str] = None,
-         gender: Optional[str] = None) -> MonoCut:
+def _cut(
+    cut_id: str,
+    recording: Recording,
+    text: str,
+    language: Optional[str],
+    custom: Dict,
+    start: float = 0.0,
+    duration: Optional[float] = None,
+    speaker: Optional[str] = None,
+    gender: Optional[str] = None,
+) -> MonoCut:
     duration = recording.duration if duration is None else duration
-    sup = SupervisionSegment(id=cut_id, recording_id=recording.id, start=0.0, duration=duration, channel=0,
-                             text=text, language=language, speaker=speaker or None, gender=gender or None,
-                             custom=custom)  # supervision times are relative to the cut (lhotse)
+    sup = SupervisionSegment(
+        id=cut_id,
+        recording_id=recording.id,
+        start=0.0,
+        duration=duration,
+        channel=0,
+        text=text,
+        language=language,
+        speaker=speaker or None,
+        gender=gender or None,
+        custom=custom,
+    )  # supervision times are relative to the cut (lhotse)
     return MonoCut(id=cut_id, start=start, duration=duration, channel=0, recording=recording, supervisions=[sup])
 
 
@@ -219,13 +248,17 @@ def read_covost2(tsv: PathLike, clips_dir: Optional[PathLike] = None) -> CutSet:
     tsv = Path(tsv)
     m = _COVOST_NAME.match(tsv.name)
     if not m:
-        raise ValueError(f"{tsv}: a CoVoST 2 split file is named covost_v2.<src>_<tgt>.<split>.tsv "
-                         "(written by CoVoST's get_covost_splits.py)")
+        raise ValueError(
+            f"{tsv}: a CoVoST 2 split file is named covost_v2.<src>_<tgt>.<split>.tsv "
+            "(written by CoVoST's get_covost_splits.py)"
+        )
     src, tgt, split = m["src"], m["tgt"], m["split"]
     clips = Path(clips_dir) if clips_dir is not None else tsv.parent / "clips"
     if not clips.is_dir():
-        raise FileNotFoundError(f"{tsv}: Common Voice clips folder {clips} not found (CoVoST's tsv files sit in the "
-                                "Common Voice language folder, next to clips/)")
+        raise FileNotFoundError(
+            f"{tsv}: Common Voice clips folder {clips} not found (CoVoST's tsv files sit in the "
+            "Common Voice language folder, next to clips/)"
+        )
     skipped, cuts, seen = Skipped(str(tsv)), [], {}
     for lineno, row in _tsv_rows(tsv, ("path", "sentence", "translation"), escapechar="\\"):
         if not row["path"]:
@@ -250,14 +283,17 @@ def read_europarl_st(split_dir: PathLike) -> CutSet:
     audios = split_dir.parent.parent / "audios"
     lst = split_dir / "segments.lst"
     if not lst.is_file():
-        raise FileNotFoundError(f"{split_dir}: not a EuroParl-ST split folder (<root>/<src>/<tgt>/<split>/ with "
-                                "segments.lst)")
+        raise FileNotFoundError(
+            f"{split_dir}: not a EuroParl-ST split folder (<root>/<src>/<tgt>/<split>/ with segments.lst)"
+        )
     texts = {}
     for lang in (src, tgt):
         f = split_dir / f"segments.{lang}"
         if not f.is_file():
-            raise FileNotFoundError(f"{split_dir}: segments.{lang} not found (the folder layout <root>/<src>/<tgt>/"
-                                    f"<split>/ gives src={src!r}, tgt={tgt!r})")
+            raise FileNotFoundError(
+                f"{split_dir}: segments.{lang} not found (the folder layout <root>/<src>/<tgt>/"
+                f"<split>/ gives src={src!r}, tgt={tgt!r})"
+            )
         texts[lang] = [line for _, line in read_lines(f)]
     segments = []
     for lineno, line in read_lines(lst):
@@ -267,17 +303,22 @@ def read_europarl_st(split_dir: PathLike) -> CutSet:
             if len(parts) != 3 or not 0 <= start < end:
                 raise ValueError
         except (IndexError, ValueError):
-            raise ValueError(f"{lst}, line {lineno}: expected '<speech> <start> <end>' with 0 <= start < end, "
-                             f"got {line!r}") from None
+            raise ValueError(
+                f"{lst}, line {lineno}: expected '<speech> <start> <end>' with 0 <= start < end, got {line!r}"
+            ) from None
         segments.append((lineno, speech, start, end))
     for lang, lines in texts.items():
         if len(lines) != len(segments):
-            raise ValueError(f"{split_dir / f'segments.{lang}'} has {len(lines)} lines, {lst} has {len(segments)}: "
-                             "they must be line-aligned")
+            raise ValueError(
+                f"{split_dir / f'segments.{lang}'} has {len(lines)} lines, {lst} has {len(segments)}: "
+                "they must be line-aligned"
+            )
     speeches_lst = split_dir / "speeches.lst"
     listed = {line.strip() for _, line in read_lines(speeches_lst) if line.strip()} if speeches_lst.is_file() else None
     if not audios.is_dir():
-        raise FileNotFoundError(f"{split_dir}: audio folder {audios} not found (EuroParl-ST keeps <root>/<src>/audios/)")
+        raise FileNotFoundError(
+            f"{split_dir}: audio folder {audios} not found (EuroParl-ST keeps <root>/<src>/audios/)"
+        )
     split = split_dir.name
     skipped, cuts, recordings, per_speech = Skipped(str(split_dir)), [], {}, Counter()
     for k, (lineno, speech, start, end) in enumerate(segments):
@@ -296,8 +337,13 @@ def read_europarl_st(split_dir: PathLike) -> CutSet:
             skipped.add("segment ends after its speech audio", f"{cut_id} ({end:.2f} s > {rec.duration:.2f} s)")
             continue
         end = min(end, rec.duration)
-        custom = {TRANSLATION: texts[tgt][k], TARGET_LANG: tgt, "corpus": "europarl_st", "split": split,
-                  "speech": speech}
+        custom = {
+            TRANSLATION: texts[tgt][k],
+            TARGET_LANG: tgt,
+            "corpus": "europarl_st",
+            "split": split,
+            "speech": speech,
+        }
         cuts.append(_cut(cut_id, rec, texts[src][k], src, custom, start=start, duration=round(end - start, 6)))
     return _finish(cuts, skipped, split_dir)
 
@@ -309,16 +355,19 @@ def _speech_recording(audios: Path, speech: str) -> Tuple[Optional[Recording], s
         if candidate.is_file():
             return _open_recording(candidate, speech)
     if (audios / f"{speech}.m4a").is_file():
-        return None, ("only .m4a audio, which soundfile cannot decode (convert it beside the original, e.g. "
-                      "ffmpeg -i X.m4a -ac 1 -ar 16000 X.flac)")
+        return None, (
+            "only .m4a audio, which soundfile cannot decode (convert it beside the original, e.g. "
+            "ffmpeg -i X.m4a -ac 1 -ar 16000 X.flac)"
+        )
     return None, "audio file missing"
 
 
 # ----------------------------------------------------------------------------- Spoken-SQuAD
 
 
-def read_spoken_squad(json_path: PathLike, audio_dir: Optional[PathLike] = None,
-                      paragraph_dir: Optional[PathLike] = None) -> CutSet:
+def read_spoken_squad(
+    json_path: PathLike, audio_dir: Optional[PathLike] = None, paragraph_dir: Optional[PathLike] = None
+) -> CutSet:
     """A Spoken-SQuAD JSON file and its sentence wavs: one cut per paragraph, its questions in ``qas``.
 
     ``audio_dir``: the sentence wavs (default ``Spoken-SQuAD_audio/train_wav`` for the train file,
@@ -329,16 +378,22 @@ def read_spoken_squad(json_path: PathLike, audio_dir: Optional[PathLike] = None,
     split = m["split"] if m else None
     if audio_dir is None:
         if split is None:
-            raise ValueError(f"{json_path}: not spoken_train-v1.1.json or spoken_test-v1.1.json, whose audio folders are "
-                             "known: call read_spoken_squad(path, audio_dir=<its sentence wavs>)")
+            raise ValueError(
+                f"{json_path}: not spoken_train-v1.1.json or spoken_test-v1.1.json, whose audio folders are "
+                "known: call read_spoken_squad(path, audio_dir=<its sentence wavs>)"
+            )
         sub = {"train": "train_wav", "test": "dev_wav"}[split]  # the test set was made from SQuAD's dev set
         candidates = [json_path.parent / "Spoken-SQuAD_audio" / sub, json_path.parent / sub]
         audio_dir = next((c for c in candidates if c.is_dir()), None)
         if audio_dir is None:
-            raise FileNotFoundError(f"{json_path}: sentence audio folder not found (looked for "
-                                    f"{', '.join(map(str, candidates))}; unzip Spoken-SQuAD_audio.zip and its {sub}.zip there)")
+            raise FileNotFoundError(
+                f"{json_path}: sentence audio folder not found (looked for "
+                f"{', '.join(map(str, candidates))}; unzip Spoken-SQuAD_audio.zip and its {sub}.zip there)"
+            )
     audio_dir = Path(audio_dir)
-    paragraph_dir = Path(paragraph_dir) if paragraph_dir is not None else audio_dir.with_name(audio_dir.name + "_paragraphs")
+    paragraph_dir = (
+        Path(paragraph_dir) if paragraph_dir is not None else audio_dir.with_name(audio_dir.name + "_paragraphs")
+    )
     paragraphs = _squad_paragraphs(json_path)
     sentences: Dict[Tuple[int, int], Dict[int, Path]] = defaultdict(dict)
     for f in audio_dir.iterdir():
@@ -364,8 +419,13 @@ def read_spoken_squad(json_path: PathLike, audio_dir: Optional[PathLike] = None,
         rec = _read_recording(joined, cut_id, skipped, cut_id)
         if rec is None:
             continue
-        custom = {QAS: qas, "title": title, "corpus": "spoken_squad", "split": split or json_path.stem,
-                  "sentences": len(parts)}
+        custom = {
+            QAS: qas,
+            "title": title,
+            "corpus": "spoken_squad",
+            "split": split or json_path.stem,
+            "sentences": len(parts),
+        }
         cuts.append(_cut(cut_id, rec, context, "en", custom))
     return _finish(cuts, skipped, json_path)
 
@@ -379,7 +439,7 @@ def _squad_paragraphs(path: Path):
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}, line {e.lineno} column {e.colno}: invalid JSON ({e.msg})") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("data"), list):
-        raise ValueError(f"{path}: expected a SQuAD v1.1 object {{\"data\": [{{\"title\", \"paragraphs\": [...]}}]}}")
+        raise ValueError(f'{path}: expected a SQuAD v1.1 object {{"data": [{{"title", "paragraphs": [...]}}]}}')
     out = []
     for t, topic in enumerate(doc["data"]):
         where = f"{path}: data[{t}]"
@@ -387,15 +447,25 @@ def _squad_paragraphs(path: Path):
             raise ValueError(f"{where}: expected an object with a 'paragraphs' list")
         for p, para in enumerate(topic["paragraphs"]):
             w = f"{where}.paragraphs[{p}]"
-            if not isinstance(para, dict) or not isinstance(para.get("context"), str) or not isinstance(para.get("qas"), list):
+            if (
+                not isinstance(para, dict)
+                or not isinstance(para.get("context"), str)
+                or not isinstance(para.get("qas"), list)
+            ):
                 raise ValueError(f"{w}: expected an object with a 'context' string and a 'qas' list")
             qas = []
             for q, qa in enumerate(para["qas"]):
                 wq = f"{w}.qas[{q}]"
-                if not isinstance(qa, dict) or not isinstance(qa.get("question"), str) or not isinstance(qa.get("id"), str):
+                if (
+                    not isinstance(qa, dict)
+                    or not isinstance(qa.get("question"), str)
+                    or not isinstance(qa.get("id"), str)
+                ):
                     raise ValueError(f"{wq}: expected an object with 'id' and 'question' strings")
                 answers = qa.get("answers", [])
-                if not isinstance(answers, list) or not all(isinstance(a, dict) and isinstance(a.get("text"), str) for a in answers):
+                if not isinstance(answers, list) or not all(
+                    isinstance(a, dict) and isinstance(a.get("text"), str) for a in answers
+                ):
                     raise ValueError(f"{wq} ({qa['id']}): 'answers' must be a list of objects with a 'text' string")
                 qas.append({"id": qa["id"], "question": qa["question"], "answers": [a["text"] for a in answers]})
             out.append(((t, p), para["context"], str(topic.get("title", "")), qas))
@@ -441,8 +511,17 @@ def read_voxpopuli(tsv: PathLike) -> CutSet:
         if rec is None:
             continue
         custom = {"written": row["raw_text"], "corpus": "voxpopuli", "split": split}
-        cuts.append(_cut(cut_id, rec, row["normalized_text"], lang, custom, speaker=row.get("speaker_id"),
-                         gender=row.get("gender")))
+        cuts.append(
+            _cut(
+                cut_id,
+                rec,
+                row["normalized_text"],
+                lang,
+                custom,
+                speaker=row.get("speaker_id"),
+                gender=row.get("gender"),
+            )
+        )
     return _finish(cuts, skipped, tsv)
 
 
@@ -460,14 +539,17 @@ def read_fleurs(tsv: PathLike) -> CutSet:
     split, folder = m["split"], tsv.parent.name  # e.g. en_us, cmn_hans_cn
     audio_dir = tsv.parent / "audio" / split
     if not audio_dir.is_dir():
-        raise FileNotFoundError(f"{tsv}: audio folder {audio_dir} not found (unpack audio/{split}.tar.gz in "
-                                f"{tsv.parent / 'audio'})")
+        raise FileNotFoundError(
+            f"{tsv}: audio folder {audio_dir} not found (unpack audio/{split}.tar.gz in {tsv.parent / 'audio'})"
+        )
     skipped, cuts, seen = Skipped(str(tsv)), [], {}
     for lineno, fields in _tsv_rows(tsv, None):
         if len(fields) != _FLEURS_FIELDS:
-            raise ValueError(f"{tsv}, line {lineno}: {len(fields)} tab-separated fields, FLEURS rows have "
-                             f"{_FLEURS_FIELDS} (id, file name, raw transcription, transcription, characters, "
-                             "samples, gender)")
+            raise ValueError(
+                f"{tsv}, line {lineno}: {len(fields)} tab-separated fields, FLEURS rows have "
+                f"{_FLEURS_FIELDS} (id, file name, raw transcription, transcription, characters, "
+                "samples, gender)"
+            )
         sentence_id, fname, raw, text, _, _, gender = fields
         cut_id = Path(fname).stem
         _unique(seen, cut_id, tsv, lineno)

@@ -74,8 +74,7 @@ def check_engines(settings: CorpusSettings) -> EngineCheck:
         engines[name] = engine
     if not engines:
         raise RuntimeError(
-            f"No TTS engine found among {wanted} (settings engines.*.binary). Install them with: "
-            f"{INSTALL_HINT}"
+            f"No TTS engine found among {wanted} (settings engines.*.binary). Install them with: {INSTALL_HINT}"
         )
     kept: Dict[str, List[Voice]] = {}
     for split, split_settings in settings.splits.items():
@@ -121,21 +120,25 @@ def make_plan(
         count = len(order) - start if spec.sentences == ALL_SENTENCES else spec.sentences  # "all": the rest
         chosen = [sentences[i] for i in order[start : start + count]]
         start += count
-        plan[split] = _assign_voices(chosen, split, voices[split], spec.voices_per_sentence,
-                                     settings.seed, engines)
+        plan[split] = _assign_voices(chosen, split, voices[split], spec.voices_per_sentence, settings.seed, engines)
     return {split: plan[split] for split in SPLITS if split in plan}
 
 
 def _assign_voices(
-    chosen: Sequence[Sentence], split: str, voices: Sequence[Voice], k: int, seed: int,
+    chosen: Sequence[Sentence],
+    split: str,
+    voices: Sequence[Voice],
+    k: int,
+    seed: int,
     engines: Dict[str, Engine],
 ) -> List[Utterance]:
     if chosen and not voices:
         log.warning("Split %s has no available voice left: it will be empty", split)
         return []
     if chosen and k > len(voices):
-        log.warning("Split %s: voices_per_sentence=%d > %d available voices; using %d",
-                    split, k, len(voices), len(voices))
+        log.warning(
+            "Split %s: voices_per_sentence=%d > %d available voices; using %d", split, k, len(voices), len(voices)
+        )
         k = len(voices)
     perm = list(voices)
     random.Random(f"{seed}:{split}:voices").shuffle(perm)
@@ -145,9 +148,14 @@ def _assign_voices(
             voice = perm[(i * k + j) % len(perm)]
             rng = random.Random(f"{seed}:{split}:{voice.spec}:{sentence.text}")
             params = engines[voice.engine].sample_params(voice.name, rng)
-            utterances.append(Utterance(
-                id=_utterance_id(voice, sentence.tts_text, params), split=split, voice=voice,
-                text=sentence.text, tts_text=sentence.tts_text,
-                params=tuple(sorted(params.items())),
-            ))
+            utterances.append(
+                Utterance(
+                    id=_utterance_id(voice, sentence.tts_text, params),
+                    split=split,
+                    voice=voice,
+                    text=sentence.text,
+                    tts_text=sentence.tts_text,
+                    params=tuple(sorted(params.items())),
+                )
+            )
     return utterances

@@ -176,8 +176,6 @@ def load_wordnet_sentences(
     spell_numbers: bool = True,
 ) -> Tuple[List[Sentence], Dict[str, int]]:
     """All usable WordNet example sentences (deterministic order) and per-reason counts."""
-    sentences, stats = filter_sentences(
-        iter_wordnet_examples(wordnet_dir), min_words, max_words, spell_numbers
-    )
+    sentences, stats = filter_sentences(iter_wordnet_examples(wordnet_dir), min_words, max_words, spell_numbers)
     log.info("WordNet sentences: %s", ", ".join(f"{k}={v}" for k, v in sorted(stats.items())))
     return sentences, stats

@@ -32,8 +32,15 @@ log = logging.getLogger(__name__)
 SPLITS = ("train", "dev", "test")
 ALL_SENTENCES = -1  # splits.train.sentences: all
 _TOP_KEYS = {
-    "output_dir", "seed", "num_workers", "chunk_size", "wordnet_dir", "text", "engines",
-    "splits", "progress",
+    "output_dir",
+    "seed",
+    "num_workers",
+    "chunk_size",
+    "wordnet_dir",
+    "text",
+    "engines",
+    "splits",
+    "progress",
 }
 
 
@@ -87,8 +94,7 @@ class CorpusSettings:
         return settings
 
 
-def _int(cfg: Mapping[str, Any], key: str, default: int, minimum: Optional[int] = None,
-         prefix: str = "") -> int:
+def _int(cfg: Mapping[str, Any], key: str, default: int, minimum: Optional[int] = None, prefix: str = "") -> int:
     value = cfg.get(key, default)
     if value is None:
         value = default
@@ -146,8 +152,10 @@ def _splits(splits: Any) -> Dict[str, SplitSettings]:
             voices = _voices(specs, f"splits.{name}.voices")
         if opts.get("sentences") == "all":
             if name != "train":
-                raise ValueError(f"Config setting splits.{name}.sentences=all: only splits.train may take all "
-                                 "remaining sentences (dev and test need a size, cut first)")
+                raise ValueError(
+                    f"Config setting splits.{name}.sentences=all: only splits.train may take all "
+                    "remaining sentences (dev and test need a size, cut first)"
+                )
             opts["sentences"] = ALL_SENTENCES
             minimum = ALL_SENTENCES
         else:
@@ -155,8 +163,7 @@ def _splits(splits: Any) -> Dict[str, SplitSettings]:
         split = SplitSettings(
             sentences=_int(opts, "sentences", 0, minimum=minimum, prefix=f"splits.{name}."),
             voices=voices,
-            voices_per_sentence=_int(opts, "voices_per_sentence", 1, minimum=1,
-                                     prefix=f"splits.{name}."),
+            voices_per_sentence=_int(opts, "voices_per_sentence", 1, minimum=1, prefix=f"splits.{name}."),
         )
         if split.sentences and split.voices_per_sentence > len(split.voices):
             raise ValueError(
@@ -172,11 +179,18 @@ def _splits(splits: Any) -> Dict[str, SplitSettings]:
             keys = {v.key for v in out[other].voices}
             shared = [v.spec for v in out[name].voices if v.key in keys]
             if shared:
-                raise ValueError(f"Config setting splits.{name}.voices must be held out of {other}, but "
-                                 f"{shared} are also in splits.{other}.voices")
+                raise ValueError(
+                    f"Config setting splits.{name}.voices must be held out of {other}, but "
+                    f"{shared} are also in splits.{other}.voices"
+                )
             speakers = {v.speaker for v in out[other].voices} - {None}
             for voice in out[name].voices:
                 if voice.speaker in speakers:
-                    log.warning("%s voice %s is the same recorded speaker (%s) as a %s voice: not fully "
-                                "out-of-domain", name.capitalize(), voice.spec, voice.speaker, other)
+                    log.warning(
+                        "%s voice %s is the same recorded speaker (%s) as a %s voice: not fully out-of-domain",
+                        name.capitalize(),
+                        voice.spec,
+                        voice.speaker,
+                        other,
+                    )
     return out

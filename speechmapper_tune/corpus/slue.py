@@ -66,8 +66,10 @@ def load_slue(path: PathLike) -> CutSet:
     """All SLUE rows ``path`` names (one TSV, or every TSV of a released folder) as one CutSet."""
     tsvs = slue_tsvs(path)
     if not tsvs:
-        raise ValueError(f"{path} is neither a SLUE TSV (slue-voxpopuli_dev.tsv, slue-voxceleb_fine-tune.tsv, ...) "
-                         "nor a folder holding one")
+        raise ValueError(
+            f"{path} is neither a SLUE TSV (slue-voxpopuli_dev.tsv, slue-voxceleb_fine-tune.tsv, ...) "
+            "nor a folder holding one"
+        )
     cuts: List[MonoCut] = []
     for tsv in tsvs:
         corpus = _TSV.match(tsv.name).group(1)
@@ -114,7 +116,9 @@ def parse_ner_spans(value: Optional[str], text: str, where: str) -> List[List]:
         raise ValueError(f"{where}: NER labels {value!r} are not a list of [tag, start, length] ({e})") from None
     for tag, start, length in spans:
         if start < 0 or length < 1 or start + length > len(text):
-            raise ValueError(f"{where}: NER span [{tag!r}, {start}, {length}] lies outside the text ({len(text)} characters)")
+            raise ValueError(
+                f"{where}: NER span [{tag!r}, {start}, {length}] lies outside the text ({len(text)} characters)"
+            )
     return spans
 
 
@@ -127,7 +131,9 @@ def _combined(spans: List[List], text: str, already_combined: bool, where: str) 
             combined = tag
         else:
             if tag not in SLUE_RAW_TO_COMBINED:
-                raise ValueError(f"{where}: NER tag {tag!r} is not an OntoNotes tag SLUE maps ({sorted(SLUE_RAW_TO_COMBINED)})")
+                raise ValueError(
+                    f"{where}: NER tag {tag!r} is not an OntoNotes tag SLUE maps ({sorted(SLUE_RAW_TO_COMBINED)})"
+                )
             combined = SLUE_RAW_TO_COMBINED[tag]
         if combined is not None:
             out.append([combined, text[start : start + length]])
@@ -142,7 +148,12 @@ def load_slue_voxpopuli(tsv: PathLike) -> CutSet:
     for lineno, row in enumerate(rows, start=2):  # line 1 is the header
         where = f"{tsv}, line {lineno}"
         text = row.get("normalized_text") or ""
-        custom = {"task": "ner", "corpus": VOXPOPULI, "split": row.get("split") or split, "speaker_id": row.get("speaker_id")}
+        custom = {
+            "task": "ner",
+            "corpus": VOXPOPULI,
+            "split": row.get("split") or split,
+            "speaker_id": row.get("speaker_id"),
+        }
         if row.get("normalized_combined_ner") not in (None, ""):
             custom["ner"] = _combined(parse_ner_spans(row["normalized_combined_ner"], text, where), text, True, where)
         elif "normalized_ner" in row:
@@ -152,9 +163,20 @@ def load_slue_voxpopuli(tsv: PathLike) -> CutSet:
         rec, error = _recording(row["id"], tsv.parent / split / f"{row['id']}.ogg")
         if error:
             custom[AUDIO_ERROR] = error
-        sup = SupervisionSegment(id=row["id"], recording_id=rec.id, start=0.0, duration=rec.duration, channel=0,
-                                 text=text, language="en", speaker=row.get("speaker_id"), custom=custom)
-        cuts.append(MonoCut(id=row["id"], start=0.0, duration=rec.duration, channel=0, recording=rec, supervisions=[sup]))
+        sup = SupervisionSegment(
+            id=row["id"],
+            recording_id=rec.id,
+            start=0.0,
+            duration=rec.duration,
+            channel=0,
+            text=text,
+            language="en",
+            speaker=row.get("speaker_id"),
+            custom=custom,
+        )
+        cuts.append(
+            MonoCut(id=row["id"], start=0.0, duration=rec.duration, channel=0, recording=rec, supervisions=[sup])
+        )
     return CutSet.from_cuts(cuts)
 
 
@@ -166,7 +188,12 @@ def load_slue_voxceleb(tsv: PathLike) -> CutSet:
     split, cuts, dropped = _split(tsv), [], {}
     for lineno, row in enumerate(rows, start=2):
         where = f"{tsv}, line {lineno}"
-        custom = {"task": "sa", "corpus": VOXCELEB, "split": row.get("split") or split, "speaker_id": row.get("speaker_id")}
+        custom = {
+            "task": "sa",
+            "corpus": VOXCELEB,
+            "split": row.get("split") or split,
+            "speaker_id": row.get("speaker_id"),
+        }
         label = (row.get("sentiment") or "").strip()
         if label:
             if label not in SLUE_SENTIMENTS:
@@ -176,7 +203,9 @@ def load_slue_voxceleb(tsv: PathLike) -> CutSet:
         try:
             start, end = float(row["start_second"]), float(row["end_second"])
         except ValueError:
-            raise ValueError(f"{where}: start_second/end_second {row['start_second']!r}/{row['end_second']!r} are not numbers") from None
+            raise ValueError(
+                f"{where}: start_second/end_second {row['start_second']!r}/{row['end_second']!r} are not numbers"
+            ) from None
         if end <= start or start < 0:
             raise ValueError(f"{where}: end_second {end} must exceed start_second {start} >= 0")
         segmented = tsv.parent / split / f"{row['id']}.flac"
@@ -187,18 +216,32 @@ def load_slue_voxceleb(tsv: PathLike) -> CutSet:
             rec, error = _recording(row["id"], tsv.parent / f"{split}_raw" / f"{row['id']}.flac")
             offset, duration = start, end - start
             if not error and start >= rec.duration:
-                error = f"segment {start}-{end} s starts after the end of {rec.sources[0].source} ({rec.duration:.2f} s)"
+                error = (
+                    f"segment {start}-{end} s starts after the end of {rec.sources[0].source} ({rec.duration:.2f} s)"
+                )
             duration = min(duration, max(rec.duration - offset, 0.0)) if not error else 0.0
             offset = offset if not error else 0.0
         if error:
             custom[AUDIO_ERROR] = error
-        sup = SupervisionSegment(id=row["id"], recording_id=rec.id, start=0.0, duration=duration, channel=0,
-                                 text=row.get("normalized_text") or "", language="en", speaker=row.get("speaker_id"),
-                                 custom=custom)
-        cuts.append(MonoCut(id=row["id"], start=offset, duration=duration, channel=0, recording=rec, supervisions=[sup]))
+        sup = SupervisionSegment(
+            id=row["id"],
+            recording_id=rec.id,
+            start=0.0,
+            duration=duration,
+            channel=0,
+            text=row.get("normalized_text") or "",
+            language="en",
+            speaker=row.get("speaker_id"),
+            custom=custom,
+        )
+        cuts.append(
+            MonoCut(id=row["id"], start=offset, duration=duration, channel=0, recording=rec, supervisions=[sup])
+        )
     if dropped:
-        log.warning(f"{tsv}: left out {sum(dropped.values())} rows labelled outside {SLUE_SENTIMENTS} "
-                    f"({', '.join(f'{k}: {v}' for k, v in sorted(dropped.items()))}), as slue-toolkit does")
+        log.warning(
+            f"{tsv}: left out {sum(dropped.values())} rows labelled outside {SLUE_SENTIMENTS} "
+            f"({', '.join(f'{k}: {v}' for k, v in sorted(dropped.items()))}), as slue-toolkit does"
+        )
     if not cuts:
         raise ValueError(f"{tsv}: no row with a usable sentiment")
     return CutSet.from_cuts(cuts)

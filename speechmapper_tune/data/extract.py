@@ -75,8 +75,10 @@ def load_cut_audio(cut: MonoCut, max_duration: float) -> np.ndarray:
     if truncated:  # libsndfile reads what is there: a cut-short file would pass as shorter audio
         raise BadAudio(f"truncated audio {src.source}: {truncated}")
     if frames > 0 and audio.shape[0] < frames - DURATION_TOLERANCE_S * sr:
-        raise BadAudio(f"{src.source}: read {audio.shape[0] / sr:.2f} s of the {frames / sr:.2f} s the manifest gives "
-                       f"(from {start / sr:.2f} s): the file is shorter than its manifest says")
+        raise BadAudio(
+            f"{src.source}: read {audio.shape[0] / sr:.2f} s of the {frames / sr:.2f} s the manifest gives "
+            f"(from {start / sr:.2f} s): the file is shorter than its manifest says"
+        )
     audio = audio.mean(axis=1) if audio.shape[1] > 1 else audio[:, 0]
     if audio.size == 0:
         raise BadAudio("empty audio")
@@ -144,7 +146,9 @@ class Perturbation:
         out = cut.perturb_speed(self.speed) if self.speed != 1.0 else cut
         tail = self._channel_suffix
         return fastcopy(
-            out, id=cut.id + self.suffix, supervisions=[fastcopy(s, id=s.id + tail) for s in out.supervisions],
+            out,
+            id=cut.id + self.suffix,
+            supervisions=[fastcopy(s, id=s.id + tail) for s in out.supervisions],
             custom={**(out.custom or {}), "perturbation": {"source": cut.id, **asdict(self)}},
         )
 
@@ -220,8 +224,13 @@ def perturbations_from_config(perturb: Optional[Mapping]) -> List[Perturbation]:
         raise ValueError(f"perturb.noise={noise!r}: expected one of {NOISE_COLORS}")
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ValueError(f"perturb.seed={seed!r}: expected an integer")
-    copies = [Perturbation(sp, snr, noise, seed, ch) for sp in speeds for ch in channels for snr in snrs
-              if (sp, ch, snr) != (1.0, None, None)]
+    copies = [
+        Perturbation(sp, snr, noise, seed, ch)
+        for sp in speeds
+        for ch in channels
+        for snr in snrs
+        if (sp, ch, snr) != (1.0, None, None)
+    ]
     if len({c.suffix for c in copies}) < len(copies):
         raise ValueError(f"perturb: speeds {speeds} x channels {channels} x noise_snr_db {snrs} repeat a copy")
     return copies
@@ -244,7 +253,9 @@ class ExtractItem:
             return load_cut_audio(self.cut, max_duration)
         audio = p.apply(load_cut_audio(self.cut, max_duration * max(1.0, p.speed)), self.id)
         if audio.size / TARGET_SR > max_duration:
-            raise BadAudio(f"too long at speed {p.speed}: {audio.size / TARGET_SR:.1f} s > max_duration {max_duration} s")
+            raise BadAudio(
+                f"too long at speed {p.speed}: {audio.size / TARGET_SR:.1f} s > max_duration {max_duration} s"
+            )
         return audio
 
     def output_cut(self) -> MonoCut:
@@ -276,8 +287,10 @@ def check_resume_settings(out_dir: Path, settings: Dict) -> None:
     else:
         return
     if before != settings:
-        raise ValueError(f"{out_dir} holds chunks extracted with {before}, not {settings}: "
-                         "use another output_dir (or the same settings to resume)")
+        raise ValueError(
+            f"{out_dir} holds chunks extracted with {before}, not {settings}: "
+            "use another output_dir (or the same settings to resume)"
+        )
 
 
 def record_settings(out_dir: Path, settings: Dict) -> None:

@@ -61,8 +61,14 @@ def start_run(output_dir: Path, settings: Dict[str, Any], overwrite: bool = Fals
     start_resumable_output(output_dir / GENERATIONS, output_dir / SETTINGS, settings, overwrite, files, "generate")
 
 
-def start_resumable_output(rows: Path, recorded: Path, settings: Dict[str, Any], overwrite: bool,
-                           also_delete: Iterable[Path] = (), verb: str = "make") -> None:
+def start_resumable_output(
+    rows: Path,
+    recorded: Path,
+    settings: Dict[str, Any],
+    overwrite: bool,
+    also_delete: Iterable[Path] = (),
+    verb: str = "make",
+) -> None:
     """A resumable rows file (generations, labels) goes on only under the settings it was started with,
     recorded beside it; ``overwrite`` deletes it, the record and ``also_delete`` first."""
     settings = json.loads(json.dumps(settings))  # as it reads back from JSON
@@ -72,11 +78,15 @@ def start_resumable_output(rows: Path, recorded: Path, settings: Dict[str, Any],
     if recorded.is_file():
         diff = settings_diff(json.loads(recorded.read_text(encoding="utf-8")), settings)
         if diff:
-            raise ValueError(f"{rows} was made with other settings ({'; '.join(diff)}): pass overwrite=True "
-                             f"to {verb} it again, or choose another output_dir")
+            raise ValueError(
+                f"{rows} was made with other settings ({'; '.join(diff)}): pass overwrite=True "
+                f"to {verb} it again, or choose another output_dir"
+            )
     elif rows.is_file() and rows.stat().st_size:
-        raise ValueError(f"{rows} records no settings ({recorded.name}), so it may come from another run: pass "
-                         f"overwrite=True to {verb} it again, or choose another output_dir")
+        raise ValueError(
+            f"{rows} records no settings ({recorded.name}), so it may come from another run: pass "
+            f"overwrite=True to {verb} it again, or choose another output_dir"
+        )
     rows.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(recorded, settings)
 
@@ -173,5 +183,7 @@ class FasterWhisperTranscriber:
         self.language = language
 
     def __call__(self, audio) -> str:
-        segments, _ = self.model.transcribe(audio, language=self.language, beam_size=1, condition_on_previous_text=False)
+        segments, _ = self.model.transcribe(
+            audio, language=self.language, beam_size=1, condition_on_previous_text=False
+        )
         return " ".join(s.text.strip() for s in segments).strip()

@@ -125,10 +125,21 @@ def instruction_rows(
                 continue
             instruction = st_instruction(st_instructions, lang)
             if instruction is None:
-                raise ValueError(f"cut {cut.id}: no ST instruction for target language {lang!r} "
-                                 f"(st_instructions has {sorted(st_instructions)})")
-            rows.append({"id": cut.id, "features": cut.id, "task": "st", "target_lang": lang,
-                         "instruction": instruction, "answer": translation.strip(), **extra})
+                raise ValueError(
+                    f"cut {cut.id}: no ST instruction for target language {lang!r} "
+                    f"(st_instructions has {sorted(st_instructions)})"
+                )
+            rows.append(
+                {
+                    "id": cut.id,
+                    "features": cut.id,
+                    "task": "st",
+                    "target_lang": lang,
+                    "instruction": instruction,
+                    "answer": translation.strip(),
+                    **extra,
+                }
+            )
             continue
         qas = custom.get(QAS)
         if qas is None:
@@ -140,10 +151,19 @@ def instruction_rows(
             if not answers:
                 skipped.add("question without an answer", row_id)
                 continue
-            rows.append({"id": row_id, "features": cut.id, "task": "sqa",
-                         "instruction": sqa_instruction.replace(QUESTION, qa["question"].strip()),
-                         "question": qa["question"], "answer": answers[0], "answers": answers,
-                         "context": transcript, **extra})
+            rows.append(
+                {
+                    "id": row_id,
+                    "features": cut.id,
+                    "task": "sqa",
+                    "instruction": sqa_instruction.replace(QUESTION, qa["question"].strip()),
+                    "question": qa["question"],
+                    "answer": answers[0],
+                    "answers": answers,
+                    "context": transcript,
+                    **extra,
+                }
+            )
     return rows
 
 
@@ -167,7 +187,9 @@ def build_instructions(
     try:
         cuts = CutSet.from_file(str(manifest)) or []  # lhotse reads an empty manifest as None
         skipped = SkipCounter()
-        rows = instruction_rows(cuts, task, st_instructions, sqa_instruction, with_transcript, target_langs, skipped, table)
+        rows = instruction_rows(
+            cuts, task, st_instructions, sqa_instruction, with_transcript, target_langs, skipped, table
+        )
     except UnicodeDecodeError as e:
         raise (first_non_utf8_line(manifest) or ValueError(f"cannot read feature manifest {manifest}: {e}")) from e
     except (KeyError, OSError, json.JSONDecodeError) as e:
@@ -179,6 +201,7 @@ def build_instructions(
 
 
 # --- self-generated instruction data (behaviour alignment) -------------------------------------------------
+
 
 def pooled_instruction_rows(
     cuts: Iterable,
@@ -215,8 +238,10 @@ def pooled_instruction_rows(
             continue
         n += 1
         chosen = random.Random(f"{seed}:{cut.id}").sample(range(len(pool)), int(per_item))
-        rows += [{"id": f"{cut.id}#{k}", "features": cut.id, "task": SELF, "instruction": pool[k], "transcript": transcript}
-                 for k in chosen]
+        rows += [
+            {"id": f"{cut.id}#{k}", "features": cut.id, "task": SELF, "instruction": pool[k], "transcript": transcript}
+            for k in chosen
+        ]
     return rows
 
 
@@ -233,8 +258,9 @@ def shuffled_rows(rows: Sequence[Dict], seed: int = 0) -> List[Dict]:
     return [{**r, "features": other[r["features"]]} for r in rows]
 
 
-def attach_answers(rows: Sequence[Dict], generations: Sequence[Dict], field: str = "answer",
-                   skipped: Optional[SkipCounter] = None) -> List[Dict]:
+def attach_answers(
+    rows: Sequence[Dict], generations: Sequence[Dict], field: str = "answer", skipped: Optional[SkipCounter] = None
+) -> List[Dict]:
     """``rows`` with ``field`` set to the generation's ``hypothesis`` of the same id (and ``<field>_stopped_by``);
     a row without a generation or with an empty answer is skipped (counted)."""
     skipped = skipped if skipped is not None else SkipCounter()

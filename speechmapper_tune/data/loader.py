@@ -47,11 +47,15 @@ class TrainLoader:
             usable += bool(batch["ids"])
             yield batch
         if whole_epoch and batches == 0:
-            raise NoUsableData(f"{self.source}: an epoch of the training data holds no batch "
-                               f"(skipped: {self.skipped.summary()}{self._shards()})")
+            raise NoUsableData(
+                f"{self.source}: an epoch of the training data holds no batch "
+                f"(skipped: {self.skipped.summary()}{self._shards()})"
+            )
         if whole_epoch and usable == 0:
-            raise NoUsableData(f"{self.source}: no usable item in a whole epoch of {batches} batches: every item "
-                               f"failed to load (skipped: {self.skipped.summary()}{self._shards()})")
+            raise NoUsableData(
+                f"{self.source}: no usable item in a whole epoch of {batches} batches: every item "
+                f"failed to load (skipped: {self.skipped.summary()}{self._shards()})"
+            )
 
     def _shards(self) -> str:
         shards = sorted({ex.item.storage_path for ex in getattr(self.dataset, "examples", [])})

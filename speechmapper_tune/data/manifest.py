@@ -75,8 +75,9 @@ class SkipCounter:
         return dict(self.counts)
 
 
-def load_feature_items(manifest_path: str | Path, skipped: Optional[SkipCounter] = None,
-                       require_transcript: bool = True) -> List[FeatureItem]:
+def load_feature_items(
+    manifest_path: str | Path, skipped: Optional[SkipCounter] = None, require_transcript: bool = True
+) -> List[FeatureItem]:
     """Flatten a feature manifest; skip (and count) items that cannot be trained on.
     ``require_transcript=False`` (generation): items without a transcript are kept, with text ""."""
     path = Path(manifest_path)

@@ -120,7 +120,9 @@ class ShuffledBatchSampler(_StatefulBatchSampler):
     The last incomplete batch is dropped, and batches are dealt round-robin to ranks as above.
     """
 
-    def __init__(self, num_items: int, batch_size: int, shuffle: bool = True, seed: int = 0, rank: int = 0, world_size: int = 1):
+    def __init__(
+        self, num_items: int, batch_size: int, shuffle: bool = True, seed: int = 0, rank: int = 0, world_size: int = 1
+    ):
         if batch_size < 1 or num_items < 1:
             raise ValueError(f"need batch_size >= 1 and items >= 1, got {batch_size} and {num_items}")
         if not 0 <= rank < world_size:

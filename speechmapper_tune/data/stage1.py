@@ -22,7 +22,6 @@ from speechmapper_tune.data.features import load_item_features, pad_features
 from speechmapper_tune.data.manifest import FeatureItem, SkipCounter
 from speechmapper_tune.losses import build_stage1_target_ids
 
-
 # which transcript the targets embed: "normalized" (the paper's MMS form) or "written" (not in the
 # paper: cased and punctuated, the form the LLM reads in text; FeatureItem.written)
 TARGET_TEXTS = ("normalized", "written")

@@ -51,8 +51,10 @@ class PromptTemplate:
         for name in ("user", "instruction", "system", "assistant_prefix"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, str):
-                raise ValueError(f"prompt.{name} must be a string, got {type(value).__name__} {value!r} "
-                                 f"(quote it on the command line, e.g. 'prompt.{name}=\"Answer: \"')")
+                raise ValueError(
+                    f"prompt.{name} must be a string, got {type(value).__name__} {value!r} "
+                    f"(quote it on the command line, e.g. 'prompt.{name}=\"Answer: \"')"
+                )
 
     def messages(self, instruction: Optional[str] = None) -> List[Dict[str, str]]:
         if self.user.count(SPEECH) != 1:
@@ -163,8 +165,16 @@ def prepare_instruction_examples(
             continue
         targets = chat.encode_text(row["transcript"]) if row.get("transcript") and not generation else []
         meta = {"instruction": instruction, **{k: str(row[k]) for k in META_KEYS if k in row}}
-        ex = Stage2Example(item, split_prompt(chat, template, instruction), response_ids(chat, answer), targets,
-                           int(output_length(item.num_frames)), task, meta, str(row.get("id", fid)))
+        ex = Stage2Example(
+            item,
+            split_prompt(chat, template, instruction),
+            response_ids(chat, answer),
+            targets,
+            int(output_length(item.num_frames)),
+            task,
+            meta,
+            str(row.get("id", fid)),
+        )
         if _check(ex, max_seq_len, skipped, generation):
             out.append(ex)
     return out
@@ -175,8 +185,12 @@ def _check(ex: Stage2Example, max_seq_len: int, skipped: SkipCounter, generation
     if ex.out_length < 1:
         skipped.add("too few frames for the projector", ex.id)
     elif total > max_seq_len:
-        skipped.add("prompt + speech longer than max_seq_len - max_new_tokens" if generation
-                    else "prompt + speech + response longer than max_seq_len", ex.id)
+        skipped.add(
+            "prompt + speech longer than max_seq_len - max_new_tokens"
+            if generation
+            else "prompt + speech + response longer than max_seq_len",
+            ex.id,
+        )
     elif ex.target_ids and len(ex.target_ids) + 1 > ex.out_length:
         skipped.add("target longer than projector output", ex.id)
     else:
@@ -230,7 +244,9 @@ class Stage2Collator:
             "features": feats,
             "lengths": lengths,
             "out_lengths": torch.tensor(out_lengths, dtype=torch.long),
-            "target_ids": build_stage1_target_ids([ex.target_ids or [self.pad_id] * 0 for ex in exs], out_lengths, self.pad_id),
+            "target_ids": build_stage1_target_ids(
+                [ex.target_ids or [self.pad_id] * 0 for ex in exs], out_lengths, self.pad_id
+            ),
             "num_words": torch.tensor([len(ex.target_ids) for ex in exs], dtype=torch.long),
             "has_mse": has_mse,
             "prefix": [ex.prompt.prefix for ex in exs],

@@ -110,7 +110,10 @@ def prepare_tiny_stage1(
         return _read_done(done)
     llm_dir = write_tiny_llm(out / "llm", list(WORDS), dim=llm_dim, seed=seed)
     splits = splits or {"train": num_train, "val": num_val}
-    paths = {f"{s}_manifest": str(write_synthetic_split(out, s, n, feature_dim, seed + k + 1)) for k, (s, n) in enumerate(splits.items())}
+    paths = {
+        f"{s}_manifest": str(write_synthetic_split(out, s, n, feature_dim, seed + k + 1))
+        for k, (s, n) in enumerate(splits.items())
+    }
     info = {"llm_dir": str(llm_dir), "pad_id": read_tiny_llm_meta(llm_dir)["pad_id"], **paths}
     atomic_write_json(done, info)
     return info

@@ -49,7 +49,9 @@ class LightAdapter(nn.Module):
             raise ValueError(f"stack_frames ({cfg.stack_frames}) and hidden_dim ({cfg.hidden_dim}) must be >= 1")
         self.config = cfg
         self.mlp = nn.Sequential(
-            nn.Linear(cfg.stack_frames * cfg.input_dim, cfg.hidden_dim), nn.GELU(), nn.Dropout(cfg.dropout),
+            nn.Linear(cfg.stack_frames * cfg.input_dim, cfg.hidden_dim),
+            nn.GELU(),
+            nn.Dropout(cfg.dropout),
             nn.Linear(cfg.hidden_dim, cfg.output_dim),
         )
 
@@ -86,7 +88,8 @@ class LightAdapter(nn.Module):
         return out.masked_fill(~keep[..., None], 0.0), out_lengths
 
 
-def light_adapter(input_dim: int, output_dim: int, hidden_dim: int = 1024, stack_frames: int = 4,
-                  dropout: float = 0.1) -> LightAdapter:
+def light_adapter(
+    input_dim: int, output_dim: int, hidden_dim: int = 1024, stack_frames: int = 4, dropout: float = 0.1
+) -> LightAdapter:
     """Builder for YAML ``model: {_component_: speechmapper_tune.models.light_adapter.light_adapter, ...}``."""
     return LightAdapter(LightAdapterConfig(input_dim, output_dim, hidden_dim, stack_frames, dropout))

@@ -485,7 +485,6 @@ def load_lora_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor
             p.copy_(state_dict[k])
 
 
-
 def load_lora_adapters(model: nn.Module, folder: Union[str, Path]) -> Path:
     """Load the adapters a stage-2 checkpoint folder saved beside its projector into ``model``;
     returns their file (a clear error when the folder has none)."""

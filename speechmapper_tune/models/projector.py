@@ -185,7 +185,9 @@ class SpeechMapperProjector(nn.Module):
             lengths = torch.full((features.shape[0],), features.shape[1], device=features.device, dtype=torch.long)
         out_lengths = self.output_length(lengths)
         if bool((out_lengths < 1).any()):
-            raise ValueError(f"input too short for the projector: lengths {lengths.tolist()} give {out_lengths.tolist()}")
+            raise ValueError(
+                f"input too short for the projector: lengths {lengths.tolist()} give {out_lengths.tolist()}"
+            )
         x = features
         for block in self.blocks:
             x, lengths = block(x, lengths)
@@ -217,7 +219,9 @@ def speechmapper_projector(
         BlockConfig(m, o, num_layers, num_heads, int(round(ffn_multiplier * m)))
         for m, o in zip(block_model_dims, block_out_dims)
     ]
-    return SpeechMapperProjector(ProjectorConfig(input_dim, output_dim, blocks, kernel_size, stride, dropout, norm_first))
+    return SpeechMapperProjector(
+        ProjectorConfig(input_dim, output_dim, blocks, kernel_size, stride, dropout, norm_first)
+    )
 
 
 def speechmapper_paper(input_dim: int = 1024, output_dim: int = 4096, **kw) -> SpeechMapperProjector:
@@ -243,7 +247,9 @@ def speechmapper_tiny(input_dim: int = 16, output_dim: int = 32, **kw) -> Speech
 def build_projector_from_config(cfg: Dict[str, Any] | ProjectorConfig) -> nn.Module:
     """Rebuild a projector from the JSON config saved next to its weights (conv, ``kind: "query"`` or ``"light"``)."""
     if isinstance(cfg, qp.QueryProjectorConfig) or (isinstance(cfg, dict) and cfg.get("kind") == qp.KIND):
-        return qp.QueryProjector(cfg if isinstance(cfg, qp.QueryProjectorConfig) else qp.QueryProjectorConfig.from_dict(cfg))
+        return qp.QueryProjector(
+            cfg if isinstance(cfg, qp.QueryProjectorConfig) else qp.QueryProjectorConfig.from_dict(cfg)
+        )
     if isinstance(cfg, la.LightAdapterConfig) or (isinstance(cfg, dict) and cfg.get("kind") == la.KIND):
         return la.LightAdapter(cfg if isinstance(cfg, la.LightAdapterConfig) else la.LightAdapterConfig.from_dict(cfg))
     if not isinstance(cfg, ProjectorConfig):

@@ -100,7 +100,9 @@ class QueryProjector(nn.Module):
             lengths = torch.full((B,), T, device=features.device, dtype=torch.long)
         out_lengths = self.output_length(lengths)
         if bool((out_lengths < 1).any()):
-            raise ValueError(f"input too short for the projector: lengths {lengths.tolist()} give {out_lengths.tolist()}")
+            raise ValueError(
+                f"input too short for the projector: lengths {lengths.tolist()} give {out_lengths.tolist()}"
+            )
         W, Q = self.config.window_frames or T, self.config.queries_per_window
         n_win = -(-T // W)
         mask = _length_mask(lengths, n_win * W)  # [B, n_win * W], True = real frame
@@ -108,18 +110,21 @@ class QueryProjector(nn.Module):
         x = x.masked_fill(~mask[..., None], 0.0)  # padded frames never reach the weights
         x = self.inp(x).view(B * n_win, W, -1) + self._frame_positions(W, x)
         ignore = ~mask.view(B * n_win, W)
-        ignore = ignore & ~ignore.all(dim=1, keepdim=True)  # all-padding windows: attend anything (no NaN), output zeroed below
+        ignore = ignore & ~ignore.all(
+            dim=1, keepdim=True
+        )  # all-padding windows: attend anything (no NaN), output zeroed below
         q = self.queries.expand(B * n_win, Q, -1)
         for layer in self.layers:
             q = layer(q, x, memory_key_padding_mask=ignore)
         out = self.final(self.norm(q)).view(B, n_win * Q, -1)
         return out.masked_fill(~_length_mask(out_lengths, n_win * Q)[..., None], 0.0), out_lengths
 
-
     def _frame_positions(self, W: int, like: Tensor) -> Tensor:
         if self.config.window_frames is not None:
             return self.frame_pos
-        from speechmapper_tune.models.projector import sinusoidal_positions  # imported here: projector.py imports this file
+        from speechmapper_tune.models.projector import (
+            sinusoidal_positions,
+        )  # imported here: projector.py imports this file
 
         return sinusoidal_positions(W, self.config.model_dim, like.device, like.dtype)
 
@@ -137,5 +142,8 @@ def query_projector(
 ) -> QueryProjector:
     """Builder for YAML ``model: {_component_: speechmapper_tune.models.query_projector.query_projector, ...}``."""
     ffn_dim = int(round(ffn_multiplier * model_dim))
-    return QueryProjector(QueryProjectorConfig(input_dim, output_dim, model_dim, num_layers, num_heads, ffn_dim,
-                                               window_frames, queries_per_window, dropout))
+    return QueryProjector(
+        QueryProjectorConfig(
+            input_dim, output_dim, model_dim, num_layers, num_heads, ffn_dim, window_frames, queries_per_window, dropout
+        )
+    )

@@ -21,7 +21,10 @@ if TYPE_CHECKING:
     from speechmapper_tune.models.speech_lm import SpeechLM
 
 QUANTIZE_METHODS = ("nf4",)
-NF4_BLOCK, NF4_SCALER_BLOCK = 64, 256  # QLoRA's block sizes (torchao's defaults): 64 weights per scale, 256 scales per scale
+NF4_BLOCK, NF4_SCALER_BLOCK = (
+    64,
+    256,
+)  # QLoRA's block sizes (torchao's defaults): 64 weights per scale, 256 scales per scale
 NF4_MAX_RANKS = 8  # scale groups sized so that 1, 2, 4 or 8 ranks each hold whole groups of every quantized weight
 
 
@@ -43,11 +46,15 @@ def quantize_nf4_(llm: nn.Module, world_size: int = 1) -> int:
             continue
         blocks = w.numel() // NF4_BLOCK
         if w.numel() % NF4_BLOCK or blocks % NF4_MAX_RANKS:
-            raise ValueError(f"llm.quantize=nf4: layers.{name}.weight {tuple(w.shape)} does not split into "
-                             f"{NF4_MAX_RANKS} x n blocks of {NF4_BLOCK} weights")
+            raise ValueError(
+                f"llm.quantize=nf4: layers.{name}.weight {tuple(w.shape)} does not split into "
+                f"{NF4_MAX_RANKS} x n blocks of {NF4_BLOCK} weights"
+            )
         scaler_block = math.gcd(NF4_SCALER_BLOCK, blocks // NF4_MAX_RANKS)
         if w.shape[0] % world_size or (blocks // scaler_block) % world_size:  # FSDP cuts rows and scale groups evenly
-            raise ValueError(f"llm.quantize=nf4: layers.{name}.weight {tuple(w.shape)} does not shard evenly over {world_size} ranks")
+            raise ValueError(
+                f"llm.quantize=nf4: layers.{name}.weight {tuple(w.shape)} does not shard evenly over {world_size} ranks"
+            )
         module.weight = nn.Parameter(to_nf4(w.detach().contiguous(), NF4_BLOCK, scaler_block), requires_grad=False)
         n += 1
     return n
@@ -98,8 +105,10 @@ def full_state_dict(module: nn.Module) -> Dict[str, torch.Tensor]:
 def full_optimizer_state(optimizer: torch.optim.Optimizer) -> Dict[str, Any]:
     """``optimizer.state_dict()`` with each sharded state tensor gathered whole: the one-process format."""
     sd = optimizer.state_dict()
-    state = {i: {k: (full_tensor(v).cpu() if isinstance(v, DTensor) else v) for k, v in st.items()}
-             for i, st in sd["state"].items()}
+    state = {
+        i: {k: (full_tensor(v).cpu() if isinstance(v, DTensor) else v) for k, v in st.items()}
+        for i, st in sd["state"].items()
+    }
     return {"state": state, "param_groups": sd["param_groups"]}
 
 
@@ -109,7 +118,12 @@ def shard_optimizer_state(optimizer: torch.optim.Optimizer, sd: Dict[str, Any]) 
     state = {}
     for i, st in sd["state"].items():
         p = params[int(i)]
-        state[i] = {k: (distribute_tensor(v.to(p.device), p.device_mesh, p.placements, src_data_rank=None)
-                        if torch.is_tensor(v) and isinstance(p, DTensor) and v.shape == p.shape else v)
-                    for k, v in st.items()}
+        state[i] = {
+            k: (
+                distribute_tensor(v.to(p.device), p.device_mesh, p.placements, src_data_rank=None)
+                if torch.is_tensor(v) and isinstance(p, DTensor) and v.shape == p.shape
+                else v
+            )
+            for k, v in st.items()
+        }
     return {"state": state, "param_groups": sd["param_groups"]}

@@ -32,8 +32,8 @@ from speechmapper_tune.checkpoint.projector_io import (
     lora_weights_file,
     read_projector_meta,
 )
-from speechmapper_tune.dtypes import resolve_dtype
 from speechmapper_tune.data.stage2 import PromptParts, PromptTemplate, assemble_batch, split_prompt
+from speechmapper_tune.dtypes import resolve_dtype
 from speechmapper_tune.generation import GenerationResult, greedy_generate, newline_token_ids
 from speechmapper_tune.losses import IGNORE_INDEX
 from speechmapper_tune.models.chat_format import ChatTokenizer
@@ -68,8 +68,10 @@ def resolve_projector(checkpoint: Union[str, Path]) -> Path:
 
     if str(checkpoint) in pretrained.available():
         return Path(pretrained.shipped_projector(str(checkpoint)))
-    raise FileNotFoundError(f"{checkpoint}: neither a projector checkpoint folder nor a shipped projector "
-                            f"(shipped: {', '.join(pretrained.available()) or 'none'})")
+    raise FileNotFoundError(
+        f"{checkpoint}: neither a projector checkpoint folder nor a shipped projector "
+        f"(shipped: {', '.join(pretrained.available()) or 'none'})"
+    )
 
 
 def zero_shot_prompt() -> Tuple[Dict[str, Any], bool]:
@@ -94,16 +96,26 @@ class LLMInputs:
 
     def prompts(self) -> List[Tensor]:
         """One [L_i, D] tensor per item, without the right padding (greedy_generate left-pads)."""
-        return [self.embeds[b, : n] for b, n in enumerate(self.lengths)]
+        return [self.embeds[b, :n] for b, n in enumerate(self.lengths)]
 
 
 class SpeechLM(nn.Module):
     """Projector (optional: text spans for toplines) + frozen LLM (+ LoRA) + chat tokenizer + prompt."""
 
-    def __init__(self, llm: nn.Module, chat: ChatTokenizer, template: PromptTemplate, pad_id: int,
-                 embedding: Tensor, projector: Optional[nn.Module] = None, trim_pad_vectors: bool = False,
-                 stop_at_newline: bool = False, llm_meta: Optional[Dict[str, Any]] = None,
-                 checkpoint: Optional[Path] = None, meta: Optional[Dict[str, Any]] = None):
+    def __init__(
+        self,
+        llm: nn.Module,
+        chat: ChatTokenizer,
+        template: PromptTemplate,
+        pad_id: int,
+        embedding: Tensor,
+        projector: Optional[nn.Module] = None,
+        trim_pad_vectors: bool = False,
+        stop_at_newline: bool = False,
+        llm_meta: Optional[Dict[str, Any]] = None,
+        checkpoint: Optional[Path] = None,
+        meta: Optional[Dict[str, Any]] = None,
+    ):
         super().__init__()
         self.llm, self.chat, self.template, self.pad_id = llm, chat, template, int(pad_id)
         self.projector = projector
@@ -118,12 +130,20 @@ class SpeechLM(nn.Module):
 
     # ------------------------------------------------------------------ loading
     @classmethod
-    def from_checkpoint(cls, checkpoint: Union[str, Path, None], llm: Optional[Mapping[str, Any]] = None, *,
-                        prompt: Optional[Mapping[str, Any]] = None, lora: Any = FROM_CHECKPOINT,
-                        projector: Optional[nn.Module] = None, device: Union[str, torch.device] = "cpu",
-                        trim_pad_vectors: Optional[bool] = None, stop_at_newline: Optional[bool] = None,
-                        on_warning: Callable[[str], None] = print,
-                        llm_cache: Optional[Dict[Any, Any]] = None) -> "SpeechLM":
+    def from_checkpoint(
+        cls,
+        checkpoint: Union[str, Path, None],
+        llm: Optional[Mapping[str, Any]] = None,
+        *,
+        prompt: Optional[Mapping[str, Any]] = None,
+        lora: Any = FROM_CHECKPOINT,
+        projector: Optional[nn.Module] = None,
+        device: Union[str, torch.device] = "cpu",
+        trim_pad_vectors: Optional[bool] = None,
+        stop_at_newline: Optional[bool] = None,
+        on_warning: Callable[[str], None] = print,
+        llm_cache: Optional[Dict[Any, Any]] = None,
+    ) -> "SpeechLM":
         """Load a projector checkpoint (folder or shipped name) with the LLM it was trained for.
 
         ``llm``: ``{name, checkpoint, tokenizer, chat_format, dtype, pad_id}``, each defaulting to what
@@ -138,15 +158,20 @@ class SpeechLM(nn.Module):
         folder = resolve_projector(checkpoint) if checkpoint is not None else None
         meta = read_projector_meta(folder) if folder is not None else {}
         recorded = meta.get("llm", {})
-        spec = {"dtype": "auto", **{k: recorded[k] for k in ("name", "chat_format", "pad_id") if k in recorded},
-                **{k: v for k, v in (llm or {}).items() if v is not None}}
+        spec = {
+            "dtype": "auto",
+            **{k: recorded[k] for k in ("name", "chat_format", "pad_id") if k in recorded},
+            **{k: v for k, v in (llm or {}).items() if v is not None},
+        }
         for key in ("name", "chat_format", "pad_id"):
             if key not in spec:
                 raise ValueError(f"llm.{key} is not set and {folder or 'the settings'} does not record it")
         ckpt_dir = spec.get("checkpoint") or _default_llm_checkpoint(spec["name"]) or recorded.get("checkpoint")
         if not ckpt_dir or not Path(ckpt_dir).exists():
-            raise FileNotFoundError(f"llm.checkpoint: the {spec['name']} checkpoint folder {ckpt_dir!r} does not exist; "
-                                    "pass the LLM's local folder")
+            raise FileNotFoundError(
+                f"llm.checkpoint: the {spec['name']} checkpoint folder {ckpt_dir!r} does not exist; "
+                "pass the LLM's local folder"
+            )
         dtype = resolve_dtype(spec["dtype"], device, setting="llm.dtype")  # auto: bf16 only where computed natively
         cache = llm_cache if llm_cache is not None else {}
         emb_key = ("embedding", str(ckpt_dir))
@@ -158,13 +183,17 @@ class SpeechLM(nn.Module):
         if folder is not None:  # every check before the LLM is loaded
             projector, meta = load_checked_projector(folder, embedding, device)
         elif projector is not None and projector.output_dim != embedding.shape[1]:
-            raise ValueError(f"model.output_dim={projector.output_dim} but the LLM's embeddings are {embedding.shape[1]}-dim")
+            raise ValueError(
+                f"model.output_dim={projector.output_dim} but the LLM's embeddings are {embedding.shape[1]}-dim"
+            )
         lora = trained_lora if lora == FROM_CHECKPOINT else lora
         if trained_lora and lora:
             lora_weights_file(folder)
         elif trained_lora:
-            on_warning(f"{folder} was trained with LoRA adapters on the LLM ({trained_lora}); lora is not set, "
-                       "so they are left out and the LLM stays as pretrained")
+            on_warning(
+                f"{folder} was trained with LoRA adapters on the LLM ({trained_lora}); lora is not set, "
+                "so they are left out and the LLM stays as pretrained"
+            )
         llm_key = ("llm", spec["name"], str(ckpt_dir), dtype, str(torch.device(device)))
         if lora or llm_key not in cache:  # LoRA adapters change the LLM: never shared
             model, _, _ = load_llm(spec["name"], ckpt_dir, dtype=dtype, device=device, lora=lora or None)
@@ -174,7 +203,9 @@ class SpeechLM(nn.Module):
             model = cache[llm_key]
         if trained_lora and lora:
             load_lora_adapters(model, folder)
-        chat = ChatTokenizer.from_dir(spec.get("tokenizer") or ckpt_dir, chat_format=spec["chat_format"], pad_token=pad_id)
+        chat = ChatTokenizer.from_dir(
+            spec.get("tokenizer") or ckpt_dir, chat_format=spec["chat_format"], pad_token=pad_id
+        )
         one_line = False
         if prompt is None:
             prompt = meta.get("prompt")
@@ -183,13 +214,30 @@ class SpeechLM(nn.Module):
         if prompt is None:
             raise ValueError(f"no prompt given and {folder or 'no checkpoint'} records none")
         trim = bool(meta.get("trim_pad_vectors", False)) if trim_pad_vectors is None else bool(trim_pad_vectors)
-        llm_meta = {"name": spec["name"], "chat_format": spec["chat_format"], "checkpoint": str(ckpt_dir),
-                    "vocab_size": int(embedding.shape[0]), "dim": int(embedding.shape[1]), "pad_id": pad_id,
-                    "fingerprint": embedding_fingerprint(embedding)}
+        llm_meta = {
+            "name": spec["name"],
+            "chat_format": spec["chat_format"],
+            "checkpoint": str(ckpt_dir),
+            "vocab_size": int(embedding.shape[0]),
+            "dim": int(embedding.shape[1]),
+            "pad_id": pad_id,
+            "fingerprint": embedding_fingerprint(embedding),
+        }
         if projector is not None:
             projector.to(device).eval()  # a training recipe calls .train()
-        return cls(model, chat, PromptTemplate(**dict(prompt)), pad_id, embedding.to(device), projector, trim,
-                   one_line if stop_at_newline is None else stop_at_newline, llm_meta, folder, meta)
+        return cls(
+            model,
+            chat,
+            PromptTemplate(**dict(prompt)),
+            pad_id,
+            embedding.to(device),
+            projector,
+            trim,
+            one_line if stop_at_newline is None else stop_at_newline,
+            llm_meta,
+            folder,
+            meta,
+        )
 
     @classmethod
     def from_pretrained(cls, name: str, **kwargs) -> "SpeechLM":
@@ -217,29 +265,46 @@ class SpeechLM(nn.Module):
         return self
 
     # ------------------------------------------------------------------ the one input builder
-    def build_inputs(self, spans: Sequence[Tensor], prefixes: Sequence[List[int]], suffixes: Sequence[List[int]],
-                     responses: Optional[Sequence[List[int]]] = None) -> LLMInputs:
+    def build_inputs(
+        self,
+        spans: Sequence[Tensor],
+        prefixes: Sequence[List[int]],
+        suffixes: Sequence[List[int]],
+        responses: Optional[Sequence[List[int]]] = None,
+    ) -> LLMInputs:
         """``prefix | span | suffix | response`` per item as right-padded LLM input embeddings.
 
         ``spans``: one [n_i, D] tensor per item (projector vectors, gradients kept; or token
         embeddings for the text topline). Without ``responses``: the generation prompt.
         """
         responses = responses if responses is not None else [[] for _ in spans]
-        asm = assemble_batch(prefixes, suffixes, responses, [int(s.shape[0]) for s in spans], self.pad_id, self.right_pad_id)
+        asm = assemble_batch(
+            prefixes, suffixes, responses, [int(s.shape[0]) for s in spans], self.pad_id, self.right_pad_id
+        )
         ids = asm.input_ids.to(self.device)
         speech = pad_sequence(list(spans), batch_first=True)
-        embeds = inject_speech(embed_tokens(self.llm, ids), speech, asm.speech_starts, asm.speech_lengths, ids == self.pad_id)
+        embeds = inject_speech(
+            embed_tokens(self.llm, ids), speech, asm.speech_starts, asm.speech_lengths, ids == self.pad_id
+        )
         return LLMInputs(embeds, asm.labels.to(self.device), asm.seq_lengths, asm.speech_starts, asm.speech_lengths)
 
-    def project(self, features: Tensor, lengths: Tensor, projector: Optional[nn.Module] = None) -> Tuple[Tensor, Tensor, Tensor]:
+    def project(
+        self, features: Tensor, lengths: Tensor, projector: Optional[nn.Module] = None
+    ) -> Tuple[Tensor, Tensor, Tensor]:
         """Projector output [B, T, D], its lengths, and the span lengths the LLM reads (pad vectors cut
         when the checkpoint was trained so)."""
         proj = projector if projector is not None else self.projector
         pred, out_lengths = proj(features.to(self.device), lengths.to(self.device))
-        span = trailing_pad_lengths(pred.detach(), out_lengths, self.embedding, self.pad_id) if self.trim_pad_vectors else out_lengths
+        span = (
+            trailing_pad_lengths(pred.detach(), out_lengths, self.embedding, self.pad_id)
+            if self.trim_pad_vectors
+            else out_lengths
+        )
         return pred, out_lengths, span
 
-    def forward(self, batch: Mapping[str, Any], projector: Optional[nn.Module] = None, teacher: bool = False) -> Dict[str, Any]:
+    def forward(
+        self, batch: Mapping[str, Any], projector: Optional[nn.Module] = None, teacher: bool = False
+    ) -> Dict[str, Any]:
         """Training forward on a ``Stage2Collator`` batch: logits where a response label is, and those labels.
 
         ``teacher``: also the frozen LLM's logits with the transcript's token embeddings in the speech span
@@ -247,11 +312,19 @@ class SpeechLM(nn.Module):
         transcript: ``teacher_logits`` [M, V] row for row with the student's rows ``logits[teacher_rows]``.
         Inside ``forward`` so that one FSDP root forward covers both."""
         pred, out_lengths, span = self.project(batch["features"], batch["lengths"], projector)
-        inputs = self.build_inputs([pred[b, : int(n)] for b, n in enumerate(span)], batch["prefix"], batch["suffix"], batch["response"])
+        inputs = self.build_inputs(
+            [pred[b, : int(n)] for b, n in enumerate(span)], batch["prefix"], batch["suffix"], batch["response"]
+        )
         labels = inputs.labels
         predicts = response_positions(labels)
-        out = {"logits": forward_embeds(self.llm, inputs.embeds, positions=predicts), "labels": labels[:, 1:][predicts[:, :-1]],
-               "pred": pred, "out_lengths": out_lengths, "tokens": int((labels != IGNORE_INDEX).sum()), "speech_vectors": int(span.sum())}
+        out = {
+            "logits": forward_embeds(self.llm, inputs.embeds, positions=predicts),
+            "labels": labels[:, 1:][predicts[:, :-1]],
+            "pred": pred,
+            "out_lengths": out_lengths,
+            "tokens": int((labels != IGNORE_INDEX).sum()),
+            "speech_vectors": int(span.sum()),
+        }
         if teacher:
             has = batch["has_mse"].to(self.device)
             out["teacher_rows"] = has[predicts.nonzero(as_tuple=True)[0]]  # each logit row's item has a transcript
@@ -270,8 +343,12 @@ class SpeechLM(nn.Module):
             return torch.zeros(0, int(self.embedding.shape[0]), device=self.device)
         ids, words = batch["target_ids"], batch["num_words"]
         spans = [embed_tokens(self.llm, ids[b, : int(words[b])].to(self.device)) for b in keep]
-        inputs = self.build_inputs(spans, [batch["prefix"][b] for b in keep], [batch["suffix"][b] for b in keep],
-                                   [batch["response"][b] for b in keep])
+        inputs = self.build_inputs(
+            spans,
+            [batch["prefix"][b] for b in keep],
+            [batch["suffix"][b] for b in keep],
+            [batch["response"][b] for b in keep],
+        )
         with adapters_off(self.llm):
             return forward_embeds(self.llm, inputs.embeds, positions=response_positions(inputs.labels))
 
@@ -286,13 +363,26 @@ class SpeechLM(nn.Module):
         return PromptTemplate(user=user, instruction=instruction, system=self.template.system)
 
     @torch.no_grad()
-    def generate(self, spans: Sequence[Tensor], parts: Sequence[PromptParts], max_new_tokens: int = 150,
-                 stop_at_newline: Optional[bool] = None, **decoding) -> List[GenerationResult]:
+    def generate(
+        self,
+        spans: Sequence[Tensor],
+        parts: Sequence[PromptParts],
+        max_new_tokens: int = 150,
+        stop_at_newline: Optional[bool] = None,
+        **decoding,
+    ) -> List[GenerationResult]:
         """Greedy decoding (KV cache, batched) from each prompt with its span filled in."""
         inputs = self.build_inputs(spans, [p.prefix for p in parts], [p.suffix for p in parts])
         newline = self.stop_at_newline if stop_at_newline is None else stop_at_newline
-        return greedy_generate(self.llm, inputs.prompts(), max_new_tokens=max_new_tokens, stop_ids=self.chat.stop_ids,
-                               stop_at_newline=newline, newline_ids=self.newline_ids() if newline else None, **decoding)
+        return greedy_generate(
+            self.llm,
+            inputs.prompts(),
+            max_new_tokens=max_new_tokens,
+            stop_ids=self.chat.stop_ids,
+            stop_at_newline=newline,
+            newline_ids=self.newline_ids() if newline else None,
+            **decoding,
+        )
 
     def newline_ids(self):
         if self._newlines is None:
@@ -315,12 +405,16 @@ class SpeechLM(nn.Module):
         """The frozen SFM the projector's features came from (as the checkpoint records), loaded once."""
         if self._sfm is None:
             if not self.features or "sfm" not in self.features:
-                raise ValueError(f"{self.checkpoint} does not record which speech encoder made its features; "
-                                 "extract features with speechmapper_extract and use speechmapper_generate")
+                raise ValueError(
+                    f"{self.checkpoint} does not record which speech encoder made its features; "
+                    "extract features with speechmapper_extract and use speechmapper_generate"
+                )
             from speechmapper_tune.sfm import build_sfm
 
             s = dict(self.features["sfm"])
-            self._sfm = build_sfm(s.pop("name"), path=s.pop("path", None), layer=s.pop("layer", None), device=self.device, **s)
+            self._sfm = build_sfm(
+                s.pop("name"), path=s.pop("path", None), layer=s.pop("layer", None), device=self.device, **s
+            )
         return self._sfm
 
     @torch.no_grad()
@@ -331,7 +425,10 @@ class SpeechLM(nn.Module):
 
         k = int(self.features.get("average_frames", 1))
         dtype = getattr(torch, self.features.get("storage_dtype", "float16"))
-        return [torch.from_numpy(average_frames(f.float().cpu().numpy(), k)).to(dtype).float() for f in self.sfm().encode(list(waves))]
+        return [
+            torch.from_numpy(average_frames(f.float().cpu().numpy(), k)).to(dtype).float()
+            for f in self.sfm().encode(list(waves))
+        ]
 
     @torch.no_grad()
     def speech_spans(self, features: Sequence[Tensor]) -> List[Tensor]:
@@ -350,8 +447,14 @@ class SpeechLM(nn.Module):
         return self.build_inputs([span], [parts.prefix], [parts.suffix]).prompts()[0]
 
     @torch.no_grad()
-    def answer_waves(self, waves: Sequence[np.ndarray], instruction: Optional[str] = None, batch_size: int = 8,
-                     max_new_tokens: int = 150, on_batch: Optional[Callable[[int], None]] = None) -> List[str]:
+    def answer_waves(
+        self,
+        waves: Sequence[np.ndarray],
+        instruction: Optional[str] = None,
+        batch_size: int = 8,
+        max_new_tokens: int = 150,
+        on_batch: Optional[Callable[[int], None]] = None,
+    ) -> List[str]:
         """One answer per 16-kHz wave (each short enough for the SFM), batched by length."""
         parts = self.prompt_parts(instruction)
         newline = self.stop_at_newline and instruction is None
@@ -374,8 +477,15 @@ class SpeechLM(nn.Module):
         """The LLM's answer to ``instruction`` about each recording."""
         return self.answer_recordings(_waves(audio), instruction, **kwargs)
 
-    def answer_recordings(self, waves: Sequence[np.ndarray], instruction: Optional[str] = None,
-                          max_segment_seconds: float = 10.0, progress=None, vad: bool = True, **kwargs) -> List[str]:
+    def answer_recordings(
+        self,
+        waves: Sequence[np.ndarray],
+        instruction: Optional[str] = None,
+        max_segment_seconds: float = 10.0,
+        progress=None,
+        vad: bool = True,
+        **kwargs,
+    ) -> List[str]:
         """Recordings of any length: their speech (Silero VAD; ``vad=False``: the whole recording) cut at
         pauses into pieces the SFM takes, answered in length-sorted batches, the pieces' texts joined in
         order; no speech gives "". ``progress``: a tqdm bar (its total is set here)."""
@@ -386,7 +496,9 @@ class SpeechLM(nn.Module):
         if progress is not None:
             progress.total = len(flat)
             progress.refresh()
-        texts = self.answer_waves(flat, instruction, on_batch=progress.update if progress is not None else None, **kwargs)
+        texts = self.answer_waves(
+            flat, instruction, on_batch=progress.update if progress is not None else None, **kwargs
+        )
         out, k = [], 0
         for ps in pieces:
             out.append(" ".join(t for t in texts[k : k + len(ps)] if t))

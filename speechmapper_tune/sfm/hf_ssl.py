@@ -34,10 +34,14 @@ from speechmapper_tune.sfm.base import FrozenSFM, check_layer, to_output
 class HFSSLSFM(FrozenSFM):
     """Frozen wav2vec 2.0 / HuBERT style encoder (see module docstring)."""
 
-    def __init__(self, model, feature_extractor, layer: Optional[int] = None, batch_size: int = 8, max_seconds: float = 60.0):
+    def __init__(
+        self, model, feature_extractor, layer: Optional[int] = None, batch_size: int = 8, max_seconds: float = 60.0
+    ):
         super().__init__()
         if not hasattr(model, "_get_feat_extract_output_lengths"):
-            raise ValueError(f"hf_ssl: {type(model).__name__} has no conv feature encoder (_get_feat_extract_output_lengths)")
+            raise ValueError(
+                f"hf_ssl: {type(model).__name__} has no conv feature encoder (_get_feat_extract_output_lengths)"
+            )
         self.model = model
         self.feature_extractor = feature_extractor
         if feature_extractor.sampling_rate != self.sampling_rate:

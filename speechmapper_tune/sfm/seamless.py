@@ -81,16 +81,22 @@ def load_seamless_speech_encoder(path: str | Path, dtype: torch.dtype = torch.fl
     """Build the speech encoder from ``path/config.json`` and load its weights strictly."""
     path = Path(path)
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"seamless_m4t_v2: {path} has no config.json; pass a local SeamlessM4T-v2 model directory")
+        raise FileNotFoundError(
+            f"seamless_m4t_v2: {path} has no config.json; pass a local SeamlessM4T-v2 model directory"
+        )
     config = SeamlessM4Tv2Config.from_pretrained(path)
     if config.model_type != "seamless_m4t_v2":
-        raise ValueError(f"seamless_m4t_v2: {path}/config.json has model_type {config.model_type!r}, expected 'seamless_m4t_v2'")
+        raise ValueError(
+            f"seamless_m4t_v2: {path}/config.json has model_type {config.model_type!r}, expected 'seamless_m4t_v2'"
+        )
     encoder = SeamlessM4Tv2SpeechEncoder(config)
     state = load_speech_encoder_state(path)
     # Strict, but with an error that names the directory.
     missing, unexpected = encoder.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise ValueError(f"seamless_m4t_v2: {path}: weights do not match the config (missing {missing[:5]}, unexpected {unexpected[:5]})")
+        raise ValueError(
+            f"seamless_m4t_v2: {path}: weights do not match the config (missing {missing[:5]}, unexpected {unexpected[:5]})"
+        )
     return encoder.to(dtype)
 
 
@@ -111,7 +117,9 @@ class SeamlessSFM(FrozenSFM):
         self.encoder = encoder
         self.feature_extractor = feature_extractor
         if feature_extractor.sampling_rate != self.sampling_rate:
-            raise ValueError(f"seamless_m4t_v2: feature extractor expects {feature_extractor.sampling_rate} Hz, not 16000")
+            raise ValueError(
+                f"seamless_m4t_v2: feature extractor expects {feature_extractor.sampling_rate} Hz, not 16000"
+            )
         self.num_layers = len(encoder.encoder.layers)
         self.layer = check_layer(layer, self.num_layers, "seamless_m4t_v2")
         self.dim = encoder.config.hidden_size
@@ -136,7 +144,9 @@ class SeamlessSFM(FrozenSFM):
         waves = self.check_waves(waves, max_samples=self.max_samples)
         for i, w in enumerate(waves):
             if self.num_frames(w.size) < 1:
-                raise ValueError(f"seamless_m4t_v2: waveform {i} has {w.size} samples; at least 560 are needed for one frame")
+                raise ValueError(
+                    f"seamless_m4t_v2: waveform {i} has {w.size} samples; at least 560 are needed for one frame"
+                )
         order = sorted(range(len(waves)), key=lambda i: -waves[i].size)
         out: List[Optional[torch.Tensor]] = [None] * len(waves)
         captured: List[torch.Tensor] = []
@@ -150,7 +160,9 @@ class SeamlessSFM(FrozenSFM):
                 )
                 captured.clear()
                 with torch.inference_mode():
-                    self.encoder(inputs.input_features.to(p.device, p.dtype), attention_mask=inputs.attention_mask.to(p.device))
+                    self.encoder(
+                        inputs.input_features.to(p.device, p.dtype), attention_mask=inputs.attention_mask.to(p.device)
+                    )
                 lengths = inputs.attention_mask.sum(-1).tolist()
                 for i, t in zip(idx, to_output(captured[-1], lengths)):
                     out[i] = t
@@ -170,6 +182,8 @@ def load_seamless_sfm(
     if not path:
         raise ValueError("seamless_m4t_v2: a local model directory is required (path=...); nothing is downloaded")
     if not (Path(path) / "preprocessor_config.json").is_file():
-        raise FileNotFoundError(f"seamless_m4t_v2: {path} has no preprocessor_config.json (SeamlessM4TFeatureExtractor)")
+        raise FileNotFoundError(
+            f"seamless_m4t_v2: {path} has no preprocessor_config.json (SeamlessM4TFeatureExtractor)"
+        )
     fe = SeamlessM4TFeatureExtractor.from_pretrained(path)
     return SeamlessSFM(load_seamless_speech_encoder(path, dtype), fe, layer=layer, **kwargs).to(device)

@@ -136,7 +136,9 @@ def source_files(name: str) -> List[Path]:
     files = [_package_dir(pkg, name) / rel for pkg, rel in WHISPER_MODELS[name][1]]
     for f in files:
         if not f.is_file():
-            raise FileNotFoundError(f"Whisper model {name!r}: expected file {f} is missing; reinstall: {_PIP_HINT[name]}")
+            raise FileNotFoundError(
+                f"Whisper model {name!r}: expected file {f} is missing; reinstall: {_PIP_HINT[name]}"
+            )
     return files
 
 
@@ -228,7 +230,9 @@ def convert_ct2_encoder(ct2: CT2Model) -> Tuple[WhisperConfig, Dict[str, torch.T
         encoder_ffn_dim=int(ct2.get("encoder/layer_0/ffn/linear_0/weight").shape[0]),
         max_source_positions=int(ct2.get("encoder/position_encodings/encodings").shape[0]),
         # The decoder is not converted; its sizes are recorded only for a faithful config.
-        decoder_layers=sum(1 for k in ct2.variables if k.startswith("decoder/layer_") and k.endswith("ffn/linear_0/weight")),
+        decoder_layers=sum(
+            1 for k in ct2.variables if k.startswith("decoder/layer_") and k.endswith("ffn/linear_0/weight")
+        ),
         decoder_attention_heads=int(ct2.get("decoder/num_heads")),
         decoder_ffn_dim=int(ct2.get("decoder/layer_0/ffn/linear_0/weight").shape[0]),
         max_target_positions=int(ct2.get("decoder/position_encodings/encodings").shape[0]),

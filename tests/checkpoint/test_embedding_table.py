@@ -151,8 +151,10 @@ def peaks():
 def test_peak_memory_does_not_grow_with_layers(peaks, fmt):
     (shape_few, load_few), (shape_many, load_many) = peaks[FEW][fmt], peaks[MANY][fmt]
     size_gap_mb = (MANY - FEW) * 2 * LAYER_ROWS * LAYER_COLS * 4 / MB  # 352 MB of extra layers
-    print(f"{fmt}: load peak {load_few:.1f} MB ({FEW} layers) vs {load_many:.1f} MB ({MANY} layers); "
-          f"shape peak {shape_few:.1f} / {shape_many:.1f} MB; size gap {size_gap_mb:.0f} MB")
+    print(
+        f"{fmt}: load peak {load_few:.1f} MB ({FEW} layers) vs {load_many:.1f} MB ({MANY} layers); "
+        f"shape peak {shape_few:.1f} / {shape_many:.1f} MB; size gap {size_gap_mb:.0f} MB"
+    )
     assert load_many - load_few < 40, (load_few, load_many)
     assert load_many < 4 * VOCAB * DIM * 4 / MB, load_many  # a few copies of the 8 MB table at most
     assert shape_many < 4, shape_many  # metadata only: the 8 MB table is not paged in
@@ -205,8 +207,10 @@ def test_meta_original_layout_and_pytorch_bin_index(tmp_path):
     hf.mkdir()
     torch.save({"model.embed_tokens.weight": emb}, hf / "pytorch_model-00001-of-00002.bin")
     (hf / "pytorch_model-00002-of-00002.bin").write_bytes(b"garbage")
-    weight_map = {"model.embed_tokens.weight": "pytorch_model-00001-of-00002.bin",
-                  "model.norm.weight": "pytorch_model-00002-of-00002.bin"}
+    weight_map = {
+        "model.embed_tokens.weight": "pytorch_model-00001-of-00002.bin",
+        "model.norm.weight": "pytorch_model-00002-of-00002.bin",
+    }
     (hf / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
     assert torch.equal(load_embedding_table(hf), emb)
     assert embedding_shape(hf) == (32, 8)

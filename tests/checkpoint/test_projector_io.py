@@ -83,6 +83,7 @@ def _kill_at(monkeypatch, n):
             if calls["n"] == n:
                 raise Killed
             return fn(*args, **kwargs)
+
         return wrapped
 
     monkeypatch.setattr(os, "replace", dying(os.replace))
@@ -96,7 +97,7 @@ def _assert_complete(folder):
 
 def test_a_save_killed_at_any_point_leaves_latest_on_a_complete_checkpoint(tmp_path, monkeypatch):
     model = speechmapper_tiny()
-    for step, resave in ((30, False), (20, True)):  # a new step, and the step latest names saved again
+    for step, _resave in ((30, False), (20, True)):  # a new step, and the step latest names saved again
         n = 1
         while True:
             root = tmp_path / f"{step}_{n}"
@@ -227,7 +228,9 @@ def test_a_projector_without_a_fingerprint_is_loaded_with_a_warning(tmp_path, ca
     check_projector_fits({**meta, "llm": {"fingerprint": embedding_fingerprint(table)}}, table, "ckpt")
     assert not caplog.text
     with pytest.raises(ValueError, match="another LLM"):
-        check_projector_fits({**meta, "llm": {"fingerprint": embedding_fingerprint(torch.randn(50, 32))}}, table, "ckpt")
+        check_projector_fits(
+            {**meta, "llm": {"fingerprint": embedding_fingerprint(torch.randn(50, 32))}}, table, "ckpt"
+        )
 
 
 def test_a_new_run_is_refused_in_a_folder_with_checkpoints(tmp_path):

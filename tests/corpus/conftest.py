@@ -1,7 +1,6 @@
 """Fixtures of the corpus tests."""
 
 import pytest
-
 from corpus_helpers import FAKE_DATA_NOUN, FAKE_DATA_VERB
 
 
@@ -13,4 +12,3 @@ def fake_wordnet(tmp_path):
     (folder / "data.noun").write_text(FAKE_DATA_NOUN, encoding="latin-1")
     (folder / "data.verb").write_text(FAKE_DATA_VERB, encoding="latin-1")
     return folder
-

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 import soundfile as sf
+from corpus_helpers import needs, plain_sentences, write_wordnet
 from lhotse import CutSet, load_manifest
 
-from corpus_helpers import needs, plain_sentences, write_wordnet
 from speechmapper_tune.corpus import CorpusSettings, build_corpus, load_audio_manifest
 
 REPO = Path(__file__).resolve().parents[2]
@@ -31,13 +31,21 @@ def tiny_settings(tmp_path, num_workers=0):
     if not train or not test:
         pytest.skip("no TTS engine installed (apt-get install espeak-ng flite festival ...)")
     wordnet = write_wordnet(tmp_path / "wordnet", plain_sentences(40))
-    return CorpusSettings.from_dict({
-        "output_dir": str(tmp_path / "corpus"), "seed": 1, "num_workers": num_workers,
-        "chunk_size": 2, "progress": False, "wordnet_dir": str(wordnet),
-        "splits": {"train": {"sentences": 2 * len(train), "voices": train},
-                   "dev": {"sentences": len(train)},
-                   "test": {"sentences": len(test), "voices": test}},
-    })
+    return CorpusSettings.from_dict(
+        {
+            "output_dir": str(tmp_path / "corpus"),
+            "seed": 1,
+            "num_workers": num_workers,
+            "chunk_size": 2,
+            "progress": False,
+            "wordnet_dir": str(wordnet),
+            "splits": {
+                "train": {"sentences": 2 * len(train), "voices": train},
+                "dev": {"sentences": len(train)},
+                "test": {"sentences": len(test), "voices": test},
+            },
+        }
+    )
 
 
 def test_build_manifests_and_resume(tmp_path):
@@ -95,10 +103,17 @@ def test_recipe_cli_tiny_config(tmp_path):
     if not Path("/usr/share/wordnet/data.noun").is_file():
         pytest.skip("wordnet-base not installed")
     out = tmp_path / "tiny"
-    cmd = [sys.executable, "recipes/speechmapper_corpus.py", "--config", "corpus/tts_en_tiny",
-           f"output_dir={out}", "engines.flite.binary=no-such-flite"]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    cmd = [
+        sys.executable,
+        "recipes/speechmapper_corpus.py",
+        "--config",
+        "corpus/tts_en_tiny",
+        f"output_dir={out}",
+        "engines.flite.binary=no-such-flite",
+    ]
+    proc = subprocess.run(
+        cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)}
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "no-such-flite" in proc.stderr  # the flite voices were skipped with a warning
     rows = {}

@@ -30,11 +30,14 @@ def write_jsonl(path, rows):
 
 
 def test_plain_jsonl_relative_paths_and_custom_fields(tmp_path, wavs):
-    manifest = write_jsonl(tmp_path / "m.jsonl", [
-        {"id": "u1", "audio": "wav/a.wav", "text": "hello world", "lang": "en", "voice": "flite:slt"},
-        "",
-        {"id": "u2", "audio": str(wavs[1]), "text": "second one", "duration": 9.9},
-    ])
+    manifest = write_jsonl(
+        tmp_path / "m.jsonl",
+        [
+            {"id": "u1", "audio": "wav/a.wav", "text": "hello world", "lang": "en", "voice": "flite:slt"},
+            "",
+            {"id": "u2", "audio": str(wavs[1]), "text": "second one", "duration": 9.9},
+        ],
+    )
     cuts = load_audio_manifest(manifest)
     assert [c.id for c in cuts] == ["u1", "u2"]
     assert cuts["u1"].duration == pytest.approx(1.0) and cuts["u2"].duration == pytest.approx(0.5)
@@ -43,13 +46,16 @@ def test_plain_jsonl_relative_paths_and_custom_fields(tmp_path, wavs):
     assert sup2.language is None and cuts["u1"].load_audio().shape == (1, SR)
 
 
-@pytest.mark.parametrize("row, message", [
-    ("{not json", "line 2: invalid JSON"),
-    ('["a list"]', "line 2: expected a JSON object"),
-    ({"id": "u2", "text": "no audio"}, "line 2: field 'audio'"),
-    ({"id": "u1", "audio": "wav/b.wav", "text": "x"}, "line 2: id 'u1' already used on line 1"),
-    ({"id": "u2", "audio": "wav/b.wav", "text": "x", "lang": 3}, "line 2: field 'lang'"),
-])
+@pytest.mark.parametrize(
+    "row, message",
+    [
+        ("{not json", "line 2: invalid JSON"),
+        ('["a list"]', "line 2: expected a JSON object"),
+        ({"id": "u2", "text": "no audio"}, "line 2: field 'audio'"),
+        ({"id": "u1", "audio": "wav/b.wav", "text": "x"}, "line 2: id 'u1' already used on line 1"),
+        ({"id": "u2", "audio": "wav/b.wav", "text": "x", "lang": 3}, "line 2: field 'lang'"),
+    ],
+)
 def test_plain_jsonl_errors_name_file_and_line(tmp_path, wavs, row, message):
     manifest = write_jsonl(tmp_path / "bad.jsonl", [{"id": "u1", "audio": "wav/a.wav", "text": "ok"}, row])
     with pytest.raises(ValueError, match=f"bad.jsonl, {message}"):
@@ -58,11 +64,14 @@ def test_plain_jsonl_errors_name_file_and_line(tmp_path, wavs, row, message):
 
 def test_missing_or_unreadable_audio_is_flagged_per_item_not_fatal(tmp_path, wavs):
     (tmp_path / "wav" / "junk.wav").write_bytes(b"not audio")
-    manifest = write_jsonl(tmp_path / "m.jsonl", [
-        {"id": "u1", "audio": "wav/a.wav", "text": "ok"},
-        {"id": "u2", "audio": "wav/missing.wav", "text": "x"},
-        {"id": "u3", "audio": "wav/junk.wav", "text": "y"},
-    ])
+    manifest = write_jsonl(
+        tmp_path / "m.jsonl",
+        [
+            {"id": "u1", "audio": "wav/a.wav", "text": "ok"},
+            {"id": "u2", "audio": "wav/missing.wav", "text": "x"},
+            {"id": "u3", "audio": "wav/junk.wav", "text": "y"},
+        ],
+    )
     cuts = {c.id: c for c in load_audio_manifest(manifest)}
     assert not (cuts["u1"].supervisions[0].custom or {}).get("audio_error")
     assert "missing.wav does not exist" in cuts["u2"].supervisions[0].custom["audio_error"]
@@ -72,8 +81,7 @@ def test_missing_or_unreadable_audio_is_flagged_per_item_not_fatal(tmp_path, wav
 def lhotse_sets(wavs):
     recs = RecordingSet.from_recordings(Recording.from_file(w, recording_id=w.stem) for w in wavs)
     sups = SupervisionSet.from_segments(
-        SupervisionSegment(id=r.id, recording_id=r.id, start=0, duration=r.duration, text=f"text {r.id}")
-        for r in recs
+        SupervisionSegment(id=r.id, recording_id=r.id, start=0, duration=r.duration, text=f"text {r.id}") for r in recs
     )
     return recs, sups
 
@@ -89,8 +97,9 @@ def test_lhotse_recordings_plus_supervisions(tmp_path, wavs):
     recs, sups = lhotse_sets(wavs)
     recs.to_file(tmp_path / "x_recordings_dev.jsonl.gz")
     sups.to_file(tmp_path / "x_supervisions_dev.jsonl.gz")
-    explicit = load_audio_manifest(tmp_path / "x_supervisions_dev.jsonl.gz",
-                                   supervisions=tmp_path / "x_recordings_dev.jsonl.gz")
+    explicit = load_audio_manifest(
+        tmp_path / "x_supervisions_dev.jsonl.gz", supervisions=tmp_path / "x_recordings_dev.jsonl.gz"
+    )
     sibling = load_audio_manifest(tmp_path / "x_recordings_dev.jsonl.gz")
     for cuts in (explicit, sibling):
         assert sorted((c.id, c.supervisions[0].text) for c in cuts) == [("a", "text a"), ("b", "text b")]
@@ -113,7 +122,9 @@ def test_librispeech_root_and_part_folder(tmp_path):
     for folder in (root, root / "dev-clean"):
         cuts = load_audio_manifest(folder)
         assert sorted((c.id, c.supervisions[0].text, c.supervisions[0].language) for c in cuts) == [
-            ("84-121123-0000", "GO DO YOU HEAR", "en"), ("84-121123-0001", "BUT IN LESS", "en")]
+            ("84-121123-0000", "GO DO YOU HEAR", "en"),
+            ("84-121123-0001", "BUT IN LESS", "en"),
+        ]
         assert cuts["84-121123-0001"].duration == pytest.approx(0.4)
 
 

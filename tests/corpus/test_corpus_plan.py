@@ -3,13 +3,12 @@
 from collections import Counter
 
 import pytest
+from corpus_helpers import plain_sentences
 
 from speechmapper_tune.corpus.engines import Voice, make_engine
 from speechmapper_tune.corpus.plan import make_plan
 from speechmapper_tune.corpus.sentences import filter_sentences
 from speechmapper_tune.corpus.settings import CorpusSettings
-
-from corpus_helpers import plain_sentences
 
 TRAIN = ["espeak-ng:en-us", "espeak-ng:en-gb+m3", "flite:kal16", "festival:voice_kal_diphone"]
 TEST = ["flite:slt", "espeak-ng:en-us+f5"]
@@ -18,7 +17,8 @@ ENGINES = {name: make_engine(name) for name in ("espeak-ng", "flite", "festival"
 
 def config(**overrides):
     cfg = {
-        "output_dir": "/tmp/unused", "seed": 3,
+        "output_dir": "/tmp/unused",
+        "seed": 3,
         "splits": {
             "train": {"sentences": 40, "voices": TRAIN},
             "dev": {"sentences": 10, "voices": None},
@@ -58,27 +58,37 @@ def test_plan_is_deterministic_for_a_seed(sentences):
 
 
 def test_growing_train_keeps_dev_and_test(sentences):
-    small, big = plan_for(sentences), plan_for(sentences, splits={
-        "train": {"sentences": 60, "voices": TRAIN},
-        "dev": {"sentences": 10},
-        "test": {"sentences": 12, "voices": TEST, "voices_per_sentence": 2},
-    })
+    small, big = (
+        plan_for(sentences),
+        plan_for(
+            sentences,
+            splits={
+                "train": {"sentences": 60, "voices": TRAIN},
+                "dev": {"sentences": 10},
+                "test": {"sentences": 12, "voices": TEST, "voices_per_sentence": 2},
+            },
+        ),
+    )
     assert small["test"] == big["test"] and small["dev"] == big["dev"]
 
 
 def test_train_all_takes_every_remaining_sentence_and_keeps_dev_and_test(sentences):
     fixed = plan_for(sentences)
-    every = plan_for(sentences, splits={
-        "train": {"sentences": "all", "voices": TRAIN},
-        "dev": {"sentences": 10},
-        "test": {"sentences": 12, "voices": TEST, "voices_per_sentence": 2},
-    })
+    every = plan_for(
+        sentences,
+        splits={
+            "train": {"sentences": "all", "voices": TRAIN},
+            "dev": {"sentences": 10},
+            "test": {"sentences": 12, "voices": TEST, "voices_per_sentence": 2},
+        },
+    )
     assert len(every["train"]) == 100 - 10 - 12
     assert every["test"] == fixed["test"] and every["dev"] == fixed["dev"]
     assert [u.text for u in every["train"][:40]] == [u.text for u in fixed["train"]]  # a smaller train is its prefix
     with pytest.raises(ValueError, match="splits.dev.sentences=all: only splits.train"):
-        CorpusSettings.from_dict(config(splits={"train": {"sentences": 1, "voices": TRAIN},
-                                                "dev": {"sentences": "all"}}))
+        CorpusSettings.from_dict(
+            config(splits={"train": {"sentences": 1, "voices": TRAIN}, "dev": {"sentences": "all"}})
+        )
 
 
 def test_voices_balanced_and_params_seeded(sentences):
@@ -97,34 +107,60 @@ def test_voices_balanced_and_params_seeded(sentences):
 
 def test_too_many_sentences_is_an_error(sentences):
     with pytest.raises(ValueError, match="splits.train.sentences=90.*only 100"):
-        plan_for(sentences, splits={
-            "train": {"sentences": 90, "voices": TRAIN}, "test": {"sentences": 12, "voices": TEST},
-        })
+        plan_for(
+            sentences,
+            splits={
+                "train": {"sentences": 90, "voices": TRAIN},
+                "test": {"sentences": 12, "voices": TEST},
+            },
+        )
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"splits": {"train": {"sentences": 1, "voices": TRAIN}, "test": {"sentences": 1, "voices": ["flite:kal16"]}}},
-     "splits.test.voices must be held out of train"),
-    ({"splits": {"train": {"sentences": 1, "voices": TRAIN}, "test": {"sentences": 1, "voices": ["festival:kal_diphone"]}}},
-     r"\['festival:kal_diphone'\] are also in splits.train.voices"),
-    ({"splits": {"train": {"sentences": 1, "voices": ["kal16"]}}}, "splits.train.voices"),
-    ({"splits": {"train": {"sentences": 1, "voices": ["say:alex"]}}}, "splits.train.voices"),
-    ({"splits": {"train": {"sentences": 1, "voices": TRAIN}, "valid": {"sentences": 1}}}, "unknown split"),
-    ({"splits": {"train": {"sentences": 1, "voices": TRAIN, "voices_per_sentence": 9}}}, "voices_per_sentence=9"),
-    ({"num_workers": -1}, "num_workers"),
-    ({"outputdir": "x"}, "Unknown corpus config keys"),
-    ({"output_dir": None}, "output_dir is required"),
-    ({"engines": {"espeak-ng": {"speed": [200, 100]}}}, "engines.espeak-ng.speed"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (
+            {
+                "splits": {
+                    "train": {"sentences": 1, "voices": TRAIN},
+                    "test": {"sentences": 1, "voices": ["flite:kal16"]},
+                }
+            },
+            "splits.test.voices must be held out of train",
+        ),
+        (
+            {
+                "splits": {
+                    "train": {"sentences": 1, "voices": TRAIN},
+                    "test": {"sentences": 1, "voices": ["festival:kal_diphone"]},
+                }
+            },
+            r"\['festival:kal_diphone'\] are also in splits.train.voices",
+        ),
+        ({"splits": {"train": {"sentences": 1, "voices": ["kal16"]}}}, "splits.train.voices"),
+        ({"splits": {"train": {"sentences": 1, "voices": ["say:alex"]}}}, "splits.train.voices"),
+        ({"splits": {"train": {"sentences": 1, "voices": TRAIN}, "valid": {"sentences": 1}}}, "unknown split"),
+        ({"splits": {"train": {"sentences": 1, "voices": TRAIN, "voices_per_sentence": 9}}}, "voices_per_sentence=9"),
+        ({"num_workers": -1}, "num_workers"),
+        ({"outputdir": "x"}, "Unknown corpus config keys"),
+        ({"output_dir": None}, "output_dir is required"),
+        ({"engines": {"espeak-ng": {"speed": [200, 100]}}}, "engines.espeak-ng.speed"),
+    ],
+)
 def test_settings_errors_name_the_setting(change, message):
     with pytest.raises(ValueError, match=message):
         CorpusSettings.from_dict(config(**change))
 
 
 def test_same_recorded_speaker_in_test_warns(caplog):
-    CorpusSettings.from_dict(config(splits={
-        "train": {"sentences": 1, "voices": TRAIN},
-        "test": {"sentences": 1, "voices": ["flite:kal", "flite:slt"]}}))
+    CorpusSettings.from_dict(
+        config(
+            splits={
+                "train": {"sentences": 1, "voices": TRAIN},
+                "test": {"sentences": 1, "voices": ["flite:kal", "flite:slt"]},
+            }
+        )
+    )
     assert "flite:kal is the same recorded speaker (kal)" in caplog.text
     assert "flite:slt" not in caplog.text
 
@@ -134,13 +170,19 @@ def test_voice_spec_and_slug():
     assert (voice.engine, voice.name, voice.slug) == ("espeak-ng", "en-us+m3", "espeak_ng_en_us_m3")
 
 
-@pytest.mark.parametrize("dev_voices, message", [
-    (["espeak-ng:en-us+m8", "flite:kal16"], "splits.dev.voices must be held out of train, but \\['flite:kal16'\\]"),
-    (["espeak-ng:en-us+m8", "flite:slt"], "splits.dev.voices must be held out of test, but \\['flite:slt'\\]"),
-])
+@pytest.mark.parametrize(
+    "dev_voices, message",
+    [
+        (["espeak-ng:en-us+m8", "flite:kal16"], "splits.dev.voices must be held out of train, but \\['flite:kal16'\\]"),
+        (["espeak-ng:en-us+m8", "flite:slt"], "splits.dev.voices must be held out of test, but \\['flite:slt'\\]"),
+    ],
+)
 def test_dev_voices_given_are_held_out_of_train_and_test(dev_voices, message):
-    splits = {"train": {"sentences": 1, "voices": TRAIN}, "dev": {"sentences": 1, "voices": dev_voices},
-              "test": {"sentences": 1, "voices": TEST}}
+    splits = {
+        "train": {"sentences": 1, "voices": TRAIN},
+        "dev": {"sentences": 1, "voices": dev_voices},
+        "test": {"sentences": 1, "voices": TEST},
+    }
     with pytest.raises(ValueError, match=message):
         CorpusSettings.from_dict(config(splits=splits))
     splits["dev"]["voices"] = ["espeak-ng:en-us+m8"]
@@ -164,8 +206,10 @@ def test_large_corpus_has_the_dev_and_test_of_tts_en_and_40_held_out_train_voice
 
     from speechmapper_tune.configs import resolve_config
 
-    small, large = (CorpusSettings.from_dict(OmegaConf.to_container(OmegaConf.load(resolve_config(name))))
-                    for name in ("corpus/tts_en", "corpus/tts_en_large"))
+    small, large = (
+        CorpusSettings.from_dict(OmegaConf.to_container(OmegaConf.load(resolve_config(name))))
+        for name in ("corpus/tts_en", "corpus/tts_en_large")
+    )
     # what the dev/test plan depends on (seed, text filter, engine ranges, held-out splits) is identical
     for key in ("seed", "min_words", "max_words", "spell_out_numbers", "engines", "wordnet_dir"):
         assert getattr(small, key) == getattr(large, key), key

@@ -24,19 +24,22 @@ def test_missing_wordnet_names_the_package(tmp_path):
         list(iter_wordnet_examples(tmp_path))
 
 
-@pytest.mark.parametrize("raw, expected", [
-    ("clean for 4 years", "clean for four years"),
-    ("in the early 1950s", "in the early nineteen fifties"),
-    ("the 20th century", "the twentieth century"),
-    ("a widow in her 70s", "a widow in her seventies"),
-    ("it cost 1,000 dollars", "it cost one thousand dollars"),
-    ("after July 4 this year", "after July fourth this year"),
-    ("the 48 states", "the forty-eight states"),
-    ("a figure of 8.5 percent", None),
-    ("it cost $100", None),
-    ("vision was 20:20", None),
-    ("agent 007 is here", None),
-])
+@pytest.mark.parametrize(
+    "raw, expected",
+    [
+        ("clean for 4 years", "clean for four years"),
+        ("in the early 1950s", "in the early nineteen fifties"),
+        ("the 20th century", "the twentieth century"),
+        ("a widow in her 70s", "a widow in her seventies"),
+        ("it cost 1,000 dollars", "it cost one thousand dollars"),
+        ("after July 4 this year", "after July fourth this year"),
+        ("the 48 states", "the forty-eight states"),
+        ("a figure of 8.5 percent", None),
+        ("it cost $100", None),
+        ("vision was 20:20", None),
+        ("agent 007 is here", None),
+    ],
+)
 def test_spell_out_numbers(raw, expected):
     assert spell_out_numbers(raw) == expected
 
@@ -54,8 +57,16 @@ def test_filter_reasons_and_stored_text(fake_wordnet):
         "he ran to the station in the rain",
         "they walked home after july fourth this year",
     ]
-    assert stats == {"total": 15, "kept": 8, "duplicate": 1, "digits": 1, "acronym": 1,
-                     "symbols": 1, "length": 2, "abbreviation": 1}
+    assert stats == {
+        "total": 15,
+        "kept": 8,
+        "duplicate": 1,
+        "digits": 1,
+        "acronym": 1,
+        "symbols": 1,
+        "length": 2,
+        "abbreviation": 1,
+    }
     by_text = {s.text: s for s in kept}
     # The engine reads the WordNet wording (capitals kept), the manifest stores the normalized text.
     assert by_text["the number one begins the sequence"].tts_text == "The number 'one' begins the sequence"

@@ -16,7 +16,13 @@ import pytest
 import soundfile as sf
 
 from speechmapper_tune.corpus import load_audio_manifest
-from speechmapper_tune.corpus.paper_corpora import QAS, TARGET_LANG, TRANSLATION, detect_corpus_format, read_spoken_squad
+from speechmapper_tune.corpus.paper_corpora import (
+    QAS,
+    TARGET_LANG,
+    TRANSLATION,
+    detect_corpus_format,
+    read_spoken_squad,
+)
 from speechmapper_tune.data.extract import load_cut_audio
 
 SR = 16000
@@ -48,8 +54,10 @@ def covost_fixture(tmp_path):
     tsv.write_text(
         "path\tsentence\ttranslation\tclient_id\n"
         "common_voice_en_1.mp3\tHello there.\tHallo zusammen.\tc1\n"
-        "common_voice_en_2.mp3\tA \"quoted\" word.\tEin \"zitiertes\" Wort.\tc2\n"
-        "common_voice_en_3.mp3\tNot downloaded.\tNicht geladen.\tc3\n", encoding="utf-8")
+        'common_voice_en_2.mp3\tA "quoted" word.\tEin "zitiertes" Wort.\tc2\n'
+        "common_voice_en_3.mp3\tNot downloaded.\tNicht geladen.\tc3\n",
+        encoding="utf-8",
+    )
     return tsv
 
 
@@ -99,11 +107,13 @@ def europarl_fixture(tmp_path):
     (root / "en" / "audios" / "en.20080925.4.3-018.m4a").write_bytes(b"\0\0\0\x18ftypM4A ")  # not converted
     split = root / "en" / "de" / "dev"
     split.mkdir(parents=True)
-    (split / "segments.lst").write_text("en.20080924.31.3-243 1.00 2.00\n"
-                                        "en.20080924.31.3-243 2.00 2.90\n"
-                                        "en.20080925.4.3-018 0.50 3.00\n")
+    (split / "segments.lst").write_text(
+        "en.20080924.31.3-243 1.00 2.00\nen.20080924.31.3-243 2.00 2.90\nen.20080925.4.3-018 0.50 3.00\n"
+    )
     (split / "segments.en").write_text("Madam President, thank you.\nI agree.\nUnconverted speech.\n")
-    (split / "segments.de").write_text("Frau Präsidentin, danke.\nIch stimme zu.\nNicht konvertiert.\n", encoding="utf-8")
+    (split / "segments.de").write_text(
+        "Frau Präsidentin, danke.\nIch stimme zu.\nNicht konvertiert.\n", encoding="utf-8"
+    )
     (split / "speeches.lst").write_text("en.20080924.31.3-243\nen.20080925.4.3-018\n")
     return root, split, speech
 
@@ -141,8 +151,9 @@ def test_europarl_st_malformed_parts_name_file_and_line(tmp_path):
 
 def test_europarl_st_segment_past_the_audio_is_skipped(tmp_path, caplog):
     _, split, _ = europarl_fixture(tmp_path)
-    (split / "segments.lst").write_text("en.20080924.31.3-243 1.00 2.00\nen.20080924.31.3-243 2.00 9.00\n"
-                                        "en.20080924.31.3-243 0.00 0.50\n")
+    (split / "segments.lst").write_text(
+        "en.20080924.31.3-243 1.00 2.00\nen.20080924.31.3-243 2.00 9.00\nen.20080924.31.3-243 0.00 0.50\n"
+    )
     with caplog.at_level(logging.WARNING):
         cuts = list(load_audio_manifest(split))
     assert [c.id for c in cuts] == ["en.20080924.31.3-243_0001", "en.20080924.31.3-243_0003"]
@@ -151,13 +162,37 @@ def test_europarl_st_segment_past_the_audio_is_skipped(tmp_path, caplog):
 
 # ----------------------------------------------------------------------------- Spoken-SQuAD
 
-SQUAD = {"data": [{"title": "Super_Bowl_50", "paragraphs": [
-    {"context": "super bowl fifty was an american football game. the game was played in santa clara.",
-     "qas": [{"id": "q1", "question": "Where was Super Bowl 50 played?", "answers": [{"answer_start": 70, "text": "santa clara"},
-                                                                                     {"answer_start": 70, "text": "santa clara"}]},
-             {"id": "q2", "question": "What kind of game was it?", "answers": [{"answer_start": 24, "text": "american football"}]}]},
-    {"context": "a paragraph whose first sentence has no audio.", "qas": [{"id": "q3", "question": "Why?", "answers": []}]},
-]}]}
+SQUAD = {
+    "data": [
+        {
+            "title": "Super_Bowl_50",
+            "paragraphs": [
+                {
+                    "context": "super bowl fifty was an american football game. the game was played in santa clara.",
+                    "qas": [
+                        {
+                            "id": "q1",
+                            "question": "Where was Super Bowl 50 played?",
+                            "answers": [
+                                {"answer_start": 70, "text": "santa clara"},
+                                {"answer_start": 70, "text": "santa clara"},
+                            ],
+                        },
+                        {
+                            "id": "q2",
+                            "question": "What kind of game was it?",
+                            "answers": [{"answer_start": 24, "text": "american football"}],
+                        },
+                    ],
+                },
+                {
+                    "context": "a paragraph whose first sentence has no audio.",
+                    "qas": [{"id": "q3", "question": "Why?", "answers": []}],
+                },
+            ],
+        }
+    ]
+}
 
 
 def spoken_squad_fixture(tmp_path):
@@ -181,8 +216,10 @@ def test_spoken_squad_joins_sentence_wavs_into_paragraph_cuts_with_their_questio
     cut = cuts[0]
     sup = cut.supervisions[0]
     assert sup.text == SQUAD["data"][0]["paragraphs"][0]["context"] and sup.language == "en"
-    assert sup.custom[QAS] == [{"id": "q1", "question": "Where was Super Bowl 50 played?", "answers": ["santa clara", "santa clara"]},
-                               {"id": "q2", "question": "What kind of game was it?", "answers": ["american football"]}]
+    assert sup.custom[QAS] == [
+        {"id": "q1", "question": "Where was Super Bowl 50 played?", "answers": ["santa clara", "santa clara"]},
+        {"id": "q2", "question": "What kind of game was it?", "answers": ["american football"]},
+    ]
     paragraph_wav = wavs.with_name("dev_wav_paragraphs") / "0_0.wav"
     assert cut.recording.sources[0].source == str(paragraph_wav)
     audio, sr = sf.read(str(paragraph_wav), dtype="float32")
@@ -203,7 +240,9 @@ def test_spoken_squad_malformed_json_names_file_line_and_item(tmp_path):
     bad = json.loads(json.dumps(SQUAD))
     del bad["data"][0]["paragraphs"][0]["qas"][1]["question"]
     js.write_text(json.dumps(bad))
-    with pytest.raises(ValueError, match=r"data\[0\].paragraphs\[0\].qas\[1\]: expected an object with 'id' and 'question'"):
+    with pytest.raises(
+        ValueError, match=r"data\[0\].paragraphs\[0\].qas\[1\]: expected an object with 'id' and 'question'"
+    ):
         load_audio_manifest(js)
 
 
@@ -212,12 +251,18 @@ def test_spoken_squad_malformed_json_names_file_line_and_item(tmp_path):
 
 def test_voxpopuli_transcribed_layout(tmp_path, caplog):
     lang_dir = tmp_path / "transcribed_data" / "en"
-    write_audio(lang_dir / "2009" / "20090113-0900-PLENARY-12-en_20090113-19:43:42_3.ogg", tone(0.8),
-                format="OGG", subtype="VORBIS")
+    write_audio(
+        lang_dir / "2009" / "20090113-0900-PLENARY-12-en_20090113-19:43:42_3.ogg",
+        tone(0.8),
+        format="OGG",
+        subtype="VORBIS",
+    )
     tsv = lang_dir / "asr_test.tsv"
-    tsv.write_text("id\traw_text\tnormalized_text\tspeaker_id\tsplit\tgender\n"
-                   "20090113-0900-PLENARY-12-en_20090113-19:43:42_3\tMr President, 2 points.\tmr president two points\t96\ttest\tmale\n"
-                   "20100305-0900-PLENARY-4-en_20100305-10:00:00_1\tGone.\tgone\t12\ttest\tfemale\n")
+    tsv.write_text(
+        "id\traw_text\tnormalized_text\tspeaker_id\tsplit\tgender\n"
+        "20090113-0900-PLENARY-12-en_20090113-19:43:42_3\tMr President, 2 points.\tmr president two points\t96\ttest\tmale\n"
+        "20100305-0900-PLENARY-4-en_20100305-10:00:00_1\tGone.\tgone\t12\ttest\tfemale\n"
+    )
     assert detect_corpus_format(tsv) == "voxpopuli"
     with caplog.at_level(logging.WARNING):
         cuts = list(load_audio_manifest(tsv))
@@ -228,7 +273,7 @@ def test_voxpopuli_transcribed_layout(tmp_path, caplog):
     assert cuts[0].duration == pytest.approx(0.8)
     assert load_cut_audio(cuts[0], 30.0).shape == (int(0.8 * SR),)
     assert "audio file missing: 1" in warnings_of(caplog)
-    tsv.write_text("id\traw_text\tnormalized_text\n" "20090113-x\ta\tb\textra\n")
+    tsv.write_text("id\traw_text\tnormalized_text\n20090113-x\ta\tb\textra\n")
     with pytest.raises(ValueError, match=r"asr_test.tsv, line 2: 4 tab-separated fields, the header has 3"):
         load_audio_manifest(tsv)
 
@@ -240,8 +285,10 @@ def test_fleurs_released_layout(tmp_path, caplog):
     lang_dir = tmp_path / "fleurs" / "data" / "en_us"
     write_audio(lang_dir / "audio" / "dev" / "1001.wav", tone(0.7))
     tsv = lang_dir / "dev.tsv"
-    tsv.write_text("1661\t1001.wav\tHe did not set a figure.\the did not set a figure\th e | d i d |\t11200\tMALE\n"
-                   "1662\t1002.wav\tMissing audio.\tmissing audio\tm i |\t16000\tFEMALE\n")
+    tsv.write_text(
+        "1661\t1001.wav\tHe did not set a figure.\the did not set a figure\th e | d i d |\t11200\tMALE\n"
+        "1662\t1002.wav\tMissing audio.\tmissing audio\tm i |\t16000\tFEMALE\n"
+    )
     assert detect_corpus_format(tsv) == "fleurs"
     with caplog.at_level(logging.WARNING):
         cuts = list(load_audio_manifest(tsv))

@@ -34,8 +34,10 @@ def voxpopuli(tmp_path):
     text = "the european union met in brussels on monday with mr smith"
     spans = [("ORG", "european union"), ("GPE", "brussels"), ("DATE", "monday"), ("PERSON", "smith"), ("EVENT", "the")]
     ner = [[tag, text.index(phrase), len(phrase)] for tag, phrase in spans]  # (tag, character start, length)
-    rows = [["20100118-0900-PLENARY-3_en_1", "The European Union ...", text, "1234", "dev", "[]", str(ner)],
-            ["20100118-0900-PLENARY-3_en_2", "No entities.", "no entities here", "1235", "dev", "[]", "None"]]
+    rows = [
+        ["20100118-0900-PLENARY-3_en_1", "The European Union ...", text, "1234", "dev", "[]", str(ner)],
+        ["20100118-0900-PLENARY-3_en_2", "No entities.", "no entities here", "1235", "dev", "[]", "None"],
+    ]
     _tsv(root / "slue-voxpopuli_dev.tsv", VP_COLUMNS, rows)
     sf.write(root / "dev" / f"{rows[0][0]}.ogg", _tone(1.0), SR, format="OGG", subtype="VORBIS")
     # the second item's audio is missing: one bad item, not a bad manifest
@@ -52,7 +54,12 @@ def test_voxpopuli_ner_labels_in_combined_tags(voxpopuli):
     sup = first.supervisions[0]
     assert sup.text == text and sup.language == "en" and sup.speaker == "1234"
     # EVENT is one of the tags SLUE's combined set drops; GPE -> PLACE, DATE -> WHEN
-    assert sup.custom["ner"] == [["ORG", "european union"], ["PLACE", "brussels"], ["WHEN", "monday"], ["PERSON", "smith"]]
+    assert sup.custom["ner"] == [
+        ["ORG", "european union"],
+        ["PLACE", "brussels"],
+        ["WHEN", "monday"],
+        ["PERSON", "smith"],
+    ]
     assert sup.custom["ner_answer"] == "ORG: european union; PLACE: brussels; WHEN: monday; PERSON: smith"
     assert parse_entities(sup.custom["ner_answer"])[0] == [tuple(e) for e in sup.custom["ner"]]
     assert sup.custom["task"] == "ner" and sup.custom["split"] == "dev"
@@ -63,8 +70,11 @@ def test_voxpopuli_ner_labels_in_combined_tags(voxpopuli):
 
 def test_voxpopuli_combined_column_preferred_and_blind_test(voxpopuli):
     root, text = voxpopuli
-    _tsv(root / "slue-voxpopuli_fine-tune.tsv", VP_COLUMNS + ["normalized_combined_ner"],
-         [["f_1", "", "in paris today", "7", "fine-tune", "[]", "[['GPE', 3, 5]]", "[['PLACE', 3, 5], ['WHEN', 9, 5]]"]])
+    _tsv(
+        root / "slue-voxpopuli_fine-tune.tsv",
+        VP_COLUMNS + ["normalized_combined_ner"],
+        [["f_1", "", "in paris today", "7", "fine-tune", "[]", "[['GPE', 3, 5]]", "[['PLACE', 3, 5], ['WHEN', 9, 5]]"]],
+    )
     sf.write(root / "fine-tune" / "f_1.ogg", _tone(0.3), SR, format="OGG", subtype="VORBIS")
     cuts = {c.id: c for c in load_audio_manifest(root)}  # the released folder: every split's TSV
     assert set(cuts) == {"20100118-0900-PLENARY-3_en_1", "20100118-0900-PLENARY-3_en_2", "f_1", "t_1"}
@@ -86,9 +96,11 @@ def voxceleb(tmp_path):
     root = tmp_path / "slue-voxceleb"
     (root / "dev_raw").mkdir(parents=True)
     cols = ["id", "normalized_text", "speaker_id", "split", "start_second", "end_second", "sentiment"]
-    rows = [["id10059_229vKIGbxrI_00001", "i loved it", "id10059", "dev", "0.5", "1.5", "Positive"],
-            ["id10059_229vKIGbxrI_00002", "it was fine", "id10059", "dev", "0.0", "0.8", "Neutral"],
-            ["id10060_abc_00001", "so so", "id10060", "dev", "0.0", "0.5", "<mixed>"]]
+    rows = [
+        ["id10059_229vKIGbxrI_00001", "i loved it", "id10059", "dev", "0.5", "1.5", "Positive"],
+        ["id10059_229vKIGbxrI_00002", "it was fine", "id10059", "dev", "0.0", "0.8", "Neutral"],
+        ["id10060_abc_00001", "so so", "id10060", "dev", "0.0", "0.5", "<mixed>"],
+    ]
     _tsv(root / "slue-voxceleb_dev.tsv", cols, rows)
     sf.write(root / "dev_raw" / f"{rows[0][0]}.flac", _tone(2.0), SR)
     sf.write(root / "dev_raw" / f"{rows[1][0]}.flac", _tone(1.0), SR)

@@ -18,7 +18,7 @@ def feats(n=40, d=16, seed=0):
 
 
 def changed(a, b):
-    return (torch.as_tensor(a) != torch.as_tensor(b))
+    return torch.as_tensor(a) != torch.as_tensor(b)
 
 
 def test_masks_have_exactly_the_configured_widths_and_hold_the_mean():
@@ -94,10 +94,18 @@ def _recipe_and_config(recipe: str, config: str, overrides: dict):
 
 def test_pretrain_recipe_masks_training_features_only_and_logs_the_new_terms(tmp_path):
     """In process (no `tune` CLI): the stage-1 recipe wires data.augment and the loss options."""
-    recipe_module, cfg = _recipe_and_config("speechmapper_pretrain", "tiny/stage1", {
-        "output_dir": str(tmp_path), "max_steps": 2, "log_every_n_steps": 1, "metric_loggers": [],
-        "data": {"augment": AUG}, "loss": {"weighting": "balanced", "classifier_weight": 1.0},
-    })
+    recipe_module, cfg = _recipe_and_config(
+        "speechmapper_pretrain",
+        "tiny/stage1",
+        {
+            "output_dir": str(tmp_path),
+            "max_steps": 2,
+            "log_every_n_steps": 1,
+            "metric_loggers": [],
+            "data": {"augment": AUG},
+            "loss": {"weighting": "balanced", "classifier_weight": 1.0},
+        },
+    )
     recipe = recipe_module.PretrainRecipe(cfg)
     recipe.setup()
     assert recipe.train_loader.dataset.masking == FeatureMasking.from_config(AUG, seed=0)
@@ -113,11 +121,22 @@ def test_pretrain_recipe_masks_training_features_only_and_logs_the_new_terms(tmp
 
 def test_adapt_recipe_masks_training_features_only_and_weights_relatively(tmp_path):
     """In process: the stage-2 recipe wires data.train.augment, loss.weighting and validate_at_start."""
-    recipe_module, cfg = _recipe_and_config("speechmapper_adapt", "tiny/stage2", {
-        "output_dir": str(tmp_path), "max_steps": 2, "log_every_n_steps": 1, "metric_loggers": [],
-        "gradient_accumulation_steps": 1, "validate_at_start": True, "data": {"train": {"augment": AUG}},
-        "loss": {"weighting": "balanced"}, "save_every_n_steps": 0, "val_every_n_steps": 0,
-    })
+    recipe_module, cfg = _recipe_and_config(
+        "speechmapper_adapt",
+        "tiny/stage2",
+        {
+            "output_dir": str(tmp_path),
+            "max_steps": 2,
+            "log_every_n_steps": 1,
+            "metric_loggers": [],
+            "gradient_accumulation_steps": 1,
+            "validate_at_start": True,
+            "data": {"train": {"augment": AUG}},
+            "loss": {"weighting": "balanced"},
+            "save_every_n_steps": 0,
+            "val_every_n_steps": 0,
+        },
+    )
     recipe = recipe_module.AdaptRecipe(cfg)
     recipe.setup()
     assert recipe.train_loader.dataset.masking == FeatureMasking.from_config(AUG, seed=0)
@@ -132,10 +151,18 @@ def test_adapt_recipe_masks_training_features_only_and_weights_relatively(tmp_pa
 
 
 def test_adapt_validate_at_start_with_no_steps_logs_the_baseline_once(tmp_path):
-    recipe_module, cfg = _recipe_and_config("speechmapper_adapt", "tiny/stage2", {
-        "output_dir": str(tmp_path), "max_steps": 0, "metric_loggers": [], "validate_at_start": True,
-        "save_every_n_steps": 0, "val_every_n_steps": 0,
-    })
+    recipe_module, cfg = _recipe_and_config(
+        "speechmapper_adapt",
+        "tiny/stage2",
+        {
+            "output_dir": str(tmp_path),
+            "max_steps": 0,
+            "metric_loggers": [],
+            "validate_at_start": True,
+            "save_every_n_steps": 0,
+            "val_every_n_steps": 0,
+        },
+    )
     recipe = recipe_module.AdaptRecipe(cfg)
     recipe.setup()
     recipe.train()

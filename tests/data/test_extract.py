@@ -74,7 +74,9 @@ def test_a_non_utf8_byte_in_a_jsonl_audio_manifest_names_the_line(tmp_path, line
 
     sf.write(tmp_path / "a.wav", np.zeros(1600, np.float32), 16000)
     manifest = tmp_path / "audio.jsonl"
-    manifest.write_text("".join(f'{{"id": "u{i}", "audio": "a.wav", "text": "hello"}}\n' for i in range(3)), encoding="utf-8")
+    manifest.write_text(
+        "".join(f'{{"id": "u{i}", "audio": "a.wav", "text": "hello"}}\n' for i in range(3)), encoding="utf-8"
+    )
     _latin1_line(manifest, lineno, "caf\u00e9")
     with pytest.raises(ValueError, match=rf"{manifest}, line {lineno}: not UTF-8 text"):
         load_audio_manifest(manifest)
@@ -88,8 +90,9 @@ def test_a_non_utf8_byte_in_a_lhotse_audio_manifest_names_the_line(tmp_path):
     sf.write(tmp_path / "a.wav", np.zeros(1600, np.float32), 16000)
     rec = Recording.from_file(str(tmp_path / "a.wav"))
     sup = lambda i: SupervisionSegment(id=f"u{i}", recording_id=rec.id, start=0, duration=0.1, text="hello")
-    cuts = CutSet.from_cuts([MonoCut(id=f"u{i}", start=0, duration=0.1, channel=0, recording=rec, supervisions=[sup(i)])
-                             for i in range(3)])
+    cuts = CutSet.from_cuts(
+        [MonoCut(id=f"u{i}", start=0, duration=0.1, channel=0, recording=rec, supervisions=[sup(i)]) for i in range(3)]
+    )
     manifest = tmp_path / "cuts.jsonl"
     cuts.to_file(str(manifest))
     _latin1_line(manifest, 3, "caf\u00e9")

@@ -18,11 +18,11 @@ from speechmapper_tune.data.extract import (
     extract_chunk,
     extract_settings,
     load_cut_audio,
-    perturbations_from_config,
     mu_law,
+    perturbations_from_config,
+    record_settings,
     reverberate,
     telephone_channel,
-    record_settings,
     with_copies,
 )
 from speechmapper_tune.data.manifest import load_feature_items
@@ -34,8 +34,9 @@ def _cut(tmp_path, name, seconds, freq=300.0, written="Hello, world."):
     t = np.arange(int(SR * seconds)) / SR
     sf.write(tmp_path / f"{name}.wav", (0.3 * np.sin(2 * np.pi * freq * t)).astype(np.float32), SR, subtype="FLOAT")
     rec = Recording.from_file(str(tmp_path / f"{name}.wav"), recording_id=name)
-    sup = SupervisionSegment(id=name, recording_id=name, start=0.0, duration=rec.duration, text="hello world",
-                             custom={"written": written})
+    sup = SupervisionSegment(
+        id=name, recording_id=name, start=0.0, duration=rec.duration, text="hello world", custom={"written": written}
+    )
     return MonoCut(id=name, start=0.0, duration=rec.duration, channel=0, recording=rec, supervisions=[sup])
 
 
@@ -56,8 +57,14 @@ def test_speed_copy_has_the_perturbed_length_pitch_and_manifest_cut(tmp_path, sp
     assert copy.id == item.id == f"u_sp{speed}" and copy.supervisions[0].id == f"u_sp{speed}"
     assert copy.num_samples == audio.size and copy.duration == pytest.approx(audio.size / SR)
     assert copy.supervisions[0].text == "hello world" and copy.supervisions[0].custom["written"] == "Hello, world."
-    assert copy.custom["perturbation"] == {"source": "u", "speed": speed, "snr_db": None, "noise": "white", "seed": 0,
-                                            "channel": None}
+    assert copy.custom["perturbation"] == {
+        "source": "u",
+        "speed": speed,
+        "snr_db": None,
+        "noise": "white",
+        "seed": 0,
+        "channel": None,
+    }
 
 
 def _snr_db(clean, noisy):
@@ -88,17 +95,37 @@ def test_noise_is_at_the_snr_seeded_by_copy_id_and_coloured(color):
 
 def test_perturb_config_gives_the_cross_product_without_the_original():
     assert perturbations_from_config(None) == [] and perturbations_from_config({}) == []
-    copies = perturbations_from_config({"speeds": [0.9, 1.0, 1.1], "noise_snr_db": [None, 20], "noise": "pink", "seed": 3})
+    copies = perturbations_from_config(
+        {"speeds": [0.9, 1.0, 1.1], "noise_snr_db": [None, 20], "noise": "pink", "seed": 3}
+    )
     assert [c.suffix for c in copies] == ["_sp0.9", "_sp0.9_snr20", "_snr20", "_sp1.1", "_sp1.1_snr20"]
     assert all(c.noise == "pink" and c.seed == 3 for c in copies)
     assert [c.suffix for c in perturbations_from_config({"noise_snr_db": 15})] == ["_snr15"]
-    grid = perturbations_from_config({"speeds": [1.0, 1.1], "channels": [None, "reverb", "telephone"], "noise_snr_db": [None, 20]})
-    assert [c.suffix for c in grid] == ["_snr20", "_rev", "_rev_snr20", "_tel", "_tel_snr20", "_sp1.1", "_sp1.1_snr20",
-                                        "_sp1.1_rev", "_sp1.1_rev_snr20", "_sp1.1_tel", "_sp1.1_tel_snr20"]
+    grid = perturbations_from_config(
+        {"speeds": [1.0, 1.1], "channels": [None, "reverb", "telephone"], "noise_snr_db": [None, 20]}
+    )
+    assert [c.suffix for c in grid] == [
+        "_snr20",
+        "_rev",
+        "_rev_snr20",
+        "_tel",
+        "_tel_snr20",
+        "_sp1.1",
+        "_sp1.1_snr20",
+        "_sp1.1_rev",
+        "_sp1.1_rev_snr20",
+        "_sp1.1_tel",
+        "_sp1.1_tel_snr20",
+    ]
     assert [c.suffix for c in perturbations_from_config({"channels": "reverb"})] == ["_rev"]
-    for bad, match in [({"speed": [0.9]}, "unknown keys"), ({"speeds": [0.1]}, "speeds"),
-                       ({"noise_snr_db": [20], "noise": "brown"}, "noise"), ({"speeds": [0.9, 0.9]}, "repeat"),
-                       ({"speeds": [0.9], "seed": 1.5}, "seed"), ({"channels": ["radio"]}, "channels")]:
+    for bad, match in [
+        ({"speed": [0.9]}, "unknown keys"),
+        ({"speeds": [0.1]}, "speeds"),
+        ({"noise_snr_db": [20], "noise": "brown"}, "noise"),
+        ({"speeds": [0.9, 0.9]}, "repeat"),
+        ({"speeds": [0.9], "seed": 1.5}, "seed"),
+        ({"channels": ["radio"]}, "channels"),
+    ]:
         with pytest.raises(ValueError, match=match):
             perturbations_from_config(bad)
 
@@ -114,8 +141,14 @@ def fake_encode(waves):
 
 def test_a_chunk_with_copies_writes_them_next_to_their_source(tmp_path):
     cuts = [_cut(tmp_path, "a", 1.0), _cut(tmp_path, "b", 1.6, freq=500.0, written="Bee.")]
-    broken = MonoCut(id="c", start=0.0, duration=1.0, channel=0, recording=None,
-                     supervisions=[SupervisionSegment(id="c", recording_id="c", start=0, duration=1, text="see")])
+    broken = MonoCut(
+        id="c",
+        start=0.0,
+        duration=1.0,
+        channel=0,
+        recording=None,
+        supervisions=[SupervisionSegment(id="c", recording_id="c", start=0, duration=1, text="see")],
+    )
     perturbations = perturbations_from_config({"speeds": [0.9, 1.0, 1.1], "noise_snr_db": [None, 20]})
     items = with_copies([*cuts, broken], perturbations)
     for out in ("x", "y"):
@@ -185,7 +218,9 @@ def test_reverb_copy_smears_an_impulse_keeps_length_and_rms_and_is_reproducible(
     impulse[100] = 0.5
     wet = reverberate(impulse, copy_rng(0, "a"))
     assert wet.dtype == np.float32 and wet.size == impulse.size
-    assert np.sqrt(np.mean(wet.astype(np.float64) ** 2)) == pytest.approx(np.sqrt(np.mean(impulse.astype(np.float64) ** 2)), rel=1e-4)
+    assert np.sqrt(np.mean(wet.astype(np.float64) ** 2)) == pytest.approx(
+        np.sqrt(np.mean(impulse.astype(np.float64) ** 2)), rel=1e-4
+    )
     assert np.count_nonzero(np.abs(wet[:100]) > 1e-6) == 0  # causal: nothing before the impulse
     tail = np.abs(wet[100 + 1600 : 100 + 3200]).mean()  # 0.1-0.2 s after: decaying but present
     assert tail > 1e-4 and tail < np.abs(wet[100:1700]).mean()

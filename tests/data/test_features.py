@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from lhotse import CutSet
 
-from speechmapper_tune.data.features import SafetensorsShardWriter, iter_features, read_feature_array, STORAGE_TYPE
+from speechmapper_tune.data.features import STORAGE_TYPE, SafetensorsShardWriter, iter_features, read_feature_array
 from speechmapper_tune.data.synthetic import write_synthetic_split
 
 

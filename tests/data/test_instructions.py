@@ -46,25 +46,45 @@ def features_of(corpus_path, out_dir):
 
 def covost(tmp_path, pair="en_de", rows=None):
     lang_dir = tmp_path / "cv" / "en"
-    rows = rows or [("common_voice_en_1.mp3", "Hello there.", "Hallo zusammen."),
-                    ("common_voice_en_2.mp3", "Good, thanks!", "Gut, danke!"),
-                    ("common_voice_en_3.mp3", "Empty target.", "")]
+    rows = rows or [
+        ("common_voice_en_1.mp3", "Hello there.", "Hallo zusammen."),
+        ("common_voice_en_2.mp3", "Good, thanks!", "Gut, danke!"),
+        ("common_voice_en_3.mp3", "Empty target.", ""),
+    ]
     for name, _, _ in rows:
         (lang_dir / "clips").mkdir(parents=True, exist_ok=True)
         sf.write(str(lang_dir / "clips" / name), tone(0.5), SR, format="MP3", subtype="MPEG_LAYER_III")
     tsv = lang_dir / f"covost_v2.{pair}.dev.tsv"
-    tsv.write_text("path\tsentence\ttranslation\tclient_id\n" + "".join(f"{p}\t{s}\t{t}\tc\n" for p, s, t in rows),
-                   encoding="utf-8")
+    tsv.write_text(
+        "path\tsentence\ttranslation\tclient_id\n" + "".join(f"{p}\t{s}\t{t}\tc\n" for p, s, t in rows),
+        encoding="utf-8",
+    )
     return tsv
 
 
 def spoken_squad(tmp_path):
     root = tmp_path / "sqa"
-    doc = {"data": [{"title": "T", "paragraphs": [
-        {"context": "the broncos won the game in santa clara.",
-         "qas": [{"id": "a1", "question": "Who won the game? ", "answers": [{"text": "the broncos"}, {"text": "broncos"}]},
-                 {"id": "a2", "question": "Where was it?", "answers": [{"text": "santa clara"}]},
-                 {"id": "a3", "question": "No answer?", "answers": []}]}]}]}
+    doc = {
+        "data": [
+            {
+                "title": "T",
+                "paragraphs": [
+                    {
+                        "context": "the broncos won the game in santa clara.",
+                        "qas": [
+                            {
+                                "id": "a1",
+                                "question": "Who won the game? ",
+                                "answers": [{"text": "the broncos"}, {"text": "broncos"}],
+                            },
+                            {"id": "a2", "question": "Where was it?", "answers": [{"text": "santa clara"}]},
+                            {"id": "a3", "question": "No answer?", "answers": []},
+                        ],
+                    }
+                ],
+            }
+        ]
+    }
     root.mkdir()
     (root / "spoken_train-v1.1.json").write_text(json.dumps(doc))
     wavs = root / "Spoken-SQuAD_audio" / "train_wav"
@@ -85,10 +105,24 @@ def test_st_rows_carry_the_target_language_instruction_and_the_translation(tmp_p
     skipped = SkipCounter()
     rows = instruction_rows(cuts_of(manifest), "st", ST, skipped=skipped)
     assert rows == [
-        {"id": "common_voice_en_1", "features": "common_voice_en_1", "task": "st", "target_lang": "de",
-         "instruction": ST["de"], "answer": "Hallo zusammen.", "transcript": "hello there"},
-        {"id": "common_voice_en_2", "features": "common_voice_en_2", "task": "st", "target_lang": "de",
-         "instruction": ST["de"], "answer": "Gut, danke!", "transcript": "good thanks"},
+        {
+            "id": "common_voice_en_1",
+            "features": "common_voice_en_1",
+            "task": "st",
+            "target_lang": "de",
+            "instruction": ST["de"],
+            "answer": "Hallo zusammen.",
+            "transcript": "hello there",
+        },
+        {
+            "id": "common_voice_en_2",
+            "features": "common_voice_en_2",
+            "task": "st",
+            "target_lang": "de",
+            "instruction": ST["de"],
+            "answer": "Gut, danke!",
+            "transcript": "good thanks",
+        },
     ]
     assert skipped.as_dict() == {"empty translation": 1}
     no_transcript = instruction_rows(cuts_of(manifest), "st", ST, with_transcript=False)
@@ -101,19 +135,29 @@ def test_regional_target_codes_use_their_base_language_and_unknown_ones_are_name
     manifest = features_of(covost(tmp_path, "en_zh-CN", rows), tmp_path / "feats")
     (row,) = instruction_rows(cuts_of(manifest), "st", ST)
     assert row["target_lang"] == "zh-CN" and row["instruction"] == ST["zh"] and row["answer"] == "你好。"
-    with pytest.raises(ValueError, match=r"no ST instruction for target language 'zh-CN' \(st_instructions has \['de'\]\)"):
+    with pytest.raises(
+        ValueError, match=r"no ST instruction for target language 'zh-CN' \(st_instructions has \['de'\]\)"
+    ):
         instruction_rows(cuts_of(manifest), "st", {"de": ST["de"]})
 
 
 def test_sqa_rows_one_per_answered_question(tmp_path):
     manifest = features_of(spoken_squad(tmp_path), tmp_path / "feats")
     skipped = SkipCounter()
-    rows = instruction_rows(cuts_of(manifest), "sqa", sqa_instruction="Answer: {question}", with_transcript=False,
-                            skipped=skipped)
+    rows = instruction_rows(
+        cuts_of(manifest), "sqa", sqa_instruction="Answer: {question}", with_transcript=False, skipped=skipped
+    )
     assert [r["id"] for r in rows] == ["0_0/a1", "0_0/a2"]
-    assert rows[0] == {"id": "0_0/a1", "features": "0_0", "task": "sqa", "instruction": "Answer: Who won the game?",
-                       "question": "Who won the game? ", "answer": "the broncos", "answers": ["the broncos", "broncos"],
-                       "context": "the broncos won the game in santa clara."}
+    assert rows[0] == {
+        "id": "0_0/a1",
+        "features": "0_0",
+        "task": "sqa",
+        "instruction": "Answer: Who won the game?",
+        "question": "Who won the game? ",
+        "answer": "the broncos",
+        "answers": ["the broncos", "broncos"],
+        "context": "the broncos won the game in santa clara.",
+    }
     assert skipped.as_dict() == {"question without an answer": 1}
     # an ST corpus has no questions, an SQA corpus no translations: counted, and no row is an error
     with pytest.raises(ValueError, match=r"no st instruction row \(skipped: no translation in the manifest"):
@@ -126,21 +170,35 @@ def test_a_translations_file_gives_cuts_without_one_their_translation(tmp_path):
     # a corpus with no translations in its manifest (Spoken-SQuAD's layout stands in for the TTS corpus)
     manifest = features_of(spoken_squad(tmp_path), tmp_path / "feats")
     table = tmp_path / "fr.jsonl"
-    table.write_text(json.dumps({"source": "The Broncos won the game, in Santa Clara!", "translation": " Les Broncos ont gagné. ",
-                                 "target_lang": "fr"}) + "\n", encoding="utf-8")
+    table.write_text(
+        json.dumps(
+            {
+                "source": "The Broncos won the game, in Santa Clara!",
+                "translation": " Les Broncos ont gagné. ",
+                "target_lang": "fr",
+            }
+        )
+        + "\n",
+        encoding="utf-8",
+    )
     n, skipped = build_instructions(manifest, tmp_path / "st.jsonl", "st", ST, translations=table)
     (row,) = [json.loads(line) for line in (tmp_path / "st.jsonl").read_text(encoding="utf-8").splitlines()]
     assert (n, row["target_lang"], row["answer"], row["instruction"]) == (1, "fr", "Les Broncos ont gagné.", ST["fr"])
     assert skipped.as_dict() == {}
-    table.write_text(json.dumps({"source": "another sentence", "translation": "une autre phrase", "target_lang": "fr"}) + "\n")
+    table.write_text(
+        json.dumps({"source": "another sentence", "translation": "une autre phrase", "target_lang": "fr"}) + "\n"
+    )
     with pytest.raises(ValueError, match=r"skipped: no translation in the manifest or the translations file"):
         build_instructions(manifest, tmp_path / "st.jsonl", "st", ST, translations=table)
     # bad files are named with their line before the manifest is read
     table.write_text('{"source": "a", "translation": "b", "target_lang": "fr"}\n{"source": "a"}\n', encoding="utf-8")
     with pytest.raises(ValueError, match=r"fr.jsonl:2: expected a JSON object with source, translation, target_lang"):
         build_instructions(manifest, tmp_path / "st.jsonl", "st", ST, translations=table)
-    table.write_text('{"source": "A!", "translation": "b", "target_lang": "fr"}\n'
-                     '{"source": "a", "translation": "c", "target_lang": "fr"}\n', encoding="utf-8")
+    table.write_text(
+        '{"source": "A!", "translation": "b", "target_lang": "fr"}\n'
+        '{"source": "a", "translation": "c", "target_lang": "fr"}\n',
+        encoding="utf-8",
+    )
     with pytest.raises(ValueError, match=r"fr.jsonl:2: 'a' has two different translations"):
         load_translations(table)
     with pytest.raises(FileNotFoundError, match="translations file not found"):
@@ -179,9 +237,21 @@ def test_instructions_recipe_writes_what_stage2_reads(tmp_path, tune):
 
     sqa_manifest = features_of(spoken_squad(tmp_path), tmp_path / "sqa_train")
     out = tmp_path / "elsewhere" / "instructions.jsonl"
-    tune(["run", "speechmapper_instructions", "--config", "instructions/sqa", f"manifest={sqa_manifest}",
-          f"output_dir={out.parent}"], cwd=tmp_path)
-    assert [json.loads(line)["instruction"] for line in out.read_text().splitlines()] == ["Who won the game?", "Where was it?"]
+    tune(
+        [
+            "run",
+            "speechmapper_instructions",
+            "--config",
+            "instructions/sqa",
+            f"manifest={sqa_manifest}",
+            f"output_dir={out.parent}",
+        ],
+        cwd=tmp_path,
+    )
+    assert [json.loads(line)["instruction"] for line in out.read_text().splitlines()] == [
+        "Who won the game?",
+        "Where was it?",
+    ]
 
 
 def test_europarl_st_folder_through_extract_and_instructions(tmp_path, tune):
@@ -196,14 +266,28 @@ def test_europarl_st_folder_through_extract_and_instructions(tmp_path, tune):
     (split / "segments.it").write_text("Grazie.\nSono d'accordo con lei.\n")
     (split / "speeches.lst").write_text("en.1\n")
     feats = tmp_path / "st_dev"
-    tune(["run", "speechmapper_extract", "--config", "features/whisper_tiny_en", f"manifest=europarl_st:{split}",
-          f"output_dir={feats}", "sfm.window=trimmed"], cwd=tmp_path)
+    tune(
+        [
+            "run",
+            "speechmapper_extract",
+            "--config",
+            "features/whisper_tiny_en",
+            f"manifest=europarl_st:{split}",
+            f"output_dir={feats}",
+            "sfm.window=trimmed",
+        ],
+        cwd=tmp_path,
+    )
     items = load_feature_items(feats / "cuts.jsonl.gz")
     assert [(it.id, it.num_features) for it in items] == [("en.1_0001", 384), ("en.1_0002", 384)]
     assert items[1].num_frames == pytest.approx(1.5 * 50 / 2, abs=2)  # 50 frames/s averaged by 2
-    tune(["run", "speechmapper_instructions", "--config", "instructions/st", f"manifest={feats / 'cuts.jsonl.gz'}"],
-         cwd=tmp_path)
+    tune(
+        ["run", "speechmapper_instructions", "--config", "instructions/st", f"manifest={feats / 'cuts.jsonl.gz'}"],
+        cwd=tmp_path,
+    )
     rows = [json.loads(line) for line in (feats / "instructions.jsonl").read_text(encoding="utf-8").splitlines()]
     assert [(r["features"], r["target_lang"], r["answer"]) for r in rows] == [
-        ("en.1_0001", "it", "Grazie."), ("en.1_0002", "it", "Sono d'accordo con lei.")]
+        ("en.1_0001", "it", "Grazie."),
+        ("en.1_0002", "it", "Sono d'accordo con lei."),
+    ]
     assert rows[0]["instruction"] == ST["it"]

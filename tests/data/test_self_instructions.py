@@ -13,7 +13,9 @@ POOL = ["Give this text a short title.", "List the nouns in the text.", "Is the 
 
 
 def _cut(i, text="The Cat sat.", features=True):
-    return SimpleNamespace(id=f"c{i}", features=object() if features else None, supervisions=[SimpleNamespace(text=text)])
+    return SimpleNamespace(
+        id=f"c{i}", features=object() if features else None, supervisions=[SimpleNamespace(text=text)]
+    )
 
 
 def test_pooled_rows_draw_distinct_instructions_per_cut_by_seed_and_id():

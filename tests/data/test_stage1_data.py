@@ -55,7 +55,10 @@ def test_nan_and_unreadable_features_drop_out_of_the_batch(tmp_path, manifest):
     examples = prepare_stage1_examples(items, encode, out_len, 10_000, SkipCounter())
     ds = Stage1Dataset(examples)
     batch = Stage1Collator(out_len, pad_id=0)([ds[i] for i in range(len(ds))])
-    assert dict(batch["skipped"]) == {items[0].id: "NaN/inf in features", items[1].id: "unreadable features (SafetensorError)"}
+    assert dict(batch["skipped"]) == {
+        items[0].id: "NaN/inf in features",
+        items[1].id: "unreadable features (SafetensorError)",
+    }
     assert batch["ids"] == [it.id for it in items[2:]]
 
 

@@ -16,8 +16,12 @@ from speechmapper_tune.data.synthetic import write_synthetic_split
 from speechmapper_tune.losses import IGNORE_INDEX
 from speechmapper_tune.models.chat_format import ChatTokenizer
 
-TEMPLATE = PromptTemplate(user="Speech: {speech}\n{instruction}", instruction="Can you transcribe the Speech content?",
-                          system="You are a helpful assistant.", assistant_prefix="Transcript:")
+TEMPLATE = PromptTemplate(
+    user="Speech: {speech}\n{instruction}",
+    instruction="Can you transcribe the Speech content?",
+    system="You are a helpful assistant.",
+    assistant_prefix="Transcript:",
+)
 
 
 @pytest.fixture(scope="module")
@@ -73,8 +77,9 @@ def test_a_non_utf8_byte_in_instructions_names_the_line(tmp_path, chat):
     row = '{"features": "%s", "instruction": "Translate", "answer": "%s"}\n'
     path.write_bytes((row % (items[0].id, "ok") + row % (items[1].id, "caf\u00e9")).encode("latin-1"))
     with pytest.raises(ValueError, match=rf"{path}, line 2: not UTF-8 text \(byte 0xe9"):
-        prepare_instruction_examples(path, {it.id: it for it in items}, chat, TEMPLATE, lambda n: n // 4, 512,
-                                     SkipCounter(), "st")
+        prepare_instruction_examples(
+            path, {it.id: it for it in items}, chat, TEMPLATE, lambda n: n // 4, 512, SkipCounter(), "st"
+        )
 
 
 def test_each_question_about_one_cut_keeps_its_row_id(tmp_path, chat):
@@ -83,11 +88,15 @@ def test_each_question_about_one_cut_keeps_its_row_id(tmp_path, chat):
 
     items = load_feature_items(write_synthetic_split(tmp_path, "x", 2, 16, seed=0))
     path = tmp_path / "instructions.jsonl"
-    rows = [{"id": f"{items[0].id}/q{k}", "features": items[0].id, "instruction": f"Question {k}?", "answer": "yes"}
-            for k in range(2)] + [{"features": items[1].id, "instruction": "Question?", "answer": "no"}]
+    rows = [
+        {"id": f"{items[0].id}/q{k}", "features": items[0].id, "instruction": f"Question {k}?", "answer": "yes"}
+        for k in range(2)
+    ] + [{"features": items[1].id, "instruction": "Question?", "answer": "no"}]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     skipped = SkipCounter()
-    exs = prepare_instruction_examples(path, {it.id: it for it in items}, chat, TEMPLATE, lambda n: n // 4, 512, skipped, "sqa")
+    exs = prepare_instruction_examples(
+        path, {it.id: it for it in items}, chat, TEMPLATE, lambda n: n // 4, 512, skipped, "sqa"
+    )
     assert [e.id for e in exs] == [f"{items[0].id}/q0", f"{items[0].id}/q1", items[1].id]  # no id: the cut's
     batch = Stage2Collator(lambda n: n // 4, 16)([Stage2Dataset(exs)[i] for i in range(3)])
     assert batch["ids"] == [e.id for e in exs]
@@ -102,6 +111,8 @@ def test_written_targets_give_the_written_response_and_mse_targets(tmp_path, cha
     written = prepare_asr_examples(items, chat, TEMPLATE, lambda n: n, 4096, SkipCounter(), target_text="written")
     for it, p, w in zip(items, plain, written):
         assert p.response == chat.encode_text(it.text) + [chat.eos_id] and p.target_ids == chat.encode_text(it.text)
-        assert w.response == chat.encode_text(it.written) + [chat.eos_id] and w.target_ids == chat.encode_text(it.written)
+        assert w.response == chat.encode_text(it.written) + [chat.eos_id] and w.target_ids == chat.encode_text(
+            it.written
+        )
     with pytest.raises(ValueError, match="target_text='cased'"):
         prepare_asr_examples(items, chat, TEMPLATE, lambda n: n, 4096, SkipCounter(), target_text="cased")

@@ -71,8 +71,10 @@ def test_a_truncated_shard_is_skipped_at_setup_naming_the_shard(tmp_path):
 def test_items_of_a_readable_shard_are_kept_beside_a_truncated_one(tmp_path):
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
-    cuts = [*CutSet.from_file(write_synthetic_split(tmp_path / "a", "train", 3, 16, seed=0)),
-            *CutSet.from_file(write_synthetic_split(tmp_path / "b", "train", 2, 16, seed=1))]
+    cuts = [
+        *CutSet.from_file(write_synthetic_split(tmp_path / "a", "train", 3, 16, seed=0)),
+        *CutSet.from_file(write_synthetic_split(tmp_path / "b", "train", 2, 16, seed=1)),
+    ]
     for k, c in enumerate(cuts):
         c.id = f"u{k}"
     both = save_cutset_atomic(CutSet.from_cuts(cuts), tmp_path / "both.jsonl.gz")

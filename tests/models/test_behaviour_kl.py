@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
-
 from tolerances import FP32_SHALLOW, assert_close_to_scale
+from torch import nn
 
 from speechmapper_tune.checkpoint.embedding_table import load_embedding_table
 from speechmapper_tune.checkpoint.projector_io import embedding_fingerprint, save_projector
@@ -28,17 +27,29 @@ from speechmapper_tune.models.tiny_llm import write_tiny_llm
 
 WORDS = "a cat sat on the mat and dog ran far away red".split()
 PROMPT = {"user": "{speech} {instruction}", "instruction": "red", "assistant_prefix": ""}
-ITEMS = [("cat sat on the mat", "a dog ran"), ("dog", "far away and a cat"), ("the red mat", "sat")]  # (transcript, response)
+ITEMS = [
+    ("cat sat on the mat", "a dog ran"),
+    ("dog", "far away and a cat"),
+    ("the red mat", "sat"),
+]  # (transcript, response)
 
 
 @pytest.fixture(scope="module")
 def lm(tmp_path_factory):
     llm_dir = write_tiny_llm(tmp_path_factory.mktemp("tiny_llm"), WORDS, dim=32)
     table = load_embedding_table(llm_dir)
-    meta_llm = {"name": "hf_llama", "chat_format": "chatml", "pad_id": 4, "dim": 32, "fingerprint": embedding_fingerprint(table)}
+    meta_llm = {
+        "name": "hf_llama",
+        "chat_format": "chatml",
+        "pad_id": 4,
+        "dim": 32,
+        "fingerprint": embedding_fingerprint(table),
+    }
     folder = tmp_path_factory.mktemp("ckpt") / "p"
     torch.manual_seed(0)
-    save_projector(folder, speechmapper_tiny(input_dim=16, output_dim=32), {"stage": 2, "llm": meta_llm, "prompt": PROMPT})
+    save_projector(
+        folder, speechmapper_tiny(input_dim=16, output_dim=32), {"stage": 2, "llm": meta_llm, "prompt": PROMPT}
+    )
     llm = {"name": "hf_llama", "checkpoint": str(llm_dir), "chat_format": "chatml", "pad_id": 4, "dtype": "fp32"}
     return SpeechLM.from_checkpoint(folder, llm=llm)
 
@@ -50,7 +61,9 @@ def _batch(lm, items, frames=(40, 23, 31), has_transcript=(True, True, True)):
     for i, ((text, answer), n, has) in enumerate(zip(items, frames, has_transcript)):
         item = FeatureItem(f"u{i}", text, n, 16, "none", "", "", duration=n / 25)
         targets = lm.chat.encode_text(text) if has else []
-        ex = Stage2Example(item, parts, lm.chat.encode_text(answer) + [lm.chat.eos_id], targets, lm.projector.output_length(n))
+        ex = Stage2Example(
+            item, parts, lm.chat.encode_text(answer) + [lm.chat.eos_id], targets, lm.projector.output_length(n)
+        )
         samples.append({"id": item.id, "features": torch.randn(n, 16), "example": ex})
     return Stage2Collator(lm.projector.output_length, lm.pad_id)(samples)
 
@@ -105,15 +118,27 @@ def test_kl_matches_logits_computed_apart_and_summed_by_hand(lm, temperature):
             words = batch["target_ids"][b, : int(batch["num_words"][b])].tolist()
             tokens = torch.tensor([prefix + words + suffix + response])
             teacher = lm.llm(tokens)[0]  # torchtune's own token-id forward: the teacher, another code path
-            t_rows = slice(len(prefix) + len(words) + len(suffix) - 1, len(prefix) + len(words) + len(suffix) - 1 + len(response))
+            t_rows = slice(
+                len(prefix) + len(words) + len(suffix) - 1, len(prefix) + len(words) + len(suffix) - 1 + len(response)
+            )
             x, s_rows = _hand_logits(lm, prefix, pred[b, : int(span[b])], suffix, response)
             student = forward_embeds(lm.llm, x[None])[0]
             for t_row, s_row in zip(teacher[t_rows].double(), student[s_rows].double()):  # sum_v p (log p - log q)
                 p, q = torch.softmax(t_row / temperature, -1), torch.softmax(s_row / temperature, -1)
-                terms.append(temperature ** 2 * float((p * (p.log() - q.log())).sum()))
+                terms.append(temperature**2 * float((p * (p.log() - q.log())).sum()))
         expected = torch.tensor(sum(terms) / len(terms))
-        got = loss(out["logits"], out["labels"], out["pred"], out["pred"].detach(), out["out_lengths"], batch["num_words"],
-                   batch["has_mse"], batch["target_ids"], out["teacher_logits"], out["teacher_rows"])
+        got = loss(
+            out["logits"],
+            out["labels"],
+            out["pred"],
+            out["pred"].detach(),
+            out["out_lengths"],
+            batch["num_words"],
+            batch["has_mse"],
+            batch["target_ids"],
+            out["teacher_logits"],
+            out["teacher_rows"],
+        )
     assert len(terms) == len(out["labels"])  # every response position, the end-of-turn token's included
     assert expected.item() > 1e-3
     assert_close_to_scale(got["kl"], expected, FP32_SHALLOW)
@@ -152,10 +177,13 @@ def test_the_teacher_is_the_llm_without_its_lora_adapters(lm, tmp_path):
     with torch.no_grad():
         plain = lm.teacher_logits(batch)
     folder = lm.checkpoint
-    lora_lm = SpeechLM.from_checkpoint(folder, llm={**lm.llm_meta, "checkpoint": lm.llm_meta["checkpoint"], "dtype": "fp32"},
-                                       lora={"rank": 2, "alpha": 4.0, "dropout": 0.0, "attn_modules": ["q_proj", "v_proj"]})
+    lora_lm = SpeechLM.from_checkpoint(
+        folder,
+        llm={**lm.llm_meta, "checkpoint": lm.llm_meta["checkpoint"], "dtype": "fp32"},
+        lora={"rank": 2, "alpha": 4.0, "dropout": 0.0, "attn_modules": ["q_proj", "v_proj"]},
+    )
     with torch.no_grad():
-        for name, p in lora_lm.llm.named_parameters():
+        for _name, p in lora_lm.llm.named_parameters():
             if p.requires_grad:  # adapters away from their identity init: the LLM with them is another model
                 p.copy_(torch.randn_like(p))
         with_adapters = lora_lm(batch, teacher=True)

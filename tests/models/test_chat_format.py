@@ -141,7 +141,7 @@ LLAMA3_SPECIALS = [
     "<|eot_id|>", "<|eom_id|>", "<|finetune_right_pad_id|>", "<|python_tag|>",
 ]  # fmt: skip
 
-ASR = 'Repeat the previous text between the quotes in its entirety just once and nothing else.'
+ASR = "Repeat the previous text between the quotes in its entirety just once and nothing else."
 CONVERSATIONS = [
     [{"role": "user", "content": "Hello!"}],
     [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "What is 2024 + 17?"}],

@@ -22,7 +22,9 @@ def test_gradients_reach_the_speech_only_on_the_span():
 
 
 def test_dtype_follows_the_llm():
-    out = inject_speech(torch.zeros(1, 4, 2, dtype=torch.bfloat16), torch.ones(1, 2, 2), torch.tensor([1]), torch.tensor([2]))
+    out = inject_speech(
+        torch.zeros(1, 4, 2, dtype=torch.bfloat16), torch.ones(1, 2, 2), torch.tensor([1]), torch.tensor([2])
+    )
     assert out.dtype == torch.bfloat16
 
 

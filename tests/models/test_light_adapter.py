@@ -17,7 +17,9 @@ def test_output_length_is_ceil_of_frames_over_the_stack():
     model = tiny().eval()
     for n in range(1, 30):
         out, out_len = model(torch.randn(1, n, 16))
-        assert out.shape == (1, model.output_length(n), 24) and int(out_len[0]) == model.output_length(n) == -(-n // 4), n
+        assert out.shape == (1, model.output_length(n), 24) and int(out_len[0]) == model.output_length(n) == -(
+            -n // 4
+        ), n
         assert model.output_length(torch.tensor([n])).item() == model.output_length(n)
     assert model.output_dim == 24 and model.input_dim == 16
 
@@ -44,7 +46,7 @@ def test_batched_equals_one_by_one_and_padding_does_not_leak():
         single, n = model(x[None])
         assert int(n) == int(out_len[i])
         assert_close_to_scale(out[i, : int(n)], single[0], FP32_SHALLOW)
-        assert out[i, int(n):].abs().sum().item() == 0
+        assert out[i, int(n) :].abs().sum().item() == 0
 
 
 def test_save_load_round_trip_and_far_fewer_parameters_than_the_speechmapper_projector(tmp_path):

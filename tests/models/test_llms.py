@@ -100,7 +100,9 @@ def test_hf_llama_sizes_itself_from_config(tmp_path):
     with torch.no_grad():
         assert_close_to_scale(model(tokens), hf(tokens).logits, FP32_PARITY)
     for rope in ({"rope_type": "llama3", "factor": 8.0}, {"rope_type": "yarn", "factor": 4.0}):
-        assert "not supported" in str(pytest.raises(ValueError, hparams_from_hf_config, {**config, "rope_scaling": rope}).value)
+        assert "not supported" in str(
+            pytest.raises(ValueError, hparams_from_hf_config, {**config, "rope_scaling": rope}).value
+        )
     other_window = {**LLAMA31_8B_INSTRUCT["rope_scaling"], "original_max_position_embeddings": 4096}
     with pytest.raises(ValueError, match="fixes all but the factor"):
         _build(hparams_from_hf_config({**config, "rope_scaling": other_window}))
@@ -189,7 +191,9 @@ def test_named_builders_are_the_published_configs(name):
     assert hparams_from_hf_config(REAL_CONFIGS[name]) == LLMS[name].hparams
     check_hf_config(name, REAL_CONFIGS[name])
     with pytest.raises(ValueError, match="rope_scaling"):
-        check_hf_config(name, {**REAL_CONFIGS[name], "rope_scaling": {**LLAMA31_8B_INSTRUCT["rope_scaling"], "factor": 32.0}})
+        check_hf_config(
+            name, {**REAL_CONFIGS[name], "rope_scaling": {**LLAMA31_8B_INSTRUCT["rope_scaling"], "factor": 32.0}}
+        )
 
 
 def test_llama31_rope_frequencies_match_transformers():
@@ -231,7 +235,9 @@ def test_paper_llm_depth_reduced_logits_match_transformers(tmp_path, name):
         # an explicit all-ones mask keeps transformers from reading the position jump as a packed sequence
         ref_far = hf(tokens, position_ids=pos, attention_mask=torch.ones_like(tokens)).logits
     near, far_diff = rel_diff(ours_near, ref_near), rel_diff(ours_far, ref_far)
-    print(f"{name} (2 layers) fp32 max |logit diff| of scale: {near:.2e} at positions 0-23, {far_diff:.2e} with the jump")
+    print(
+        f"{name} (2 layers) fp32 max |logit diff| of scale: {near:.2e} at positions 0-23, {far_diff:.2e} with the jump"
+    )
     assert_close_to_scale(ours_near, ref_near, FP32_PARITY)
     assert_close_to_scale(ours_far, ref_far, FP32_PARITY)
     assert rel_diff(ref_far, ref_near) > 100 * FP32_PARITY  # the jump changes the logits: the test can see RoPE

@@ -39,7 +39,7 @@ def test_batched_equals_one_by_one(norm_first):
         single, n = model(x[None])
         assert int(n) == int(out_len[i])
         assert_close_to_scale(out[i, : int(n)], single[0], FP32_SHALLOW)  # batch shape: other kernels
-        assert out[i, int(n):].abs().max().item() == 0 if int(n) < out.shape[1] else True
+        assert out[i, int(n) :].abs().max().item() == 0 if int(n) < out.shape[1] else True
 
 
 def test_padding_content_does_not_leak():

@@ -31,8 +31,16 @@ def _checkpoint(tmp_path, llm_dir, **meta):
     torch.manual_seed(0)
     folder = tmp_path / "ckpt"
     table = load_embedding_table(llm_dir)
-    llm = {"name": "hf_llama", "chat_format": "chatml", "pad_id": 4, "dim": 32, "fingerprint": embedding_fingerprint(table)}
-    save_projector(folder, speechmapper_tiny(input_dim=16, output_dim=32), {"stage": 2, "llm": llm, "prompt": PROMPT, **meta})
+    llm = {
+        "name": "hf_llama",
+        "chat_format": "chatml",
+        "pad_id": 4,
+        "dim": 32,
+        "fingerprint": embedding_fingerprint(table),
+    }
+    save_projector(
+        folder, speechmapper_tiny(input_dim=16, output_dim=32), {"stage": 2, "llm": llm, "prompt": PROMPT, **meta}
+    )
     return folder
 
 
@@ -41,8 +49,13 @@ def _batch(lm, lengths):
     samples = []
     for i, n in enumerate(lengths):
         item = FeatureItem(f"u{i}", "cat sat", n, 16, "none", "", "", duration=n / 25)
-        ex = Stage2Example(item, parts, lm.chat.encode_text("a dog") + [lm.chat.eos_id], lm.chat.encode_text("cat sat"),
-                           lm.projector.output_length(n))
+        ex = Stage2Example(
+            item,
+            parts,
+            lm.chat.encode_text("a dog") + [lm.chat.eos_id],
+            lm.chat.encode_text("cat sat"),
+            lm.projector.output_length(n),
+        )
         samples.append({"id": item.id, "features": torch.randn(n, 16), "example": ex})
     return Stage2Collator(lm.projector.output_length, lm.pad_id)(samples), parts
 
@@ -95,24 +108,35 @@ def test_stage1_checkpoints_use_the_paper_zero_shot_prompt(tmp_path, llm_dir):
     assert "Repeat the previous text" in lm.template.user and lm.stop_at_newline
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"dim": 32, "fingerprint": "0000000000000000"}, "trained for another LLM"),
-    ({"dim": 48}, None),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"dim": 32, "fingerprint": "0000000000000000"}, "trained for another LLM"),
+        ({"dim": 48}, None),
+    ],
+)
 def test_incompatible_checkpoints_fail_before_the_llm_loads(tmp_path, llm_dir, monkeypatch, change, message):
     folder = _checkpoint(tmp_path, llm_dir)
     if "fingerprint" in change:
         meta_file = folder / "projector_config.json"
-        meta_file.write_text(meta_file.read_text().replace(embedding_fingerprint(load_embedding_table(llm_dir)), change["fingerprint"]))
+        meta_file.write_text(
+            meta_file.read_text().replace(embedding_fingerprint(load_embedding_table(llm_dir)), change["fingerprint"])
+        )
     else:
-        save_projector(folder, speechmapper_tiny(input_dim=16, output_dim=48), {"stage": 2, "llm": {"pad_id": 4}, "prompt": PROMPT})
+        save_projector(
+            folder, speechmapper_tiny(input_dim=16, output_dim=48), {"stage": 2, "llm": {"pad_id": 4}, "prompt": PROMPT}
+        )
     monkeypatch.setattr(speech_lm, "load_llm", lambda *a, **k: pytest.fail("the LLM was loaded before the check"))
     with pytest.raises(ValueError, match=message or "outputs 48-dim vectors but the LLM's embeddings are 32-dim"):
         SpeechLM.from_checkpoint(folder, llm=_llm(llm_dir))
 
 
 def test_lora_checkpoint_without_its_adapters_fails_before_the_llm_loads(tmp_path, llm_dir, monkeypatch):
-    folder = _checkpoint(tmp_path, llm_dir, lora={"rank": 2, "alpha": 4, "dropout": 0.0, "attn_modules": ["q_proj"], "apply_to_mlp": False})
+    folder = _checkpoint(
+        tmp_path,
+        llm_dir,
+        lora={"rank": 2, "alpha": 4, "dropout": 0.0, "attn_modules": ["q_proj"], "apply_to_mlp": False},
+    )
     monkeypatch.setattr(speech_lm, "load_llm", lambda *a, **k: pytest.fail("the LLM was loaded before the check"))
     with pytest.raises(FileNotFoundError, match="has no lora_adapters.safetensors"):
         SpeechLM.from_checkpoint(folder, llm=_llm(llm_dir))

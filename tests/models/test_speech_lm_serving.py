@@ -27,8 +27,14 @@ def test_prompt_embeds_decode_like_ours_in_transformers(instruction):
     ours = lm.generate([span], [parts], max_new_tokens=24)[0]
     hf = LlamaForCausalLM.from_pretrained(smollm2_dir(), dtype=torch.float32).eval()
     with torch.no_grad():
-        out = hf.generate(inputs_embeds=t[None], attention_mask=torch.ones(1, t.shape[0], dtype=torch.long),
-                          max_new_tokens=24, do_sample=False, eos_token_id=list(lm.chat.stop_ids), pad_token_id=lm.pad_id)
+        out = hf.generate(
+            inputs_embeds=t[None],
+            attention_mask=torch.ones(1, t.shape[0], dtype=torch.long),
+            max_new_tokens=24,
+            do_sample=False,
+            eos_token_id=list(lm.chat.stop_ids),
+            pad_token_id=lm.pad_id,
+        )
     ids = out[0].tolist()
     if ids and ids[-1] in lm.chat.stop_ids:
         ids = ids[:-1]  # ours leaves the stop token out

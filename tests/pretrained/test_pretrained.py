@@ -25,8 +25,12 @@ def test_export_writes_fp16_weights_config_curve_and_provenance(tmp_path):
     notes.write_text("tune run speechmapper_adapt --config x\n")
     root = tmp_path / "shipped"
     out = pretrained.export_projector(folder, "demo_proj", provenance=notes, root=root)
-    assert sorted(p.name for p in out.iterdir()) == ["PROVENANCE.md", "metrics.jsonl", "projector.safetensors",
-                                                      "projector_config.json"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "PROVENANCE.md",
+        "metrics.jsonl",
+        "projector.safetensors",
+        "projector_config.json",
+    ]
     with safe_open(str(out / "projector.safetensors"), "pt") as f:
         assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}
     loaded, meta = load_projector(out)
@@ -49,14 +53,18 @@ def test_export_carries_the_lora_adapters_in_fp16(tmp_path):
     torch.manual_seed(0)
     meta = {"stage": 2, "llm": {"dim": 32}, "lora": {"rank": 4}}
     folder = CheckpointManager(tmp_path / "run").save(3, speechmapper_tiny(), meta, {"step": 3})
-    adapters = {"layers.0.attn.q_proj.lora_a.weight": torch.randn(4, 32),
-                "layers.0.attn.q_proj.lora_b.weight": torch.randn(32, 4)}
+    adapters = {
+        "layers.0.attn.q_proj.lora_a.weight": torch.randn(4, 32),
+        "layers.0.attn.q_proj.lora_b.weight": torch.randn(32, 4),
+    }
     save_file(adapters, str(folder / "lora_adapters.safetensors"))
     out = pretrained.export_projector(folder, "lora_proj", root=tmp_path / "shipped")
     shipped = load_file(str(out / "lora_adapters.safetensors"))
     assert shipped.keys() == adapters.keys()
     for k, v in adapters.items():
-        assert shipped[k].dtype == torch.float16 and rel_diff(shipped[k].float(), v) <= 1e-3  # fp16: half an ulp is 4.9e-4 of the largest value
+        assert (
+            shipped[k].dtype == torch.float16 and rel_diff(shipped[k].float(), v) <= 1e-3
+        )  # fp16: half an ulp is 4.9e-4 of the largest value
     (folder / "lora_adapters.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="trained with LoRA adapters but has no lora_adapters.safetensors"):
         pretrained.export_projector(folder, "lora_proj2", root=tmp_path / "shipped")
@@ -67,10 +75,12 @@ def test_unknown_shipped_name_lists_what_exists():
         pretrained.shipped_projector("nope")
 
 
-COMMANDS = {"smollm2_135m_whisper_base_stage1": "speechmapper_pretrain --config smollm2_135M/stage1_full",
-            "smollm2_135m_whisper_base_stage2": "speechmapper_adapt --config smollm2_135M/stage2_full",
-            "smollm2_135m_whisper_base_stage2_asr": "speechmapper_adapt --config smollm2_135M/stage2_asr_full",
-            "smollm2_135m_whisper_base_stage2_asr_lora": "speechmapper_adapt --config smollm2_135M/stage2_asr_full"}
+COMMANDS = {
+    "smollm2_135m_whisper_base_stage1": "speechmapper_pretrain --config smollm2_135M/stage1_full",
+    "smollm2_135m_whisper_base_stage2": "speechmapper_adapt --config smollm2_135M/stage2_full",
+    "smollm2_135m_whisper_base_stage2_asr": "speechmapper_adapt --config smollm2_135M/stage2_asr_full",
+    "smollm2_135m_whisper_base_stage2_asr_lora": "speechmapper_adapt --config smollm2_135M/stage2_asr_full",
+}
 
 
 @pytest.mark.parametrize("name", sorted(COMMANDS))
@@ -107,11 +117,19 @@ def test_shipped_lora_specialist_carries_adapters_that_fit_smollm2():
 
     folder = pretrained.shipped_projector("smollm2_135m_whisper_base_stage2_asr_lora")
     _, meta = load_projector(folder)
-    assert meta["lora"] == {"alpha": 16, "apply_to_mlp": False, "attn_modules": ["q_proj", "v_proj"], "dropout": 0.0, "rank": 8}
+    assert meta["lora"] == {
+        "alpha": 16,
+        "apply_to_mlp": False,
+        "attn_modules": ["q_proj", "v_proj"],
+        "dropout": 0.0,
+        "rank": 8,
+    }
     adapters = load_file(str(lora_weights_file(folder)))
     # SmolLM2-135M: 30 layers; q 576 -> 576, v 576 -> 192 (3 KV heads of 64); rank 8
     assert len(adapters) == 30 * 2 * 2 and {v.dtype for v in adapters.values()} == {torch.float16}
     assert adapters["layers.0.attn.q_proj.lora_a.weight"].shape == (8, 576)
     assert adapters["layers.0.attn.v_proj.lora_b.weight"].shape == (192, 8)
     assert all(torch.isfinite(v).all() for v in adapters.values())
-    assert any(k.endswith("lora_b.weight") and v.abs().sum() > 0 for k, v in adapters.items())  # trained, not the zero init
+    assert any(
+        k.endswith("lora_b.weight") and v.abs().sum() > 0 for k, v in adapters.items()
+    )  # trained, not the zero init

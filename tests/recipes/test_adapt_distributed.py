@@ -24,15 +24,26 @@ from speechmapper_tune.data.synthetic import prepare_tiny_stage1
 
 pytestmark = pytest.mark.e2e
 LORA = "lora={rank: 4, alpha: 8, dropout: 0.0, attn_modules: [q_proj, v_proj], apply_to_mlp: True}"
-COMMON = ["--config", "tiny/stage2", "model.dropout=0.0", "batch_size=6", "max_steps=4", "log_every_n_steps=1",
-          "val_every_n_steps=0", "save_every_n_steps=2", "loss.sigma=0.5"]
+COMMON = [
+    "--config",
+    "tiny/stage2",
+    "model.dropout=0.0",
+    "batch_size=6",
+    "max_steps=4",
+    "log_every_n_steps=1",
+    "val_every_n_steps=0",
+    "save_every_n_steps=2",
+    "loss.sigma=0.5",
+]
 FIELDS = ("loss", "ce", "mse", "grad_norm")
 
 
 def _adapt(tune, out, *extra, nproc=1, items_per_step=12):
     launch = ["run", "--nproc_per_node", str(nproc)] if nproc > 1 else ["run"]
     accum = f"gradient_accumulation_steps={items_per_step // (6 * nproc)}"  # the same items a step either way
-    return tune([*launch, "speechmapper_adapt", *COMMON, accum, f"output_dir={out}", *extra], cwd=out.parent, timeout=300)
+    return tune(
+        [*launch, "speechmapper_adapt", *COMMON, accum, f"output_dir={out}", *extra], cwd=out.parent, timeout=300
+    )
 
 
 def _rows(out):
@@ -83,8 +94,9 @@ def test_two_processes_match_one_with_lora(lora_runs):
         assert_close_to_scale(b[k], a[k], 1e-3, k)
     state = torch.load(root / "two" / "checkpoints" / "step_4" / "recipe_state.pt", weights_only=True)
     ref = torch.load(root / "one" / "checkpoints" / "step_4" / "recipe_state.pt", weights_only=True)
-    assert [s["exp_avg"].shape for s in state["optimizer"]["state"].values()] == \
-           [s["exp_avg"].shape for s in ref["optimizer"]["state"].values()]  # optimizer state gathered whole
+    assert [s["exp_avg"].shape for s in state["optimizer"]["state"].values()] == [
+        s["exp_avg"].shape for s in ref["optimizer"]["state"].values()
+    ]  # optimizer state gathered whole
 
 
 def test_two_process_resume_matches_uninterrupted(lora_runs, tune):
@@ -112,7 +124,9 @@ def test_a_batch_one_rank_cannot_load_is_passed_over_by_both(tmp_path, tune):
     """Rank 1's first batch holds only unreadable (NaN) items: both ranks pass over that micro-batch
     (rank 0 alone would wait in FSDP's all-gather for ever) and the run goes on."""
     out = tmp_path / "run"
-    data = prepare_tiny_stage1(str(out / "data"), feature_dim=16, llm_dim=32, num_train=400, num_val=40)  # as tiny/stage2
+    data = prepare_tiny_stage1(
+        str(out / "data"), feature_dim=16, llm_dim=32, num_train=400, num_val=40
+    )  # as tiny/stage2
     items = load_feature_items(data["train_manifest"])
     bad = {items[i].id for i in ShuffledBatchSampler(len(items), 6, seed=0, rank=1, world_size=2).epoch_batches(0)[0]}
     writer = SafetensorsShardWriter(items[0].storage_path)

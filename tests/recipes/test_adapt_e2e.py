@@ -18,8 +18,19 @@ def metrics(out):
 @pytest.fixture(scope="module")
 def stage1(tmp_path_factory, tune):
     out = tmp_path_factory.mktemp("s1")
-    tune(["run", "speechmapper_pretrain", "--config", "tiny/stage1", f"output_dir={out}", "max_steps=30",
-              "val_every_n_steps=0", "save_every_n_steps=0"], cwd=out)
+    tune(
+        [
+            "run",
+            "speechmapper_pretrain",
+            "--config",
+            "tiny/stage1",
+            f"output_dir={out}",
+            "max_steps=30",
+            "val_every_n_steps=0",
+            "save_every_n_steps=0",
+        ],
+        cwd=out,
+    )
     return out
 
 
@@ -30,9 +41,18 @@ def _stage2_dir(tmp_path, stage1, name):
 
 
 def test_adapt_from_stage1_learns_and_resumes_exactly(tmp_path, tune, stage1):
-    common = ["run", "speechmapper_adapt", "--config", "tiny/stage2", "from_scratch=False",
-              f"projector_checkpoint={stage1}/checkpoints/step_30", "log_every_n_steps=2",
-              "val_every_n_steps=6", "save_every_n_steps=6", "loss.sigma=0.5"]
+    common = [
+        "run",
+        "speechmapper_adapt",
+        "--config",
+        "tiny/stage2",
+        "from_scratch=False",
+        f"projector_checkpoint={stage1}/checkpoints/step_30",
+        "log_every_n_steps=2",
+        "val_every_n_steps=6",
+        "save_every_n_steps=6",
+        "loss.sigma=0.5",
+    ]
     full, part = _stage2_dir(tmp_path, stage1, "full"), _stage2_dir(tmp_path, stage1, "part")
     tune([*common, f"output_dir={full}", "max_steps=12"], cwd=tmp_path)
     tune([*common, f"output_dir={part}", "max_steps=6"], cwd=tmp_path)
@@ -51,21 +71,40 @@ def test_adapt_from_stage1_learns_and_resumes_exactly(tmp_path, tune, stage1):
     load_projector(full / "checkpoints" / "step_12")
 
 
-@pytest.mark.parametrize("override, message", [
-    ("loss.sigma=1.5", "sigma=1.5"),
-    ("loss.alpha=0", "alpha=0"),
-    ("llm.pad_id=500", "llm.pad_id=500 is outside the vocabulary"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("loss.sigma=1.5", "sigma=1.5"),
+        ("loss.alpha=0", "alpha=0"),
+        ("llm.pad_id=500", "llm.pad_id=500 is outside the vocabulary"),
+    ],
+)
 def test_config_errors(tmp_path, tune, stage1, override, message):
     out = _stage2_dir(tmp_path, stage1, "o")
-    proc = tune(["run", "speechmapper_adapt", "--config", "tiny/stage2", f"output_dir={out}", override], cwd=tmp_path, check=False)
+    proc = tune(
+        ["run", "speechmapper_adapt", "--config", "tiny/stage2", f"output_dir={out}", override],
+        cwd=tmp_path,
+        check=False,
+    )
     assert proc.returncode != 0 and message in proc.stderr
 
 
 def test_projector_for_another_llm_is_refused_before_loading_it(tmp_path, tune, stage1):
     out = tmp_path / "other"  # its prepare writes a tiny LLM with another seed: another embedding table
-    proc = tune(["run", "speechmapper_adapt", "--config", "tiny/stage2", f"output_dir={out}", "prepare.seed=7",
-                 "from_scratch=False", f"projector_checkpoint={stage1}/checkpoints/step_30"], cwd=tmp_path, check=False)
+    proc = tune(
+        [
+            "run",
+            "speechmapper_adapt",
+            "--config",
+            "tiny/stage2",
+            f"output_dir={out}",
+            "prepare.seed=7",
+            "from_scratch=False",
+            f"projector_checkpoint={stage1}/checkpoints/step_30",
+        ],
+        cwd=tmp_path,
+        check=False,
+    )
     assert proc.returncode != 0
     assert "was trained for another LLM" in proc.stderr
     assert "Loading frozen LLM" not in proc.stderr + proc.stdout
@@ -76,13 +115,28 @@ def test_instruction_data_with_asr_mixed_in(tmp_path, tune, stage1):
 
     out = _stage2_dir(tmp_path, stage1, "sqa")
     cuts = list(CutSet.from_file(out / "data" / "train.jsonl.gz"))[:30]
-    rows = [{"id": f"q{i}", "features": c.id, "instruction": "red", "answer": c.supervisions[0].text.split()[0]}
-            for i, c in enumerate(cuts)]
+    rows = [
+        {"id": f"q{i}", "features": c.id, "instruction": "red", "answer": c.supervisions[0].text.split()[0]}
+        for i, c in enumerate(cuts)
+    ]
     rows.append({"id": "lost", "features": "no-such-utterance", "instruction": "red", "answer": "x"})
     (out / "qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    proc = tune(["run", "speechmapper_adapt", "--config", "tiny/stage2", f"output_dir={out}", "max_steps=3",
-                 f"data.train.instructions={out}/qa.jsonl", "data.train.asr_mix_ratio=1.0", "data.train.task=sqa",
-                 "loss.sigma=0.0", "val_every_n_steps=0"], cwd=tmp_path)
+    proc = tune(
+        [
+            "run",
+            "speechmapper_adapt",
+            "--config",
+            "tiny/stage2",
+            f"output_dir={out}",
+            "max_steps=3",
+            f"data.train.instructions={out}/qa.jsonl",
+            "data.train.asr_mix_ratio=1.0",
+            "data.train.task=sqa",
+            "loss.sigma=0.0",
+            "val_every_n_steps=0",
+        ],
+        cwd=tmp_path,
+    )
     log = proc.stderr + proc.stdout
     assert "train: 60 examples" in log  # 30 SQA + 30 ASR (probability 0.5, section 4.2)
     assert "features id not in the feature manifest: 1" in log
@@ -93,8 +147,16 @@ def test_lora_adapters_train_save_and_resume(tmp_path, tune, stage1):
     from safetensors.torch import load_file
 
     out = _stage2_dir(tmp_path, stage1, "lora")
-    args = ["run", "speechmapper_adapt", "--config", "tiny/stage2", f"output_dir={out}", "val_every_n_steps=0",
-            "save_every_n_steps=2", "lora={rank: 4, alpha: 8, dropout: 0.0, attn_modules: [q_proj, v_proj], apply_to_mlp: False}"]
+    args = [
+        "run",
+        "speechmapper_adapt",
+        "--config",
+        "tiny/stage2",
+        f"output_dir={out}",
+        "val_every_n_steps=0",
+        "save_every_n_steps=2",
+        "lora={rank: 4, alpha: 8, dropout: 0.0, attn_modules: [q_proj, v_proj], apply_to_mlp: False}",
+    ]
     proc = tune([*args, "max_steps=2"], cwd=tmp_path)
     assert "+ LoRA 896 parameters" in proc.stderr + proc.stdout  # rank 4 on q (32->32) and v (32->16), 2 layers
     first = load_file(str(out / "checkpoints" / "step_2" / "lora_adapters.safetensors"))
@@ -109,12 +171,32 @@ def test_lora_adapters_train_save_and_resume(tmp_path, tune, stage1):
 
 def test_generate_loads_the_lora_adapters_trained_with_the_projector(tmp_path, tune, stage1):
     out = _stage2_dir(tmp_path, stage1, "lora_gen")
-    tune(["run", "speechmapper_adapt", "--config", "tiny/stage2", f"output_dir={out}", "val_every_n_steps=0", "max_steps=2",
-          "save_every_n_steps=2", "lora={rank: 4, alpha: 8, dropout: 0.0, attn_modules: [q_proj, v_proj], apply_to_mlp: False}"],
-         cwd=tmp_path)
+    tune(
+        [
+            "run",
+            "speechmapper_adapt",
+            "--config",
+            "tiny/stage2",
+            f"output_dir={out}",
+            "val_every_n_steps=0",
+            "max_steps=2",
+            "save_every_n_steps=2",
+            "lora={rank: 4, alpha: 8, dropout: 0.0, attn_modules: [q_proj, v_proj], apply_to_mlp: False}",
+        ],
+        cwd=tmp_path,
+    )
     ckpt = out / "checkpoints" / "step_2"
-    args = ["run", "speechmapper_generate", "--config", "tiny/generate", f"projector_checkpoint={ckpt}",
-            f"manifest={out}/data/val.jsonl.gz", f"llm.checkpoint={out}/data/llm", "max_new_tokens=4", "max_items=4"]
+    args = [
+        "run",
+        "speechmapper_generate",
+        "--config",
+        "tiny/generate",
+        f"projector_checkpoint={ckpt}",
+        f"manifest={out}/data/val.jsonl.gz",
+        f"llm.checkpoint={out}/data/llm",
+        "max_new_tokens=4",
+        "max_items=4",
+    ]
     proc = tune([*args, f"output_dir={tmp_path}/gen"], cwd=tmp_path)
     assert f"LoRA adapters (rank 4) loaded from {ckpt}/lora_adapters.safetensors" in proc.stderr + proc.stdout
     assert len((tmp_path / "gen" / "generations.jsonl").read_text().splitlines()) == 4
@@ -128,24 +210,53 @@ def test_a_new_run_from_a_lora_checkpoint_goes_on_with_its_adapters(tmp_path, tu
 
     lora = "lora={rank: 4, alpha: 8, dropout: 0.0, attn_modules: [q_proj, v_proj], apply_to_mlp: False}"
     first, second = _stage2_dir(tmp_path, stage1, "lora_a"), _stage2_dir(tmp_path, stage1, "lora_b")
-    common = ["run", "speechmapper_adapt", "--config", "tiny/stage2", "val_every_n_steps=0", "save_every_n_steps=2",
-              "max_steps=2"]
+    common = [
+        "run",
+        "speechmapper_adapt",
+        "--config",
+        "tiny/stage2",
+        "val_every_n_steps=0",
+        "save_every_n_steps=2",
+        "max_steps=2",
+    ]
     tune([*common, f"output_dir={first}", lora], cwd=tmp_path)
     ckpt = first / "checkpoints" / "step_2"
-    proc = tune([*common, f"output_dir={second}", f"projector_checkpoint={ckpt}", "from_scratch=False", lora,
-                 "optimizer.lr=0.0"], cwd=tmp_path)  # lr 0: the new run's adapters must equal the loaded ones
+    proc = tune(
+        [
+            *common,
+            f"output_dir={second}",
+            f"projector_checkpoint={ckpt}",
+            "from_scratch=False",
+            lora,
+            "optimizer.lr=0.0",
+        ],
+        cwd=tmp_path,
+    )  # lr 0: the new run's adapters must equal the loaded ones
     assert f"LoRA adapters from {ckpt}/lora_adapters.safetensors" in proc.stderr + proc.stdout
-    saved, kept = load_file(str(ckpt / "lora_adapters.safetensors")), load_file(str(second / "checkpoints" / "step_2" / "lora_adapters.safetensors"))
+    saved, kept = (
+        load_file(str(ckpt / "lora_adapters.safetensors")),
+        load_file(str(second / "checkpoints" / "step_2" / "lora_adapters.safetensors")),
+    )
     assert saved.keys() == kept.keys() and all((saved[k] == kept[k]).all() for k in saved)
     assert any(k.endswith("lora_b.weight") and saved[k].abs().sum() > 0 for k in saved)  # not the zero init
-    proc = tune([*common, f"output_dir={tmp_path}/no_lora", f"projector_checkpoint={ckpt}", "from_scratch=False"], cwd=tmp_path)
+    proc = tune(
+        [*common, f"output_dir={tmp_path}/no_lora", f"projector_checkpoint={ckpt}", "from_scratch=False"], cwd=tmp_path
+    )
     assert "was trained with LoRA adapters on the LLM" in proc.stderr + proc.stdout
 
 
 def test_a_finished_run_resumed_is_left_as_it_is_and_a_new_run_in_its_folder_is_refused(tmp_path, tune, stage1):
     out = _stage2_dir(tmp_path, stage1, "done")
-    args = ["run", "speechmapper_adapt", "--config", "tiny/stage2", f"output_dir={out}", "max_steps=2",
-            "val_every_n_steps=0", "log_every_n_steps=1"]
+    args = [
+        "run",
+        "speechmapper_adapt",
+        "--config",
+        "tiny/stage2",
+        f"output_dir={out}",
+        "max_steps=2",
+        "val_every_n_steps=0",
+        "log_every_n_steps=1",
+    ]
     tune(args, cwd=tmp_path)
     files = {p: p.read_bytes() for p in [out / "metrics.jsonl", *(out / "checkpoints").rglob("*")] if p.is_file()}
     proc = tune([*args, "resume=True"], cwd=tmp_path)

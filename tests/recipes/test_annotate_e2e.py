@@ -22,10 +22,15 @@ def test_labels_from_replies():
     text = "Mr Smith flew to Paris on Monday"
     # a hallucinated phrase (London) and a tag outside SLUE's set are dropped; chatter after the list ignored
     assert lab("ner", "PERSON: Smith; PLACE: London; WHEN: monday; FOOD: paris\n\nThese are the entities.", text) == (
-        "PERSON: Smith; WHEN: monday", "2 entities dropped")
+        "PERSON: Smith; WHEN: monday",
+        "2 entities dropped",
+    )
     assert lab("ner", "none", text) == ("none", "") and lab("ner", "None.", text) == ("none", "")
     assert lab("ner", "I cannot do that", text)[0] is None
-    assert lab("ner", "PLACE: Rome", text) == (None, "no entity of the reply has a SLUE tag and a phrase of the transcript")
+    assert lab("ner", "PLACE: Rome", text) == (
+        None,
+        "no entity of the reply has a SLUE tag and a phrase of the transcript",
+    )
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +53,20 @@ def setup(tmp_path_factory):
 
 
 def _run(tune, root, llm, manifest, out, *extra, check=True):
-    return tune(["run", "speechmapper_annotate", "--config", "tiny/annotate_sa", f"manifest={manifest}",
-                 f"llm.checkpoint={llm}", f"output_dir={out}", *extra], cwd=root, check=check)
+    return tune(
+        [
+            "run",
+            "speechmapper_annotate",
+            "--config",
+            "tiny/annotate_sa",
+            f"manifest={manifest}",
+            f"llm.checkpoint={llm}",
+            f"output_dir={out}",
+            *extra,
+        ],
+        cwd=root,
+        check=check,
+    )
 
 
 def _rows(path):
@@ -72,13 +89,21 @@ def test_annotate_resume_and_stage2_reads_the_rows(tmp_path, tune, setup):
         assert r["answer"] in ("Negative", "Neutral", "Positive") and r["features"] == r["id"] and r["task"] == "sa"
         assert r["instruction"] == "sentiment" and r["transcript"]
     # stage 2 reads them as instruction data
-    from speechmapper_tune.models.chat_format import ChatTokenizer
     from speechmapper_tune.data.manifest import FeatureItem
+    from speechmapper_tune.models.chat_format import ChatTokenizer
 
     chat = ChatTokenizer.from_dir(llm, chat_format="chatml", pad_token="<|pad|>")
     items = {r["id"]: FeatureItem(r["id"], r["transcript"], 40, 16, "numpy_files", "", "") for r in labels}
-    exs = prepare_instruction_examples(out / "labels.jsonl", items, chat, PromptTemplate(user="{speech} {instruction}"),
-                                       lambda n: n // 2, 512, SkipCounter(), task="sa")
+    exs = prepare_instruction_examples(
+        out / "labels.jsonl",
+        items,
+        chat,
+        PromptTemplate(user="{speech} {instruction}"),
+        lambda n: n // 2,
+        512,
+        SkipCounter(),
+        task="sa",
+    )
     assert [e.item.id for e in exs] == [r["id"] for r in labels] and all(e.target_ids for e in exs)
 
     # a killed run leaves a torn last line: the rerun drops it and labels only what is missing
@@ -109,8 +134,11 @@ def test_slue_gold_labels_become_the_same_rows(tmp_path, tune):
 
     root = tmp_path / "slue-voxceleb"
     (root / "dev_raw").mkdir(parents=True)
-    rows = [["a1", "i loved it", "s1", "dev", "0.0", "0.5", "Positive"], ["a2", "", "s1", "dev", "0.0", "0.5", "Neutral"],
-            ["a3", "it was bad", "s2", "dev", "0.0", "0.5", "Negative"]]
+    rows = [
+        ["a1", "i loved it", "s1", "dev", "0.0", "0.5", "Positive"],
+        ["a2", "", "s1", "dev", "0.0", "0.5", "Neutral"],
+        ["a3", "it was bad", "s2", "dev", "0.0", "0.5", "Negative"],
+    ]
     with open(root / "slue-voxceleb_dev.tsv", "w", newline="") as f:
         w = csv.writer(f, delimiter="\t")
         w.writerow(["id", "normalized_text", "speaker_id", "split", "start_second", "end_second", "sentiment"])
@@ -120,6 +148,9 @@ def test_slue_gold_labels_become_the_same_rows(tmp_path, tune):
     out = tmp_path / "gold"
     _run(tune, tmp_path, tmp_path / "no-llm-here", root, out, "labels=manifest", "instruction=What is the sentiment?")
     labels = _rows(out / "labels.jsonl")
-    assert [(r["id"], r["answer"], r["annotator"]) for r in labels] == [("a1", "Positive", "manifest"), ("a3", "Negative", "manifest")]
+    assert [(r["id"], r["answer"], r["annotator"]) for r in labels] == [
+        ("a1", "Positive", "manifest"),
+        ("a3", "Negative", "manifest"),
+    ]
     assert _rows(out / "not_annotated.jsonl") == [{"id": "a2", "reason": "empty transcript"}]
     assert labels[0]["instruction"] == "What is the sentiment?" and labels[0]["transcript"] == "i loved it"

@@ -27,9 +27,25 @@ def test_eet_table(tmp_path, tune):
 
     llm = write_tiny_llm(tmp_path / "llm", list(WORDS), dim=32)
     (tmp_path / "s.txt").write_text("red cat runs\nblue dog sleeps\nthe small bird sings\nquick fish eats\n")
-    tune(["run", "speechmapper_eet", "--config", "smollm2_135M/eet", f"output_dir={tmp_path}/o", "llm.name=hf_llama",
-          f"llm.checkpoint={llm}", "llm.chat_format=chatml", f"sentences.source={tmp_path}/s.txt", "sentences.num_sentences=4",
-          "noise_degrees=[0,0.1]", "max_new_tokens=6", "prompt.user=red <sentence>", "prompt.assistant_prefix=blue"], cwd=tmp_path)
+    tune(
+        [
+            "run",
+            "speechmapper_eet",
+            "--config",
+            "smollm2_135M/eet",
+            f"output_dir={tmp_path}/o",
+            "llm.name=hf_llama",
+            f"llm.checkpoint={llm}",
+            "llm.chat_format=chatml",
+            f"sentences.source={tmp_path}/s.txt",
+            "sentences.num_sentences=4",
+            "noise_degrees=[0,0.1]",
+            "max_new_tokens=6",
+            "prompt.user=red <sentence>",
+            "prompt.assistant_prefix=blue",
+        ],
+        cwd=tmp_path,
+    )
     res = json.loads((tmp_path / "o" / "eet.json").read_text())
     assert set(res["wer"]) == {"0.0", "0.1"} and res["num_sentences"] == 4
     assert all(v >= 0 for v in res["wer"].values())

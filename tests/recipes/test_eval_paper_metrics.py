@@ -21,9 +21,18 @@ def _write_rows(path, rows):
     return path
 
 
-ST_ROWS = [{"id": f"t{i}", "task": "st", "target_lang": "fr", "reference": "le chat est noir", "hypothesis": h,
-            "flags": [], **({"transcript": "the cat is black"} if i < 2 else {})}
-           for i, h in enumerate(["le chat est noir", "the cat is black", "le chien est noir"])]
+ST_ROWS = [
+    {
+        "id": f"t{i}",
+        "task": "st",
+        "target_lang": "fr",
+        "reference": "le chat est noir",
+        "hypothesis": h,
+        "flags": [],
+        **({"transcript": "the cat is black"} if i < 2 else {}),
+    }
+    for i, h in enumerate(["le chat est noir", "the cat is black", "le chien est noir"])
+]
 
 
 def _recipe(tmp_path, gens, **extra):
@@ -47,7 +56,9 @@ def test_comet_asked_for_but_unusable_stops_before_scoring(tmp_path, monkeypatch
     with pytest.raises(FileNotFoundError, match=f"comet.model_dir={absent}: no such file or folder"):
         _recipe(tmp_path, {"st": str(gen)}, comet={"model_dir": str(absent)})
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match="comet.model_dir=.*empty: not a COMET checkpoint .*model.ckpt is missing"):
+    with pytest.raises(
+        FileNotFoundError, match="comet.model_dir=.*empty: not a COMET checkpoint .*model.ckpt is missing"
+    ):
         _recipe(tmp_path, {"st": str(gen)}, comet={"model_dir": str(tmp_path / "empty")})
     monkeypatch.setitem(sys.modules, "comet", None)  # unbabel-comet not installed
     folder = _comet_folder(tmp_path / "wmt22-comet-da")
@@ -58,8 +69,19 @@ def test_comet_asked_for_but_unusable_stops_before_scoring(tmp_path, monkeypatch
 
 def test_comet_error_through_tune_run(tmp_path, tune):
     gen = _write_rows(tmp_path / "g.jsonl", ST_ROWS)
-    proc = tune(["run", "speechmapper_eval", "--config", "eval/default", f"output_dir={tmp_path}/ev",
-                 f"generations={{st: {gen}}}", f"comet.model_dir={tmp_path}/absent"], cwd=tmp_path, check=False)
+    proc = tune(
+        [
+            "run",
+            "speechmapper_eval",
+            "--config",
+            "eval/default",
+            f"output_dir={tmp_path}/ev",
+            f"generations={{st: {gen}}}",
+            f"comet.model_dir={tmp_path}/absent",
+        ],
+        cwd=tmp_path,
+        check=False,
+    )
     assert proc.returncode != 0 and f"comet.model_dir={tmp_path}/absent" in proc.stderr + proc.stdout
     assert not (tmp_path / "ev" / "results.json").exists()
 
@@ -109,17 +131,33 @@ def judges(tmp_path_factory):
 
 
 def _judge(path, **extra):
-    return {"llm": {"name": "hf_llama", "checkpoint": str(path), "chat_format": "chatml", "dtype": "fp32"}, "batch_size": 2, **extra}
+    return {
+        "llm": {"name": "hf_llama", "checkpoint": str(path), "chat_format": "chatml", "dtype": "fp32"},
+        "batch_size": 2,
+        **extra,
+    }
 
 
-SQA_ROWS = [{"id": f"q{i}", "task": "sqa", "instruction": "red", "context": "blue", "reference": r, "hypothesis": h, "flags": []}
-            for i, (r, h) in enumerate([("cat", "dog"), ("cat", "cat"), ("red cat", "a red cat")])]
+SQA_ROWS = [
+    {
+        "id": f"q{i}",
+        "task": "sqa",
+        "instruction": "red",
+        "context": "blue",
+        "reference": r,
+        "hypothesis": h,
+        "flags": [],
+    }
+    for i, (r, h) in enumerate([("cat", "dog"), ("cat", "cat"), ("red cat", "a red cat")])
+]
 
 
 def test_several_judges_each_reported_and_averaged(tmp_path, judges):
     gen = _write_rows(tmp_path / "g.jsonl", SQA_ROWS + [{**SQA_ROWS[0], "id": "noref", "reference": None}])
     other = _write_rows(tmp_path / "h.jsonl", SQA_ROWS[:2])
-    recipe = _recipe(tmp_path, {"a": str(gen), "b": str(other)}, judges=[_judge(judges[0], name="tiny1"), _judge(judges[1])])
+    recipe = _recipe(
+        tmp_path, {"a": str(gen), "b": str(other)}, judges=[_judge(judges[0], name="tiny1"), _judge(judges[1])]
+    )
     recipe.run()
     res = {r["name"]: r for r in json.loads((tmp_path / "ev" / "results.json").read_text())}
     # the same judges run on their own, item by item, give the verdicts the recipe averaged
@@ -156,18 +194,34 @@ def test_single_judge_key_still_works(tmp_path, judges):
 
 
 def test_ner_and_sa_rows_through_tune_run(tmp_path, tune, judges):
-    ner = [("PLACE: brussels; WHEN: monday", "place: Brussels; WHEN: today"),
-           ("PERSON: john smith", "PERSON: john smith; ORG: the commission"),
-           ("none", "none")]
+    ner = [
+        ("PLACE: brussels; WHEN: monday", "place: Brussels; WHEN: today"),
+        ("PERSON: john smith", "PERSON: john smith; ORG: the commission"),
+        ("none", "none"),
+    ]
     sa = [("Positive", "Positive."), ("Negative", "neutral"), ("Neutral", "Neutral")]
-    rows = [{"id": f"n{i}", "task": "ner", "reference": r, "hypothesis": h, "flags": ["stuck"] if i == 1 else []}
-            for i, (r, h) in enumerate(ner)]
+    rows = [
+        {"id": f"n{i}", "task": "ner", "reference": r, "hypothesis": h, "flags": ["stuck"] if i == 1 else []}
+        for i, (r, h) in enumerate(ner)
+    ]
     rows += [{"id": f"s{i}", "task": "sa", "reference": r, "hypothesis": h, "flags": []} for i, (r, h) in enumerate(sa)]
     rows += SQA_ROWS
     gen = _write_rows(tmp_path / "g.jsonl", rows)
-    judge_list = ", ".join(f"{{llm: {{name: hf_llama, checkpoint: {p}, chat_format: chatml, dtype: fp32}}}}" for p in judges)
-    tune(["run", "speechmapper_eval", "--config", "eval/default", f"output_dir={tmp_path}/ev", f"generations={{slue: {gen}}}",
-          f"judges=[{judge_list}]"], cwd=tmp_path)
+    judge_list = ", ".join(
+        f"{{llm: {{name: hf_llama, checkpoint: {p}, chat_format: chatml, dtype: fp32}}}}" for p in judges
+    )
+    tune(
+        [
+            "run",
+            "speechmapper_eval",
+            "--config",
+            "eval/default",
+            f"output_dir={tmp_path}/ev",
+            f"generations={{slue: {gen}}}",
+            f"judges=[{judge_list}]",
+        ],
+        cwd=tmp_path,
+    )
     res = {r["task"]: r for r in json.loads((tmp_path / "ev" / "results.json").read_text())}
     want = ner_scores([parse_entities(r)[0] for r, _ in ner], [parse_entities(h)[0] for _, h in ner])
     # pairs: 2 correct (PLACE brussels, PERSON john smith) of 3 reference and 4 predicted
@@ -178,10 +232,14 @@ def test_ner_and_sa_rows_through_tune_run(tmp_path, tune, judges):
     assert res["sa"]["f1"] == pytest.approx(s["macro_f1"]) and res["sa"]["accuracy"] == pytest.approx(200 / 3)
     assert set(res["sqa"]["judges"]) == {"hf_llama_1", "hf_llama_2"}  # two judges of one name are numbered
     table = (tmp_path / "ev" / "results.md").read_text()
-    assert f"| slue | ner | 3 |" in table and f"{res['ner']['f1']:.1f}" in table
+    assert "| slue | ner | 3 |" in table and f"{res['ner']['f1']:.1f}" in table
 
 
 def test_sa_reference_outside_the_classes_is_named(tmp_path):
-    gen = _write_rows(tmp_path / "g.jsonl", [{"id": "s9", "task": "sa", "reference": "Mixed", "hypothesis": "Positive", "flags": []}])
-    with pytest.raises(ValueError, match=r"1 sa rows have a reference that is not Negative/Neutral/Positive \(e.g. s9\)"):
+    gen = _write_rows(
+        tmp_path / "g.jsonl", [{"id": "s9", "task": "sa", "reference": "Mixed", "hypothesis": "Positive", "flags": []}]
+    )
+    with pytest.raises(
+        ValueError, match=r"1 sa rows have a reference that is not Negative/Neutral/Positive \(e.g. s9\)"
+    ):
         _recipe(tmp_path, {"sa": str(gen)}).run()

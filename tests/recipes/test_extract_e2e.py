@@ -33,8 +33,15 @@ def _write_manifest(tmp_path):
 def test_extract_skips_bad_audio_and_resumes(tmp_path, tune):
     manifest = _write_manifest(tmp_path)
     out = tmp_path / "feats"
-    args = ["run", "speechmapper_extract", "--config", "features/whisper_tiny_en", f"manifest={manifest}",
-            f"output_dir={out}", "shard_size=2"]
+    args = [
+        "run",
+        "speechmapper_extract",
+        "--config",
+        "features/whisper_tiny_en",
+        f"manifest={manifest}",
+        f"output_dir={out}",
+        "shard_size=2",
+    ]
     tune(args, cwd=tmp_path)
     feats = dict(iter_features(out / "cuts.jsonl.gz"))
     assert sorted(feats) == ["ok0", "ok1", "ok2"]
@@ -55,8 +62,20 @@ def test_extract_skips_bad_audio_and_resumes(tmp_path, tune):
 def test_extract_shards_chunks_across_two_ranks(tmp_path, tune):
     manifest = _write_manifest(tmp_path)
     out = tmp_path / "ddp"
-    tune(["run", "--nproc_per_node", "2", "speechmapper_extract", "--config", "features/whisper_tiny_en",
-          f"manifest={manifest}", f"output_dir={out}", "shard_size=1"], cwd=tmp_path)
+    tune(
+        [
+            "run",
+            "--nproc_per_node",
+            "2",
+            "speechmapper_extract",
+            "--config",
+            "features/whisper_tiny_en",
+            f"manifest={manifest}",
+            f"output_dir={out}",
+            "shard_size=1",
+        ],
+        cwd=tmp_path,
+    )
     assert sorted(dict(iter_features(out / "cuts.jsonl.gz"))) == ["ok0", "ok1", "ok2"]
     assert len(list((out / "shards").glob("cuts-*.jsonl.gz"))) == 6  # one chunk per item, split over the ranks
     failures = [json.loads(l)["id"] for l in (out / "failures.jsonl").read_text().splitlines()]

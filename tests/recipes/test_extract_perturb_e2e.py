@@ -21,9 +21,19 @@ def test_extract_with_perturbed_copies_resumes_to_the_same_features(tmp_path, tu
     manifest = tmp_path / "in.jsonl"
     manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "feats"
-    args = ["run", "speechmapper_extract", "--config", "features/whisper_tiny_en", f"manifest={manifest}",
-            f"output_dir={out}", "shard_size=4", "sfm.window=trimmed",
-            "perturb.speeds=[0.9,1.1]", "perturb.noise_snr_db=[null,20]", "perturb.noise=pink"]
+    args = [
+        "run",
+        "speechmapper_extract",
+        "--config",
+        "features/whisper_tiny_en",
+        f"manifest={manifest}",
+        f"output_dir={out}",
+        "shard_size=4",
+        "sfm.window=trimmed",
+        "perturb.speeds=[0.9,1.1]",
+        "perturb.noise_snr_db=[null,20]",
+        "perturb.noise=pink",
+    ]
     proc = tune(args, cwd=tmp_path)
     assert "2 utterances + 8 perturbed copies in 3 chunks" in proc.stderr + proc.stdout
     items = {it.id: it for it in load_feature_items(out / "cuts.jsonl.gz")}

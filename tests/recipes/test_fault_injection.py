@@ -17,9 +17,17 @@ from speechmapper_tune.checkpoint.projector_io import CheckpointManager, load_pr
 
 pytestmark = pytest.mark.e2e
 STEPS = 24
-COMMON = ["run", "speechmapper_pretrain", "--config", "tiny/stage1", f"max_steps={STEPS}",
-          f"lr_scheduler.num_training_steps={STEPS}", "log_every_n_steps=1", "val_every_n_steps=6",
-          "save_every_n_steps=4"]
+COMMON = [
+    "run",
+    "speechmapper_pretrain",
+    "--config",
+    "tiny/stage1",
+    f"max_steps={STEPS}",
+    f"lr_scheduler.num_training_steps={STEPS}",
+    "log_every_n_steps=1",
+    "val_every_n_steps=6",
+    "save_every_n_steps=4",
+]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
 # `tune` with every fsync slowed down: a tiny checkpoint's save then lasts long enough to be killed inside
 SLOW_SAVES = """import os, sys, time
@@ -52,8 +60,14 @@ def _run_and_kill(tmp_path, out, ready, delay, deadline=60.0):
     """Start the run (resuming); once ``ready(start)`` holds, wait ``delay`` s and kill -9 it; return its exit code."""
     wrapper = tmp_path / "slow_saves_tune.py"
     wrapper.write_text(SLOW_SAVES)
-    proc = subprocess.Popen([sys.executable, str(wrapper), *COMMON, f"output_dir={out}", "resume=True"], cwd=tmp_path,
-                            env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, str(wrapper), *COMMON, f"output_dir={out}", "resume=True"],
+        cwd=tmp_path,
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     start = time.time()
     try:
         while proc.poll() is None and time.time() < start + deadline:

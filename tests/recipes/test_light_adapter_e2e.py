@@ -16,8 +16,21 @@ def metrics(out):
 
 def test_light_adapter_with_regularizer_trains_in_stage_2(tmp_path, tune):
     out = tmp_path / "s2"
-    tune(["run", "speechmapper_adapt", "--config", "tiny/stage2_light", f"output_dir={out}", "max_steps=16",
-          "log_every_n_steps=4", "val_every_n_steps=16", "save_every_n_steps=16", "validate_at_start=True"], cwd=tmp_path)
+    tune(
+        [
+            "run",
+            "speechmapper_adapt",
+            "--config",
+            "tiny/stage2_light",
+            f"output_dir={out}",
+            "max_steps=16",
+            "log_every_n_steps=4",
+            "val_every_n_steps=16",
+            "save_every_n_steps=16",
+            "validate_at_start=True",
+        ],
+        cwd=tmp_path,
+    )
     rows = [r for r in metrics(out) if "loss" in r]
     assert all("regularizer" in r for r in rows)
     assert rows[-1]["regularizer"] < rows[0]["regularizer"] and rows[-1]["loss"] < rows[0]["loss"]
@@ -29,6 +42,19 @@ def test_light_adapter_with_regularizer_trains_in_stage_2(tmp_path, tune):
 
 def test_regularizer_off_logs_no_regularizer(tmp_path, tune):
     out = tmp_path / "off"
-    tune(["run", "speechmapper_adapt", "--config", "tiny/stage2_light", f"output_dir={out}", "max_steps=2",
-          "log_every_n_steps=1", "val_every_n_steps=0", "save_every_n_steps=0", "loss.regularizer_weight=0"], cwd=tmp_path)
+    tune(
+        [
+            "run",
+            "speechmapper_adapt",
+            "--config",
+            "tiny/stage2_light",
+            f"output_dir={out}",
+            "max_steps=2",
+            "log_every_n_steps=1",
+            "val_every_n_steps=0",
+            "save_every_n_steps=0",
+            "loss.regularizer_weight=0",
+        ],
+        cwd=tmp_path,
+    )
     assert not any("regularizer" in r for r in metrics(out))

@@ -23,8 +23,19 @@ def test_paper_config_dry_run(tmp_path, tune, name, vocab):
     ckpt = tmp_path / "llm"
     ckpt.mkdir()
     sparse_safetensors(ckpt / "model.safetensors", "model.embed_tokens.weight", (vocab, 4096))
-    proc = tune(["run", "speechmapper_pretrain", "--config", name, f"llm.checkpoint={ckpt}", "device=cpu",
-                 "dry_run=True", f"output_dir={tmp_path}/o"], cwd=tmp_path)
+    proc = tune(
+        [
+            "run",
+            "speechmapper_pretrain",
+            "--config",
+            name,
+            f"llm.checkpoint={ckpt}",
+            "device=cpu",
+            "dry_run=True",
+            f"output_dir={tmp_path}/o",
+        ],
+        cwd=tmp_path,
+    )
     info = json.loads([l for l in proc.stdout.splitlines() if l.startswith("{")][-1])
     assert info["vocab_size"] == vocab and info["llm_dim"] == 4096
     assert 279.0e6 < info["parameters"] < 279.2e6
@@ -34,7 +45,19 @@ def test_paper_config_refuses_a_checkpoint_of_another_width(tmp_path, tune):
     ckpt = tmp_path / "llm"
     ckpt.mkdir()
     sparse_safetensors(ckpt / "model.safetensors", "model.embed_tokens.weight", (49152, 576))
-    proc = tune(["run", "speechmapper_pretrain", "--config", "llama3_1_8B/stage1", f"llm.checkpoint={ckpt}",
-                 "device=cpu", "dry_run=True", f"output_dir={tmp_path}/o"], cwd=tmp_path, check=False)
+    proc = tune(
+        [
+            "run",
+            "speechmapper_pretrain",
+            "--config",
+            "llama3_1_8B/stage1",
+            f"llm.checkpoint={ckpt}",
+            "device=cpu",
+            "dry_run=True",
+            f"output_dir={tmp_path}/o",
+        ],
+        cwd=tmp_path,
+        check=False,
+    )
     assert proc.returncode != 0
     assert "llm.pad_id=128004 is outside the vocabulary" in proc.stderr

@@ -29,8 +29,16 @@ def test_tiny_stage1_learns(tmp_path, tune):
 
 
 def test_resume_logs_the_same_losses_as_an_uninterrupted_run(tmp_path, tune):
-    common = ["run", "speechmapper_pretrain", "--config", "tiny/stage1", "lr_scheduler.num_training_steps=24",
-              "log_every_n_steps=2", "val_every_n_steps=8", "save_every_n_steps=8"]
+    common = [
+        "run",
+        "speechmapper_pretrain",
+        "--config",
+        "tiny/stage1",
+        "lr_scheduler.num_training_steps=24",
+        "log_every_n_steps=2",
+        "val_every_n_steps=8",
+        "save_every_n_steps=8",
+    ]
     full, part = tmp_path / "full", tmp_path / "part"
     tune([*common, f"output_dir={full}", "max_steps=24"], cwd=tmp_path)
     shutil.copytree(full / "data", part / "data")  # same synthetic data, no regeneration
@@ -50,8 +58,21 @@ def test_resume_logs_the_same_losses_as_an_uninterrupted_run(tmp_path, tune):
 
 def test_two_process_ddp_on_cpu(tmp_path, tune):
     out = tmp_path / "ddp"
-    tune(["run", "--nproc_per_node", "2", "speechmapper_pretrain", "--config", "tiny/stage1",
-          f"output_dir={out}", "max_steps=12", "log_every_n_steps=4", "val_every_n_steps=0"], cwd=tmp_path)
+    tune(
+        [
+            "run",
+            "--nproc_per_node",
+            "2",
+            "speechmapper_pretrain",
+            "--config",
+            "tiny/stage1",
+            f"output_dir={out}",
+            "max_steps=12",
+            "log_every_n_steps=4",
+            "val_every_n_steps=0",
+        ],
+        cwd=tmp_path,
+    )
     rows = [r for r in metrics(out) if "loss" in r]
     assert [r["step"] for r in rows] == [1, 4, 8, 12]
     assert (out / "checkpoints" / "step_12" / "projector.safetensors").is_file()
@@ -61,8 +82,15 @@ def test_two_process_ddp_on_cpu(tmp_path, tune):
 
 def test_a_finished_run_resumed_is_left_as_it_is_and_a_new_run_in_its_folder_is_refused(tmp_path, tune):
     out = tmp_path / "run"
-    args = ["run", "speechmapper_pretrain", "--config", "tiny/stage1", f"output_dir={out}", "max_steps=2",
-            "log_every_n_steps=1"]
+    args = [
+        "run",
+        "speechmapper_pretrain",
+        "--config",
+        "tiny/stage1",
+        f"output_dir={out}",
+        "max_steps=2",
+        "log_every_n_steps=1",
+    ]
     tune(args, cwd=tmp_path)
     files = {p: p.read_bytes() for p in [out / "metrics.jsonl", *(out / "checkpoints").rglob("*")] if p.is_file()}
     proc = tune([*args, "resume=True"], cwd=tmp_path)
@@ -84,16 +112,21 @@ def test_a_finished_run_resumed_is_left_as_it_is_and_a_new_run_in_its_folder_is_
     ],
 )
 def test_config_errors_stop_before_training(tmp_path, tune, override, message):
-    proc = tune(["run", "speechmapper_pretrain", "--config", "tiny/stage1", f"output_dir={tmp_path}/o", override],
-                cwd=tmp_path, check=False)
+    proc = tune(
+        ["run", "speechmapper_pretrain", "--config", "tiny/stage1", f"output_dir={tmp_path}/o", override],
+        cwd=tmp_path,
+        check=False,
+    )
     assert proc.returncode != 0
     assert message in proc.stderr
     assert not (tmp_path / "o" / "checkpoints").exists()
 
 
 def test_dry_run_prints_parameter_count(tmp_path, tune):
-    proc = tune(["run", "speechmapper_pretrain", "--config", "tiny/stage1", f"output_dir={tmp_path}/o", "dry_run=True"],
-                cwd=tmp_path)
+    proc = tune(
+        ["run", "speechmapper_pretrain", "--config", "tiny/stage1", f"output_dir={tmp_path}/o", "dry_run=True"],
+        cwd=tmp_path,
+    )
     info = json.loads([l for l in proc.stdout.splitlines() if l.startswith("{")][-1])
     assert info == {"dry_run": True, "parameters": info["parameters"], "vocab_size": 42, "llm_dim": 32}
     assert not (tmp_path / "o" / "checkpoints").exists()
@@ -103,8 +136,16 @@ def test_init_projector_starts_from_another_run_and_names_a_different_architectu
     """A warm start reads another projector's weights: its step-0 validation equals that projector's own
     validation on the same data (same weights, same batches); a differently shaped model is refused by name."""
     source = trained / "checkpoints" / "step_20"
-    common = ["run", "speechmapper_pretrain", "--config", "tiny/stage1", f"init_projector={source}",
-              "validate_at_start=True", "val_every_n_steps=0", "save_every_n_steps=0"]
+    common = [
+        "run",
+        "speechmapper_pretrain",
+        "--config",
+        "tiny/stage1",
+        f"init_projector={source}",
+        "validate_at_start=True",
+        "val_every_n_steps=0",
+        "save_every_n_steps=0",
+    ]
     shutil.copytree(trained / "data", tmp_path / "warm" / "data")
     tune([*common, f"output_dir={tmp_path / 'warm'}", "max_steps=2"], cwd=tmp_path)
     rows = metrics(tmp_path / "warm")
@@ -114,5 +155,7 @@ def test_init_projector_starts_from_another_run_and_names_a_different_architectu
     for k in ("val_loss", "val_cosine", "val_token_acc"):
         assert abs(first[k] - own[k]) <= 1e-5 * max(1.0, abs(own[k])), (k, first[k], own[k])
     shutil.copytree(trained / "data", tmp_path / "wide" / "data")
-    err = tune([*common, f"output_dir={tmp_path / 'wide'}", "max_steps=1", "model.num_layers=2"], cwd=tmp_path, check=False)
+    err = tune(
+        [*common, f"output_dir={tmp_path / 'wide'}", "max_steps=1", "model.num_layers=2"], cwd=tmp_path, check=False
+    )
     assert err.returncode != 0 and "num_layers" in err.stderr and str(source) in err.stderr

@@ -17,8 +17,20 @@ def metrics(out):
 
 def test_query_projector_trains_in_stage_1_then_stage_2(tmp_path, tune):
     s1 = tmp_path / "s1"
-    tune(["run", "speechmapper_pretrain", "--config", "tiny/stage1_query", f"output_dir={s1}", "max_steps=12",
-          "log_every_n_steps=4", "val_every_n_steps=12", "save_every_n_steps=12"], cwd=tmp_path)
+    tune(
+        [
+            "run",
+            "speechmapper_pretrain",
+            "--config",
+            "tiny/stage1_query",
+            f"output_dir={s1}",
+            "max_steps=12",
+            "log_every_n_steps=4",
+            "val_every_n_steps=12",
+            "save_every_n_steps=12",
+        ],
+        cwd=tmp_path,
+    )
     rows = [r for r in metrics(s1) if "loss" in r]
     assert rows[-1]["loss"] < rows[0]["loss"] and rows[-1]["skipped"] == 0  # every target fits its query count
     model, meta = load_projector(s1 / "checkpoints" / "step_12")
@@ -26,9 +38,22 @@ def test_query_projector_trains_in_stage_1_then_stage_2(tmp_path, tune):
 
     s2 = tmp_path / "s2"
     shutil.copytree(s1 / "data", s2 / "data")  # same tiny LLM: the checkpoint's fingerprint matches
-    tune(["run", "speechmapper_adapt", "--config", "tiny/stage2_query", f"output_dir={s2}", "from_scratch=False",
-          f"projector_checkpoint={s1}/checkpoints/step_12", "max_steps=6", "log_every_n_steps=2",
-          "val_every_n_steps=6", "save_every_n_steps=6"], cwd=tmp_path)
+    tune(
+        [
+            "run",
+            "speechmapper_adapt",
+            "--config",
+            "tiny/stage2_query",
+            f"output_dir={s2}",
+            "from_scratch=False",
+            f"projector_checkpoint={s1}/checkpoints/step_12",
+            "max_steps=6",
+            "log_every_n_steps=2",
+            "val_every_n_steps=6",
+            "save_every_n_steps=6",
+        ],
+        cwd=tmp_path,
+    )
     rows = [r for r in metrics(s2) if "loss" in r]
     assert rows[-1]["loss"] < rows[0]["loss"]  # CE + MSE: six steps are too few for CE alone to fall reliably
     model, meta = load_projector(s2 / "checkpoints" / "step_6")
@@ -37,9 +62,22 @@ def test_query_projector_trains_in_stage_1_then_stage_2(tmp_path, tune):
 
 def test_query_projector_from_the_command_line_on_the_conv_config(tmp_path, tune):
     out = tmp_path / "s2"
-    tune(["run", "speechmapper_adapt", "--config", "tiny/stage2", f"output_dir={out}", "max_steps=2",
-          "val_every_n_steps=0", "save_every_n_steps=2",
-          "model._component_=speechmapper_tune.models.query_projector.query_projector", "model.model_dim=32",
-          "model.num_heads=2", "model.window_frames=6"], cwd=tmp_path)
+    tune(
+        [
+            "run",
+            "speechmapper_adapt",
+            "--config",
+            "tiny/stage2",
+            f"output_dir={out}",
+            "max_steps=2",
+            "val_every_n_steps=0",
+            "save_every_n_steps=2",
+            "model._component_=speechmapper_tune.models.query_projector.query_projector",
+            "model.model_dim=32",
+            "model.num_heads=2",
+            "model.window_frames=6",
+        ],
+        cwd=tmp_path,
+    )
     model, _ = load_projector(out / "checkpoints" / "step_2")
     assert isinstance(model, QueryProjector) and model.config.window_frames == 6

@@ -11,8 +11,15 @@ from speechmapper_tune.checkpoint.projector_io import read_projector_meta
 from speechmapper_tune.data.generation_data import read_rows
 
 pytestmark = pytest.mark.e2e
-TINY_LLM = ["answer.llm.name=hf_llama", "answer.llm.chat_format=chatml", "answer.llm.pad_id=4", "answer.llm.dtype=fp32",
-            "answer.llm.tokenizer=null", 'answer.prompt.user="{speech} {instruction}"', "answer.max_new_tokens=4"]
+TINY_LLM = [
+    "answer.llm.name=hf_llama",
+    "answer.llm.chat_format=chatml",
+    "answer.llm.pad_id=4",
+    "answer.llm.dtype=fp32",
+    "answer.llm.tokenizer=null",
+    'answer.prompt.user="{speech} {instruction}"',
+    "answer.max_new_tokens=4",
+]
 
 
 def metrics(out):
@@ -23,9 +30,21 @@ def test_self_generated_rows_train_stage2_with_kl_and_it_resumes_exactly(tmp_pat
     data = tmp_path / "data"
     shutil.copytree(trained / "data", data)
     rows_dir = tmp_path / "rows"
-    tune(["run", "speechmapper_instructions", "--config", "instructions/self_heldout", f"manifest={data}/val.jsonl.gz",
-          f"output_dir={rows_dir}", f"answer.llm.checkpoint={data}/llm", *TINY_LLM, "pool=[red blue,green,dog cat]",
-          "max_items=12"], cwd=tmp_path)
+    tune(
+        [
+            "run",
+            "speechmapper_instructions",
+            "--config",
+            "instructions/self_heldout",
+            f"manifest={data}/val.jsonl.gz",
+            f"output_dir={rows_dir}",
+            f"answer.llm.checkpoint={data}/llm",
+            *TINY_LLM,
+            "pool=[red blue,green,dog cat]",
+            "max_items=12",
+        ],
+        cwd=tmp_path,
+    )
     rows = read_rows(rows_dir / "instructions.jsonl")
     answers = {g["id"]: g for g in read_rows(rows_dir / "answers" / "generations.jsonl")}
     shuffled = {g["id"]: g for g in read_rows(rows_dir / "shuffled" / "generations.jsonl")}
@@ -34,13 +53,31 @@ def test_self_generated_rows_train_stage2_with_kl_and_it_resumes_exactly(tmp_pat
         assert r["answer"] == answers[r["id"]]["hypothesis"] and r["shuffled_answer"] == shuffled[r["id"]]["hypothesis"]
         assert answers[r["id"]]["span_source"] == "transcript" and r["instruction"] in answers[r["id"]]["prompt"]
 
-    common = ["run", "speechmapper_adapt", "--config", "tiny/stage2", "from_scratch=False",
-              f"projector_checkpoint={trained}/checkpoints/step_20", f"prepare.out_dir={data}", f"llm.checkpoint={data}/llm",
-              f"data.train.manifest={data}/val.jsonl.gz", f"data.train.instructions={rows_dir}/instructions.jsonl",
-              "data.train.task=self", f"data.val.manifest={data}/val.jsonl.gz",
-              f"data.val.instructions={rows_dir}/instructions.jsonl", "data.val.task=self", "data.val.max_items=4",
-              "loss.sigma=0.5", "loss.kl_ratio=1.0", "loss.kl_temperature=2.0", "batch_size=2",
-              "gradient_accumulation_steps=1", "log_every_n_steps=1", "val_every_n_steps=2", "save_every_n_steps=2"]
+    common = [
+        "run",
+        "speechmapper_adapt",
+        "--config",
+        "tiny/stage2",
+        "from_scratch=False",
+        f"projector_checkpoint={trained}/checkpoints/step_20",
+        f"prepare.out_dir={data}",
+        f"llm.checkpoint={data}/llm",
+        f"data.train.manifest={data}/val.jsonl.gz",
+        f"data.train.instructions={rows_dir}/instructions.jsonl",
+        "data.train.task=self",
+        f"data.val.manifest={data}/val.jsonl.gz",
+        f"data.val.instructions={rows_dir}/instructions.jsonl",
+        "data.val.task=self",
+        "data.val.max_items=4",
+        "loss.sigma=0.5",
+        "loss.kl_ratio=1.0",
+        "loss.kl_temperature=2.0",
+        "batch_size=2",
+        "gradient_accumulation_steps=1",
+        "log_every_n_steps=1",
+        "val_every_n_steps=2",
+        "save_every_n_steps=2",
+    ]
     full, part = tmp_path / "full", tmp_path / "part"
     tune([*common, f"output_dir={full}", "max_steps=4"], cwd=tmp_path)
     tune([*common, f"output_dir={part}", "max_steps=2"], cwd=tmp_path)
@@ -48,7 +85,9 @@ def test_self_generated_rows_train_stage2_with_kl_and_it_resumes_exactly(tmp_pat
     a, b = metrics(full), metrics(part)
     assert [r["step"] for r in a] == [r["step"] for r in b]
     for ra, rb in zip(a, b):  # same kernels, same machine, same data order: exact, timing aside
-        assert {k: v for k, v in ra.items() if k != "tokens_per_second"} == {k: v for k, v in rb.items() if k != "tokens_per_second"}, ra["step"]
+        assert {k: v for k, v in ra.items() if k != "tokens_per_second"} == {
+            k: v for k, v in rb.items() if k != "tokens_per_second"
+        }, ra["step"]
     train = [r for r in a if "kl" in r]
     assert [r["step"] for r in train] == [1, 2, 3, 4] and all(r["kl"] > 0 for r in train)
     assert any("val_kl" in r for r in a)

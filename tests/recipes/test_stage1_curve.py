@@ -38,16 +38,28 @@ def test_subset_from_the_finished_shards_then_from_the_manifest(tmp_path):
         curve.subset_manifest(manifest, 9)
 
 
-@pytest.mark.parametrize("point, message", [
-    ({"name": "a", "data": "x", "steps": 2, "epochs": 1}, "exactly one of steps, epochs, steps_of"),
-    ({"name": "a", "data": "y", "steps": 2}, "data='y' is not one of"),
-    ({"name": "a", "data": "x", "steps_of": "b"}, "must name an earlier point"),
-    ({"name": "a", "data": "x", "steps": 2, "lr": 1}, "unknown keys \\['lr'\\]"),
-])
+@pytest.mark.parametrize(
+    "point, message",
+    [
+        ({"name": "a", "data": "x", "steps": 2, "epochs": 1}, "exactly one of steps, epochs, steps_of"),
+        ({"name": "a", "data": "y", "steps": 2}, "data='y' is not one of"),
+        ({"name": "a", "data": "x", "steps_of": "b"}, "must name an earlier point"),
+        ({"name": "a", "data": "x", "steps": 2, "lr": 1}, "unknown keys \\['lr'\\]"),
+    ],
+)
 def test_curve_config_errors_name_the_point(tmp_path, point, message):
     cfg = tmp_path / "c.yaml"
-    cfg.write_text(json.dumps({"base_config": "tiny/stage1", "output_dir": "o", "dev_manifest": "d",
-                               "data": {"x": {"manifest": "m"}}, "points": [point]}))
+    cfg.write_text(
+        json.dumps(
+            {
+                "base_config": "tiny/stage1",
+                "output_dir": "o",
+                "dev_manifest": "d",
+                "data": {"x": {"manifest": "m"}},
+                "points": [point],
+            }
+        )
+    )
     with pytest.raises(ValueError, match=message):
         curve.load_curve(str(cfg))
 
@@ -55,7 +67,8 @@ def test_curve_config_errors_name_the_point(tmp_path, point, message):
 def test_shipped_curve_config_loads():
     cfg = curve.load_curve(curve.DEFAULT_CONFIG)
     assert len(cfg["points"]) >= 10 and {"voices", "sentences", "capacity", "levers", "classifier"} <= {
-        p.get("group") for p in cfg["points"]}
+        p.get("group") for p in cfg["points"]
+    }
 
 
 @pytest.mark.e2e
@@ -70,16 +83,28 @@ def test_tiny_curve_runs_resumes_and_reports(tmp_path, trained):
     base.llm.checkpoint = base.llm.tokenizer = str(data / "llm")
     OmegaConf.save(base, tmp_path / "base.yaml")
     cfg = tmp_path / "curve.yaml"
-    cfg.write_text(json.dumps({
-        "base_config": str(tmp_path / "base.yaml"), "output_dir": str(tmp_path / "curve"),
-        "dev_manifest": str(data / "val.jsonl.gz"),
-        "data": {"tiny": {"manifest": str(data / "train.jsonl.gz"), "voices": 1}},
-        "common": ["val_every_n_steps=2", "save_every_n_steps=2", "log_every_n_steps=1"],
-        "points": [
-            {"name": "first100", "data": "tiny", "sentences": 100, "epochs": 1, "group": "g"},
-            {"name": "sampled", "data": "tiny", "sentences": 100, "steps_of": "first100", "group": "g",
-             "overrides": ["loss.classifier_weight=1", "loss.classifier_negatives=8"]},
-        ]}))
+    cfg.write_text(
+        json.dumps(
+            {
+                "base_config": str(tmp_path / "base.yaml"),
+                "output_dir": str(tmp_path / "curve"),
+                "dev_manifest": str(data / "val.jsonl.gz"),
+                "data": {"tiny": {"manifest": str(data / "train.jsonl.gz"), "voices": 1}},
+                "common": ["val_every_n_steps=2", "save_every_n_steps=2", "log_every_n_steps=1"],
+                "points": [
+                    {"name": "first100", "data": "tiny", "sentences": 100, "epochs": 1, "group": "g"},
+                    {
+                        "name": "sampled",
+                        "data": "tiny",
+                        "sentences": 100,
+                        "steps_of": "first100",
+                        "group": "g",
+                        "overrides": ["loss.classifier_weight=1", "loss.classifier_negatives=8"],
+                    },
+                ],
+            }
+        )
+    )
     curve.main(["--config", str(cfg), "--wait", "0", "--nice", "0"])
     state = json.loads((tmp_path / "curve" / "state.json").read_text())
     steps = state["first100"]["steps"]

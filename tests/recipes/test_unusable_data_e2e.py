@@ -27,17 +27,24 @@ def truncated_shard(manifest):
     return f"feature shard {shard} unreadable"
 
 
-@pytest.mark.parametrize("recipe, fault", [
-    ("speechmapper_pretrain", nan_features),
-    ("speechmapper_adapt", nan_features),
-    ("speechmapper_adapt", truncated_shard),
-])
+@pytest.mark.parametrize(
+    "recipe, fault",
+    [
+        ("speechmapper_pretrain", nan_features),
+        ("speechmapper_adapt", nan_features),
+        ("speechmapper_adapt", truncated_shard),
+    ],
+)
 def test_no_usable_training_item_is_an_error_naming_the_data(tmp_path, tune, recipe, fault):
     out = tmp_path / "run"
     data = prepare_tiny_stage1(str(out / "data"), num_train=40, num_val=8)  # the config's prepare finds it done
     expected = fault(data["train_manifest"])
-    proc = tune(["run", recipe, "--config", RECIPES[recipe], f"output_dir={out}", "max_steps=3"],
-                cwd=tmp_path, check=False, timeout=300)
+    proc = tune(
+        ["run", recipe, "--config", RECIPES[recipe], f"output_dir={out}", "max_steps=3"],
+        cwd=tmp_path,
+        check=False,
+        timeout=300,
+    )
     assert proc.returncode != 0
     assert data["train_manifest"] in proc.stderr and expected in proc.stderr, proc.stderr[-3000:]
     assert not (out / "checkpoints").exists()

@@ -23,7 +23,9 @@ def _var(name: str, array: np.ndarray, type_id: int, payload: bytes | None = Non
 
 
 def _model_bytes(variables: bytes, count: int, aliases=(), version: int = 6) -> bytes:
-    body = struct.pack("<I", version) + _string("TestSpec") + struct.pack("<I", 7) + struct.pack("<I", count) + variables
+    body = (
+        struct.pack("<I", version) + _string("TestSpec") + struct.pack("<I", 7) + struct.pack("<I", count) + variables
+    )
     body += struct.pack("<I", len(aliases))
     for alias, target in aliases:
         body += _string(alias) + _string(target)
