@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install sysdeps test test-fast demo clean bench
+.PHONY: install sysdeps lint format test test-fast demo clean bench
 
 # Offline TTS engines and WordNet for the corpus builder, LibriVox test speech (Debian). Installed when root;
 # otherwise the exact command is printed and the engine tests report themselves as skipped.
@@ -33,7 +33,16 @@ sysdeps:
 	  (apt-get update -qq || true) && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	else echo "[sysdeps] missing Debian packages: $$missing"; echo "[sysdeps] install them with: sudo apt-get install -y $$missing"; fi
 
-test: install sysdeps
+# ruff (settings in pyproject.toml): the tree stays formatted and lint-clean; `make format` applies both
+lint: install
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
+
+format: install
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+test: install sysdeps lint
 	$(BIN)/python -m pytest -q tests
 
 test-fast: install
