@@ -20,6 +20,15 @@ def run_tune(args, cwd, env=None, timeout=600, check=True):
     return proc
 
 
+def pytest_configure(config):
+    """Under pytest-xdist each worker gets one thread: two workers x torch's default threads would oversubscribe."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        os.environ["OMP_NUM_THREADS"] = "1"
+        import torch
+
+        torch.set_num_threads(1)
+
+
 @pytest.fixture(scope="session")
 def tune():
     return run_tune
