@@ -22,6 +22,8 @@ complete, so a killed conversion never leaves a half-written model behind.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import importlib.util
 import json
 import os
@@ -176,6 +178,25 @@ def build_once(target: Path, build: Callable[[Path], None]) -> Path:
         return target
     _check_replaceable(target)  # before the slow build, not after
     target.parent.mkdir(parents=True, exist_ok=True)
+    with _exclusive(target.parent / f".{target.name}-conversion.lock"):  # one builder at a time (e.g. two ranks)
+        if is_complete(target):
+            _log(f"another process converted it meanwhile: {target}")
+            return target
+        return _build(target, build)
+
+
+@contextlib.contextmanager
+def _exclusive(lock_file: Path):
+    """An exclusive advisory lock on ``lock_file`` (created if missing), released on exit or process death."""
+    with open(lock_file, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _build(target: Path, build: Callable[[Path], None]) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
         build(tmp)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -94,6 +96,27 @@ def test_build_once_skips_complete_target(tmp_path):
         raise AssertionError("rebuilt a complete folder")
 
     build_once(target, must_not_run)
+
+
+def _slow_counted_build(tmp: Path) -> None:
+    with open(tmp.parent / "builds.txt", "a") as f:
+        f.write("built\n")
+    time.sleep(1.0)  # long enough for the other process to arrive while this one builds
+    _fake_build(tmp)
+
+
+def test_two_processes_converting_at_once_build_once(tmp_path):
+    """Two ranks of a run find the cache empty together: one converts, the other waits and takes its folder."""
+    target = tmp_path / "model"
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=build_once, args=(target, _slow_counted_build)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0, 0]
+    assert is_complete(target) and (tmp_path / "builds.txt").read_text() == "built\n"
+    assert _leftovers(tmp_path, "model") == []
 
 
 def test_failed_build_leaves_nothing(tmp_path):
