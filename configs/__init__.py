@@ -19,6 +19,33 @@ def available_configs() -> List[str]:
     return sorted(str(p.relative_to(CONFIG_DIR).with_suffix("")) for p in CONFIG_DIR.rglob("*.yaml"))
 
 
+# the recipe each packaged config is for: by folder, else by the start of its name
+_RECIPE_BY_FOLDER = {
+    "corpus": "speechmapper_corpus",
+    "features": "speechmapper_extract",
+    "eval": "speechmapper_eval",
+    "instructions": "speechmapper_instructions",
+}
+_RECIPE_BY_PREFIX = (
+    ("stage1", "speechmapper_pretrain"),
+    ("stage2", "speechmapper_adapt"),
+    ("generate", "speechmapper_generate"),
+    ("eet", "speechmapper_eet"),
+    ("annotate", "speechmapper_annotate"),
+)
+
+
+def recipe_for_config(name: str) -> str:
+    """The recipe a packaged config is for (``tiny/stage1`` -> ``speechmapper_pretrain``)."""
+    folder, _, stem = str(Path(name).with_suffix("")).rpartition("/")
+    if folder in _RECIPE_BY_FOLDER:
+        return _RECIPE_BY_FOLDER[folder]
+    for prefix, recipe in _RECIPE_BY_PREFIX:
+        if stem.startswith(prefix):
+            return recipe
+    raise ValueError(f"no recipe known for the packaged config {name!r}")
+
+
 def resolve_config(name_or_path: str) -> Path:
     """Return a path for a config given as a file path or a packaged bare name."""
     path = Path(name_or_path)

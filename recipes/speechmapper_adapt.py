@@ -34,8 +34,9 @@ import os
 import random
 import sys
 import time
+from dataclasses import field
 from pathlib import Path
-from typing import Any, Dict, Iterator, List
+from typing import Any, Dict, Optional
 
 import torch
 import torch.distributed as dist
@@ -51,10 +52,18 @@ from speechmapper_tune.checkpoint.projector_io import (
     CheckpointManager,
     load_projector,
     lora_weights_file,
-    rng_state,
-    set_rng_state,
 )
-from speechmapper_tune.config_keys import check_recipe_config
+from speechmapper_tune.config_schema import (
+    MISSING,
+    AugmentSettings,
+    LLMSettings,
+    LoraSettings,
+    PromptSettings,
+    TrainingSettings,
+    at_least,
+    load_settings,
+    settings,
+)
 from speechmapper_tune.configs import resolve_config_argv, resolve_path_setting
 from speechmapper_tune.data.extract import features_record
 from speechmapper_tune.data.loader import TrainLoader
@@ -73,35 +82,92 @@ from speechmapper_tune.models.llms import load_lora_adapters, lora_state_dict
 from speechmapper_tune.models.projector import build_projector_from_config, count_parameters
 from speechmapper_tune.models.sharding import full_optimizer_state, full_state_dict, full_tensor, shard_optimizer_state
 from speechmapper_tune.models.speech_lm import SpeechLM
+from speechmapper_tune.training import (
+    all_reduce_mean,
+    gather_rng,
+    gradient_sync,
+    micro_batches,
+    restore_training_state,
+    training_state,
+)
 
 log = utils.get_logger("INFO")
 LOSS_KEYS = ("loss", "ce", "mse")
 _CHECKPOINT_WRAPPED = "_checkpoint_wrapped_module."  # the name torch's activation-checkpoint wrapper adds
 
 
+@settings
+class AdaptLLM(LLMSettings):
+    quantize: Optional[str] = None  # e.g. nf4: the frozen LLM's weights quantized after loading
+
+
+@settings
+class AdaptData:
+    manifest: str = MISSING  # features (speechmapper_extract)
+    instructions: Any = None  # JSON lines of instruction rows; none: ASR on the transcripts
+    task: str = "instruction"  # how the instruction rows read (instruction, st, sqa, self)
+    asr_mix_ratio: float = 0.0  # ASR samples mixed into the instruction data (section 4.2), as a share of it
+    num_workers: int = at_least(0, 0)
+    target_text: str = "normalized"  # or written: the transcript as written
+
+
+@settings
+class AdaptTrainData(AdaptData):
+    augment: Optional[AugmentSettings] = None  # validation never sees masked features: no data.val.augment
+
+
+@settings
+class AdaptValData(AdaptData):
+    max_items: Optional[int] = None  # a fixed random subset
+
+
+@settings
+class AdaptDataSettings:
+    train: AdaptTrainData = field(default_factory=AdaptTrainData)
+    val: Optional[AdaptValData] = None
+
+
+@settings
+class AdaptSettings(TrainingSettings):
+    """Every setting speechmapper_adapt reads (see the configs in configs/*/stage2*.yaml)."""
+
+    llm: AdaptLLM = field(default_factory=AdaptLLM)
+    projector_checkpoint: Any = None  # a stage-1 (or stage-2) checkpoint folder, or a _component_ returning one
+    from_scratch: bool = False  # no projector_checkpoint: an ablation without stage 1
+    prompt: PromptSettings = field(default_factory=PromptSettings)
+    asr_prompt: Optional[PromptSettings] = None  # for the ASR samples of data.train.asr_mix_ratio
+    lora: Optional[LoraSettings] = None  # LoRA adapters on the frozen LLM, trained with the projector
+    trim_pad_vectors: bool = False  # the paper keeps the projector's trailing pad vectors
+    batch_size: int = at_least(1)
+    max_seq_len: Optional[int] = None  # default: the LLM's
+    enable_activation_checkpointing: bool = False
+    data: AdaptDataSettings = field(default_factory=AdaptDataSettings)
+
+
 class AdaptRecipe:
     """Stage-2 adaptation of the SpeechMapper projector on a frozen torchtune LLM."""
 
     def __init__(self, cfg: DictConfig):
-        self.cfg = cfg
+        # a misspelt or unknown setting stops here, before anything loads; then every default is filled in
+        self.cfg = cfg = load_settings(cfg, AdaptSettings, "speechmapper_adapt")
         self.output_dir = Path(cfg.output_dir)
         self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
         self.is_main = self.rank == 0
-        self.device = utils.get_device(cfg.get("device", "cpu"))
+        self.device = utils.get_device(cfg.device)
         if self.world_size > 1 and not dist.is_initialized():
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
-        if cfg.llm.get("dtype", "auto") not in COMPUTE_DTYPES:
+        if cfg.llm.dtype not in COMPUTE_DTYPES:
             raise ValueError(
                 f"llm.dtype={cfg.llm.dtype!r}: expected one of {list(COMPUTE_DTYPES)} (the loss is always fp32)"
             )
         self.loss_fn = config.instantiate(cfg.loss)  # Stage2Loss: validates sigma, alpha, weighting
-        self.max_steps = int(cfg.max_steps)
-        self.grad_accum = int(cfg.get("gradient_accumulation_steps", 1))
-        self.step, self.epoch, self.consumed = 0, 0, 0
+        self.max_steps = cfg.max_steps
+        self.grad_accum = cfg.gradient_accumulation_steps
+        self.step = 0
         self.resume_from = None  # the checkpoint folder resume=True continues from
         self.skipped = SkipCounter()
-        if not cfg.get("resume", False):
+        if not cfg.resume:
             CheckpointManager(
                 self.output_dir
             ).refuse_existing_run()  # before any work: a new run must not mix with an old one
@@ -110,7 +176,7 @@ class AdaptRecipe:
     def setup(self) -> None:
         cfg = self.cfg
         training.set_seed(seed=cfg.seed)
-        if cfg.get("prepare") is not None:
+        if cfg.prepare is not None:
             if self.is_main:
                 config.instantiate(cfg.prepare)
             self._barrier()
@@ -118,7 +184,7 @@ class AdaptRecipe:
         self.model = self._build_model()
         self.projector, self.llm, self.chat = self.model.projector, self.model.llm, self.model.chat
         self.pad_id, self.embedding, self.template = self.model.pad_id, self.model.embedding, self.model.template
-        self.quantize = cfg.llm.get("quantize")
+        self.quantize = cfg.llm.quantize
         if self.quantize is not None:
             n = self.model.quantize_(self.quantize, self.world_size)  # refuses any method but nf4
             log.info(f"NF4: {n} frozen LLM weights quantized (4-bit NormalFloat, torchao)")
@@ -132,17 +198,17 @@ class AdaptRecipe:
         if self.needs_teacher:
             self.loss_keys = (*self.loss_keys, "kl")
         self.lora_params = [p for p in self.llm.parameters() if p.requires_grad]  # empty unless LoRA is on
-        assert bool(self.lora_params) == bool(cfg.get("lora")), "the LLM must be frozen except for LoRA adapters"
-        if cfg.get("resume", False):
+        assert bool(self.lora_params) == (cfg.lora is not None), "the LLM must be frozen except for LoRA adapters"
+        if cfg.resume:
             self.resume_from = self._resume_weights()  # into the full modules, before they are sharded
-        if cfg.get("enable_activation_checkpointing", False):
+        if cfg.enable_activation_checkpointing:
             from torchtune.modules import TransformerSelfAttentionLayer
 
             training.set_activation_checkpointing(self.llm, auto_wrap_policy={TransformerSelfAttentionLayer})
         # the features the projector reads, recorded so `speechmapper transcribe` can rebuild them from audio
         self.features = features_record(cfg.data.train.manifest) or self.model.features
-        self.train_loader, self.sampler = self._setup_data(cfg.data.train, shuffle=True)
-        self.val_loader = self._setup_data(cfg.data.val, shuffle=False)[0] if cfg.data.get("val") else None
+        self.train_loader, _ = self._setup_data(cfg.data.train, shuffle=True)
+        self.val_loader = self._setup_data(cfg.data.val, shuffle=False)[0] if cfg.data.val is not None else None
         log.info(f"Skipped at setup: {self.skipped.total()} ({self.skipped.summary()})")
 
         self.projector.train()
@@ -157,11 +223,11 @@ class AdaptRecipe:
             self.projector.to(self.device)
         self.optimizer = config.instantiate(cfg.optimizer, [*self.projector.parameters(), *self.lora_params])
         self.scheduler = config.instantiate(cfg.lr_scheduler, self.optimizer)
-        self.checkpoints = CheckpointManager(self.output_dir, cfg.get("keep_last_n_checkpoints", 2))
-        torch.manual_seed(int(cfg.seed) + 1000 * self.rank)
+        self.checkpoints = CheckpointManager(self.output_dir, cfg.keep_last_n_checkpoints)
+        torch.manual_seed(cfg.seed + 1000 * self.rank)
         if self.resume_from is not None:
             self._resume_state(self.resume_from)
-        self.loggers = [config.instantiate(c) for c in cfg.get("metric_loggers", [])] if self.is_main else []
+        self.loggers = [config.instantiate(c) for c in cfg.metric_loggers] if self.is_main else []
         self._open_metrics_file()
         log.info(
             f"Trainable: projector {n_proj:,} + LoRA {n_lora:,} parameters; "
@@ -183,14 +249,14 @@ class AdaptRecipe:
 
     def _build_model(self) -> SpeechLM:
         cfg = self.cfg
-        path = cfg.get("projector_checkpoint")
+        path = cfg.projector_checkpoint
         llm = {
             **OmegaConf.to_container(cfg.llm, resolve=True),
             "checkpoint": resolve_path_setting(cfg.llm.checkpoint),
-            "tokenizer": resolve_path_setting(cfg.llm.get("tokenizer")),
+            "tokenizer": resolve_path_setting(cfg.llm.tokenizer),
         }
         llm.pop("quantize", None)  # applied by setup, after loading
-        lora = OmegaConf.to_container(cfg.lora, resolve=True) if cfg.get("lora") else None
+        lora = OmegaConf.to_container(cfg.lora, resolve=True) if cfg.lora is not None else None
         prompt = OmegaConf.to_container(cfg.prompt, resolve=True)
         # N processes: built in host memory, and fully_shard moves each unit to the device as it shards it, so a
         # device holds its shards plus one whole layer at a time: an LLM bigger than one device still loads
@@ -200,7 +266,7 @@ class AdaptRecipe:
             prompt=prompt,
             lora=lora,
             device=load_device,
-            trim_pad_vectors=bool(cfg.get("trim_pad_vectors", False)),
+            trim_pad_vectors=cfg.trim_pad_vectors,
             on_warning=log.warning,
         )
         if path:  # a LoRA-trained stage-2 checkpoint goes on with its adapters when lora is set
@@ -211,7 +277,7 @@ class AdaptRecipe:
                 log.info(f"LoRA adapters from {lora_weights_file(model.checkpoint)}")
             self.init_meta = {"from": str(path), "stage": meta.get("stage"), "step": meta.get("step")}
             return model
-        if not cfg.get("from_scratch", False):
+        if not cfg.from_scratch:
             raise ValueError(
                 "set projector_checkpoint=<stage-1 checkpoint folder>, or from_scratch=True for an ablation"
             )
@@ -228,9 +294,9 @@ class AdaptRecipe:
             raise ValueError(
                 f"{dcfg.manifest} has {items[0].num_features}-dim features but the projector takes {proj.input_dim}"
             )
-        max_len = int(self.cfg.get("max_seq_len", self.llm.max_seq_len))
+        max_len = self.cfg.max_seq_len if self.cfg.max_seq_len is not None else int(self.llm.max_seq_len)
         examples = []
-        if dcfg.get("instructions"):
+        if dcfg.instructions:
             by_id = {it.id: it for it in items}
             examples = prepare_instruction_examples(
                 dcfg.instructions,
@@ -240,9 +306,9 @@ class AdaptRecipe:
                 proj.output_length,
                 max_len,
                 self.skipped,
-                dcfg.get("task", "instruction"),
+                dcfg.task,
             )
-            n_asr = int(round(len(examples) * float(dcfg.get("asr_mix_ratio", 0.0))))
+            n_asr = int(round(len(examples) * dcfg.asr_mix_ratio))
             if n_asr:  # section 4.2: ASR samples mixed in to stabilise short task-specific IT
                 asr_template = PromptTemplate(**OmegaConf.to_container(self.cfg.asr_prompt, resolve=True))
                 asr = prepare_asr_examples(
@@ -252,7 +318,7 @@ class AdaptRecipe:
                     proj.output_length,
                     max_len,
                     self.skipped,
-                    target_text=dcfg.get("target_text", "normalized"),
+                    target_text=dcfg.target_text,
                 )
                 rng = random.Random(int(self.cfg.seed))
                 examples += [asr[rng.randrange(len(asr))] for _ in range(n_asr)]
@@ -264,10 +330,10 @@ class AdaptRecipe:
                 proj.output_length,
                 max_len,
                 self.skipped,
-                target_text=dcfg.get("target_text", "normalized"),
+                target_text=dcfg.target_text,
             )
-        if not shuffle and dcfg.get("max_items"):
-            examples = [examples[i] for i in sample_subset(len(examples), int(dcfg.max_items), 0)]
+        if not shuffle and dcfg.max_items:
+            examples = [examples[i] for i in sample_subset(len(examples), dcfg.max_items, 0)]
         if not examples:
             raise ValueError(f"{dcfg.manifest}: no usable example (skipped: {self.skipped.summary()})")
         rank, world = (self.rank, self.world_size) if shuffle else (0, 1)
@@ -284,12 +350,12 @@ class AdaptRecipe:
                 f"{dcfg.manifest}: {len(examples)} examples make no full batch of {self.cfg.batch_size} per rank"
             )
         log.info(f"{'train' if shuffle else 'val'}: {len(examples)} examples from {dcfg.manifest}")
-        augment = dcfg.get("augment") if shuffle else None  # validation never sees masked features
+        augment = dcfg.augment if shuffle else None  # validation never sees masked features
         loader = DataLoader(
             Stage2Dataset(examples, augment=augment, seed=int(self.cfg.seed)),
             batch_sampler=sampler,
             collate_fn=Stage2Collator(proj.output_length, self.pad_id),
-            num_workers=int(dcfg.get("num_workers", 0)),
+            num_workers=dcfg.num_workers,
             generator=torch.Generator().manual_seed(int(self.cfg.seed)),
         )
         if shuffle:  # an epoch in which no item loads is an error, not an endless loop
@@ -310,13 +376,15 @@ class AdaptRecipe:
         return folder
 
     def _resume_state(self, folder: Path) -> None:
-        state = self.checkpoints.load_state(folder)
-        if self.world_size > 1:  # the file holds full tensors: each rank keeps the shard of its parameters
-            state["optimizer"] = shard_optimizer_state(self.optimizer, state["optimizer"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.step, self.epoch, self.consumed = state["step"], state["epoch"], state["consumed"]
-        set_rng_state(state["rng"][self.rank] if isinstance(state["rng"], list) else state["rng"])
+        self.step = restore_training_state(
+            self.checkpoints.load_state(folder),
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            train_loader=self.train_loader,
+            rank=self.rank,
+            # the file holds full tensors: each rank keeps the shard of its parameters
+            optimizer_state=(lambda full: shard_optimizer_state(self.optimizer, full)) if self.world_size > 1 else None,
+        )
         log.info(f"Resumed from {folder} at step {self.step}")
 
     def _open_metrics_file(self) -> None:
@@ -326,27 +394,6 @@ class AdaptRecipe:
             self.metrics = MetricsFile(self.output_dir / "metrics.jsonl", resumed_step=self.step)
 
     # ------------------------------------------------------------------ train
-    def _batches(self) -> Iterator[Dict[str, Any]]:
-        first = True
-        while True:
-            if first and self.consumed:
-                self.sampler.load_state_dict(
-                    {
-                        "epoch": self.epoch,
-                        "consumed": self.consumed,
-                        "seed": self.sampler.seed,
-                        "world_size": self.world_size,
-                    }
-                )
-            else:
-                self.sampler.set_epoch(self.epoch)
-            first = False
-            self.train_loader.dataset.set_epoch(self.epoch)  # feature masks depend on (seed, epoch, index)
-            for batch in self.train_loader:
-                self.consumed += 1
-                yield batch
-            self.epoch, self.consumed = self.epoch + 1, 0
-
     def _forward(self, batch: Dict[str, Any]) -> Dict[str, torch.Tensor]:
         # SpeechLM: prompt | speech | suffix | response, logits at the labels (and the transcript-fed teacher's)
         out = self.model(batch, teacher=self.needs_teacher)
@@ -373,34 +420,28 @@ class AdaptRecipe:
             log.info(f"Already at step {self.step} (max_steps={self.max_steps}): nothing to do")
             return
         log_every, val_every, save_every = (
-            int(cfg.get(k, 0) or 0) for k in ("log_every_n_steps", "val_every_n_steps", "save_every_n_steps")
+            cfg[k] or 0 for k in ("log_every_n_steps", "val_every_n_steps", "save_every_n_steps")
         )
-        clip = cfg.get("clip_grad_norm")
-        batches = self._batches()
+        clip = cfg.clip_grad_norm
+        batches = self.train_loader.batches()
         pbar = tqdm(
             total=self.max_steps, initial=self.step, disable=not self.is_main, desc="stage 2", dynamic_ncols=True
         )
         validated_at = None
-        if cfg.get("validate_at_start", False) and self.step == 0:
+        if cfg.validate_at_start and self.step == 0:
             self._log(self.validate())  # the stage-1 projector's baseline, so "val CE falls" is measurable
             validated_at = 0
         t0, tokens = time.perf_counter(), 0
         while self.step < self.max_steps:
             sums = {k: 0.0 for k in self.loss_keys}
-            n_micro = 0
-            while n_micro < self.grad_accum:
-                batch = next(batches)
-                self.skipped.record_batch(batch, log)
-                if not self._all_ranks_have_items(batch):
-                    continue
-                if self.world_size > 1:  # gradients reduce-scattered once per step, after the last micro-batch
-                    self.model.set_requires_gradient_sync(n_micro == self.grad_accum - 1)
-                out = self._forward(batch)
-                (out["objective"] / self.grad_accum).backward()
+            for batch, last in micro_batches(batches, self.grad_accum, self.skipped, log, self.world_size, self.device):
+                # under FSDP, gradients reduce-scattered once per step, after the last micro-batch
+                with gradient_sync(self.model, last):
+                    out = self._forward(batch)
+                    (out["objective"] / self.grad_accum).backward()
                 for k in self.loss_keys:
                     sums[k] += float(out[k].detach())
                 tokens += out["tokens"] + out["speech_vectors"]
-                n_micro += 1
             trainable = [*self.projector.parameters(), *self.lora_params]
             grad_norm = torch.nn.utils.clip_grad_norm_(trainable, float(clip) if clip else float("inf"))
             if isinstance(grad_norm, DTensor):  # the norm over every rank's shards: the global one clipped by
@@ -410,11 +451,7 @@ class AdaptRecipe:
             self.scheduler.step()
             self.step += 1
             pbar.update(1)
-            metrics = {k: v / n_micro for k, v in sums.items()}
-            if self.world_size > 1:
-                t = torch.tensor([metrics[k] for k in self.loss_keys], dtype=torch.float64, device=self.device)
-                dist.all_reduce(t)
-                metrics = {k: float(v) / self.world_size for k, v in zip(self.loss_keys, t)}
+            metrics = all_reduce_mean({k: v / self.grad_accum for k, v in sums.items()}, self.world_size, self.device)
             pbar.set_postfix(ce=f"{metrics['ce']:.3f}", mse=f"{metrics['mse']:.0f}")
             if log_every and (self.step % log_every == 0 or self.step == 1):
                 elapsed = time.perf_counter() - t0
@@ -422,7 +459,7 @@ class AdaptRecipe:
                     lr=self.optimizer.param_groups[0]["lr"],
                     grad_norm=float(grad_norm),
                     tokens_per_second=tokens * self.world_size / max(elapsed, 1e-9),
-                    epoch=self.epoch,
+                    epoch=self.train_loader.epoch,
                     skipped=self.skipped.total(),
                 )
                 self._log(metrics)
@@ -456,21 +493,20 @@ class AdaptRecipe:
         return {f"val_{k}": v / max(weight, 1) for k, v in sums.items()}
 
     def save_checkpoint(self) -> None:
-        rng = rng_state() if self.world_size == 1 else self._gather_rng()
+        rng = gather_rng(self.world_size)
         # every rank takes part in gathering the full tensors; rank 0 writes them
         projector = self._full_projector() if self.world_size > 1 else self.projector
         optimizer = full_optimizer_state(self.optimizer) if self.world_size > 1 else self.optimizer.state_dict()
         lora = self._full_lora_state() if self.lora_params else None
         if self.is_main:
-            state = {
-                "optimizer": optimizer,
-                "scheduler": self.scheduler.state_dict(),
-                "step": self.step,
-                "epoch": self.epoch,
-                "consumed": self.consumed,
-                "rng": rng,
-                "config": OmegaConf.to_container(self.cfg, resolve=True),
-            }
+            state = training_state(
+                step=self.step,
+                optimizer=optimizer,
+                scheduler=self.scheduler,
+                train_loader=self.train_loader,
+                rng=rng,
+                config=OmegaConf.to_container(self.cfg, resolve=True),
+            )
             meta = {
                 "stage": 2,
                 "llm": self.model.llm_meta,
@@ -504,15 +540,6 @@ class AdaptRecipe:
             lg.log_dict(metrics, step=self.step)
         self.metrics.append(self.step, metrics)
 
-    def _all_ranks_have_items(self, batch: Dict[str, Any]) -> bool:
-        """Whether this micro-batch trains: a batch whose items all failed to load is passed over, and under
-        FSDP by every rank at once (a rank that skipped alone would leave the others waiting in a collective)."""
-        if self.world_size == 1:
-            return bool(batch["ids"])
-        flag = torch.tensor([int(bool(batch["ids"]))], device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-        return bool(flag.item())
-
     def _full_projector(self) -> torch.nn.Module:
         """An unsharded CPU copy of the projector (collective: every rank calls it)."""
         full = build_projector_from_config(self.projector.config)
@@ -523,11 +550,6 @@ class AdaptRecipe:
         """The adapters' full tensors, named as in a model without activation-checkpoint wrappers (so any
         run, and generation, loads them)."""
         return {k.replace(_CHECKPOINT_WRAPPED, ""): full_tensor(v).cpu() for k, v in lora_state_dict(self.llm).items()}
-
-    def _gather_rng(self) -> List[Dict[str, Any]]:
-        states = [None] * self.world_size
-        dist.all_gather_object(states, rng_state())
-        return states
 
     def _barrier(self) -> None:
         if self.world_size > 1 and dist.is_initialized():
@@ -540,10 +562,12 @@ class AdaptRecipe:
             dist.destroy_process_group()
 
 
+SCHEMA = AdaptSettings  # this recipe's schema (tests load every packaged config through it)
+
+
 @config.parse
 def recipe_main(cfg: DictConfig) -> None:
-    check_recipe_config(cfg, "speechmapper_adapt")  # a misspelt or unknown setting stops here, before anything loads
-    recipe = AdaptRecipe(cfg)
+    recipe = AdaptRecipe(cfg)  # checks the settings first
     recipe.setup()
     recipe.train()
     recipe.cleanup()

@@ -28,6 +28,7 @@ dropped), only with the same settings (``annotate_settings.json``; ``overwrite=T
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -41,7 +42,7 @@ from omegaconf import DictConfig, OmegaConf
 from torchtune import config, training, utils
 
 from speechmapper_tune.checkpoint.atomic import atomic_write_json
-from speechmapper_tune.config_keys import check_recipe_config
+from speechmapper_tune.config_schema import MISSING, TextLLMSettings, at_least, load_settings, settings
 from speechmapper_tune.configs import resolve_config_argv
 from speechmapper_tune.corpus.manifest_io import load_audio_manifest
 from speechmapper_tune.data.generation_data import append_rows, done_ids, start_resumable_output
@@ -94,9 +95,34 @@ def label_from_reply(task: str, reply: str, transcript: str) -> Tuple[Optional[s
     return format_entities(kept), f"{dropped} entities dropped" if dropped else ""
 
 
+@settings
+class AnnotatePrompt:
+    user: str = MISSING  # holds {transcript}
+    system: Optional[str] = None
+    assistant_prefix: Optional[str] = None  # the forced answer prefix
+
+
+@settings
+class AnnotateSettings:
+    """Every setting speechmapper_annotate reads (see configs/*/annotate_*.yaml)."""
+
+    output_dir: str = MISSING
+    manifest: str = MISSING  # an audio manifest (a SLUE one for labels=manifest)
+    task: str = MISSING  # sa or ner
+    labels: str = "llm"  # llm, or manifest: a SLUE manifest's own labels (no LLM runs)
+    seed: int = 0
+    llm: TextLLMSettings = dataclasses.field(default_factory=TextLLMSettings)
+    prompt: AnnotatePrompt = dataclasses.field(default_factory=AnnotatePrompt)
+    instruction: str = MISSING  # the instruction the speech model is trained with for this task
+    max_new_tokens: int = at_least(1)
+    batch_size: int = at_least(1)
+    max_items: Optional[int] = None
+    overwrite: bool = False  # start over instead of resuming the rows of the same settings
+
+
 class AnnotateRecipe:
     def __init__(self, cfg: DictConfig):
-        self.cfg = cfg
+        self.cfg = cfg  # AnnotateSettings
         self.output_dir = Path(cfg.output_dir)
 
     def setup(self) -> None:
@@ -105,12 +131,12 @@ class AnnotateRecipe:
             raise ValueError(f"task={cfg.task!r}: expected one of {TASKS}")
         if "{transcript}" not in str(cfg.prompt.user):
             raise ValueError(f"prompt.user must contain {{transcript}}: {cfg.prompt.user!r}")
-        if not str(cfg.get("instruction") or "").strip():
+        if not str(cfg.instruction or "").strip():
             raise ValueError("instruction (what stage 2 asks the speech model, written in each row) is empty")
-        self.source = cfg.get("labels", "llm")
+        self.source = cfg.labels
         if self.source not in SOURCES:
             raise ValueError(f"labels={self.source!r}: expected one of {SOURCES}")
-        training.set_seed(seed=cfg.get("seed", 0))
+        training.set_seed(seed=cfg.seed)
         cuts = load_audio_manifest(cfg.manifest)
         field = GOLD_FIELD[cfg.task]
         self.items = [
@@ -121,12 +147,12 @@ class AnnotateRecipe:
             )
             for c in cuts
         ]
-        if cfg.get("max_items") is not None:
-            self.items = self.items[: int(cfg.max_items)]
+        if cfg.max_items is not None:
+            self.items = self.items[: cfg.max_items]
         if self.source == "manifest":
             self._start(
                 {"manifest": str(cfg.manifest), "task": cfg.task, "instruction": cfg.instruction, "labels": "manifest"},
-                bool(cfg.get("overwrite", False)),
+                cfg.overwrite,
             )
             return
         ckpt = (
@@ -142,15 +168,13 @@ class AnnotateRecipe:
                 "name": cfg.llm.name,
                 "checkpoint": ckpt,
                 "chat_format": cfg.llm.chat_format,
-                "dtype": cfg.llm.get("dtype", "fp32"),
+                "dtype": cfg.llm.dtype,
             },
             "prompt": OmegaConf.to_container(cfg.prompt, resolve=True),
-            "max_new_tokens": int(cfg.max_new_tokens),
+            "max_new_tokens": cfg.max_new_tokens,
         }
-        self._start(json.loads(json.dumps(settings)), bool(cfg.get("overwrite", False)))
-        self.model, _, _ = load_llm(
-            cfg.llm.name, ckpt, dtype=resolve_dtype(cfg.llm.get("dtype", "fp32"), "cpu", setting="llm.dtype")
-        )
+        self._start(json.loads(json.dumps(settings)), cfg.overwrite)
+        self.model, _, _ = load_llm(cfg.llm.name, ckpt, dtype=resolve_dtype(cfg.llm.dtype, "cpu", setting="llm.dtype"))
         self.chat = ChatTokenizer.from_dir(ckpt, chat_format=cfg.llm.chat_format)
 
     def _start(self, settings: Dict, overwrite: bool) -> None:
@@ -161,9 +185,9 @@ class AnnotateRecipe:
 
     def _prompt(self, transcript: str) -> torch.Tensor:
         p = self.cfg.prompt
-        msgs = [{"role": "system", "content": p.system}] if p.get("system") else []
+        msgs = [{"role": "system", "content": p.system}] if p.system else []
         msgs.append({"role": "user", "content": str(p.user).replace("{transcript}", transcript)})
-        ids = self.chat.render(msgs) + self.chat.encode_text(p.get("assistant_prefix") or "")
+        ids = self.chat.render(msgs) + self.chat.encode_text(p.assistant_prefix or "")
         return embed_tokens(self.model, torch.tensor(ids))
 
     @torch.no_grad()
@@ -189,13 +213,13 @@ class AnnotateRecipe:
                 ],
             )
             todo = []
-        bs = int(cfg.batch_size)
+        bs = cfg.batch_size
         for s in range(0, len(todo), bs):
             chunk = todo[s : s + bs]
             results = greedy_generate(
                 self.model,
                 [self._prompt(t) for _, t, _ in chunk],
-                max_new_tokens=int(cfg.max_new_tokens),
+                max_new_tokens=cfg.max_new_tokens,
                 stop_ids=self.chat.stop_ids,
             )
             rows, bad = [], []
@@ -264,6 +288,9 @@ class AnnotateRecipe:
         pass
 
 
+SCHEMA = AnnotateSettings  # this recipe's schema (tests load every packaged config through it)
+
+
 @config.parse
 def recipe_main(cfg: DictConfig) -> None:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -271,7 +298,7 @@ def recipe_main(cfg: DictConfig) -> None:
         raise ValueError(
             f"speechmapper_annotate runs in one process (WORLD_SIZE={world_size}): run it without --nproc_per_node"
         )
-    check_recipe_config(cfg, "speechmapper_annotate")  # a misspelt or unknown setting stops here, before anything loads
+    cfg = load_settings(cfg, AnnotateSettings, "speechmapper_annotate")  # a misspelt or unknown setting stops here
     recipe = AnnotateRecipe(cfg)
     recipe.setup()
     recipe.run()

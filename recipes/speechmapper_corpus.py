@@ -12,16 +12,41 @@ Usage: tune run speechmapper_corpus --config corpus/tts_en [key=value ...]
 import logging
 import sys
 import time
+from dataclasses import field
+from typing import Any, Dict, Optional
 
 from omegaconf import DictConfig, OmegaConf
 from torchtune import config
 from torchtune.utils import get_logger
 
-from speechmapper_tune.config_keys import check_recipe_config
+from speechmapper_tune.config_schema import MISSING, at_least, load_settings, settings
 from speechmapper_tune.configs import resolve_config_argv
 from speechmapper_tune.corpus import CorpusSettings, build_corpus, prepare_plan
 
 log = get_logger("INFO")
+
+
+@settings
+class CorpusText:
+    min_words: int = at_least(1, 4)  # sentence length bounds, in words
+    max_words: int = at_least(1, 30)
+    spell_out_numbers: bool = True
+
+
+@settings
+class CorpusRecipeSettings:
+    """Every setting speechmapper_corpus reads (see configs/corpus/*.yaml); ``CorpusSettings.from_dict``
+    (speechmapper_tune.corpus) checks the engines' and splits' values."""
+
+    output_dir: str = MISSING
+    seed: int = 0
+    num_workers: int = at_least(0, 1)
+    chunk_size: int = at_least(1, 32)
+    progress: bool = True
+    wordnet_dir: Optional[str] = None  # default: the packaged WordNet folder
+    text: CorpusText = field(default_factory=CorpusText)
+    engines: Dict[str, Any] = field(default_factory=dict)  # engine name -> its options
+    splits: Optional[Dict[str, Any]] = None  # split name -> its sizes and voices
 
 
 class CorpusRecipe:
@@ -69,9 +94,12 @@ class CorpusRecipe:
         """Nothing to release: workers and scratch folders are closed by the library."""
 
 
+SCHEMA = CorpusRecipeSettings  # this recipe's schema (tests load every packaged config through it)
+
+
 @config.parse
 def recipe_main(cfg: DictConfig) -> None:
-    check_recipe_config(cfg, "speechmapper_corpus")  # a misspelt or unknown setting stops here, before anything loads
+    cfg = load_settings(cfg, CorpusRecipeSettings, "speechmapper_corpus")  # a misspelt or unknown setting stops here
     recipe = CorpusRecipe(cfg)
     recipe.setup()
     recipe.run()

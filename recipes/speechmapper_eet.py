@@ -16,6 +16,7 @@ import json
 import os
 import random
 import sys
+from dataclasses import field
 from pathlib import Path
 from typing import List
 
@@ -24,7 +25,7 @@ from omegaconf import DictConfig
 from torchtune import config, training, utils
 
 from speechmapper_tune.checkpoint.atomic import atomic_write_json, atomic_write_text
-from speechmapper_tune.config_keys import check_recipe_config
+from speechmapper_tune.config_schema import MISSING, TextLLMSettings, at_least, load_settings, settings
 from speechmapper_tune.configs import resolve_config_argv
 from speechmapper_tune.dtypes import resolve_dtype
 from speechmapper_tune.generation import greedy_generate, newline_token_ids
@@ -49,9 +50,37 @@ def first_line(text: str) -> str:
     return next((l.strip() for l in text.splitlines() if l.strip()), "")
 
 
+@settings
+class SentenceSettings:
+    source: str = "wordnet"  # wordnet (the corpus text), or a file: one sentence a line, or JSON lines with "text"
+    num_sentences: int = at_least(1)
+    seed: int = 0
+
+
+@settings
+class EETPrompt:
+    user: str = MISSING  # <sentence> is the sentence
+    assistant_prefix: str = ""  # the forced answer prefix
+
+
+@settings
+class EETSettings:
+    """Every setting speechmapper_eet reads (see configs/smollm2_135M/eet.yaml)."""
+
+    output_dir: str = MISSING
+    seed: int = 0
+    llm: TextLLMSettings = field(default_factory=TextLLMSettings)
+    sentences: SentenceSettings = field(default_factory=SentenceSettings)
+    noise_degrees: List[float] = MISSING  # table 6
+    prompt: EETPrompt = field(default_factory=EETPrompt)
+    stop_at_newline: bool = False
+    max_new_tokens: int = at_least(1)
+    batch_size: int = at_least(1)
+
+
 def load_sentences(cfg: DictConfig) -> List[str]:
     """``sentences.source``: ``wordnet`` (the corpus text) or a file (one sentence a line, or JSON lines with ``text``)."""
-    src, n, seed = cfg.source, int(cfg.num_sentences), int(cfg.get("seed", 0))
+    src, n, seed = cfg.source, cfg.num_sentences, cfg.seed
     if src == "wordnet":
         from speechmapper_tune.corpus import load_wordnet_sentences
 
@@ -72,33 +101,31 @@ class EETRecipe:
 
     def setup(self) -> None:
         cfg = self.cfg
-        training.set_seed(seed=cfg.get("seed", 0))
+        training.set_seed(seed=cfg.seed)
         ckpt = (
             str(config.instantiate(cfg.llm.checkpoint))
             if isinstance(cfg.llm.checkpoint, DictConfig)
             else str(cfg.llm.checkpoint)
         )
         self.sentences = load_sentences(cfg.sentences)
-        self.model, _, _ = load_llm(
-            cfg.llm.name, ckpt, dtype=resolve_dtype(cfg.llm.get("dtype", "fp32"), "cpu", setting="llm.dtype")
-        )
+        self.model, _, _ = load_llm(cfg.llm.name, ckpt, dtype=resolve_dtype(cfg.llm.dtype, "cpu", setting="llm.dtype"))
         self.chat = ChatTokenizer.from_dir(ckpt, chat_format=cfg.llm.chat_format)
         msgs = [{"role": "user", "content": cfg.prompt.user}]
         ids, start = self.chat.render_with_speech(msgs, 0, placeholder="<sentence>", fill_id=0)
         self.prefix, self.suffix = (
             ids[:start],
-            ids[start:] + self.chat.encode_text(cfg.prompt.get("assistant_prefix", "")),
+            ids[start:] + self.chat.encode_text(cfg.prompt.assistant_prefix),
         )
-        self.newlines = newline_token_ids(self.chat) if cfg.get("stop_at_newline", False) else None
+        self.newlines = newline_token_ids(self.chat) if cfg.stop_at_newline else None
 
     @torch.no_grad()
     def run(self) -> None:
         cfg = self.cfg
         results, table = {}, ["| noise degree | WER | CER | stuck |", "|---|---|---|---|"]
         for degree in [float(d) for d in cfg.noise_degrees]:
-            g = torch.Generator().manual_seed(int(cfg.get("seed", 0)))
+            g = torch.Generator().manual_seed(cfg.seed)
             hyps, stuck = [], 0
-            bs = int(cfg.batch_size)
+            bs = cfg.batch_size
             for s in range(0, len(self.sentences), bs):
                 prompts = []
                 for text in self.sentences[s : s + bs]:
@@ -117,7 +144,7 @@ class EETRecipe:
                 for res in greedy_generate(
                     self.model,
                     prompts,
-                    max_new_tokens=int(cfg.max_new_tokens),
+                    max_new_tokens=cfg.max_new_tokens,
                     stop_ids=self.chat.stop_ids,
                     stop_at_newline=self.newlines is not None,
                     newline_ids=self.newlines,
@@ -145,6 +172,9 @@ class EETRecipe:
         pass
 
 
+SCHEMA = EETSettings  # this recipe's schema (tests load every packaged config through it)
+
+
 @config.parse
 def recipe_main(cfg: DictConfig) -> None:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -152,7 +182,7 @@ def recipe_main(cfg: DictConfig) -> None:
         raise ValueError(
             f"speechmapper_eet runs in one process (WORLD_SIZE={world_size}): run it without --nproc_per_node"
         )
-    check_recipe_config(cfg, "speechmapper_eet")  # a misspelt or unknown setting stops here, before anything loads
+    cfg = load_settings(cfg, EETSettings, "speechmapper_eet")  # a misspelt or unknown setting stops here
     recipe = EETRecipe(cfg)
     recipe.setup()
     recipe.run()

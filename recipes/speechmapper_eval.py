@@ -38,6 +38,7 @@ import json
 import os
 import sys
 from collections import Counter
+from dataclasses import field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -45,7 +46,7 @@ from omegaconf import DictConfig, OmegaConf
 from torchtune import config, utils
 
 from speechmapper_tune.checkpoint.atomic import atomic_write_json, atomic_write_text
-from speechmapper_tune.config_keys import check_config_keys, check_recipe_config
+from speechmapper_tune.config_schema import MISSING, at_least, load_settings, settings
 from speechmapper_tune.configs import resolve_config_argv
 from speechmapper_tune.data.generation_data import SETTINGS, read_not_generated, read_rows
 from speechmapper_tune.metrics import (
@@ -65,14 +66,48 @@ from speechmapper_tune.metrics import (
 
 log = utils.get_logger("INFO")
 
-JUDGE_KEYS = ("name", "llm.name", "llm.checkpoint", "llm.chat_format", "llm.dtype", "batch_size")
+
+@settings
+class JudgeLLM:
+    name: Optional[str] = None  # needed: a load_llm name
+    checkpoint: Any = None  # needed: a folder, or a _component_ returning one
+    chat_format: Optional[str] = None  # needed
+    dtype: Optional[str] = None  # default auto: bf16 only where computed natively
+
+
+@settings
+class JudgeSettings:
+    """One SQA judge (an entry of ``judges``, or ``judge``)."""
+
+    llm: JudgeLLM = field(default_factory=JudgeLLM)
+    name: Optional[str] = None  # its name in the results; default llm.name (numbered when repeated)
+    batch_size: int = at_least(1, 8)
+
+
+@settings
+class CometSettings:
+    model_dir: Any = None  # a local COMET folder (hparams.yaml + checkpoints/model.ckpt)
+    batch_size: int = at_least(1, 16)
+    gpus: int = at_least(0, 0)
+    sources: Optional[str] = None  # the manifest whose transcripts (as written) are COMET's source side
+
+
+@settings
+class EvalSettings:
+    """Every setting speechmapper_eval reads (see configs/eval/default.yaml)."""
+
+    output_dir: str = MISSING
+    generations: Dict[str, str] = field(default_factory=dict)  # name -> generations.jsonl: one row each
+    judges: List[Any] = field(default_factory=list)  # JudgeSettings each, checked by judge_specs
+    judge: Optional[Any] = None  # one judge, as in older configs (set judges or judge)
+    comet: Optional[CometSettings] = None
 
 
 def judge_specs(cfg: DictConfig) -> List[Dict[str, Any]]:
     """The judges to run: ``judges`` (a list), or the older single ``judge``; each checked for unknown
     keys and a ``llm`` with name, checkpoint and chat_format. Unique display names (``name``, else
     ``llm.name``, numbered when repeated)."""
-    many, one = cfg.get("judges"), cfg.get("judge")
+    many, one = cfg.judges, cfg.judge
     if many and one:
         raise ValueError("set judges (a list) or judge (one judge), not both")
     specs = (
@@ -89,7 +124,7 @@ def judge_specs(cfg: DictConfig) -> List[Dict[str, Any]]:
         where = "judge" if one else f"judges[{i}]"
         if not isinstance(spec, dict) or not isinstance(spec.get("llm"), dict):
             raise ValueError(f"{where} must be a mapping with an llm section, got {spec!r}")
-        check_config_keys(spec, JUDGE_KEYS, f"speechmapper_eval {where}")
+        spec = OmegaConf.to_container(load_settings(spec, JudgeSettings, f"speechmapper_eval {where}"), resolve=True)
         missing = [k for k in ("name", "checkpoint", "chat_format") if not spec["llm"].get(k)]
         if missing:
             raise ValueError(f"{where}.llm needs {', '.join(missing)}")
@@ -108,11 +143,11 @@ def judge_specs(cfg: DictConfig) -> List[Dict[str, Any]]:
 
 class EvalRecipe:
     def __init__(self, cfg: DictConfig):
-        self.cfg = cfg
-        self.output_dir = Path(cfg.output_dir)
+        self.cfg = load_settings(cfg, EvalSettings, "speechmapper_eval")  # a misspelt or unknown setting stops here
+        self.output_dir = Path(self.cfg.output_dir)
 
     def setup(self) -> None:
-        gens = OmegaConf.to_container(self.cfg.generations, resolve=True) if self.cfg.get("generations") else {}
+        gens = OmegaConf.to_container(self.cfg.generations, resolve=True)
         if not gens:
             raise ValueError("set generations={name: path/to/generations.jsonl, ...}")
         self.sets, self.missing, self.settings = {}, {}, {}
@@ -125,13 +160,11 @@ class EvalRecipe:
             self.settings[name] = json.loads(settings.read_text(encoding="utf-8")) if settings.is_file() else None
         self.judges = judge_specs(self.cfg)
         self.comet = None
-        comet = self.cfg.get("comet")
-        if comet:  # asked for: a missing package or model folder stops here, before any scoring
-            self.comet = load_comet(
-                comet.get("model_dir"), "comet.model_dir", int(comet.get("batch_size", 16)), int(comet.get("gpus", 0))
-            )
+        comet = self.cfg.comet
+        if comet is not None:  # asked for: a missing package or model folder stops here, before any scoring
+            self.comet = load_comet(comet.model_dir, "comet.model_dir", comet.batch_size, comet.gpus)
         self.sources = {}
-        if comet and comet.get("sources"):  # the utterances' transcripts as written: COMET's source side
+        if comet is not None and comet.sources:  # the utterances' transcripts as written: COMET's source side
             from speechmapper_tune.corpus.manifest_io import load_audio_manifest
             from speechmapper_tune.data.manifest import written_text
 
@@ -308,7 +341,7 @@ class _Judge:
         )  # auto: bf16 only if native
         self.model, _, _ = load_llm(llm["name"], ckpt, dtype=dtype)
         self.chat = ChatTokenizer.from_dir(ckpt, chat_format=llm["chat_format"])
-        self.batch_size = int(spec.get("batch_size", 8))
+        self.batch_size = spec["batch_size"]
 
     def __call__(self, items: List[Dict]) -> List[Optional[bool]]:
         import torch
@@ -411,6 +444,9 @@ def markdown_table(results: List[Dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+SCHEMA = EvalSettings  # this recipe's schema (tests load every packaged config through it)
+
+
 @config.parse
 def recipe_main(cfg: DictConfig) -> None:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -418,7 +454,6 @@ def recipe_main(cfg: DictConfig) -> None:
         raise ValueError(
             f"speechmapper_eval runs in one process (WORLD_SIZE={world_size}): run it without --nproc_per_node"
         )
-    check_recipe_config(cfg, "speechmapper_eval")  # a misspelt or unknown setting stops here, before anything loads
     recipe = EvalRecipe(cfg)
     recipe.setup()
     recipe.run()

@@ -19,7 +19,9 @@ import json
 import os
 import sys
 import time
+from dataclasses import field
 from pathlib import Path
+from typing import Any, Optional
 
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
@@ -27,7 +29,7 @@ from torchtune import config, utils
 from tqdm import tqdm
 
 from speechmapper_tune.checkpoint.atomic import atomic_write_text
-from speechmapper_tune.config_keys import check_recipe_config
+from speechmapper_tune.config_schema import MISSING, at_least, load_settings, settings
 from speechmapper_tune.configs import resolve_config_argv
 from speechmapper_tune.corpus import load_audio_manifest
 from speechmapper_tune.data.extract import (
@@ -48,6 +50,55 @@ log = utils.get_logger("INFO")
 EXTRACT_DTYPES = ("auto", "fp32", "bf16", "fp16")  # auto: bf16 where computed natively, fp32 elsewhere
 
 
+@settings
+class SfmSettings:
+    """``sfm.build_sfm``'s arguments: name, path, layer, and the SFM class's keywords (unset: its defaults)."""
+
+    name: str = MISSING  # whisper_base, whisper_tiny_en, seamless_m4t_v2 or hf_ssl
+    path: Optional[str] = None  # a local model folder (required by seamless_m4t_v2 and hf_ssl)
+    layer: Optional[int] = None  # None: the final encoder output
+    batch_size: Optional[int] = None  # utterances (or packed windows) per encoder call
+    pack: Optional[bool] = None  # Whisper: share 30-s windows (faster, not faithful)
+    pack_gap_s: Optional[float] = None
+    window: Optional[str] = None  # Whisper: full (a 30-s window per utterance) or trimmed
+    max_seconds: Optional[float] = None
+
+
+@settings
+class PerturbSettings:
+    """``data.extract.perturbations_from_config``: perturbed copies of a training split (off unless set)."""
+
+    speeds: Any = None  # a factor or a list of them, e.g. [0.9, 1.1]
+    noise_snr_db: Any = None  # dB or a list (null: no noise)
+    noise: Optional[str] = None  # the noise colour (default white)
+    channels: Any = None  # reverb, telephone, or null (the recording's own)
+    seed: Optional[int] = None
+
+
+@settings
+class ExtractSettings:
+    """Every setting speechmapper_extract reads (see configs/features/*.yaml)."""
+
+    output_dir: str = MISSING
+    manifest: str = MISSING  # an audio manifest: lhotse CutSet, JSON lines, or a LibriSpeech folder
+    device: str = "cpu"
+    dtype: str = MISSING  # the encoder's compute dtype
+    sfm: SfmSettings = field(default_factory=SfmSettings)
+    average_frames: int = at_least(1)  # paper: 2
+    batch_size: int = at_least(1)  # utterances read and sent to the SFM at a time
+    max_duration: float = MISSING  # seconds: longer items are skipped and listed
+    max_utterances: Optional[int] = None  # the first N only
+    shard_size: int = at_least(1)  # utterances per shard: the unit of resume
+    feature_type: Optional[str] = None  # default {sfm.name}_layer{sfm.layer}_avg{average_frames}
+    perturb: Optional[PerturbSettings] = None
+
+
+def _sfm_record(sfm) -> dict:
+    """The encoder as set: name, path, layer and the keywords given (what a checkpoint records to rebuild it)."""
+    s = OmegaConf.to_container(sfm, resolve=True)
+    return {k: v for k, v in s.items() if k in ("name", "path", "layer") or v is not None}
+
+
 class ExtractRecipe:
     def __init__(self, cfg: DictConfig):
         self.cfg = cfg
@@ -59,23 +110,25 @@ class ExtractRecipe:
 
     def setup(self) -> None:
         cfg = self.cfg
-        if cfg.get("manifest") in (None, "", "???"):
+        if OmegaConf.is_missing(cfg, "manifest") or cfg.manifest in (None, ""):
             raise ValueError("set manifest=<audio manifest, JSON-lines file or LibriSpeech folder>")
-        if int(cfg.average_frames) < 1:
+        if cfg.average_frames < 1:
             raise ValueError(f"average_frames={cfg.average_frames} must be >= 1 (paper: 2)")
         if cfg.dtype not in EXTRACT_DTYPES:
             raise ValueError(f"dtype={cfg.dtype!r}: expected one of {list(EXTRACT_DTYPES)}")
         self.cuts = list(load_audio_manifest(cfg.manifest))
-        if cfg.get("max_utterances"):  # the first N, in manifest order: a quick subset
-            self.cuts = self.cuts[: int(cfg.max_utterances)]
+        if cfg.max_utterances:  # the first N, in manifest order: a quick subset
+            self.cuts = self.cuts[: cfg.max_utterances]
         if not self.cuts:
             raise ValueError(f"{cfg.manifest}: no utterance found")
-        perturb = cfg.get("perturb")
-        perturbations = perturbations_from_config(OmegaConf.to_container(perturb, resolve=True) if perturb else None)
+        perturb = cfg.perturb
+        perturbations = perturbations_from_config(
+            OmegaConf.to_container(perturb, resolve=True) if perturb is not None else None
+        )
         self.settings = extract_settings(perturbations)
         check_resume_settings(self.output_dir, self.settings)  # chunk k must hold the same items as before
         items = with_copies(self.cuts, perturbations)
-        self.chunks = chunked(items, int(cfg.shard_size))
+        self.chunks = chunked(items, cfg.shard_size)
         self.todo = [
             k
             for k in range(len(self.chunks))
@@ -91,13 +144,13 @@ class ExtractRecipe:
             from speechmapper_tune.sfm import build_sfm
 
             s = cfg.sfm
-            extra = {k: v for k, v in s.items() if k not in ("name", "path", "layer")}
+            extra = {k: v for k, v in _sfm_record(s).items() if k not in ("name", "path", "layer")}
             self.sfm = build_sfm(
                 s.name,
-                path=s.get("path"),
-                layer=s.get("layer"),
-                device=utils.get_device(cfg.get("device", "cpu")),
-                dtype=resolve_dtype(cfg.dtype, cfg.get("device", "cpu"), allowed=EXTRACT_DTYPES),
+                path=s.path,
+                layer=s.layer,
+                device=utils.get_device(cfg.device),
+                dtype=resolve_dtype(cfg.dtype, cfg.device, allowed=EXTRACT_DTYPES),
                 **extra,
             )
             log.info(
@@ -107,9 +160,9 @@ class ExtractRecipe:
 
     def run(self) -> None:
         cfg = self.cfg
-        k_avg = int(cfg.average_frames)
+        k_avg = cfg.average_frames
         frame_shift = k_avg / self.sfm.frame_rate if self.sfm else None
-        feature_type = cfg.get("feature_type") or f"{cfg.sfm.name}_layer{cfg.sfm.get('layer')}_avg{k_avg}"
+        feature_type = cfg.feature_type or f"{cfg.sfm.name}_layer{cfg.sfm.layer}_avg{k_avg}"
         total = sum(len(self.chunks[k]) for k in self.todo)
         pbar = tqdm(total=total, desc=f"extract[{self.rank}]", unit="utt", disable=total == 0, dynamic_ncols=True)
         t0, seconds, failed = time.perf_counter(), 0.0, 0
@@ -122,8 +175,8 @@ class ExtractRecipe:
                 feature_type,
                 frame_shift,
                 k_avg,
-                int(cfg.batch_size),
-                float(cfg.max_duration),
+                cfg.batch_size,
+                cfg.max_duration,
                 on_item=lambda s: pbar.update(1),
             )
             seconds += res.audio_seconds
@@ -150,7 +203,7 @@ class ExtractRecipe:
                 **self.settings,
                 # what a checkpoint trained on these features records, to rebuild them from audio
                 "features": {
-                    "sfm": OmegaConf.to_container(cfg.sfm, resolve=True),
+                    "sfm": _sfm_record(cfg.sfm),
                     "average_frames": k_avg,
                     "feature_type": feature_type,
                     "storage_dtype": "float16",
@@ -164,9 +217,12 @@ class ExtractRecipe:
             dist.destroy_process_group()
 
 
+SCHEMA = ExtractSettings  # this recipe's schema (tests load every packaged config through it)
+
+
 @config.parse
 def recipe_main(cfg: DictConfig) -> None:
-    check_recipe_config(cfg, "speechmapper_extract")  # a misspelt or unknown setting stops here, before anything loads
+    cfg = load_settings(cfg, ExtractSettings, "speechmapper_extract")  # a misspelt or unknown setting stops here
     recipe = ExtractRecipe(cfg)
     recipe.setup()
     recipe.run()

@@ -38,8 +38,9 @@ import json
 import os
 import sys
 import time
+from dataclasses import field
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -49,7 +50,15 @@ from torchtune import config, training, utils
 from tqdm import tqdm
 
 from speechmapper_tune.checkpoint.projector_io import LORA_WEIGHTS, WEIGHTS, lora_weights_file
-from speechmapper_tune.config_keys import check_recipe_config
+from speechmapper_tune.config_schema import (
+    MISSING,
+    LLMSettings,
+    PromptSettings,
+    StuckGuardSettings,
+    at_least,
+    load_settings,
+    settings,
+)
 from speechmapper_tune.configs import resolve_config_argv, resolve_path_setting
 from speechmapper_tune.corpus import load_audio_manifest
 from speechmapper_tune.data.extract import chunk_done, chunked, extract_chunk, merge_chunks
@@ -84,6 +93,48 @@ from speechmapper_tune.models.speech_lm import SpeechLM
 log = utils.get_logger("INFO")
 
 
+@settings
+class CascadeSettings:
+    model_dir: Any = None  # span_source=asr: the faster-whisper model folder (or a _component_ returning one)
+    compute_type: str = "int8"
+
+
+@settings
+class LengthCap:
+    """An answer's token budget: ``tokens_per_second * duration + extra`` (with max_new_tokens above it)."""
+
+    tokens_per_second: float = MISSING
+    extra: float = MISSING
+
+
+@settings
+class GenerateSettings:
+    """Every setting speechmapper_generate reads (see the configs in configs/*/generate*.yaml)."""
+
+    output_dir: str = MISSING
+    manifest: str = MISSING  # a feature manifest (speechmapper_extract) or an audio one
+    span_source: str = MISSING  # projector, transcript (the text topline) or asr (the cascade)
+    projector_checkpoint: Any = None  # a folder or a shipped name (span_source=projector)
+    device: str = "cpu"
+    seed: int = 0
+    llm: LLMSettings = field(default_factory=LLMSettings)  # unset: what the projector records
+    prompt: Optional[PromptSettings] = None  # default: the checkpoint's training prompt
+    cascade: Optional[CascadeSettings] = None  # span_source=asr
+    trim_pad_vectors: Optional[bool] = None  # default: as trained
+    batch_size: int = at_least(1)
+    max_new_tokens: int = at_least(1)
+    max_seq_len: Optional[int] = None  # default: the LLM's
+    stop_at_newline: bool = False
+    length_cap: Optional[LengthCap] = None
+    stuck_guard: Optional[StuckGuardSettings] = None  # off unless set (the paper has none)
+    max_duration: float = 30.0  # seconds: longer audio is not generated
+    overwrite: bool = False  # start over instead of resuming the rows of the same settings
+    max_items: Optional[int] = None
+    instructions: Any = None  # JSON lines of instruction rows; none: ASR with the prompt
+    task: str = "asr"
+    runs: Optional[List[Dict[str, Any]]] = None  # one run per entry: these settings with its overrides
+
+
 def _check_trained_prompt(trained, template: PromptTemplate, cfg: DictConfig) -> None:
     """Warn when the prompt differs from the one the stage-2 checkpoint was trained with (a silent WER loss)."""
     if not trained or cfg.get("instructions") or cfg.get("task", "asr") != "asr":
@@ -102,10 +153,10 @@ def _check_trained_prompt(trained, template: PromptTemplate, cfg: DictConfig) ->
 
 class GenerateRecipe:
     def __init__(self, cfg: DictConfig, llm_cache: Optional[dict] = None):
-        self.cfg = cfg
+        self.cfg = cfg = load_settings(cfg, GenerateSettings, "speechmapper_generate")  # as given, or defaulted
         self.llm_cache = llm_cache  # shared by the runs of one process: the frozen LLM loads once
         self.output_dir = Path(cfg.output_dir)
-        self.device = utils.get_device(cfg.get("device", "cpu"))  # cuda: this process's LOCAL_RANK device
+        self.device = utils.get_device(cfg.device)  # cuda: this process's LOCAL_RANK device
         self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
         if self.world_size > 1 and not dist.is_initialized():
@@ -115,10 +166,10 @@ class GenerateRecipe:
 
     def setup(self) -> None:
         cfg = self.cfg
-        training.set_seed(seed=cfg.get("seed", 0))
-        if cfg.llm.get("dtype", "auto") not in COMPUTE_DTYPES:
+        training.set_seed(seed=cfg.seed)
+        if cfg.llm.dtype not in COMPUTE_DTYPES:
             raise ValueError(f"llm.dtype={cfg.llm.dtype!r}: expected one of {list(COMPUTE_DTYPES)}")
-        if cfg.span_source == "projector" and not cfg.get("projector_checkpoint"):
+        if cfg.span_source == "projector" and not cfg.projector_checkpoint:
             raise ValueError("span_source=projector needs projector_checkpoint=<stage-1 or stage-2 checkpoint folder>")
         cuts = load_audio_manifest(cfg.manifest)
         first = next(iter(cuts), None)
@@ -131,16 +182,16 @@ class GenerateRecipe:
         llm = {
             **OmegaConf.to_container(cfg.llm, resolve=True),
             "checkpoint": resolve_path_setting(cfg.llm.checkpoint),
-            "tokenizer": resolve_path_setting(cfg.llm.get("tokenizer")),
+            "tokenizer": resolve_path_setting(cfg.llm.tokenizer),
         }
         # the projector is checked against this LLM, and its LoRA adapters found, before the LLM loads
         self.model = SpeechLM.from_checkpoint(
-            cfg.get("projector_checkpoint"),
+            cfg.projector_checkpoint,
             llm=llm,
-            prompt=OmegaConf.to_container(cfg.prompt, resolve=True),
+            prompt=_plain(cfg.prompt),
             device=self.device,
-            trim_pad_vectors=cfg.get("trim_pad_vectors"),
-            stop_at_newline=bool(cfg.get("stop_at_newline", False)),
+            trim_pad_vectors=cfg.trim_pad_vectors,
+            stop_at_newline=cfg.stop_at_newline,
             on_warning=log.warning,
             llm_cache=self.llm_cache,
         )
@@ -155,7 +206,7 @@ class GenerateRecipe:
         self.pad_id = self.model.pad_id
         self.prompt_text = self._prompt_text(None)
         if self.rank == 0:  # the settings check, overwrite, and the parts a killed multi-process run left
-            start_run(self.output_dir, self._settings(), overwrite=bool(cfg.get("overwrite", False)))
+            start_run(self.output_dir, self._settings(), overwrite=cfg.overwrite)
             merge_parts(self.output_dir)
         self._barrier()
         self.out_path = self.output_dir / GENERATIONS
@@ -168,8 +219,8 @@ class GenerateRecipe:
                 self.skipped.add("no transcript (the text topline reads it)", it.id)
             items = [it for it in items if it.text]
         out_len = self.projector.output_length if self.projector else (lambda n: n)
-        max_len = int(cfg.get("max_seq_len", self.llm.max_seq_len)) - int(cfg.max_new_tokens)
-        if cfg.get("instructions"):
+        max_len = (cfg.max_seq_len if cfg.max_seq_len is not None else int(self.llm.max_seq_len)) - cfg.max_new_tokens
+        if cfg.instructions:
             examples = prepare_instruction_examples(
                 cfg.instructions,
                 {it.id: it for it in items},
@@ -185,8 +236,8 @@ class GenerateRecipe:
             examples = prepare_asr_examples(
                 items, self.chat, self.template, out_len, max_len, self.skipped, generation=True
             )
-        if cfg.get("max_items"):
-            examples = examples[: int(cfg.max_items)]
+        if cfg.max_items:
+            examples = examples[: cfg.max_items]
         if self.rank == 0:
             write_not_generated(self.output_dir / NOT_GENERATED, self.skipped.items)
         done = done_ids(
@@ -209,10 +260,10 @@ class GenerateRecipe:
         if cfg.span_source == "asr":
             self.cuts = {c.id: c for c in cuts}
             self.transcriber = FasterWhisperTranscriber(
-                resolve_path_setting(cfg.cascade.model_dir), cfg.cascade.get("compute_type", "int8")
+                resolve_path_setting(cfg.cascade.model_dir), cfg.cascade.compute_type
             )
-        guard = cfg.get("stuck_guard")
-        self.guard = StuckGuard(**OmegaConf.to_container(guard, resolve=True)) if guard else None
+        guard = _guard_settings(cfg.stuck_guard)
+        self.guard = StuckGuard(**guard) if guard is not None else None
 
     def _prompt_text(self, instruction) -> str:
         """The prompt as the LLM reads it, ``<speech>`` for the span; ``instruction``: an instruction row's own."""
@@ -239,19 +290,19 @@ class GenerateRecipe:
             "llm": {
                 "name": model.llm_meta["name"],
                 "fingerprint": model.llm_meta["fingerprint"],
-                "dtype": dtype_name(resolve_dtype(cfg.llm.get("dtype"), self.device, setting="llm.dtype")),
+                "dtype": dtype_name(resolve_dtype(cfg.llm.dtype, self.device, setting="llm.dtype")),
             },
             "cascade": str(resolve_path_setting(cfg.cascade.model_dir)) if cfg.span_source == "asr" else None,
             "prompt": self.prompt_text,
-            "instructions": str(cfg.get("instructions") or "") or None,
-            "task": cfg.get("task", "asr"),
+            "instructions": str(cfg.instructions or "") or None,
+            "task": cfg.task,
             "decoding": {
-                "max_new_tokens": int(cfg.max_new_tokens),
-                "max_seq_len": cfg.get("max_seq_len"),
+                "max_new_tokens": cfg.max_new_tokens,
+                "max_seq_len": cfg.max_seq_len,
                 "stop_at_newline": model.stop_at_newline,
                 "trim_pad_vectors": model.trim_pad_vectors,
-                "length_cap": _plain(cfg.get("length_cap")),
-                "stuck_guard": _plain(cfg.get("stuck_guard")),
+                "length_cap": _plain(cfg.length_cap),
+                "stuck_guard": _guard_settings(cfg.stuck_guard),
             },
         }
 
@@ -282,7 +333,7 @@ class GenerateRecipe:
                     k_avg / sfm.frame_rate,
                     k_avg,
                     int(cfg.batch_size),
-                    float(cfg.get("max_duration", 30.0)),
+                    cfg.max_duration,
                     on_item=lambda _: pbar.update(1),
                 )
             pbar.close()
@@ -320,7 +371,7 @@ class GenerateRecipe:
             batch_sampler=ShuffledBatchSampler(len(self.examples), int(cfg.batch_size), shuffle=False),
             collate_fn=Stage2Collator(self.projector.output_length if self.projector else (lambda n: n), self.pad_id),
         )
-        cap = cfg.get("length_cap")
+        cap = cfg.length_cap
         pbar = tqdm(
             total=len(self.examples),
             desc=f"generate[{cfg.span_source}]" + (f"[{self.rank}]" if self.world_size > 1 else ""),
@@ -343,7 +394,7 @@ class GenerateRecipe:
             results = self.model.generate(
                 spans,
                 parts,
-                max_new_tokens=int(cfg.max_new_tokens),
+                max_new_tokens=cfg.max_new_tokens,
                 max_new_tokens_per_item=caps,
                 stuck_guard=self.guard,
             )
@@ -354,13 +405,13 @@ class GenerateRecipe:
                 # ASR: the normalized transcript as stored (a decode of its tokens could differ); else the answer
                 reference = (
                     self.chat.decode(resp[:-1], skip_special_tokens=True).strip()
-                    if cfg.get("instructions")
+                    if cfg.instructions
                     else exs[item_id].item.text
                 )
                 rows.append(
                     {
                         "id": item_id,
-                        "task": batch["tasks"][0] if cfg.get("instructions") else "asr",
+                        "task": batch["tasks"][0] if cfg.instructions else "asr",
                         "prompt": self._prompt_text(meta["instruction"]) if "instruction" in meta else self.prompt_text,
                         "hypothesis": self.model.answer_text(res.ids),
                         "reference": reference or None,  # no transcript: generated, not scored
@@ -386,9 +437,7 @@ class GenerateRecipe:
         if src == "projector":
             pred, _, n = self.model.project(batch["features"], batch["lengths"])
             return [pred[b, : int(n[b])] for b in range(pred.shape[0])]
-        if src == "transcript" and self.cfg.get(
-            "instructions"
-        ):  # the source transcript, not the answer (a translation)
+        if src == "transcript" and self.cfg.instructions:  # the source transcript, not the answer (a translation)
             texts = [self.by_id[i].item.text for i in batch["ids"]]
         elif src == "transcript":
             texts = [self.chat.decode(r[:-1], skip_special_tokens=True) for r in batch["response"]]
@@ -407,6 +456,11 @@ def _plain(node):
     return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
 
 
+def _guard_settings(node) -> Optional[dict]:
+    """The stuck guard's settings as given (unset keys: StuckGuard's defaults); None: no guard."""
+    return None if node is None else {k: v for k, v in _plain(node).items() if v is not None}
+
+
 def run_configs(cfg: DictConfig) -> List[DictConfig]:
     """The runs ``cfg`` asks for: itself, or one per entry of ``runs`` (the rest of ``cfg`` with its overrides)."""
     runs = cfg.get("runs")
@@ -421,11 +475,14 @@ def run_configs(cfg: DictConfig) -> List[DictConfig]:
     return configs
 
 
+SCHEMA = GenerateSettings  # this recipe's schema (tests load every packaged config through it)
+
+
 @config.parse
 def recipe_main(cfg: DictConfig) -> None:
     configs = run_configs(cfg)
-    for run_cfg in configs:  # a misspelt or unknown setting in any run stops here, before anything loads
-        check_recipe_config(run_cfg, "speechmapper_generate")
+    # a misspelt or unknown setting in any run stops here, before anything loads
+    configs = [load_settings(run_cfg, GenerateSettings, "speechmapper_generate") for run_cfg in configs]
     llm_cache: dict = {}
     for i, run_cfg in enumerate(configs):
         if len(configs) > 1:

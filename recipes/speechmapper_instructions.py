@@ -22,18 +22,61 @@ the ``answer`` settings: resumable, in ``<output_dir>/answers``), and its answer
 
 import json
 import sys
+from dataclasses import field
 from pathlib import Path
+from typing import Dict, List, Optional
 
 from omegaconf import DictConfig, OmegaConf
 from torchtune import config
 from torchtune.utils import get_logger
 
-from speechmapper_tune.config_keys import check_recipe_config
+from speechmapper_tune.config_schema import (
+    MISSING,
+    LLMSettings,
+    PromptSettings,
+    StuckGuardSettings,
+    at_least,
+    load_settings,
+    settings,
+)
 from speechmapper_tune.configs import resolve_config_argv
 from speechmapper_tune.data.instructions import QUESTION, SELF, TASKS, build_instructions
 
 log = get_logger("INFO")
 INSTRUCTIONS_FILE = "instructions.jsonl"  # the name the stage-2 ST / SQA configs read
+
+
+@settings
+class AnswerSettings:
+    """task=self: how the frozen LLM answers (speechmapper_generate span_source=transcript)."""
+
+    device: str = "cpu"
+    llm: LLMSettings = field(default_factory=LLMSettings)
+    prompt: PromptSettings = field(default_factory=PromptSettings)
+    batch_size: int = at_least(1, 16)
+    max_new_tokens: int = at_least(1, 48)
+    overwrite: bool = False
+    stuck_guard: Optional[StuckGuardSettings] = None
+
+
+@settings
+class InstructionsSettings:
+    """Every setting speechmapper_instructions reads (see configs/instructions/*.yaml)."""
+
+    manifest: str = MISSING  # a feature manifest written by speechmapper_extract
+    output_dir: Optional[str] = None  # default: the manifest's folder
+    task: Optional[str] = None  # st, sqa or self
+    translations: Optional[str] = None  # task=st: JSON lines of {source, translation, target_lang}
+    target_langs: Optional[List[str]] = None  # task=st: only these (default: every one in the manifest)
+    with_transcript: bool = True  # the source transcript as "transcript" (stage 2's MSE term)
+    st_instructions: Optional[Dict[str, str]] = None  # by target language
+    sqa_instruction: Optional[str] = None  # default: the paper's question prompt
+    pool: Optional[List[str]] = None  # task=self: the instructions drawn from
+    per_item: int = at_least(1, 1)  # task=self: instructions per utterance
+    seed: int = 0
+    shuffled_reference: bool = False  # task=self: also answer from another utterance's transcript
+    max_items: Optional[int] = None  # task=self: the first N utterances
+    answer: Optional[AnswerSettings] = None  # task=self
 
 
 class InstructionsRecipe:
@@ -44,26 +87,26 @@ class InstructionsRecipe:
 
     def setup(self) -> None:
         cfg = self.cfg
-        if cfg.get("manifest") in (None, "", "???"):
+        if OmegaConf.is_missing(cfg, "manifest") or cfg.manifest in (None, ""):
             raise ValueError("set manifest=<feature manifest written by speechmapper_extract (cuts.jsonl.gz)>")
-        if cfg.get("task") not in TASKS:
-            raise ValueError(f"task={cfg.get('task')!r}: expected one of {TASKS}")
+        if cfg.task not in TASKS:
+            raise ValueError(f"task={cfg.task!r}: expected one of {TASKS}")
         self.manifest = Path(cfg.manifest)
         if not self.manifest.is_file():
             raise FileNotFoundError(f"manifest={self.manifest}: file not found")
-        if cfg.task == SELF and not (cfg.get("pool") and cfg.get("answer")):
+        if cfg.task == SELF and not (cfg.pool and cfg.answer is not None):
             raise ValueError(
                 "task=self needs pool=[instructions...] and the answer settings (answer.llm, answer.prompt)"
             )
-        self.output = Path(cfg.get("output_dir") or self.manifest.parent) / INSTRUCTIONS_FILE
-        st = cfg.get("st_instructions")
+        self.output = Path(cfg.output_dir or self.manifest.parent) / INSTRUCTIONS_FILE
+        st = cfg.st_instructions
         self.st_instructions = (
             {str(k): str(v) for k, v in OmegaConf.to_container(st, resolve=True).items()} if st else {}
         )
-        self.sqa_instruction = str(cfg.get("sqa_instruction") or QUESTION)
-        langs = cfg.get("target_langs")
+        self.sqa_instruction = str(cfg.sqa_instruction or QUESTION)
+        langs = cfg.target_langs
         self.target_langs = [str(x) for x in langs] if langs else None
-        self.translations = cfg.get("translations") or None
+        self.translations = cfg.translations or None
         if self.translations and cfg.task != "st":
             raise ValueError(f"translations={self.translations} is for task=st (task={cfg.task})")
 
@@ -77,7 +120,7 @@ class InstructionsRecipe:
             cfg.task,
             self.st_instructions,
             self.sqa_instruction,
-            bool(cfg.get("with_transcript", True)),
+            cfg.with_transcript,
             self.target_langs,
             self.translations,
         )
@@ -95,19 +138,19 @@ class InstructionsRecipe:
         from speechmapper_tune.data.manifest import SkipCounter
 
         cfg, t0 = self.cfg, time.perf_counter()
-        if cfg.get("output_dir") in (None, ""):
+        if cfg.output_dir in (None, ""):
             raise ValueError("task=self needs output_dir=<folder> (its answers and rows are written there)")
         out = Path(cfg.output_dir)
         out.mkdir(parents=True, exist_ok=True)
         skipped = SkipCounter()
-        pool = [str(p) for p in OmegaConf.to_container(cfg.pool, resolve=True)] if cfg.get("pool") else []
+        pool = [str(p) for p in OmegaConf.to_container(cfg.pool, resolve=True)] if cfg.pool else []
         rows = pooled_instruction_rows(
             CutSet.from_file(str(self.manifest)) or [],
             pool,
-            int(cfg.get("per_item", 1)),
-            int(cfg.get("seed", 0)),
+            cfg.per_item,
+            cfg.seed,
             skipped,
-            cfg.get("max_items"),
+            cfg.max_items,
         )
         if not rows:
             raise ValueError(f"{self.manifest}: no cut to ask about (skipped: {skipped.summary()})")
@@ -115,11 +158,11 @@ class InstructionsRecipe:
         atomic_write_text(questions, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
         self._answer(questions, out / "answers")
         rows = attach_answers(rows, read_rows(out / "answers" / GENERATIONS), "answer", skipped)
-        if cfg.get("shuffled_reference", False):
+        if cfg.shuffled_reference:
             shuffled = out / "questions_shuffled.jsonl"
             atomic_write_text(
                 shuffled,
-                "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in shuffled_rows(rows, int(cfg.get("seed", 0)))),
+                "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in shuffled_rows(rows, cfg.seed)),
             )
             self._answer(shuffled, out / "shuffled")
             rows = attach_answers(rows, read_rows(out / "shuffled" / GENERATIONS), "shuffled_answer", skipped)
@@ -144,19 +187,19 @@ class InstructionsRecipe:
                 "manifest": str(self.manifest),
                 "instructions": str(questions),
                 "task": SELF,
-                "device": a.get("device", "cpu"),
-                "seed": int(self.cfg.get("seed", 0)),
+                "device": a["device"],
+                "seed": self.cfg.seed,
                 "llm": a["llm"],
                 "prompt": a["prompt"],
                 "span_source": "transcript",
                 "trim_pad_vectors": None,
-                "batch_size": int(a.get("batch_size", 16)),
-                "max_new_tokens": int(a.get("max_new_tokens", 48)),
+                "batch_size": a["batch_size"],
+                "max_new_tokens": a["max_new_tokens"],
                 "stop_at_newline": False,
                 "length_cap": None,
-                "stuck_guard": a.get("stuck_guard"),
+                "stuck_guard": a["stuck_guard"],
                 "max_duration": 30.0,
-                "overwrite": bool(a.get("overwrite", False)),
+                "overwrite": a["overwrite"],
                 "max_items": None,
                 "cascade": {"model_dir": None, "compute_type": "int8"},
             }
@@ -171,9 +214,14 @@ class InstructionsRecipe:
         """Nothing to release."""
 
 
+SCHEMA = InstructionsSettings  # this recipe's schema (tests load every packaged config through it)
+
+
 @config.parse
 def recipe_main(cfg: DictConfig) -> None:
-    check_recipe_config(cfg, "speechmapper_instructions")  # a misspelt or unknown setting stops here
+    cfg = load_settings(
+        cfg, InstructionsSettings, "speechmapper_instructions"
+    )  # a misspelt or unknown setting stops here
     recipe = InstructionsRecipe(cfg)
     recipe.setup()
     recipe.run()

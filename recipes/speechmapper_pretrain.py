@@ -17,13 +17,13 @@ setup -> train (with validate and save_checkpoint) -> cleanup.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import sys
 import time
+from dataclasses import field
 from pathlib import Path
-from typing import Any, Dict, Iterator
+from typing import Any, Dict, Optional
 
 import torch
 import torch.distributed as dist
@@ -40,10 +40,15 @@ from speechmapper_tune.checkpoint.projector_io import (
     embedding_fingerprint,
     load_checked_projector,
     read_projector_meta,
-    rng_state,
-    set_rng_state,
 )
-from speechmapper_tune.config_keys import check_recipe_config
+from speechmapper_tune.config_schema import (
+    MISSING,
+    AugmentSettings,
+    TrainingSettings,
+    at_least,
+    load_settings,
+    settings,
+)
 from speechmapper_tune.configs import resolve_config_argv, resolve_path_setting
 from speechmapper_tune.data.extract import features_record
 from speechmapper_tune.data.loader import TrainLoader
@@ -61,6 +66,14 @@ from speechmapper_tune.data.text_tokenizer import load_text_tokenizer
 from speechmapper_tune.dtypes import autocast_dtype
 from speechmapper_tune.losses import nearest_token_ids, norm_ratio, position_masks
 from speechmapper_tune.models.projector import count_parameters
+from speechmapper_tune.training import (
+    all_reduce_mean,
+    gather_rng,
+    gradient_sync,
+    micro_batches,
+    restore_training_state,
+    training_state,
+)
 
 log = utils.get_logger("INFO")
 LOSS_KEYS = ("loss", "objective", "mse", "mse_word", "mse_pad", "cosine")
@@ -69,25 +82,60 @@ LOSS_KEYS = ("loss", "objective", "mse", "mse_word", "mse_pad", "cosine")
 SEEN_BUCKETS = ((0, 9), (10, 49), (50, 499), (500, None))
 
 
+@settings
+class EmbeddingTableSettings:
+    """The LLM whose token-embedding table is the target (no LLM forward runs in stage 1)."""
+
+    checkpoint: Any = MISSING  # a folder, or a _component_ returning one
+    pad_id: int = MISSING  # the pad target, and CTC's blank
+    name: Optional[str] = None  # recorded with the projector, for stage 2 and generation
+    chat_format: Optional[str] = None
+    tokenizer: Any = None  # default: the checkpoint folder
+    embedding_key: Optional[str] = None  # default: found in the checkpoint
+
+
+@settings
+class PretrainData:
+    train_manifest: str = MISSING
+    val_manifest: Optional[str] = None
+    max_val_items: Optional[int] = None  # a fixed random subset of the validation set
+    max_tokens_per_batch: int = at_least(1)
+    num_workers: int = at_least(0, 0)
+    target_text: Optional[str] = None  # normalized (default) or written
+    augment: Optional[AugmentSettings] = None  # training features only
+
+
+@settings
+class PretrainSettings(TrainingSettings):
+    """Every setting speechmapper_pretrain reads (see the configs in configs/*/stage1*.yaml)."""
+
+    dtype: str = "fp32"  # the projector's autocast: fp32, bf16 or auto; the loss always runs in fp32
+    dry_run: bool = False  # build the projector, print its size and stop
+    llm: EmbeddingTableSettings = field(default_factory=EmbeddingTableSettings)
+    init_projector: Any = None  # warm start from another stage-1 projector (a folder or a _component_)
+    data: PretrainData = field(default_factory=PretrainData)
+
+
 class PretrainRecipe:
     """Stage-1 pretraining of the SpeechMapper projector (single device or DDP)."""
 
     def __init__(self, cfg: DictConfig):
-        self.cfg = cfg
+        # a misspelt or unknown setting stops here, before anything loads; then every default is filled in
+        self.cfg = cfg = load_settings(cfg, PretrainSettings, "speechmapper_pretrain")
         self.output_dir = Path(cfg.output_dir)
         self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
         self.is_main = self.rank == 0
-        self.device = utils.get_device(cfg.get("device", "cpu"))
+        self.device = utils.get_device(cfg.device)
         if self.world_size > 1 and not dist.is_initialized():
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
         # auto: bf16 autocast only where the device computes bf16 natively; the loss always runs in fp32
-        self.autocast_dtype = autocast_dtype(cfg.get("dtype", "fp32"), self.device)
-        self.max_steps = int(cfg.max_steps)
-        self.grad_accum = int(cfg.get("gradient_accumulation_steps", 1))
-        self.step, self.epoch, self.consumed = 0, 0, 0
+        self.autocast_dtype = autocast_dtype(cfg.dtype, self.device)
+        self.max_steps = cfg.max_steps
+        self.grad_accum = cfg.gradient_accumulation_steps
+        self.step = 0
         self.skipped = SkipCounter()
-        if not cfg.get("resume", False) and not cfg.get("dry_run", False):
+        if not cfg.resume and not cfg.dry_run:
             CheckpointManager(
                 self.output_dir
             ).refuse_existing_run()  # before any work: a new run must not mix with an old one
@@ -96,15 +144,15 @@ class PretrainRecipe:
     def setup(self) -> None:
         cfg = self.cfg
         training.set_seed(seed=cfg.seed)
-        if cfg.get("prepare") is not None:  # e.g. write the tiny synthetic set before reading it
+        if cfg.prepare is not None:  # e.g. write the tiny synthetic set before reading it
             if self.is_main:
                 config.instantiate(cfg.prepare)
             self._barrier()
         self.loss_fn = config.instantiate(cfg.loss)  # validates alpha before anything heavy
         self.llm_checkpoint = resolve_path_setting(cfg.llm.checkpoint)
-        self.llm_tokenizer = resolve_path_setting(cfg.llm.get("tokenizer")) or self.llm_checkpoint
-        vocab, llm_dim = embedding_shape(self.llm_checkpoint, cfg.llm.get("embedding_key"))
-        pad_id = int(cfg.llm.pad_id)
+        self.llm_tokenizer = resolve_path_setting(cfg.llm.tokenizer) or self.llm_checkpoint
+        vocab, llm_dim = embedding_shape(self.llm_checkpoint, cfg.llm.embedding_key)
+        pad_id = cfg.llm.pad_id
         if not 0 <= pad_id < vocab:
             raise ValueError(f"llm.pad_id={pad_id} is outside the vocabulary of {self.llm_checkpoint} (size {vocab})")
         self.model = config.instantiate(cfg.model)
@@ -115,11 +163,11 @@ class PretrainRecipe:
             )
         n_params = count_parameters(self.model)
         log.info(f"Projector: {n_params / 1e6:.2f}M parameters; LLM embedding table {vocab} x {llm_dim}")
-        if cfg.get("dry_run", False):
+        if cfg.dry_run:
             print(json.dumps({"dry_run": True, "parameters": n_params, "vocab_size": vocab, "llm_dim": llm_dim}))
             return
 
-        self.embedding = load_embedding_table(self.llm_checkpoint, cfg.llm.get("embedding_key")).to(self.device)
+        self.embedding = load_embedding_table(self.llm_checkpoint, cfg.llm.embedding_key).to(self.device)
         # for the classifier and CTC terms and val_classifier_ce; the pad id is CTC's blank
         self.loss_fn.set_embedding(self.embedding, blank_id=pad_id)
         # classifier_ce and ctc are metrics only when they train: a full-vocabulary matmul per step
@@ -127,8 +175,8 @@ class PretrainRecipe:
         self.loss_keys = LOSS_KEYS + tuple(k for k, weight in optional.items() if weight > 0)
         self.pad_id = pad_id
         self.llm_meta = {
-            "name": cfg.llm.get("name"),
-            "chat_format": cfg.llm.get("chat_format"),
+            "name": cfg.llm.name,
+            "chat_format": cfg.llm.chat_format,
             "checkpoint": str(self.llm_checkpoint),
             "vocab_size": vocab,
             "dim": llm_dim,
@@ -136,29 +184,29 @@ class PretrainRecipe:
             "fingerprint": embedding_fingerprint(self.embedding.cpu()),
         }
         tokenizer = load_text_tokenizer(self.llm_tokenizer)
-        self.train_loader, self.sampler = self._setup_data(cfg.data.train_manifest, tokenizer, shuffle=True)
+        self.train_loader, _ = self._setup_data(cfg.data.train_manifest, tokenizer, shuffle=True)
         # how often each token occurs in the training targets, for the split validation accuracy
         self.train_token_counts = torch.bincount(
             torch.tensor([t for e in self.train_loader.dataset.examples for t in e.token_ids], dtype=torch.long),
             minlength=vocab,
         )[:vocab].to(self.device)
         self.val_loader = None
-        if cfg.data.get("val_manifest"):
+        if cfg.data.val_manifest:
             self.val_loader, _ = self._setup_data(cfg.data.val_manifest, tokenizer, shuffle=False, split="val")
         log.info(f"Skipped at setup: {self.skipped.total()} ({self.skipped.summary()})")
 
-        if cfg.get("init_projector") and not (cfg.get("resume", False) and self.checkpoints_exist()):
+        if cfg.init_projector and not (cfg.resume and self.checkpoints_exist()):
             self._init_from(resolve_path_setting(cfg.init_projector))
         self.model.to(self.device)
         self.optimizer = config.instantiate(cfg.optimizer, self.model.parameters())
         self.scheduler = config.instantiate(cfg.lr_scheduler, self.optimizer)
-        self.checkpoints = CheckpointManager(self.output_dir, cfg.get("keep_last_n_checkpoints", 2))
-        torch.manual_seed(int(cfg.seed) + 1000 * self.rank)  # per-rank dropout stream
-        if cfg.get("resume", False):
+        self.checkpoints = CheckpointManager(self.output_dir, cfg.keep_last_n_checkpoints)
+        torch.manual_seed(cfg.seed + 1000 * self.rank)  # per-rank dropout stream
+        if cfg.resume:
             self._resume()  # restores the RNG state saved with the checkpoint
         if self.world_size > 1:
             self.model = DistributedDataParallel(self.model)
-        self.loggers = [config.instantiate(c) for c in cfg.get("metric_loggers", [])] if self.is_main else []
+        self.loggers = [config.instantiate(c) for c in cfg.metric_loggers] if self.is_main else []
         self._open_metrics_file()
 
     def checkpoints_exist(self) -> bool:
@@ -185,16 +233,16 @@ class PretrainRecipe:
         if feat_dim != self.model.input_dim:
             raise ValueError(f"{manifest} has {feat_dim}-dim features but model.input_dim={self.model.input_dim}")
         out_len = self.model.output_length
-        max_tokens = int(cfg.max_tokens_per_batch)
-        target_text = cfg.get("target_text") or "normalized"
+        max_tokens = cfg.max_tokens_per_batch
+        target_text = cfg.target_text or "normalized"
         examples = prepare_stage1_examples(items, tokenizer.encode, out_len, max_tokens, self.skipped, target_text)
         if target_text == "written":  # a manifest without written forms would silently train on normalized text
             differ = sum(e.item.written not in ("", e.item.text) for e in examples)
             log.info(
                 f"{split}: written-form targets; {differ} of {len(examples)} differ from the normalized transcript"
             )
-        if split == "val" and cfg.get("max_val_items"):
-            examples = [examples[i] for i in sample_subset(len(examples), int(cfg.max_val_items), 0)]
+        if split == "val" and cfg.max_val_items:
+            examples = [examples[i] for i in sample_subset(len(examples), cfg.max_val_items, 0)]
         if not examples:
             raise ValueError(f"{manifest}: no trainable item left (skipped: {self.skipped.summary()})")
         hours = sum(e.item.duration for e in examples) / 3600
@@ -210,12 +258,12 @@ class PretrainRecipe:
         )
         if split == "train" and len(sampler) == 0:
             raise ValueError(f"{manifest}: fewer batches than ranks ({world}); add data or lower max_tokens_per_batch")
-        augment = cfg.get("augment") if split == "train" else None  # validation never sees masked features
+        augment = cfg.augment if split == "train" else None  # validation never sees masked features
         loader = DataLoader(
             Stage1Dataset(examples, augment=augment, seed=int(self.cfg.seed)),
             batch_sampler=sampler,
             collate_fn=Stage1Collator(out_len, self.pad_id),
-            num_workers=int(cfg.get("num_workers", 0)),
+            num_workers=cfg.num_workers,
             generator=torch.Generator().manual_seed(
                 int(self.cfg.seed)
             ),  # keeps the global RNG (dropout) exact on resume
@@ -231,13 +279,15 @@ class PretrainRecipe:
             return
         model, _ = load_checked_projector(folder, self.embedding)  # the same checks as every recipe
         self.model.load_state_dict(model.state_dict())
-        state = self.checkpoints.load_state(folder)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.sampler.load_state_dict(state["sampler"])
-        self.step, self.epoch, self.consumed = state["step"], state["epoch"], state["consumed"]
-        set_rng_state(state["rng"][self.rank] if isinstance(state["rng"], list) else state["rng"])
-        log.info(f"Resumed from {folder} at step {self.step} (epoch {self.epoch}, batch {self.consumed})")
+        self.step = restore_training_state(
+            self.checkpoints.load_state(folder),
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            train_loader=self.train_loader,
+            rank=self.rank,
+        )
+        data = self.train_loader.state_dict()
+        log.info(f"Resumed from {folder} at step {self.step} (epoch {data['epoch']}, batch {data['consumed']})")
 
     def _open_metrics_file(self) -> None:
         self.metrics = None
@@ -246,28 +296,6 @@ class PretrainRecipe:
             self.metrics = MetricsFile(self.output_dir / "metrics.jsonl", resumed_step=self.step)
 
     # ------------------------------------------------------------------ train
-    def _batches(self) -> Iterator[Dict[str, Any]]:
-        """Endless batches across epochs, keeping (epoch, consumed) for exact resume."""
-        first = True
-        while True:
-            if not first or self.consumed == 0:
-                self.sampler.set_epoch(self.epoch)
-            else:
-                self.sampler.load_state_dict(
-                    {
-                        "epoch": self.epoch,
-                        "consumed": self.consumed,
-                        "seed": self.sampler.seed,
-                        "world_size": self.world_size,
-                    }
-                )
-            first = False
-            self.train_loader.dataset.set_epoch(self.epoch)  # feature masks depend on (seed, epoch, index)
-            for batch in self.train_loader:
-                self.consumed += 1
-                yield batch
-            self.epoch, self.consumed = self.epoch + 1, 0
-
     def _forward(self, batch: Dict[str, Any], model) -> Dict[str, torch.Tensor]:
         feats = batch["features"].to(self.device)
         lengths = batch["lengths"].to(self.device)
@@ -282,7 +310,7 @@ class PretrainRecipe:
 
     def train(self) -> None:
         cfg = self.cfg
-        if cfg.get("dry_run", False):
+        if cfg.dry_run:
             return
         if (
             self.step and self.step >= self.max_steps
@@ -290,13 +318,11 @@ class PretrainRecipe:
             log.info(f"Already at step {self.step} (max_steps={self.max_steps}): nothing to do")
             return
         log_every, val_every, save_every = (
-            int(cfg.get(k, 0) or 0) for k in ("log_every_n_steps", "val_every_n_steps", "save_every_n_steps")
+            cfg[k] or 0 for k in ("log_every_n_steps", "val_every_n_steps", "save_every_n_steps")
         )
-        clip = cfg.get("clip_grad_norm")
-        batches = self._batches()
-        if (
-            cfg.get("validate_at_start", False) and self.step == 0
-        ):  # the starting point's figures (e.g. of init_projector)
+        clip = cfg.clip_grad_norm
+        batches = self.train_loader.batches()
+        if cfg.validate_at_start and self.step == 0:  # the starting point's figures (e.g. of init_projector)
             self._log(self.validate())
         pbar = tqdm(
             total=self.max_steps, initial=self.step, disable=not self.is_main, desc="stage 1", dynamic_ncols=True
@@ -305,30 +331,20 @@ class PretrainRecipe:
         self.model.train()
         while self.step < self.max_steps:
             sums = {k: 0.0 for k in self.loss_keys}
-            n_micro = 0
-            while n_micro < self.grad_accum:
-                batch = next(batches)
-                self.skipped.record_batch(batch, log)
-                if not batch["ids"]:
-                    continue
-                last = n_micro == self.grad_accum - 1
-                ctx = self.model.no_sync() if (self.world_size > 1 and not last) else contextlib.nullcontext()
-                with ctx:
+            for batch, last in micro_batches(batches, self.grad_accum, self.skipped, log, self.world_size, self.device):
+                with gradient_sync(self.model, last):
                     out = self._forward(batch, self.model)
                     (out["objective"] / self.grad_accum).backward()
                 for k in self.loss_keys:
                     sums[k] += float(out[k].detach())
                 vectors += count_tokens(batch)[0]
-                n_micro += 1
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), float(clip) if clip else float("inf"))
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.scheduler.step()
             self.step += 1
             pbar.update(1)
-            metrics = {k: v / n_micro for k, v in sums.items()}
-            if self.world_size > 1:
-                metrics = self._all_reduce_mean(metrics)
+            metrics = all_reduce_mean({k: v / self.grad_accum for k, v in sums.items()}, self.world_size, self.device)
             pbar.set_postfix(loss=f"{metrics['loss']:.1f}", cos=f"{metrics['cosine']:.3f}")
             if log_every and (self.step % log_every == 0 or self.step == 1):
                 elapsed = time.perf_counter() - t0
@@ -336,7 +352,7 @@ class PretrainRecipe:
                     lr=self.optimizer.param_groups[0]["lr"],
                     grad_norm=float(grad_norm),
                     vectors_per_second=vectors * self.world_size / max(elapsed, 1e-9),
-                    epoch=self.epoch,
+                    epoch=self.train_loader.epoch,
                     skipped=self.skipped.total(),
                 )
                 self._log(metrics)
@@ -396,23 +412,16 @@ class PretrainRecipe:
         return out
 
     def save_checkpoint(self) -> None:
-        rng = self._gather_rng()
+        rng = gather_rng(self.world_size)
         if self.is_main:
-            state = {
-                "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(),
-                "sampler": {
-                    "epoch": self.epoch,
-                    "consumed": self.consumed,
-                    "seed": self.sampler.seed,
-                    "world_size": self.world_size,
-                },
-                "step": self.step,
-                "epoch": self.epoch,
-                "consumed": self.consumed,
-                "rng": rng,
-                "config": OmegaConf.to_container(self.cfg, resolve=True),
-            }
+            state = training_state(
+                step=self.step,
+                optimizer=self.optimizer.state_dict(),
+                scheduler=self.scheduler,
+                train_loader=self.train_loader,
+                rng=rng,
+                config=OmegaConf.to_container(self.cfg, resolve=True),
+            )
             meta = {
                 "stage": 1,
                 "llm": self.llm_meta,
@@ -431,18 +440,6 @@ class PretrainRecipe:
             lg.log_dict(metrics, step=self.step)
         self.metrics.append(self.step, metrics)
 
-    def _all_reduce_mean(self, metrics: Dict[str, float]) -> Dict[str, float]:
-        t = torch.tensor([metrics[k] for k in self.loss_keys], dtype=torch.float64)
-        dist.all_reduce(t)
-        return {k: float(v) / self.world_size for k, v in zip(self.loss_keys, t)}
-
-    def _gather_rng(self):
-        if self.world_size == 1:
-            return rng_state()
-        states = [None] * self.world_size
-        dist.all_gather_object(states, rng_state())
-        return states
-
     def _barrier(self) -> None:
         if self.world_size > 1 and dist.is_initialized():
             dist.barrier()
@@ -454,10 +451,12 @@ class PretrainRecipe:
             dist.destroy_process_group()
 
 
+SCHEMA = PretrainSettings  # this recipe's schema (tests load every packaged config through it)
+
+
 @config.parse
 def recipe_main(cfg: DictConfig) -> None:
-    check_recipe_config(cfg, "speechmapper_pretrain")  # a misspelt or unknown setting stops here, before anything loads
-    recipe = PretrainRecipe(cfg)
+    recipe = PretrainRecipe(cfg)  # checks the settings first
     recipe.setup()
     recipe.train()
     recipe.cleanup()

@@ -31,7 +31,7 @@ def run_recipe(name: str, *steps: Callable[[], Any]) -> Any:
             result = step()
     except Exception as e:  # noqa: BLE001  (every error a recipe raises is reported the same way)
         message = str(e).strip() or repr(e)
-        # config_keys' messages name the recipe already: "speechmapper_adapt: unknown setting ..."
+        # config_schema's messages name the recipe already: "speechmapper_adapt: unknown setting ..."
         print(message if message.startswith(f"{name}: ") else f"{name}: error: {message}", file=sys.stderr, flush=True)
         if debugging():
             traceback.print_exc()

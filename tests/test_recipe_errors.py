@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 from omegaconf import OmegaConf
 
-from speechmapper_tune.config_keys import check_recipe_config
+from speechmapper_tune.config_schema import check_settings
 from speechmapper_tune.configs import resolve_config
 from speechmapper_tune.errors import DEBUG_ENV, run_recipe
+
+
+def check_recipe_config(cfg, recipe):
+    """The check ``recipe`` runs first: its config against the schema declared in the recipe file."""
+    check_settings(cfg, importlib.import_module(recipe).SCHEMA, recipe)
 
 
 @pytest.mark.parametrize(

@@ -138,7 +138,7 @@ def test_a_batch_one_rank_cannot_load_is_passed_over_by_both(tmp_path, tune):
     log = proc.stdout + proc.stderr
     assert all(f"skipping {i}" in log for i in bad)
     state = torch.load(out / "checkpoints" / "step_3" / "recipe_state.pt", weights_only=True)
-    assert state["consumed"] == 4  # rank 0 read 4 batches for 3 steps: it passed over its first one too
+    assert state["sampler"]["consumed"] == 4  # rank 0 read 4 batches for 3 steps: it passed over its first one too
 
 
 def test_nf4_llm_two_processes_match_one(lora_runs, tune):
