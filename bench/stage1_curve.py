@@ -33,6 +33,7 @@ import gzip
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -385,6 +386,8 @@ def main(argv=None) -> None:
     ap.add_argument("--retry-failed", action="store_true")
     ap.add_argument("--nice", type=int, default=19, help="niceness of the training runs (default 19: background)")
     a = ap.parse_args(argv)
+    # kill/TERM stops like Ctrl-C: the running point is stopped and its CPU and wall seconds are kept
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     cfg = load_curve(a.config)
     unknown = set(a.only) - {p["name"] for p in cfg["points"]}
     if unknown:
