@@ -96,6 +96,7 @@ def _require_gguf_readers() -> None:
 def _convert_smollm2(gguf: Path, out: Path) -> None:
     """Write the HF directory for ``gguf`` into the (empty) folder ``out``."""
     import torch
+    from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     _require_gguf_readers()
@@ -123,7 +124,12 @@ def _convert_smollm2(gguf: Path, out: Path) -> None:
     plain.generation_config = gguf_model.generation_config
 
     _log(f"writing fp32 safetensors and configs to {out}")
-    plain.save_pretrained(out, safe_serialization=True)
+    # written directly: save_pretrained writes nothing on a rank other than 0 once torch.distributed is up
+    # (a `tune run --nproc_per_node N` whose rank 1 is the one converting), and this is a local file
+    weights = {k: v.contiguous() for k, v in plain.state_dict().items() if k != "lm_head.weight"}  # tied
+    save_file(weights, out / "model.safetensors", metadata={"format": "pt"})
+    plain.config.save_pretrained(out)
+    plain.generation_config.save_pretrained(out)
     tokenizer.save_pretrained(out)
     _embed_chat_template(out, tokenizer.chat_template)
     (out / DONE_MARKER).write_text(
