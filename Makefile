@@ -42,12 +42,13 @@ format: install
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-# one worker per core (pytest-xdist), a file's tests together so its module fixtures are built once
+# one worker per core (pytest-xdist), a file's tests together so its module fixtures are built once,
+# in conftest's order (longest files first) rather than xdist's (files with most tests first)
 test: install sysdeps lint
-	$(BIN)/python -m pytest -q -n auto --dist loadfile tests
+	$(BIN)/python -m pytest -q -n auto --dist loadfile --no-loadscope-reorder tests
 
 test-fast: install
-	$(BIN)/python -m pytest -q -n auto --dist loadfile -m "not e2e" tests
+	$(BIN)/python -m pytest -q -n auto --dist loadfile --no-loadscope-reorder -m "not e2e" tests
 
 # The main job: the whole method on the embedded default (TTS corpus -> Whisper-base features ->
 # SmolLM2 stage 1 and 2 -> generation and evaluation -> demo_out/RESULTS.md), every step a `tune run`.

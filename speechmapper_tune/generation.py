@@ -2,49 +2,50 @@
 
 The paper (section 3, "Inference and evaluation") decodes greedily with at most 150 new
 tokens from prompts whose embeddings are partly token embeddings and partly projector
-vectors. torchtune's ``generate`` only takes token ids, so this module has its own loop:
+vectors. torchtune's ``generate`` only takes token ids, so this module has its own loop,
+``greedy_generate``, which reads top to bottom: the layout check (``_LeanDecoder``), argument
+checks (``_checked``), lengths (``_lengths``), left-padded prompts (``_left_padded``), then
+``_decode`` (with the model in eval mode, ``_generating``):
 
 * prompts ``[L_i, D]`` are **left**-padded (zero vectors) to a common length ``P``;
-* a boolean mask ``[B, s, filled cache length]`` lets each query see only its own sample's
-  real positions (causal), and position ids start at 0 at each sample's first real
-  position, so a sample's output does not depend on the batch it is in (checked in the
-  tests, token for token, on SmolLM2 in fp32);
+* a mask lets each query see only its own sample's real positions (causal), and position ids
+  start at 0 at each sample's first real position, so a sample's output does not depend on
+  the batch it is in (checked in the tests, token for token, on SmolLM2 in fp32);
 * the prompt is run once (prefill, logits of the last position only), then one token per
   step for the whole batch, feeding each generated token's embedding (``tok_embeddings``);
 * each sample stops at a stop id (EOS/end of turn; the token is not kept), optionally at
   the first token containing a newline (kept, as it may carry text before the newline), at
   its own cap (``max_new_tokens_per_item``, e.g. from the audio duration), at
   ``max_new_tokens``, or (optional, off by default) when a ``StuckGuard`` sees a loop.
-* rows of finished samples are dropped from the batch and the KV caches ("compaction")
+* rows of finished samples are dropped from the batch and the KV cache ("compaction")
   once a quarter of the rows are finished, so one long sample does not cost a full batch.
 
-KV caches: torchtune 0.6.1's ``KVCache`` has a fixed batch size and length, and an attention
-module with a cache set up uses it on every forward (and drops ``is_causal``), so a model
-with caches cannot train. ``greedy_generate`` therefore sets up fresh caches for each call
-(``model.setup_caches`` under the model's device, since ``KVCache`` allocates on the default
-device) and deletes them on exit, also on error, exactly as torchtune's
-``delete_kv_caches`` does (``kv_cache = None``, ``cache_enabled = False``): the same model
-object can then decode batches of other sizes, or train. Caches found already set up on
-entry are deleted (with a warning). The model is put in eval mode for the call and its
-mode restored.
+One decoder path: ``_LeanDecoder`` runs torchtune 0.6.1's ``TransformerSelfAttentionLayer`` /
+``MultiHeadAttention`` operations, in their order, directly on the layers' weights, with a KV
+cache of its own (one tensor pair per layer, sized prompt + new tokens - 1, freed with the call).
+It recognises torchtune's self-attention layers with RoPE (``RotaryPositionalEmbeddings``,
+``Llama3ScaledRoPE``) or none, grouped-query attention, optional q/k norms (Qwen3-style),
+projections with or without biases (plain ``nn.Linear`` weights are multiplied directly, other
+modules such as LoRA are called); anything else is refused with a ValueError naming the layer
+and what is missing, before any work. Nothing of torchtune is patched, and the model object is
+not changed: it is in eval mode for the call, its mode restored on exit (also on error), and
+torchtune KV caches found set up on it are deleted (with a warning), so the same object can then
+decode batches of other sizes, or train.
+
+Speed (bench/generate.py, against transformers' ``generate(inputs_embeds=...)``): no
+per-module bookkeeping; query heads of a kv group folded into the query axis instead of copying
+the cache to every query head; attention reads the cache only up to its filled length, with an
+additive mask built once per step for all layers; RoPE factors looked up once per step and
+applied as one complex product; and ``_Linears``: on CPU, the LM head as ``W @ x^T`` in fp32, and bf16
+weights widened to fp32 a slice at a time where the CPU has no native bf16.
 
 Stuck decodings (paper appendix B.2, table 10: "her sister her sister ..." until the token
 limit) are *flagged* by ``detect_stuck``; see its docstring for the exact rule.
 
-Speed (bench/generate.py): three things made torchtune's attention slower than transformers'
-at decoding, and all are worked around for the duration of a call, without changing any
-output: attention read the whole static cache from the first step (``_CacheWindow``
-shows it only up to the filled length); with grouped-query attention, it copied the cache to
-every query head each step (``_GroupedQueryAttention``); and each decode step paid
-torchtune's per-module bookkeeping (cache positions, mask slicing, a RoPE cache lookup per
-layer) and RoPE's strided halves (``_LeanForward`` runs the same products and sums on the
-same weights and cache buffers, the rotation looked up once per call).
-
-No torchtune import here: only methods and attributes of the model object given are used
-(``setup_caches``, ``caches_are_setup``, ``tok_embeddings``, ``layers``, ``norm``, ``output``,
-``max_seq_len``; and of each attention module with a cache: ``kv_cache`` (deleted, its
-buffers windowed and compacted), ``num_kv_heads`` and ``_attention_call`` (swapped during
-the call, restored after); written against torchtune 0.6.1).
+No torchtune import here: the layout is recognised from the model object's classes (by name,
+from the ``torchtune`` package, forward not overridden) and attributes (``tok_embeddings``,
+``layers``, ``norm``, ``output``, ``max_seq_len``; per layer ``attn``, ``mlp``, norms, scales;
+per attention the projections, head counts, ``pos_embeddings``, ``q_norm``, ``k_norm``).
 """
 
 from __future__ import annotations
@@ -197,190 +198,377 @@ def delete_caches(model: nn.Module) -> None:
         module.kv_cache = None
 
 
-class _CacheWindow:
-    """The model's KV caches, shown to attention only up to the filled length.
+# ----------------------------------------------------------------------------- the model's layout
+_ROPES = ("RotaryPositionalEmbeddings", "Llama3ScaledRoPE")  # interleaved pairs, cache [len, d/2, (cos, sin)]
+_LAYER_PARTS = ("attn", "mlp", "sa_norm", "mlp_norm", "sa_scale", "mlp_scale")
+_ATTENTION_PARTS = ("q_proj", "k_proj", "v_proj", "output_proj", "num_heads", "num_kv_heads", "head_dim")
 
-    torchtune's attention reads the *whole* static cache every step (and, with grouped-query
-    attention, first copies it to every query head), so a cache sized for prompt + all new
-    tokens costs its full length from the first step on. Here each ``KVCache``'s buffers are
-    replaced before every forward by a view of the first ``length`` slots of the full
-    buffers (``KVCache.update`` writes through the view), and the mask is cut to the same
-    length: same values, same results, memory traffic that grows with the sequence instead.
-    It also drops finished rows (``keep``).
+
+def _torchtune(obj, name: str, method: str = "forward") -> bool:
+    """Whether ``obj`` is torchtune's class ``name``, or a subclass of it that keeps its ``method``."""
+    for cls in type(obj).__mro__:
+        if cls.__name__ == name and cls.__module__.startswith("torchtune."):
+            return getattr(type(obj), method) is getattr(cls, method)
+    return False
+
+
+def _hooked(module) -> bool:
+    return isinstance(module, nn.Module) and bool(module._forward_hooks or module._forward_pre_hooks)
+
+
+def _plain_linear(module) -> bool:
+    """An ``nn.Linear`` (not a subclass: LoRA, NF4, ...) with dense weights and no hooks: its weights can be
+    multiplied directly; anything else is called as the module it is."""
+    return type(module) is nn.Linear and type(module.weight) in (nn.Parameter, torch.Tensor) and not _hooked(module)
+
+
+def _refuse(where: str, problem: str):
+    raise ValueError(f"greedy_generate cannot run {where}: {problem}")
+
+
+def _check_model(model: nn.Module) -> None:
+    missing = [n for n in ("tok_embeddings", "layers", "norm", "output", "max_seq_len") if not hasattr(model, n)]
+    if missing:
+        _refuse(
+            f"the model ({type(model).__name__})", f"no {', '.join(missing)} (a torchtune TransformerDecoder has them)"
+        )
+    if len(model.layers) == 0:
+        _refuse(f"the model ({type(model).__name__})", "it has no layers")
+
+
+def _check_layer(i: int, layer: nn.Module) -> None:
+    """Raise a ValueError naming what the lean decoder does not recognise in ``layer``."""
+    where = f"layer {i} ({type(layer).__name__})"
+    if not _torchtune(layer, "TransformerSelfAttentionLayer"):
+        _refuse(where, "only torchtune's TransformerSelfAttentionLayer (with its own forward) is supported")
+    if _hooked(layer):
+        _refuse(where, "it has forward hooks, which would not run")
+    missing = [n for n in _LAYER_PARTS if getattr(layer, n, None) is None]
+    if missing:
+        _refuse(where, f"it has no {', '.join(missing)}")
+    attn = layer.attn
+    where = f"layer {i}'s attention ({type(attn).__name__})"
+    if not _torchtune(attn, "MultiHeadAttention"):
+        _refuse(where, "only torchtune's MultiHeadAttention (with its own forward) is supported")
+    if _hooked(attn):
+        _refuse(where, "it has forward hooks, which would not run")
+    missing = [n for n in _ATTENTION_PARTS if getattr(attn, n, None) is None]
+    if missing:
+        _refuse(where, f"it has no {', '.join(missing)}")
+    if attn.num_heads % attn.num_kv_heads:
+        _refuse(where, f"num_heads {attn.num_heads} is not a multiple of num_kv_heads {attn.num_kv_heads}")
+    rope = getattr(attn, "pos_embeddings", None)
+    if rope is not None:
+        if not any(_torchtune(rope, name) for name in _ROPES):
+            _refuse(where, f"pos_embeddings {type(rope).__name__} is not one of torchtune's {', '.join(_ROPES)}")
+        cache = getattr(rope, "cache", None)
+        if cache is None or tuple(cache.shape[1:]) != (attn.head_dim // 2, 2):
+            _refuse(where, f"its {type(rope).__name__} has no RoPE cache [positions, {attn.head_dim // 2}, 2]")
+
+
+# ----------------------------------------------------------------------------- linear maps
+_SCRATCH_BYTES = 1 << 20  # bf16 weights are widened to fp32 this many bytes at a time (stays in cache)
+
+
+class _Linears:
+    """The products ``x W^T (+ b)`` of this call's plain ``nn.Linear`` weights, on its device and dtype.
+
+    Everywhere, several weights applied to the same input are given together (q/k/v, the MLP's w1/w3). Two
+    CPU cases are computed differently from ``F.linear``, for speed, with the same inputs and fp32 sums:
+
+    * bf16 on a CPU without native bf16 (``dtypes.native_bf16``: AVX2 only): torch emulates bf16 products,
+      2-8x slower than fp32 (BENCHMARKS.md). Here the weights are widened to fp32 a slice of rows at a time
+      into a small buffer, multiplied in fp32 and the result rounded to bf16: the products of bf16 numbers
+      are exact in fp32 and torch's bf16 kernels also sum in fp32, so only the order of the sums differs
+      (results within a bf16 rounding, tested), at fp32 speed, with no extra copy of the weights kept.
+    * fp32 on CPU, the LM head (vocabulary x width): ``W @ x^T`` streams the large weight once; ``F.linear``
+      with a few rows was 1.4-1.7x slower on it (measured; the layers' own weights show no such difference).
+    """
+
+    def __init__(self, dtype: torch.dtype, device: torch.device):
+        from speechmapper_tune.dtypes import native_bf16
+
+        cpu = device.type == "cpu"
+        self.dtype = dtype
+        self.widen = cpu and dtype == torch.bfloat16 and not native_bf16("cpu")
+        self.rows_first_head = cpu and dtype == torch.float32
+        self._scratch: Optional[torch.Tensor] = None
+
+    def __call__(self, x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence) -> List[torch.Tensor]:
+        """``[x W_i^T + b_i for each weight]``."""
+        if not self.widen:
+            return [F.linear(x, w, b) for w, b in zip(weights, biases)]
+        return list(self._widened(x, weights, biases).split([w.shape[0] for w in weights], -1))
+
+    def head(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        if self.widen:
+            return self._widened(x, [weight], [bias])
+        if self.rows_first_head and bias is None and x.dim() == 2:
+            return torch.mm(weight, x.t()).t()
+        return F.linear(x, weight, bias)
+
+    def _widened(self, x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence) -> torch.Tensor:
+        k = x.shape[-1]
+        x32 = x.reshape(-1, k).float()
+        total = sum(w.shape[0] for w in weights)
+        out = torch.empty(total, x32.shape[0], dtype=torch.float32, device=x.device)  # (W x^T): W's rows in order
+        rows = max(1, _SCRATCH_BYTES // (4 * k))
+        if self._scratch is None or self._scratch.numel() < rows * k:
+            self._scratch = torch.empty(rows * k, dtype=torch.float32, device=x.device)
+        top = 0
+        for w, b in zip(weights, biases):
+            for first in range(0, w.shape[0], rows):
+                part = w[first : first + rows]
+                wide = self._scratch[: part.numel()].view(part.shape).copy_(part)
+                torch.mm(wide, x32.t(), out=out[top + first : top + first + part.shape[0]])
+            if b is not None:
+                out[top : top + w.shape[0]] += b.float()[:, None]
+            top += w.shape[0]
+        return out.t().to(self.dtype, memory_format=torch.contiguous_format).view(*x.shape[:-1], total)
+
+
+class _Projection:
+    """Linear modules applied to the same input: their weights multiplied directly when they are all plain
+    ``nn.Linear`` (``_Linears``), else each module called (LoRA, quantised, hooked modules)."""
+
+    def __init__(self, linears: _Linears, modules: Sequence[nn.Module]):
+        self.linears, self.modules = linears, list(modules)
+        self.direct = all(map(_plain_linear, self.modules))
+
+    def __call__(self, x: torch.Tensor) -> List[torch.Tensor]:
+        if self.direct:
+            return self.linears(x, [m.weight for m in self.modules], [m.bias for m in self.modules])
+        return [m(x) for m in self.modules]
+
+
+def _identity_or(module: nn.Module) -> Optional[nn.Module]:
+    return None if type(module) is nn.Identity else module
+
+
+class _Layer:
+    """One ``TransformerSelfAttentionLayer``, checked, with its projections grouped."""
+
+    def __init__(self, layer: nn.Module, linears: _Linears):
+        a = layer.attn
+        self.heads, self.kv_heads, self.head_dim = a.num_heads, a.num_kv_heads, a.head_dim
+        self.sa_norm, self.mlp_norm = layer.sa_norm, layer.mlp_norm
+        self.sa_scale, self.mlp_scale = _identity_or(layer.sa_scale), _identity_or(layer.mlp_scale)
+        self.qkv = _Projection(linears, [a.q_proj, a.k_proj, a.v_proj])
+        self.output = _Projection(linears, [a.output_proj])
+        self.rope, self.q_norm, self.k_norm = a.pos_embeddings, a.q_norm, a.k_norm
+        mlp = layer.mlp
+        self.feed_forward = _torchtune(mlp, "FeedForward") and not _hooked(mlp)
+        if self.feed_forward:  # torchtune's FeedForward: w2(activation(w1(x)) * w3(x)), w3 optional
+            self.activation = mlp.activation
+            self.gate_up = _Projection(linears, [mlp.w1] + ([mlp.w3] if mlp.w3 is not None else []))
+            self.down = _Projection(linears, [mlp.w2])
+        else:
+            self.mlp = mlp
+
+    def feed(self, h: torch.Tensor) -> torch.Tensor:
+        if not self.feed_forward:
+            return self.mlp(h)
+        gate_up = self.gate_up(h)
+        h = self.activation(gate_up[0])
+        if len(gate_up) == 2:
+            h = h * gate_up[1]
+        return self.down(h)[0]
+
+
+# ----------------------------------------------------------------------------- the decoder
+class _LeanDecoder:
+    """A torchtune decoder's prefill and decode steps, run on its layers' weights and this call's KV cache.
+
+    Per layer the operations of torchtune 0.6.1's ``TransformerSelfAttentionLayer`` and ``MultiHeadAttention``
+    forward with a KV cache, in their order: ``sa_norm``; q/k/v projections; RoPE on q and k together
+    (``_rotate``, bit-equal to ``RotaryPositionalEmbeddings``, tested); ``q_norm``/``k_norm`` when set (Qwen3-style, applied
+    after RoPE as torchtune does); keys and values into the cache; scaled dot-product attention;
+    ``output_proj``, ``sa_scale``, residual; ``mlp_norm``, MLP, ``mlp_scale``, residual. Then ``norm`` and the
+    output projection on the last position only. Differences, none changing the maths:
+
+    * the query heads of a kv group are folded into the query axis (``q`` [B, kv_heads, q_per_kv * s, d]
+      against the unexpanded cache) instead of copying keys and values to every query head;
+    * the mask is given to attention in additive form, built once per step for all layers, and covers only the
+      filled part of the cache; RoPE factors are looked up once per step for all layers sharing a RoPE module;
+    * the linear maps go through ``_Linears``;
+    * the KV cache is this call's own tensors (one [B, kv_heads, length, d] pair per layer), not torchtune's
+      ``KVCache``, so the model object is never put in its caching state.
+
+    Layouts it does not recognise are refused with a ValueError when it is built (``_check_layer``), before
+    any work. Hooks on projections, norms and MLPs run (such modules are called); hooks on the layers or
+    attention modules are refused.
     """
 
     def __init__(self, model: nn.Module):
-        self.caches = [m.kv_cache for m in _attention_modules_with_cache(model)]
-        self.full = [(c.k_cache, c.v_cache) for c in self.caches]
+        _check_model(model)
+        for i, layer in enumerate(model.layers):
+            _check_layer(i, layer)
+        emb = model.tok_embeddings.weight
+        self.model, self.dtype, self.device = model, emb.dtype, emb.device
+        self.linears = _Linears(self.dtype, self.device)
+        self.layers = [_Layer(layer, self.linears) for layer in model.layers]
+        self.head = self._head(model.output)
 
-    def show(self, length: int) -> None:
-        for cache, (k, v) in zip(self.caches, self.full):
-            cache.k_cache = k[:, :, :length]  # registered buffers: reassigned in place
-            cache.v_cache = v[:, :, :length]
+    def _head(self, output):
+        if _torchtune(output, "TiedLinear", "__call__") and not _hooked(output.linear):
+            weight = output.tied_module.weight
+            if type(weight) in (nn.Parameter, torch.Tensor):
+                return lambda x: self.linears.head(x, weight, None)
+        elif _plain_linear(output):
+            return lambda x: self.linears.head(x, output.weight, output.bias)
+        return output
+
+    # -- state: this call's KV cache, the additive key mask and the next position id, per batch row
+    def prefill(self, prompt: "_Prompt", cache_len: int) -> torch.Tensor:
+        """Set up the cache for ``prompt`` and return the fp32 logits [B, V] of its last position."""
+        batch, plen = prompt.valid.shape
+        self.kv = _kv_cache(self.layers, batch, cache_len, self.dtype, self.device)
+        self.key_mask = torch.full((batch, cache_len), float("-inf"), dtype=self.dtype, device=self.device)
+        self.key_mask[:, :plen].masked_fill_(prompt.valid, 0.0)
+        self.next_pos = prompt.lens.clone()  # position id of the next fed token
+        self.filled = plen
+        return self._forward(prompt.embeds, prompt.positions, _additive(prompt.attend, self.dtype), 0)
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed one token per row; fp32 logits [B, V] of the next."""
+        slot = self.filled
+        self.key_mask[:, slot] = 0.0
+        x = self.model.tok_embeddings(tokens)[:, None]
+        logits = self._forward(x, self.next_pos[:, None], self.key_mask[:, None, : slot + 1], slot)
+        self.filled += 1
+        self.next_pos += 1
+        return logits
 
     def keep(self, rows: torch.Tensor) -> None:
-        self.full = [(k.index_select(0, rows), v.index_select(0, rows)) for k, v in self.full]
-        for cache in self.caches:
-            cache.batch_size = int(rows.numel())
+        """Drop the batch rows not in ``rows`` (finished samples)."""
+        self.kv = [(k.index_select(0, rows), v.index_select(0, rows)) for k, v in self.kv]
+        self.key_mask, self.next_pos = self.key_mask[rows], self.next_pos[rows]
 
-
-class _GroupedQueryAttention:
-    """Grouped-query attention without torchtune's copy of the KV cache for every query head.
-
-    torchtune 0.6.1's ``MultiHeadAttention`` expands keys and values to all query heads
-    (``k.unsqueeze(2).expand(...).flatten(1, 2)``: a copy of the whole cache per layer and
-    step) before calling ``self._attention_call``. While decoding, each such module gets
-    ``num_kv_heads = num_heads`` (so it skips the expansion; its cache was already built with
-    the true number of kv heads) and an ``_attention_call`` that folds the query heads of a
-    group into the query axis instead: ``q`` [b, kv_heads, q_per_kv * s, d] against the
-    unexpanded ``k``/``v`` (as transformers' SDPA path does). Same attention, less memory
-    traffic, and a faster CPU kernel in bf16. Both attributes are restored on exit; modules
-    without them (or without grouped heads) are left alone.
-    """
-
-    def __init__(self, model: nn.Module):
-        self.saved = []
-        for module in _attention_modules_with_cache(model):
-            heads, kv_heads = getattr(module, "num_heads", None), getattr(module, "num_kv_heads", None)
-            if not callable(getattr(module, "_attention_call", None)) or not heads or not kv_heads:
-                continue
-            if heads == kv_heads or heads % kv_heads:
-                continue
-            self.saved.append((module, kv_heads, module._attention_call))
-
-    def __enter__(self):
-        for module, kv_heads, _ in self.saved:
-            module._attention_call = _folded_sdpa(kv_heads, module.num_heads // kv_heads)
-            module.num_kv_heads = module.num_heads
-        return self
-
-    def __exit__(self, *exc):
-        for module, kv_heads, call in self.saved:
-            module.num_kv_heads = kv_heads
-            module._attention_call = call
-        return False
-
-
-def _folded_sdpa(groups: int, q_per_kv: int):
-    def call(q, k, v, mask, dropout_p, is_causal):
-        if mask is None or is_causal:
-            raise RuntimeError("grouped decoding attention expects an explicit mask")
-        b, heads, s, d = q.shape
-        q = q.reshape(b, groups, q_per_kv * s, d)  # head g * q_per_kv + j, position t -> row j * s + t
-        if s == 1:  # decoding: one mask row, broadcast over the group's query heads
-            m = mask[:, None]
-        else:
-            m = mask[:, None, None].expand(b, 1, q_per_kv, s, mask.shape[-1]).reshape(b, 1, q_per_kv * s, -1)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=m, dropout_p=dropout_p)
-        return out.reshape(b, heads, s, d)
-
-    return call
-
-
-class _LeanForward:
-    """The decoder run directly on the layers' weights and the KV cache buffers, for prefill and decoding.
-
-    The same operations, in the same order, as torchtune 0.6.1's ``TransformerSelfAttentionLayer``
-    / ``MultiHeadAttention`` / ``RotaryPositionalEmbeddings`` forward with a KV cache and
-    ``_GroupedQueryAttention`` (so the same values: tested), minus their per-call bookkeeping: the
-    RoPE rotation is looked up once per call for all layers and applied to whole tensors (``_rotate``),
-    keys and values are written straight into their cache slots. ``usable`` is False for a layer
-    layout it does not recognise (q/k norms, other position embeddings, ...): the caller then keeps
-    torchtune's own forward. Hooks on the decoder layers themselves do not run here (those on their
-    projections, norms and MLPs do); ``lean_decode=False`` runs the layers as modules.
-    """
-
-    def __init__(self, model: nn.Module, window: "_CacheWindow"):
-        self.model, self.window = model, window
-        layers = list(getattr(model, "layers", []))
-        self.usable = (
-            bool(layers)
-            and len(layers) == len(window.full)
-            and all(map(_plain_layer, layers))
-            and all(l.attn.num_heads % k.shape[1] == 0 for l, (k, _) in zip(layers, window.full))
-        )
-
-    def __call__(self, x: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, start: int) -> torch.Tensor:
-        """Fp32 logits [B, V] of the last position after feeding embeddings ``x`` [B, s, D] into cache
-        slots ``start .. start + s - 1``; ``mask`` [B, s, start + s] (True: may attend), ``pos`` [B, s]."""
-        model = self.model
-        b, s_len = x.shape[:2]
-        end = start + s_len
-        ropes = {}
-        for layer, (k_cache, v_cache) in zip(model.layers, self.window.full):
-            a = layer.attn
-            heads, kv_heads, d = a.num_heads, k_cache.shape[1], a.head_dim  # the cache has the true kv heads
-            q_per_kv = heads // kv_heads
-            rope = a.pos_embeddings
-            if rope is not None and id(rope) not in ropes:
-                ropes[id(rope)] = _rotation(rope.cache[pos], b, s_len, d)
+    def _forward(self, x: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor, start: int) -> torch.Tensor:
+        """Embeddings ``x`` [B, s, D] into cache slots ``start .. start + s - 1``, position ids ``pos`` [B, s],
+        additive ``mask`` [B, s, start + s]; fp32 logits [B, V] of the last position."""
+        b, s = x.shape[:2]
+        end = start + s
+        rotations, masks = {}, {}
+        for layer, (k_cache, v_cache) in zip(self.layers, self.kv):
+            heads, kv_heads, d = layer.heads, layer.kv_heads, layer.head_dim
+            group = heads // kv_heads
             h = layer.sa_norm(x)
-            # heads first ([B, heads, s, d]): the rotation then broadcasts over an outer axis (fast)
-            q = a.q_proj(h).view(b, s_len, heads, d).transpose(1, 2)
-            k = a.k_proj(h).view(b, s_len, kv_heads, d).transpose(1, 2)
-            v = a.v_proj(h).view(b, s_len, kv_heads, d).transpose(1, 2)
-            if rope is not None:
-                q, k = _rotate(q, *ropes[id(rope)]), _rotate(k, *ropes[id(rope)])
+            qkv = torch.cat(layer.qkv(h), -1).view(b, s, heads + 2 * kv_heads, d).transpose(1, 2)
+            qk = qkv[:, : heads + kv_heads]  # heads first: RoPE broadcasts over an outer axis (fast)
+            if layer.rope is not None:
+                if id(layer.rope) not in rotations:
+                    rotations[id(layer.rope)] = _rotation(layer.rope.cache[pos], b, s, d)
+                qk = _rotate(qk, rotations[id(layer.rope)])
+            q, k = qk[:, :heads], qk[:, heads:]
+            if layer.q_norm is not None:
+                q = layer.q_norm(q)
+            if layer.k_norm is not None:
+                k = layer.k_norm(k)
             k_cache[:, :, start:end] = k
-            v_cache[:, :, start:end] = v
-            # query heads of a group folded into the query axis, as _folded_sdpa does
-            q = q.reshape(b, kv_heads, q_per_kv * s_len, d)
-            m = mask[:, None, None].expand(b, 1, q_per_kv, s_len, end).reshape(b, 1, q_per_kv * s_len, end)
-            out = F.scaled_dot_product_attention(q, k_cache[:, :, :end], v_cache[:, :, :end], attn_mask=m)
-            out = out.reshape(b, heads, s_len, d).transpose(1, 2).reshape(b, s_len, heads * d)
-            h = layer.sa_scale(a.output_proj(out)) + x
-            x = h + layer.mlp_scale(layer.mlp(layer.mlp_norm(h)))
-        return model.output(model.norm(x[:, -1])).float()
+            v_cache[:, :, start:end] = qkv[:, heads + kv_heads :]
+            if group not in masks:
+                masks[group] = _grouped_mask(mask, group)
+            out = F.scaled_dot_product_attention(
+                q.reshape(b, kv_heads, group * s, d), k_cache[:, :, :end], v_cache[:, :, :end], attn_mask=masks[group]
+            )
+            out = out.view(b, heads, s, d).transpose(1, 2).reshape(b, s, heads * d)
+            out = layer.output(out)[0]
+            h = (out if layer.sa_scale is None else layer.sa_scale(out)) + x
+            out = layer.feed(layer.mlp_norm(h))
+            x = h + (out if layer.mlp_scale is None else layer.mlp_scale(out))
+        return self.head(self.model.norm(x[:, -1])).float()
 
 
-def _plain_layer(layer: nn.Module) -> bool:
-    a = getattr(layer, "attn", None)
-    if a is None or not all(hasattr(layer, n) for n in ("sa_norm", "mlp_norm", "mlp", "sa_scale", "mlp_scale")):
-        return False
-    if not all(
-        hasattr(a, n) for n in ("q_proj", "k_proj", "v_proj", "output_proj", "num_heads", "num_kv_heads", "head_dim")
-    ):
-        return False
-    if (
-        getattr(a, "q_norm", None) is not None
-        or getattr(a, "k_norm", None) is not None
-        or getattr(a, "kv_cache", None) is None
-    ):
-        return False
-    rope = getattr(a, "pos_embeddings", None)
-    return rope is None or type(rope).__name__ in ("RotaryPositionalEmbeddings", "Llama3ScaledRoPE")
+def _kv_cache(layers: Sequence[_Layer], batch: int, length: int, dtype: torch.dtype, device) -> List[tuple]:
+    """One (keys, values) pair [batch, kv_heads, length, head_dim] per layer, uninitialised: attention reads
+    slots ``:end`` only, all written first (the prefill writes every prompt slot, padding included)."""
+    shapes = [(batch, layer.kv_heads, length, layer.head_dim) for layer in layers]
+    return [(torch.empty(s, dtype=dtype, device=device), torch.empty(s, dtype=dtype, device=device)) for s in shapes]
 
 
-def _rotation(rope_cache: torch.Tensor, b: int, s_len: int, head_dim: int):
-    """torchtune's RoPE cache rows [B, s, d/2, 2] (cos, sin) as whole-vector factors for ``_rotate``
-    on heads-first tensors: ``cos`` on both elements of a pair, and ``sin`` signed ``(-sin, +sin)``."""
-    rc = rope_cache.view(b, 1, s_len, head_dim // 2, 2)
-    cos, sin = rc[..., :1], rc[..., 1:]
-    return cos.expand(b, 1, s_len, head_dim // 2, 2).contiguous(), torch.cat([-sin, sin], -1)
+def _additive(attend: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Boolean "may attend" as the additive mask attention applies (0 or -inf), as SDPA converts it."""
+    return torch.zeros(attend.shape, dtype=dtype, device=attend.device).masked_fill_(~attend, float("-inf"))
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+def _grouped_mask(mask: torch.Tensor, group: int) -> torch.Tensor:
+    """Mask [B, s, L] for queries folded as [B, kv_heads, group * s, d] (row ``j * s + t``: head ``j`` of the
+    group, position ``t``): [B, 1, group * s, L]; a single query position broadcasts: [B, 1, 1, L]."""
+    b, s, length = mask.shape
+    if s == 1:
+        return mask[:, None]
+    return mask[:, None, None].expand(b, 1, group, s, length).reshape(b, 1, group * s, length)
+
+
+def _rotation(rope_cache: torch.Tensor, b: int, s_len: int, head_dim: int) -> torch.Tensor:
+    """torchtune's RoPE cache rows [B, s, d/2, 2] (cos, sin) as complex factors ``cos + i sin`` [B, 1, s, d/2],
+    broadcasting over the heads of a heads-first tensor (``_rotate``); in fp32, as torchtune's products promote
+    a cache of the model's dtype."""
+    return torch.view_as_complex(rope_cache.float().reshape(b, 1, s_len, head_dim // 2, 2))
+
+
+def _rotate(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
     """torchtune's interleaved RoPE in fp32 on ``x`` [B, heads, s, d]: pair ``(x0, x1)`` becomes
-    ``(x0 c - x1 s, x1 c + x0 s)``, computed as ``x c + swap(x) (-s, s)``: the same products and the
-    same sums (``a + (-b)`` is ``a - b`` exactly), on whole tensors instead of strided halves."""
-    xs = x.float().reshape(*x.shape[:-1], -1, 2)
-    out = xs * cos + xs.flip(-1) * signed_sin
-    return out.flatten(3).type_as(x)
-
-
-def _last_logits(model: nn.Module, h: torch.Tensor, mask: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
-    """Decoder layers on embeddings ``h`` [B, s, D]; fp32 logits of the last position [B, V].
-
-    ``forward_embeds`` (models/llms.py) without its full-sequence unembedding: at prefill
-    only the last position's logits are needed ([B, P, V] fp32 would be 94 MB for SmolLM2 at
-    B=8, P=60, and GBs for 128k-vocabulary LLMs).
-    """
-    for layer in model.layers:
-        h = layer(h, mask=mask, input_pos=input_pos)
-    return model.output(model.norm(h[:, -1])).float()
+    ``(x0 c - x1 s, x1 c + x0 s)``, computed as the complex product ``(x0 + i x1)(c + i s)``: the same
+    products and the same sums (torch multiplies complex numbers as ``(ac - bd) + i(ad + bc)``), bit-equal
+    to ``RotaryPositionalEmbeddings`` (tested), in one pass instead of its strided halves and stack."""
+    xs = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+    return torch.view_as_real(xs * rotation).flatten(3).type_as(x)
 
 
 # ----------------------------------------------------------------------------- decoding
+@dataclass
+class _Prompt:
+    """Prompts left-padded to one length P: ``embeds`` [B, P, D] (zero vectors on padding), ``valid`` [B, P]
+    (real positions), ``attend`` [B, P, P] (causal, own real positions only), ``positions`` [B, P] (0 at
+    each sample's first real position) and ``lens`` [B]."""
+
+    embeds: torch.Tensor
+    valid: torch.Tensor
+    attend: torch.Tensor
+    positions: torch.Tensor
+    lens: torch.Tensor
+
+
+def _left_padded(prompt_embeds: Sequence[torch.Tensor], lens: List[int], plen: int, dtype, device) -> _Prompt:
+    batch, dim = len(lens), prompt_embeds[0].shape[1]
+    embeds = torch.zeros(batch, plen, dim, dtype=dtype, device=device)
+    valid = torch.zeros(batch, plen, dtype=torch.bool, device=device)
+    for i, e in enumerate(prompt_embeds):
+        embeds[i, plen - lens[i] :] = e.to(device=device, dtype=dtype)
+        valid[i, plen - lens[i] :] = True
+    lens_t = torch.tensor(lens, device=device)
+    cols = torch.arange(plen, device=device)
+    positions = (cols[None, :] - (plen - lens_t)[:, None]).clamp(min=0)  # 0 on padding
+    attend = torch.ones(plen, plen, dtype=torch.bool, device=device).tril()[None] & valid[:, None, :]
+    # padding queries see nothing real: let them see themselves (no all-masked softmax -> NaN)
+    attend[:, cols, cols] |= ~valid
+    return _Prompt(embeds, valid, attend, positions, lens_t)
+
+
+class _StopRules:
+    """Each sample's output so far, and when it is done (``_advance``)."""
+
+    def __init__(self, caps, max_new_tokens, stop_ids, newline_ids, stuck_guard):
+        self.caps, self.max_new_tokens = caps, max_new_tokens
+        self.stops, self.newlines = stop_ids, newline_ids
+        self.outputs: List[List[int]] = [[] for _ in caps]
+        self.trackers = [stuck_guard.tracker() if stuck_guard else None for _ in caps]
+        self.results: List[Optional[GenerationResult]] = [
+            _finish([], "cap" if cap < max_new_tokens else "length") if cap == 0 else None for cap in caps
+        ]
+
+    def advance(self, i: int, tok: int) -> None:
+        if self.results[i] is None:
+            self.results[i] = _advance(
+                tok, self.outputs[i], self.caps[i], self.max_new_tokens, self.stops, self.newlines, self.trackers[i]
+            )
+
+    def done(self, i: int) -> bool:
+        return self.results[i] is not None
+
+
 @torch.no_grad()
 def greedy_generate(
     model: nn.Module,
@@ -392,132 +580,105 @@ def greedy_generate(
     max_new_tokens_per_item: Optional[Sequence[int]] = None,
     stuck_guard: Optional[StuckGuard] = None,
     newline_ids: Optional[Iterable[int]] = None,
-    compact: bool = True,
-    grouped_attention: bool = True,
-    lean_decode: bool = True,
 ) -> List[GenerationResult]:
     """Greedy-decode every prompt of ``prompt_embeds`` (each ``[L_i, D]``) as one batch.
 
-    ``model``: a torchtune ``TransformerDecoder`` (frozen LLM); embeddings are cast to its
-    dtype and device. ``stop_ids``: ids that end a sample (e.g. ``ChatTokenizer.stop_ids``),
-    not kept in the output. ``stop_at_newline``: also stop after the first token of
-    ``newline_ids`` (see ``newline_token_ids``) that follows some other token (newlines
-    opening the answer do not stop it); that token is kept. ``max_new_tokens_per_item``:
-    per-sample caps (``min``-ed with ``max_new_tokens``; stopping there is ``"cap"``,
-    at ``max_new_tokens`` ``"length"``). ``pad_to_multiple``: round the padded prompt length
-    up (fewer distinct shapes). ``compact``: drop finished rows from the batch;
-    ``grouped_attention``: attend with unexpanded kv heads (``_GroupedQueryAttention``);
-    ``lean_decode``: prefill and decode without torchtune's per-module bookkeeping (``_LeanForward``);
-    none changes any output (tested), all only save time. Results come in input
+    ``model``: a torchtune ``TransformerDecoder`` (frozen LLM) whose layers ``_LeanDecoder`` recognises (else
+    a ValueError before any work); embeddings are cast to its dtype and device. ``stop_ids``: ids that end a
+    sample (e.g. ``ChatTokenizer.stop_ids``), not kept in the output. ``stop_at_newline``: also stop after
+    the first token of ``newline_ids`` (see ``newline_token_ids``) that follows some other token (newlines
+    opening the answer do not stop it); that token is kept. ``max_new_tokens_per_item``: per-sample caps
+    (``min``-ed with ``max_new_tokens``; stopping there is ``"cap"``, at ``max_new_tokens`` ``"length"``).
+    ``pad_to_multiple``: round the padded prompt length up (fewer distinct shapes). Results come in input
     order; "stuck" is flagged by ``detect_stuck`` (or set by ``stuck_guard``).
     """
-    # ---- checks
     if not prompt_embeds:
         return []
+    decoder = _LeanDecoder(model)  # refuses a layout it does not recognise, before any work
+    rules, lens = _checked(
+        model, prompt_embeds, max_new_tokens, stop_ids, stop_at_newline, max_new_tokens_per_item, newline_ids,
+        stuck_guard,
+    )  # fmt: skip
+    if max(rules.caps) == 0:
+        return rules.results  # type: ignore[return-value]
+    plen, cache_len = _lengths(model, lens, rules.caps, pad_to_multiple)
+    prompt = _left_padded(prompt_embeds, lens, plen, decoder.dtype, decoder.device)
+    with _generating(model):
+        _decode(decoder, prompt, cache_len, rules)
+    return rules.results  # type: ignore[return-value]
+
+
+def _checked(
+    model, prompt_embeds, max_new_tokens, stop_ids, stop_at_newline, max_new_tokens_per_item, newline_ids, stuck_guard
+) -> Tuple[_StopRules, List[int]]:
+    """The arguments checked (ValueError otherwise): each sample's stop rules, and the prompt lengths."""
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    emb_table = model.tok_embeddings.weight
-    dim, dtype, device = emb_table.shape[1], emb_table.dtype, emb_table.device
+    dim = model.tok_embeddings.weight.shape[1]
     lens = []
     for i, e in enumerate(prompt_embeds):
         if e.dim() != 2 or e.shape[1] != dim or e.shape[0] < 1:
             raise ValueError(f"prompt {i} must be [L >= 1, {dim}], got {tuple(e.shape)}")
         lens.append(int(e.shape[0]))
-    batch = len(lens)
     if max_new_tokens_per_item is None:
-        caps = [max_new_tokens] * batch
+        caps = [max_new_tokens] * len(lens)
     else:
-        if len(max_new_tokens_per_item) != batch:
-            raise ValueError(f"{len(max_new_tokens_per_item)} per-item caps for {batch} prompts")
+        if len(max_new_tokens_per_item) != len(lens):
+            raise ValueError(f"{len(max_new_tokens_per_item)} per-item caps for {len(lens)} prompts")
         if any(int(c) < 0 for c in max_new_tokens_per_item):
             raise ValueError("max_new_tokens_per_item must be >= 0")
         caps = [min(int(c), max_new_tokens) for c in max_new_tokens_per_item]
-    stops = frozenset(int(i) for i in stop_ids or ())
     if stop_at_newline and not newline_ids:
         raise ValueError("stop_at_newline needs newline_ids (see newline_token_ids(tokenizer))")
+    stops = frozenset(int(i) for i in stop_ids or ())
     newlines = frozenset(int(i) for i in newline_ids or ()) if stop_at_newline else frozenset()
+    return _StopRules(caps, max_new_tokens, stops, newlines, stuck_guard), lens
 
-    results: List[Optional[GenerationResult]] = [None] * batch
-    outputs: List[List[int]] = [[] for _ in range(batch)]
-    trackers = [stuck_guard.tracker() if stuck_guard else None for _ in range(batch)]
-    for i, cap in enumerate(caps):
-        if cap == 0:
-            results[i] = _finish([], "cap" if cap < max_new_tokens else "length")
-    max_steps = max(caps)
-    if max_steps == 0:
-        return results  # type: ignore[return-value]
 
-    prompt_len = max(lens)
+def _lengths(model, lens: List[int], caps: List[int], pad_to_multiple: Optional[int]) -> Tuple[int, int]:
+    """The padded prompt length, and the KV cache length (prompt + new tokens - 1: the last generated token is
+    never fed back); ValueError beyond the LLM's ``max_seq_len``."""
+    plen = max(lens)
     if pad_to_multiple:
-        prompt_len = -(-prompt_len // pad_to_multiple) * pad_to_multiple
-    cache_len = prompt_len + max_steps - 1  # the last generated token is never fed back
+        plen = -(-plen // pad_to_multiple) * pad_to_multiple
+    cache_len = plen + max(caps) - 1
     if max(l + c for l, c in zip(lens, caps)) > model.max_seq_len or cache_len > model.max_seq_len:
         raise ValueError(f"prompt + new tokens exceed the LLM's max_seq_len {model.max_seq_len}")
+    return plen, cache_len
 
-    # ---- left-padded prompts, key-validity mask and per-sample positions
-    h = torch.zeros(batch, prompt_len, dim, dtype=dtype, device=device)
-    valid = torch.zeros(batch, cache_len, dtype=torch.bool, device=device)  # which cache slots are real
-    for i, e in enumerate(prompt_embeds):
-        h[i, prompt_len - lens[i] :] = e.to(device=device, dtype=dtype)
-        valid[i, prompt_len - lens[i] : prompt_len] = True
-    lens_t = torch.tensor(lens, device=device)
-    offsets = prompt_len - lens_t  # first real slot of each row
-    cols = torch.arange(prompt_len, device=device)
-    input_pos = (cols[None, :] - offsets[:, None]).clamp(min=0)  # [B, P], 0 on padding
-    causal = torch.ones(prompt_len, prompt_len, dtype=torch.bool, device=device).tril()
-    mask = causal[None] & valid[:, None, :prompt_len]
-    # padding queries see nothing real: let them see themselves (no all-masked softmax -> NaN)
-    mask[:, cols, cols] |= ~valid[:, :prompt_len]
 
-    was_training = model.training
-    if model.caches_are_setup():
+@contextlib.contextmanager
+def _generating(model: nn.Module):
+    """The model in eval mode for the call, its mode restored on exit (also on error). KV caches found set up
+    on it are deleted (with a warning): a model left with caches cannot train."""
+    if _attention_modules_with_cache(model):
         log.warning("greedy_generate: deleting the KV caches already set up on the model")
         delete_caches(model)
+    was_training = model.training
     model.eval()
-    stack = contextlib.ExitStack()
     try:
-        with torch.device(device):  # KVCache allocates on the default device
-            model.setup_caches(batch_size=batch, dtype=dtype, decoder_max_seq_len=cache_len)
-        window = _CacheWindow(model)
-        window.show(prompt_len)
-        if grouped_attention:
-            stack.enter_context(_GroupedQueryAttention(model))
-        lean = _LeanForward(model, window) if lean_decode else None
-        lean = lean if lean is not None and lean.usable else None
-        logits = lean(h, mask, input_pos, 0) if lean is not None else _last_logits(model, h, mask, input_pos)
-        rows = list(range(batch))  # sample index of each cache row
-        next_pos = lens_t.clone()  # position id of the next fed token, per row
-        for step in range(max_steps):
-            tokens = logits.argmax(-1)
-            for row, tok in enumerate(tokens.tolist()):
-                i = rows[row]
-                if results[i] is None:
-                    results[i] = _advance(tok, outputs[i], caps[i], max_new_tokens, stops, newlines, trackers[i])
-            active = [r for r, i in enumerate(rows) if results[i] is None]
-            if not active:
-                break
-            if compact and len(rows) - len(active) >= max(1, len(rows) // 4):
-                keep = torch.tensor(active, device=device)
-                window.keep(keep)
-                rows = [rows[r] for r in active]
-                tokens, valid, next_pos = tokens[keep], valid[keep], next_pos[keep]
-            length = prompt_len + step + 1  # cache slots in use once this token is fed
-            valid[:, length - 1] = True
-            if lean is not None:
-                logits = lean(
-                    model.tok_embeddings(tokens)[:, None], valid[:, None, :length], next_pos[:, None], length - 1
-                )
-            else:
-                window.show(length)
-                logits = _last_logits(
-                    model, model.tok_embeddings(tokens)[:, None], valid[:, None, :length], next_pos[:, None]
-                )
-            next_pos += 1
+        yield
     finally:
-        stack.close()
-        delete_caches(model)
         model.train(was_training)
-    return results  # type: ignore[return-value]
+
+
+def _decode(decoder: _LeanDecoder, prompt: _Prompt, cache_len: int, rules: _StopRules) -> None:
+    """Prefill, then one token per step for the rows still going; rows of finished samples are dropped once
+    a quarter of the rows are finished ("compaction": one long sample does not cost a full batch)."""
+    logits = decoder.prefill(prompt, cache_len)
+    rows = list(range(len(rules.caps)))  # sample index of each batch row
+    for _ in range(max(rules.caps)):
+        tokens = logits.argmax(-1)
+        for row, tok in enumerate(tokens.tolist()):
+            rules.advance(rows[row], tok)
+        active = [r for r, i in enumerate(rows) if not rules.done(i)]
+        if not active:
+            break
+        if len(rows) - len(active) >= max(1, len(rows) // 4):
+            keep = torch.tensor(active, device=tokens.device)
+            decoder.keep(keep)
+            rows, tokens = [rows[r] for r in active], tokens[keep]
+        logits = decoder.step(tokens)
 
 
 def _advance(

@@ -29,6 +29,21 @@ def pytest_configure(config):
         torch.set_num_threads(1)
 
 
+def pytest_collection_modifyitems(config, items):
+    """Longest files first, so the two xdist workers finish together instead of one running the
+    reduced demo (minutes) alone at the end: the demo, then files with end-to-end runs, then the rest
+    (stable order within each group; `make test` passes --no-loadscope-reorder to keep it)."""
+
+    def cost_rank(item):
+        path = item.nodeid.split("::")[0]
+        if path.endswith("test_demo_e2e.py"):
+            return 0
+        return 1 if path in e2e_files else 2
+
+    e2e_files = {i.nodeid.split("::")[0] for i in items if i.get_closest_marker("e2e")}
+    items.sort(key=cost_rank)
+
+
 @pytest.fixture(scope="session")
 def tune():
     return run_tune

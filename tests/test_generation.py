@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from speechmapper_tune.generation import (
@@ -78,33 +79,31 @@ def test_stuck_rule_thresholds():
 
 
 # ----------------------------------------------------------------------------- loop logic on a scripted LM
-class _Cache(nn.Module):
-    def __init__(self, batch, length):
-        super().__init__()
-        self.register_buffer("k_cache", torch.zeros(batch, 1, length, 1), persistent=False)
-        self.register_buffer("v_cache", torch.zeros(batch, 1, length, 1), persistent=False)
-        self.batch_size = batch
+def _zero_layer(dim, heads=2, kv_heads=1, max_seq_len=512):
+    """A real torchtune layer (RoPE, grouped-query attention over the cache, SwiGLU MLP) whose attention and
+    MLP outputs are zeroed: the identity, computed through the whole decoder."""
+    from torchtune.modules import (
+        FeedForward,
+        MultiHeadAttention,
+        RMSNorm,
+        RotaryPositionalEmbeddings,
+        TransformerSelfAttentionLayer,
+    )
 
-
-class _Attn(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.kv_cache, self.cache_enabled = None, False
-
-
-class _CheckingLayer(nn.Module):
-    """Identity layer that checks the shapes greedy_generate feeds a torchtune layer."""
-
-    def __init__(self):
-        super().__init__()
-        self.attn = _Attn()
-
-    def forward(self, h, mask=None, input_pos=None):
-        cache = self.attn.kv_cache
-        assert cache is not None and cache.k_cache.shape[0] == h.shape[0]
-        assert mask.dtype == torch.bool and mask.shape == (h.shape[0], h.shape[1], cache.k_cache.shape[2])
-        assert input_pos.shape == h.shape[:2]
-        return h
+    hd = dim // heads
+    attn = MultiHeadAttention(
+        embed_dim=dim, num_heads=heads, num_kv_heads=kv_heads, head_dim=hd,
+        q_proj=nn.Linear(dim, heads * hd, bias=False), k_proj=nn.Linear(dim, kv_heads * hd, bias=False),
+        v_proj=nn.Linear(dim, kv_heads * hd, bias=False), output_proj=nn.Linear(heads * hd, dim, bias=False),
+        pos_embeddings=RotaryPositionalEmbeddings(hd, max_seq_len=max_seq_len), max_seq_len=max_seq_len,
+    )  # fmt: skip
+    mlp = FeedForward(
+        gate_proj=nn.Linear(dim, 2 * dim, bias=False), down_proj=nn.Linear(2 * dim, dim, bias=False),
+        up_proj=nn.Linear(dim, 2 * dim, bias=False),
+    )  # fmt: skip
+    nn.init.zeros_(attn.output_proj.weight)
+    nn.init.zeros_(mlp.w2.weight)
+    return TransformerSelfAttentionLayer(attn, mlp, sa_norm=RMSNorm(dim), mlp_norm=RMSNorm(dim))
 
 
 class MarkovLM(nn.Module):
@@ -118,28 +117,35 @@ class MarkovLM(nn.Module):
         self.output.weight.data.zero_()
         for a, b in nxt.items():
             self.output.weight.data[b, a] = 1.0
-        self.layers = nn.ModuleList([_CheckingLayer()])
+        self.layers = nn.ModuleList([_zero_layer(vocab)])
         self.norm = nn.Identity()
         self.max_seq_len = 512
-        self.setups = []
-
-    def setup_caches(self, batch_size, dtype, *, decoder_max_seq_len=None, encoder_max_seq_len=None):
-        self.setups.append((batch_size, decoder_max_seq_len))
-        for layer in self.layers:
-            layer.attn.kv_cache, layer.attn.cache_enabled = _Cache(batch_size, decoder_max_seq_len), True
-
-    def caches_are_setup(self):
-        return self.layers[0].attn.kv_cache is not None
 
     def prompt(self, *ids):
-        return self.tok_embeddings(torch.tensor(ids))
+        return self.tok_embeddings(torch.tensor(ids)).detach()
+
+
+@pytest.fixture
+def kv_caches(monkeypatch):
+    """(batch, length) of every KV cache greedy_generate allocates."""
+    from speechmapper_tune import generation
+
+    sizes, real = [], generation._kv_cache
+    monkeypatch.setattr(
+        generation, "_kv_cache", lambda layers, b, n, *a: sizes.append((b, n)) or real(layers, b, n, *a)
+    )
+    return sizes
+
+
+def _no_torchtune_caches(model):
+    return all(getattr(m, "kv_cache", None) is None for m in model.modules())
 
 
 EOS, NL = 0, 9
 CHAINS = {1: 2, 2: 3, 3: EOS, 4: 5, 5: 6, 6: 5, 7: 8, 8: NL, NL: 10, 10: 11, 11: 12, 12: 13, 13: 14, 14: 15, 15: 16}
 
 
-def test_stop_rules_and_input_order():
+def test_stop_rules_and_input_order(kv_caches):
     lm = MarkovLM(CHAINS)
     prompts = [lm.prompt(20, 21, 1), lm.prompt(4), lm.prompt(22, 7), lm.prompt(10), lm.prompt(3), lm.prompt(11)]
     res = greedy_generate(
@@ -150,7 +156,8 @@ def test_stop_rules_and_input_order():
     assert [r.stopped_by for r in res] == ["eos", "length", "newline", "eos", "eos", "cap"]
     assert [r.flags for r in res] == [[], ["stuck"], [], [], [], []]
     assert all(isinstance(r, GenerationResult) for r in res)
-    assert not lm.caches_are_setup() and lm.setups == [(6, 3 + 20 - 1)]
+    assert kv_caches == [(6, 3 + 20 - 1)]  # one cache: padded prompt + new tokens - 1 (the last is never fed)
+    assert _no_torchtune_caches(lm)
     with pytest.raises(ValueError, match="newline_ids"):
         greedy_generate(lm, prompts, stop_at_newline=True)
 
@@ -159,12 +166,13 @@ def test_compaction_changes_nothing_and_shrinks_the_batch():
     lm = MarkovLM(CHAINS)
     prompts = [lm.prompt(1), lm.prompt(4), lm.prompt(7), lm.prompt(10), lm.prompt(2), lm.prompt(5)]
     kwargs = dict(max_new_tokens=12, stop_ids=[EOS])
-    full = greedy_generate(lm, prompts, compact=False, **kwargs)
-    sizes = []
-    lm.layers[0].register_forward_pre_hook(lambda m, args: sizes.append(args[0].shape[0]))
-    compacted = greedy_generate(lm, prompts, compact=True, **kwargs)
-    assert [(r.ids, r.stopped_by, r.flags) for r in compacted] == [(r.ids, r.stopped_by, r.flags) for r in full]
-    assert sizes[0] == 6 and sizes[-1] == 2  # the two loops (4 -> 5 6 5 6 ..., 5 -> ...) are left
+    one_by_one = [greedy_generate(lm, [p], **kwargs)[0] for p in prompts]  # a batch of one is never compacted
+    rows = []
+    lm.output.register_forward_pre_hook(lambda m, args: rows.append(args[0].shape[0]))  # once per step
+    compacted = greedy_generate(lm, prompts, **kwargs)
+    assert [(r.ids, r.stopped_by, r.flags) for r in compacted] == [(r.ids, r.stopped_by, r.flags) for r in one_by_one]
+    assert rows[0] == 6 and rows[-1] == 2  # the two loops (4 -> 5 6 5 6 ..., 5 -> ...) are left
+    assert len(rows) == 12  # prefill + 11 steps: the 12th token is never fed back
 
 
 def test_stuck_guard_stops_and_trims():
@@ -191,6 +199,206 @@ def test_zero_caps_and_empty_batch():
     assert (res[1].ids, res[1].stopped_by) == ([2, 3, 0, 0, 0], "length")  # no stop ids: EOS is a token
     with pytest.raises(ValueError, match="must be"):
         greedy_generate(lm, [torch.zeros(3, 5)])
+
+
+# ----------------------------------------------------------------------------- layouts
+class _NotALayer(nn.Module):
+    def forward(self, h, mask=None, input_pos=None):
+        return h
+
+
+def test_unrecognised_layouts_are_refused_before_any_work(kv_caches):
+    from torchtune.models.qwen2._positional_embeddings import Qwen2RotaryPositionalEmbeddings
+    from torchtune.modules import TransformerSelfAttentionLayer
+
+    def refused(lm, match):
+        with pytest.raises(ValueError, match=match):
+            greedy_generate(lm, [lm.prompt(1)], max_new_tokens=3)
+
+    lm = MarkovLM(CHAINS)
+    lm.layers.append(_NotALayer())
+    refused(lm, r"layer 1 \(_NotALayer\): only torchtune's TransformerSelfAttentionLayer")
+
+    class OwnForward(TransformerSelfAttentionLayer):  # a subclass with other maths
+        def forward(self, x, **kwargs):
+            return 2 * super().forward(x, **kwargs)
+
+    lm = MarkovLM(CHAINS)
+    lm.layers[0].__class__ = OwnForward
+    refused(lm, r"layer 0 \(OwnForward\): only torchtune's TransformerSelfAttentionLayer \(with its own forward\)")
+
+    lm = MarkovLM(CHAINS)
+    lm.layers[0].attn.pos_embeddings = Qwen2RotaryPositionalEmbeddings(16, max_seq_len=512)  # halves, not pairs
+    refused(lm, r"layer 0's attention \(MultiHeadAttention\): pos_embeddings Qwen2RotaryPositionalEmbeddings")
+
+    lm = MarkovLM(CHAINS)
+    lm.layers[0].attn.k_proj = None
+    refused(lm, r"layer 0's attention \(MultiHeadAttention\): it has no k_proj")
+
+    lm = MarkovLM(CHAINS)
+    lm.layers[0].register_forward_pre_hook(lambda m, args: None)
+    refused(lm, r"layer 0 \(TransformerSelfAttentionLayer\): it has forward hooks")
+
+    del lm.norm
+    refused(lm, r"the model \(MarkovLM\): no norm")
+    assert kv_caches == []  # refused before anything was allocated or run
+
+
+def _tiny(variant: str, dtype=torch.float32) -> nn.Module:
+    """Test-size torchtune Llamas covering the layouts the decoder runs: tied head (TiedLinear), untied head
+    with Llama3ScaledRoPE, LoRA projections (called as modules), q/k norms with q/k/v biases."""
+    import dataclasses
+
+    from torchtune.modules import RMSNorm
+
+    from speechmapper_tune.models.llms import Llama3RopeScaling, LoraConfig, _build, tiny_hparams
+
+    torch.manual_seed(0)
+    if variant == "untied_scaled_rope":
+        model = _build(dataclasses.replace(tiny_hparams(False), rope_scaling=Llama3RopeScaling(factor=8.0)))
+    elif variant == "lora":
+        model = _build(tiny_hparams(), LoraConfig(attn_modules=("q_proj", "v_proj"), apply_to_mlp=True))
+        with torch.no_grad():  # LoRA's B starts at zero: make the adapters count
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * 0.02)
+    else:
+        model = _build(tiny_hparams())
+    if variant == "qk_norm_bias":  # Qwen3-style q/k norms (after RoPE in torchtune), Qwen2-style biases
+        for layer in model.layers:
+            a = layer.attn
+            a.q_norm, a.k_norm = RMSNorm(a.head_dim), RMSNorm(a.head_dim)
+            for norm in (a.q_norm, a.k_norm):
+                nn.init.uniform_(norm.scale, 0.5, 1.5)
+            for name in ("q_proj", "k_proj", "v_proj"):
+                old = getattr(a, name)
+                setattr(a, name, nn.Linear(old.in_features, old.out_features, bias=True))
+    model = model.to(dtype).eval()
+    for m in model.modules():  # as load_llm: norm scales stay fp32
+        if isinstance(m, RMSNorm):
+            m.scale.data = m.scale.data.float()
+    return model
+
+
+def _step_logits(model, prompts, n, widen=None):
+    """fp32 logits [B, n, V] of the greedy steps through the decoder's prefill and steps (batched, left-padded)."""
+    from speechmapper_tune import generation
+
+    decoder = generation._LeanDecoder(model)
+    if widen is not None:
+        decoder.linears.widen = widen
+    lens = [p.shape[0] for p in prompts]
+    prompt = generation._left_padded(prompts, lens, max(lens), decoder.dtype, decoder.device)
+    with torch.no_grad():
+        logits = [decoder.prefill(prompt, max(lens) + n - 1)]
+        for _ in range(n - 1):
+            logits.append(decoder.step(logits[-1].argmax(-1)))
+    return torch.stack(logits, 1)
+
+
+def _plain_logits(model, prompt, ids):
+    """Reference: torchtune's own modules on the whole sequence (prompt + ids[:-1]) at once, no KV cache,
+    causal: fp32 logits [len(ids), V] of the positions that predicted ``ids``."""
+    from speechmapper_tune.models.llms import forward_embeds
+
+    with torch.no_grad():
+        seq = torch.cat([prompt, model.tok_embeddings(torch.tensor(ids[:-1], dtype=torch.long))])
+        positions = torch.zeros(1, seq.shape[0], dtype=torch.bool)
+        positions[0, -len(ids) :] = True
+        return forward_embeds(model, seq[None], positions=positions)
+
+
+def _assert_greedy_path(ours, ids, ref, rel):
+    """``ours`` logits within ``rel`` of the reference's scale, and each chosen id a maximum of the reference
+    up to that tolerance (so near-ties may go either way on another CPU)."""
+    tol = rel * ref.abs().max()
+    assert (ours - ref).abs().max() <= tol, ((ours - ref).abs().max(), tol)
+    chosen = ref.gather(-1, torch.tensor(ids)[:, None])[:, 0]
+    assert (chosen >= ref.max(-1).values - 2 * tol).all()
+
+
+# fp32 differences come from the order of sums only: measured up to 5e-7 of the logits' scale on the tiny
+# models, 2.2e-6 on SmolLM2 (30 layers): 10x margin over the larger
+FP32_REL = 2e-5
+# bf16: one bf16 rounding is 2^-8 = 3.9e-3 relative; ours and torchtune's round differently in places (SDPA,
+# folded heads, sums), ~5e-3 of the scale measured on these models: 4 roundings allowed
+BF16_REL = 4 * 2**-8
+
+
+@pytest.mark.parametrize("variant", ["tied", "untied_scaled_rope", "lora", "qk_norm_bias"])
+def test_decoder_equals_a_plain_forward_of_torchtunes_modules(variant):
+    model = _tiny(variant)
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randn(n, 64, generator=g) for n in (5, 9, 7)]  # left padding of 4 and 2
+    n = 6
+    ours = _step_logits(model, prompts, n)
+    res = greedy_generate(model, prompts, max_new_tokens=n)
+    assert [r.ids for r in res] == ours.argmax(-1).tolist()  # greedy_generate takes these steps
+    for i, p in enumerate(prompts):
+        _assert_greedy_path(ours[i], res[i].ids, _plain_logits(model, p, res[i].ids), FP32_REL)
+
+
+@pytest.mark.parametrize("widen", [True, False], ids=["bf16-widened-to-fp32", "bf16-products"])
+def test_bf16_decoder_within_bf16_rounding_of_torchtunes(widen):
+    """bf16 through both ways of ``_Linears`` (widening is the default on CPUs without native bf16)."""
+    model = _tiny("qk_norm_bias", torch.bfloat16)
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randn(n, 64, generator=g).to(torch.bfloat16) for n in (5, 9, 7)]
+    ours = _step_logits(model, prompts, 6, widen=widen)
+    for i, p in enumerate(prompts):
+        ids = ours[i].argmax(-1).tolist()
+        _assert_greedy_path(ours[i], ids, _plain_logits(model, p, ids), BF16_REL)
+
+
+@pytest.mark.parametrize("shape", [(8, 576, 1536), (480, 1536, 576), (8, 576, 5000)], ids=["decode", "prefill", "head"])
+def test_widened_bf16_products_equal_torchs_up_to_one_rounding(shape):
+    from speechmapper_tune.generation import _Linears
+
+    m, k, n = shape
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(m, k, generator=g).to(torch.bfloat16)
+    w = (torch.randn(n, k, generator=g) / k**0.5).to(torch.bfloat16)
+    b = torch.randn(n, generator=g).to(torch.bfloat16)
+    lin = _Linears(torch.bfloat16, torch.device("cpu"))
+    lin.widen = True
+    size = x.float().abs() @ w.float().abs().t() + b.float().abs()  # sum of the terms' magnitudes
+    for ours, ref in ((lin(x, [w[:100], w[100:]], [b[:100], b[100:]]), [F.linear(x, w, b)]),
+                      ([lin.head(x, w, None)], [F.linear(x, w)])):  # fmt: skip
+        ours, ref = torch.cat(ours, -1).float(), ref[0].float()
+        assert ours.shape == ref.shape
+        # the same exact products summed in fp32 in another order (a difference of at most ~k fp32 roundings
+        # of the terms' size), then rounded to bf16: results differ rarely, by one bf16 step (2^-8 relative)
+        assert ((ours - ref).abs() <= ref.abs() * 2**-7 + k * 2**-24 * size).all()
+        assert (ours == ref).float().mean() > 0.99
+
+
+def test_fp32_head_equals_f_linear():
+    from speechmapper_tune.generation import _Linears
+
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(8, 576, generator=g), torch.randn(5000, 576, generator=g) / 24
+    ours, ref = _Linears(torch.float32, torch.device("cpu")).head(x, w, None), F.linear(x, w)
+    size = x.abs() @ w.abs().t()  # sum of the terms' magnitudes
+    # two orders of the same fp32 sums: each within ~k roundings of the terms' size from the exact sum
+    assert ((ours - ref).abs() <= 2 * 576 * 2**-24 * size).all()
+
+
+def test_weight_updates_are_seen_by_the_next_call():
+    """No weight state survives a call: after an optimizer step, the next call decodes the updated model."""
+    from speechmapper_tune.models.llms import forward_embeds
+
+    model = _tiny("untied_scaled_rope")
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randn(n, 64, generator=g) for n in (5, 9)]
+    before = [r.ids for r in greedy_generate(model, prompts, max_new_tokens=4)]
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    (-sum(forward_embeds(model, p[None])[0, :, 7].sum() for p in prompts)).backward()  # every weight towards id 7
+    optimizer.step()
+    after = greedy_generate(model, prompts, max_new_tokens=4)
+    assert [r.ids for r in after] != before
+    for i, p in enumerate(prompts):
+        ours = _step_logits(model, [p], 4)[0]
+        assert ours.argmax(-1).tolist() == after[i].ids
+        _assert_greedy_path(ours, after[i].ids, _plain_logits(model, p, after[i].ids), FP32_REL)
 
 
 # ----------------------------------------------------------------------------- real SmolLM2 (fp32)
@@ -233,32 +441,24 @@ def test_batched_equals_one_by_one(smollm2):
     assert len({e.shape[0] for e in embeds}) == len(embeds)  # all lengths differ: real left padding
     kwargs = dict(max_new_tokens=16, stop_ids=tok.stop_ids)
     batched = greedy_generate(model, embeds, **kwargs)
-    padded = greedy_generate(model, embeds, pad_to_multiple=64, compact=False, **kwargs)
-    # one by one through torchtune's own modules (kv heads expanded per query head, its KV cache update)
-    singles = [greedy_generate(model, [e], grouped_attention=False, lean_decode=False, **kwargs)[0] for e in embeds]
+    padded = greedy_generate(model, embeds, pad_to_multiple=64, **kwargs)
+    singles = [greedy_generate(model, [e], **kwargs)[0] for e in embeds]  # no padding, no batch partners
     for b, p, s in zip(batched, padded, singles):
-        assert b.ids == s.ids == p.ids and b.stopped_by == s.stopped_by
+        assert b.ids == s.ids == p.ids and b.stopped_by == s.stopped_by == p.stopped_by
     assert {r.stopped_by for r in batched} == {"eos", "length"}  # both endings exercised
     assert "Paris" in tok.decode(batched[0].ids)
 
 
-def test_lean_decode_step_equals_torchtunes_modules(smollm2):
-    """Prefill and decoding on the layers' weights give the logits torchtune's modules give, so the same ids."""
-    from speechmapper_tune import generation
-
-    _, model, tok, embeds = smollm2
-    kwargs = dict(max_new_tokens=24, stop_ids=tok.stop_ids)
-    lean = greedy_generate(model, embeds, **kwargs)
-    modules = greedy_generate(model, embeds, lean_decode=False, **kwargs)
-    assert [(r.ids, r.stopped_by) for r in lean] == [(r.ids, r.stopped_by) for r in modules]
-    seen = []
-    real = generation._LeanForward.__call__
-    generation._LeanForward.__call__ = lambda self, *a: seen.append(1) or real(self, *a)
-    try:
-        greedy_generate(model, embeds[:2], max_new_tokens=3)
-    finally:
-        generation._LeanForward.__call__ = real
-    assert len(seen) == 3  # the lean step ran (prefill + 2 decode steps), not a silent fallback
+def test_decoder_equals_a_plain_forward_of_torchtunes_smollm2(smollm2):
+    """Prefill and decode steps, batched and left-padded, give the logits torchtune's own modules give on each
+    whole sequence at once (no KV cache, no padding), so the same greedy ids."""
+    _, model, _, embeds = smollm2
+    n = 8
+    ours = _step_logits(model, embeds, n)
+    res = greedy_generate(model, embeds, max_new_tokens=n)
+    assert [r.ids for r in res] == ours.argmax(-1).tolist()
+    for i, e in enumerate(embeds):
+        _assert_greedy_path(ours[i], res[i].ids, _plain_logits(model, e, res[i].ids), FP32_REL)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -267,11 +467,11 @@ def test_whole_tensor_rope_equals_torchtunes_bit_for_bit(dtype):
 
     from speechmapper_tune.generation import _rotate, _rotation
 
-    rope = RotaryPositionalEmbeddings(dim=64, max_seq_len=256)
     x = (torch.randn(3, 7, 9, 64) * 4).to(dtype)
     pos = torch.randint(0, 200, (3, 7))
-    heads_first = _rotate(x.transpose(1, 2), *_rotation(rope.cache[pos], 3, 7, 64))
-    assert torch.equal(heads_first.transpose(1, 2), rope(x, input_pos=pos))
+    for rope in (RotaryPositionalEmbeddings(dim=64, max_seq_len=256), RotaryPositionalEmbeddings(64, 256).to(dtype)):
+        heads_first = _rotate(x.transpose(1, 2), _rotation(rope.cache[pos], 3, 7, 64))  # fp32 cache, or x's dtype
+        assert torch.equal(heads_first.transpose(1, 2), rope(x, input_pos=pos))
 
 
 def test_model_is_reusable_for_training_afterwards(smollm2):
