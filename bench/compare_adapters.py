@@ -10,7 +10,7 @@ the same prompt, the same Whisper-base features of the TTS corpus; validation on
 - ``speechllm``: the light adapter from scratch + LoRA + the classifier regularizer (``stage2_speechllm``);
 - ``speechllm_noreg``: the same without the regularizer (``loss.regularizer_weight=0``).
 
-Then greedy ASR on the test voices (scored once, for the report) with ``smollm2_135M/generate_asr``
+Then greedy ASR on the test voices (scored once, for the report) with ``smollm2_135M/generate``
 (no answer prefix, as trained; newline stop; length cap 4 tokens/s + 4) and ``speechmapper_eval``.
 With ``--sa-labels`` (sentiment rows for the test features, from ``speechmapper_annotate --config
 smollm2_135M/annotate_sa``: SmolLM2's labels of the transcripts, SLUE's three classes), each system also
@@ -37,7 +37,7 @@ from safetensors import safe_open
 FEATURES = "runs/features/whisper_base_trimmed"
 STAGE1 = "smollm2_135m_whisper_base_stage1"
 SYSTEMS = {
-    "speechmapper": ["--config", "smollm2_135M/stage2_full", "loss.sigma=0.0", "loss.weighting=paper"],
+    "speechmapper": ["--config", "smollm2_135M/stage2_asr_ce_mse", "loss.sigma=0.0", "loss.weighting=paper"],
     "sparqle": ["--config", "smollm2_135M/stage2_sparqle"],
     "speechllm": ["--config", "smollm2_135M/stage2_speechllm"],
     "speechllm_noreg": ["--config", "smollm2_135M/stage2_speechllm", "loss.regularizer_weight=0"],
@@ -128,7 +128,7 @@ def main() -> None:
             [
                 "speechmapper_generate",
                 "--config",
-                "smollm2_135M/generate_asr",
+                "smollm2_135M/generate",
                 *common,
                 f"output_dir={gen}",
                 "length_cap.tokens_per_second=4.0",
@@ -142,7 +142,7 @@ def main() -> None:
                 [
                     "speechmapper_generate",
                     "--config",
-                    "smollm2_135M/generate_asr",
+                    "smollm2_135M/generate",
                     *common,
                     f"output_dir={gen}_sa",
                     f"instructions={a.sa_labels}",

@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/stage2_nf4.py [--steps 100] [--device cpu] [--out runs/nf4]
 
-Two real ``tune run speechmapper_adapt`` runs of ``smollm2_135M/stage2_full`` (sigma 0.9, the task-agnostic
+Two real ``tune run speechmapper_adapt`` runs of ``smollm2_135M/stage2_asr_ce_mse`` (sigma 0.9, the task-agnostic
 setting) from the shipped stage-1 projector, identical but for ``llm.quantize``: same seed, same batches,
 same Whisper-base features of the TTS corpus, validation on the dev voices at step 0 and at the end.
 Prints a markdown table: seconds per step (training command wall time / steps, setup and validation
@@ -39,7 +39,7 @@ def main() -> None:
             [
                 "speechmapper_adapt",
                 "--config",
-                "smollm2_135M/stage2_full",
+                "smollm2_135M/stage2_asr_ce_mse",
                 *extra,
                 f"output_dir={run}",
                 f"device={a.device}",
@@ -64,7 +64,7 @@ def main() -> None:
             }
         )
         (out / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
-    print(f"\n{a.steps} steps each, smollm2_135M/stage2_full, device {a.device}\n")
+    print(f"\n{a.steps} steps each, smollm2_135M/stage2_asr_ce_mse, device {a.device}\n")
     print("| frozen LLM | s/step | dev CE (step 0 -> last) | dev MSE (step 0 -> last) |")
     print("|---|---|---|---|")
     for r in rows:

@@ -36,8 +36,9 @@ _RECIPE_BY_PREFIX = (
 
 
 def recipe_for_config(name: str) -> str:
-    """The recipe a packaged config is for (``tiny/stage1`` -> ``speechmapper_pretrain``)."""
-    folder, _, stem = str(Path(name).with_suffix("")).rpartition("/")
+    """The recipe a packaged config (or a file named as one) is for (``tiny/stage1`` -> ``speechmapper_pretrain``)."""
+    path = Path(name).with_suffix("")
+    folder, stem = path.parent.name, path.name
     if folder in _RECIPE_BY_FOLDER:
         return _RECIPE_BY_FOLDER[folder]
     for prefix, recipe in _RECIPE_BY_PREFIX:

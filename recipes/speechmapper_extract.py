@@ -1,7 +1,8 @@
 """Extract frozen-SFM features for SpeechMapper: audio manifest -> averaged fp16 feature manifest.
 
     tune run speechmapper_extract --config features/whisper_base manifest=corpus/manifests/cuts_train.jsonl.gz output_dir=feats/train
-    tune run --nproc_per_node 2 speechmapper_extract --config features/whisper_tiny_en manifest=... output_dir=...
+    tune run --nproc_per_node 2 speechmapper_extract --config features/whisper_base sfm.name=whisper_tiny_en \
+        feature_type=whisper_tiny_en_avg2 manifest=... output_dir=...
     tune run speechmapper_extract --config features/seamless_m4t_v2_large sfm.path=/models/seamless-m4t-v2-large ...
 
 ``manifest`` is a lhotse CutSet (or Recording+Supervision sets), a JSON-lines file with

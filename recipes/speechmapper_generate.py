@@ -1,11 +1,11 @@
 """Generate from speech with a SpeechMapper projector and a frozen LLM (batched greedy, KV cache).
 
-    tune run speechmapper_generate --config smollm2_135M/generate_asr \
+    tune run speechmapper_generate --config smollm2_135M/generate \
         projector_checkpoint=runs/smollm2_135M/stage2_asr_ce_mse/checkpoints/step_300 \
         manifest=runs/features/whisper_base/test/cuts.jsonl.gz output_dir=runs/gen/stage2_test
-    tune run speechmapper_generate --config smollm2_135M/generate_asr_zeroshot ...   # after stage 1 only
-    tune run speechmapper_generate --config smollm2_135M/generate_asr span_source=transcript ...  # text topline
-    tune run speechmapper_generate --config smollm2_135M/generate_asr span_source=asr ...         # ASR + LLM cascade
+    tune run speechmapper_generate --config smollm2_135M/generate prompt=null stop_at_newline=True ...  # stage 1: zero-shot
+    tune run speechmapper_generate --config smollm2_135M/generate span_source=transcript ...  # text topline
+    tune run speechmapper_generate --config smollm2_135M/generate span_source=asr ...         # ASR + LLM cascade
 
 ``manifest`` is a feature manifest (``speechmapper_extract``'s ``cuts.jsonl.gz``) or an audio
 manifest (a lhotse CutSet, JSON lines ``{"id", "audio", "text"}`` or a LibriSpeech folder): for
@@ -109,7 +109,7 @@ class LengthCap:
 
 @settings
 class GenerateSettings:
-    """Every setting speechmapper_generate reads (see the configs in configs/*/generate*.yaml)."""
+    """Every setting speechmapper_generate reads (see the configs in configs/*/generate.yaml)."""
 
     output_dir: str = MISSING
     manifest: str = MISSING  # a feature manifest (speechmapper_extract) or an audio one

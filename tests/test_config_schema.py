@@ -5,6 +5,7 @@ import dataclasses
 import importlib
 
 import pytest
+from documented_variants import fixture_config, fixture_configs, load_with_overrides, shell_variables, variants
 from omegaconf import OmegaConf
 
 from speechmapper_tune.config_schema import check_settings, load_settings, schema_keys
@@ -31,6 +32,11 @@ def load(name, *overrides):
     return OmegaConf.merge(OmegaConf.load(resolve_config(name)), OmegaConf.from_dotlist(list(overrides)))
 
 
+TINY_GENERATE, TINY_ANNOTATE, TTS_EN_TINY = (
+    fixture_config(n) for n in ("tiny/generate", "tiny/annotate_sa", "corpus/tts_en_tiny")
+)
+
+
 def error(name, *overrides):
     recipe = recipe_for_config(name)
     with pytest.raises(ValueError) as e:
@@ -38,11 +44,34 @@ def error(name, *overrides):
     return str(e.value)
 
 
-@pytest.mark.parametrize("name", available_configs())
-def test_every_shipped_config_loads_through_its_recipes_schema(name):
+@pytest.mark.parametrize("name", available_configs() + [fixture_config(n) for n in fixture_configs()])
+def test_every_shipped_config_loads_through_its_recipes_schema(name):  # and the tests' own
     recipe = recipe_for_config(name)
     cfg = load_settings(OmegaConf.load(resolve_config(name)), schema(recipe), recipe)
     assert set(cfg) == {f.name for f in dataclasses.fields(schema(recipe))}  # every setting, defaults filled in
+
+
+@pytest.mark.parametrize("variant", variants(), ids=lambda v: v.name or v.description[:40])
+def test_every_documented_variant_loads_through_its_recipes_schema(variant):
+    """docs/recipes.md's Variants: a shipped config plus overrides, merged as `tune run` merges them."""
+    assert variant.config in available_configs() and variant.name not in available_configs(), variant
+    recipe = recipe_for_config(variant.config)
+    cfg = load_settings(load_with_overrides(variant.config, variant.overrides), schema(recipe), recipe)
+    for override in variant.overrides:  # each took effect (none is shadowed by a later one)
+        key = override.split("=", 1)[0]
+        assert OmegaConf.select(cfg, key) == OmegaConf.select(OmegaConf.from_dotlist([override]), key), override
+
+
+def test_eurollm_is_every_llama_config_with_the_documented_overrides():
+    eurollm = shell_variables()["EUROLLM"].split()
+    llama = [n for n in available_configs() if n.startswith("llama3_1_8B/")]
+    documented = {v.config for v in variants() if v.name.startswith("eurollm_9B/") and v.overrides[:4] == eurollm}
+    assert llama and documented == set(llama)
+    for name in llama:
+        recipe = recipe_for_config(name)
+        cfg = load_settings(load_with_overrides(name, eurollm), schema(recipe), recipe)
+        assert (cfg.llm.name, cfg.llm.chat_format, cfg.llm.pad_id) == ("eurollm_9b", "template", 2), name
+        assert cfg.llm.checkpoint == "/path/to/EuroLLM-9B-Instruct", name
 
 
 def test_every_recipe_has_a_schema_and_a_config():
@@ -110,12 +139,12 @@ def test_defaults_come_from_the_schema_typed():
         ),
         ("tiny/stage2", "lora.rnak=8", "speechmapper_adapt: unknown setting 'lora.rnak' (did you mean 'lora.rank'?)"),
         (
-            "tiny/generate",
+            TINY_GENERATE,
             "max_new_token=3",
             "speechmapper_generate: unknown setting 'max_new_token' (did you mean 'max_new_tokens'?)",
         ),
         (
-            "smollm2_135M/generate_asr",
+            "smollm2_135M/generate",
             "length_cap.tokens_per_second=many",
             "speechmapper_generate: length_cap.tokens_per_second='many' must be a number",
         ),
@@ -126,16 +155,16 @@ def test_defaults_come_from_the_schema_typed():
             "speechmapper_eet: sentences.num_sentences=0 must be an integer >= 1",
         ),
         (
-            "features/whisper_tiny_en",
+            "features/whisper_base",
             "sfm.layr=3",
             "speechmapper_extract: unknown setting 'sfm.layr' (did you mean 'sfm.layer'?)",
         ),
         (
-            "features/whisper_tiny_en",
+            "features/whisper_base",
             "perturb.speed=[0.9]",
             "speechmapper_extract: unknown setting 'perturb.speed' (did you mean 'perturb.speeds'?)",
         ),
-        ("corpus/tts_en_tiny", "chunk_size=0", "speechmapper_corpus: chunk_size=0 must be an integer >= 1"),
+        (TTS_EN_TINY, "chunk_size=0", "speechmapper_corpus: chunk_size=0 must be an integer >= 1"),
         (
             "instructions/self_train",
             "answer.batchsize=2",
@@ -181,7 +210,7 @@ def test_free_sections_take_any_key():
 
 
 def test_generate_checks_every_run():
-    cfg = load("tiny/generate")
+    cfg = load(TINY_GENERATE)
     cfg.runs = [{"output_dir": "a"}, {"max_new_token": 3}]
     from speechmapper_generate import run_configs
 
@@ -244,14 +273,19 @@ def test_the_shared_sections_match_the_library():
             ["gradient_accumulation_steps=0", "max_steps=1"],
             "speechmapper_adapt: gradient_accumulation_steps=0 must be an integer >= 1",
         ),
-        ("speechmapper_generate", "tiny/generate", ["foo=1"], "speechmapper_generate: unknown setting 'foo'"),
+        ("speechmapper_generate", TINY_GENERATE, ["foo=1"], "speechmapper_generate: unknown setting 'foo'"),
         ("speechmapper_eval", "eval/default", ["foo=1"], "speechmapper_eval: unknown setting 'foo'"),
         ("speechmapper_eet", "smollm2_135M/eet", ["foo=1"], "speechmapper_eet: unknown setting 'foo'"),
-        ("speechmapper_extract", "features/whisper_tiny_en", ["foo=1"], "speechmapper_extract: unknown setting 'foo'"),
-        ("speechmapper_corpus", "corpus/tts_en_tiny", ["foo=1"], "speechmapper_corpus: unknown setting 'foo'"),
+        (
+            "speechmapper_extract",
+            "features/whisper_base",
+            ["sfm.name=whisper_tiny_en", "feature_type=whisper_tiny_en_avg2", "foo=1"],
+            "speechmapper_extract: unknown setting 'foo'",
+        ),
+        ("speechmapper_corpus", TTS_EN_TINY, ["foo=1"], "speechmapper_corpus: unknown setting 'foo'"),
         (
             "speechmapper_annotate",
-            "tiny/annotate_sa",
+            TINY_ANNOTATE,
             ["foo=1"],
             "speechmapper_annotate: unknown setting 'foo'",
         ),

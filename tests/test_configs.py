@@ -1,9 +1,14 @@
 import importlib
+from collections import defaultdict
 
 import pytest
+from documented_variants import fixture_config, fixture_configs
 from omegaconf import OmegaConf
 
 from speechmapper_tune.configs import CONFIG_DIR, available_configs, resolve_config, resolve_config_argv
+
+MAX_CONFIGS = 30  # variants that differ by values are documented overrides (docs/recipes.md, "Variants")
+BLOCK_LINES, MAX_COPIES = 10, 4  # no run of 10 lines (comments included, blank lines skipped) in 5 configs or more
 
 
 def _components(node):
@@ -19,7 +24,7 @@ def _components(node):
 
 def test_packaged_names_resolve():
     names = available_configs()
-    assert {"tiny/stage1", "llama3_1_8B/stage1", "eurollm_9B/stage1"} <= set(names)
+    assert {"tiny/stage1", "llama3_1_8B/stage1", "smollm2_135M/generate"} <= set(names)
     assert resolve_config("tiny/stage1") == CONFIG_DIR / "tiny" / "stage1.yaml"
     assert resolve_config("tiny/stage1.yaml") == CONFIG_DIR / "tiny" / "stage1.yaml"
 
@@ -41,10 +46,24 @@ def test_argv_rewrite():
     assert argv[1] == "--config=" + str(CONFIG_DIR / "tiny" / "stage1.yaml")
 
 
-@pytest.mark.parametrize("name", available_configs())
-def test_every_config_loads_and_its_components_import(name):
+@pytest.mark.parametrize("name", available_configs() + [fixture_config(n) for n in fixture_configs()])
+def test_every_config_loads_and_its_components_import(name):  # the shipped ones and the tests' own
     cfg = OmegaConf.to_container(OmegaConf.load(resolve_config(name)), resolve=False)
     assert "output_dir" in cfg
     for path in _components(cfg):
         module, attr = path.rsplit(".", 1)
         assert hasattr(importlib.import_module(module), attr), path
+
+
+def test_few_configs_and_no_block_copied_into_many():
+    """A variant is a documented override, not a copy: the shipped configs stay few and share no long block."""
+    names = available_configs()
+    assert len(names) <= MAX_CONFIGS, f"{len(names)} packaged configs: make a variant an override instead"
+    where = defaultdict(set)
+    for name in names:
+        lines = [line.rstrip() for line in resolve_config(name).read_text(encoding="utf-8").splitlines()]
+        lines = [line for line in lines if line.strip()]
+        for i in range(len(lines) - BLOCK_LINES + 1):
+            where[tuple(lines[i : i + BLOCK_LINES])].add(name)
+    copied = {block: sorted(found) for block, found in where.items() if len(found) > MAX_COPIES}
+    assert not copied, "\n\n".join(f"{found}:\n" + "\n".join(block) for block, found in copied.items())

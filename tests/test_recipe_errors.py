@@ -47,7 +47,7 @@ def test_numbers_outside_components_and_interpolations():
 
 
 def test_generation_numbers_are_named():
-    cfg = OmegaConf.load(resolve_config("smollm2_135M/generate_asr"))
+    cfg = OmegaConf.load(resolve_config("smollm2_135M/generate"))
     check_recipe_config(cfg, "speechmapper_generate")
     cfg.length_cap = {"tokens_per_second": "many", "extra": 8}
     with pytest.raises(ValueError, match=r"length_cap.tokens_per_second='many' must be a number$"):

@@ -15,7 +15,7 @@ train() {  # NAME INIT STEPS [overrides]: at most TL seconds
 }
 score() {  # NAME: the demo's decoding of the 150 held-out utterances from its last checkpoint, then WER
   local n=$1
-  python3 -m torchtune._cli.tune run speechmapper_generate --config smollm2_135M/generate_asr device=cuda \
+  python3 -m torchtune._cli.tune run speechmapper_generate --config smollm2_135M/generate device=cuda \
       projector_checkpoint=$(last $n) manifest=$F/test/cuts.jsonl.gz output_dir=$R/gen_$n 'prompt.assistant_prefix="Transcript:"' \
       stop_at_newline=True length_cap.tokens_per_second=4.0 length_cap.extra=4 batch_size=50 > $R/gen_$n.log 2>&1 &&
   python3 -m torchtune._cli.tune run speechmapper_eval --config eval/default output_dir=$R/eval_$n \

@@ -18,7 +18,7 @@ train() {  # NAME [overrides]: at most TL seconds; the cosine schedule spans STE
 }
 score() {  # NAME SPLIT: the demo's zero-shot decoding of the split from the last checkpoint, then WER
   local n=$1 s=$2
-  python3 -m torchtune._cli.tune run speechmapper_generate --config smollm2_135M/generate_asr_zeroshot device=cuda \
+  python3 -m torchtune._cli.tune run speechmapper_generate --config smollm2_135M/generate prompt=null device=cuda \
       projector_checkpoint=$(last $n) manifest=$F/$s/cuts.jsonl.gz output_dir=$R/gen_${n}_$s stop_at_newline=True \
       length_cap.tokens_per_second=4.0 length_cap.extra=4 batch_size=50 > $R/gen_${n}_$s.log 2>&1 &&
   python3 -m torchtune._cli.tune run speechmapper_eval --config eval/default output_dir=$R/eval_${n}_$s \

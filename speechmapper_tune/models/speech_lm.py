@@ -44,8 +44,17 @@ FROM_CHECKPOINT = "checkpoint"  # lora=...: the adapters the checkpoint was trai
 # An instruction prompt for `ask` when the checkpoint's own prompt has no {instruction} (stage 1):
 # the paper's IT template (B.3), as the stage-2 configs use it.
 INSTRUCTION_USER = "Speech: {speech}\n{instruction}"
-# Stage-1 checkpoints record no prompt: the paper's zero-shot ASR prompt (table 11), read from its config.
-ZERO_SHOT_CONFIG = "smollm2_135M/generate_asr_zeroshot"
+# Stage-1 checkpoints record no prompt: they are read with the paper's zero-shot ASR prompt (table 11) and a
+# forced answer prefix after the assistant header (B.3 adds one to stop verbose answers); the answer is one line.
+# `speechmapper_generate ... prompt=null` uses it for a stage-1 checkpoint.
+ZERO_SHOT_PROMPT = {
+    "system": None,
+    "user": '"{speech}"\nRepeat the previous text between the quotes in its entirety just once and nothing else. '
+    "Do not repeat the text multiple times or correct the text or add punctuation. End the text if you notice a "
+    "phrase or a text is getting repeated. Ignore the words that do not make any sense.",
+    "instruction": "",
+    "assistant_prefix": "Here is the sentence: ",
+}
 
 Audio = Union[str, Path, np.ndarray, Tuple[np.ndarray, int]]
 
@@ -76,12 +85,7 @@ def resolve_projector(checkpoint: Union[str, Path]) -> Path:
 
 def zero_shot_prompt() -> Tuple[Dict[str, Any], bool]:
     """The paper's zero-shot ASR prompt and its one-line answer setting (stop_at_newline)."""
-    from omegaconf import OmegaConf
-
-    from speechmapper_tune.configs import resolve_config
-
-    cfg = OmegaConf.load(resolve_config(ZERO_SHOT_CONFIG))
-    return OmegaConf.to_container(cfg.prompt, resolve=True), bool(cfg.stop_at_newline)
+    return dict(ZERO_SHOT_PROMPT), True
 
 
 @dataclass

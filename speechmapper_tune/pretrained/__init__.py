@@ -13,7 +13,7 @@ needs to reproduce it:
 
 Use one anywhere a checkpoint folder is expected::
 
-    tune run speechmapper_generate --config smollm2_135M/generate_asr \\
+    tune run speechmapper_generate --config smollm2_135M/generate \\
         projector_checkpoint=$(python -m speechmapper_tune.pretrained path smollm2_135m_whisper_base_stage2)
 
 Export one from a finished run (what produced the shipped ones)::

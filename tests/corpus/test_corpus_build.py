@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import soundfile as sf
 from corpus_helpers import needs, plain_sentences, write_wordnet
+from documented_variants import fixture_config
 from lhotse import CutSet, load_manifest
 
 from speechmapper_tune.corpus import CorpusSettings, build_corpus, load_audio_manifest
@@ -107,7 +108,7 @@ def test_recipe_cli_tiny_config(tmp_path):
         sys.executable,
         "recipes/speechmapper_corpus.py",
         "--config",
-        "corpus/tts_en_tiny",
+        fixture_config("corpus/tts_en_tiny"),
         f"output_dir={out}",
         "engines.flite.binary=no-such-flite",
     ]

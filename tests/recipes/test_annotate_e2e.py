@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 import soundfile as sf
+from documented_variants import fixture_config
 
 from speechmapper_tune.data.manifest import SkipCounter
 from speechmapper_tune.data.stage2 import PromptTemplate, prepare_instruction_examples
@@ -58,7 +59,7 @@ def _run(tune, root, llm, manifest, out, *extra, check=True):
             "run",
             "speechmapper_annotate",
             "--config",
-            "tiny/annotate_sa",
+            fixture_config("tiny/annotate_sa"),
             f"manifest={manifest}",
             f"llm.checkpoint={llm}",
             f"output_dir={out}",

@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 import soundfile as sf
+from documented_variants import variant_args
 
 from speechmapper_tune.data import iter_features
 
@@ -36,8 +37,7 @@ def test_extract_skips_bad_audio_and_resumes(tmp_path, tune):
     args = [
         "run",
         "speechmapper_extract",
-        "--config",
-        "features/whisper_tiny_en",
+        *variant_args("features/whisper_tiny_en"),
         f"manifest={manifest}",
         f"output_dir={out}",
         "shard_size=2",
@@ -68,8 +68,7 @@ def test_extract_shards_chunks_across_two_ranks(tmp_path, tune):
             "--nproc_per_node",
             "2",
             "speechmapper_extract",
-            "--config",
-            "features/whisper_tiny_en",
+            *variant_args("features/whisper_tiny_en"),
             f"manifest={manifest}",
             f"output_dir={out}",
             "shard_size=1",

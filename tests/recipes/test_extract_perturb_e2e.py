@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 import soundfile as sf
+from documented_variants import variant_args
 
 from speechmapper_tune.data import iter_features
 from speechmapper_tune.data.manifest import load_feature_items
@@ -24,8 +25,7 @@ def test_extract_with_perturbed_copies_resumes_to_the_same_features(tmp_path, tu
     args = [
         "run",
         "speechmapper_extract",
-        "--config",
-        "features/whisper_tiny_en",
+        *variant_args("features/whisper_tiny_en"),
         f"manifest={manifest}",
         f"output_dir={out}",
         "shard_size=4",

@@ -4,6 +4,7 @@ import json
 import shutil
 
 import pytest
+from documented_variants import fixture_config
 
 pytestmark = pytest.mark.e2e
 
@@ -14,7 +15,7 @@ def _gen(tune, trained, out, *extra, check=True):
             "run",
             "speechmapper_generate",
             "--config",
-            "tiny/generate",
+            fixture_config("tiny/generate"),
             f"projector_checkpoint={trained}/checkpoints/step_20",
             f"manifest={trained}/data/val.jsonl.gz",
             f"llm.checkpoint={trained}/data/llm",
@@ -52,7 +53,7 @@ def test_generate_resume_and_eval(tmp_path, tune, trained):
             "run",
             "speechmapper_generate",
             "--config",
-            "tiny/generate",
+            fixture_config("tiny/generate"),
             f"projector_checkpoint={trained}/checkpoints/step_20",
             f"manifest={trained}/data/val.jsonl.gz",
             f"llm.checkpoint={trained}/data/llm",
@@ -176,7 +177,7 @@ def test_a_rerun_with_another_checkpoint_or_decoding_refuses_the_old_rows(tmp_pa
             "run",
             "speechmapper_generate",
             "--config",
-            "tiny/generate",
+            fixture_config("tiny/generate"),
             f"projector_checkpoint={other}",
             f"manifest={trained}/data/val.jsonl.gz",
             f"llm.checkpoint={trained}/data/llm",
@@ -251,7 +252,7 @@ def test_generate_on_an_audio_manifest_without_transcripts(tmp_path, tune):
             "run",
             "speechmapper_generate",
             "--config",
-            "smollm2_135M/generate_asr",
+            "smollm2_135M/generate",
             f"manifest={manifest}",
             "projector_checkpoint=smollm2_135m_whisper_base_stage2_asr",
             'prompt.assistant_prefix="Transcript:"',

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+from documented_variants import variant_args
 
 from speechmapper_tune.checkpoint.projector_io import load_projector
 from speechmapper_tune.models.light_adapter import LightAdapter
@@ -20,8 +21,7 @@ def test_light_adapter_with_regularizer_trains_in_stage_2(tmp_path, tune):
         [
             "run",
             "speechmapper_adapt",
-            "--config",
-            "tiny/stage2_light",
+            *variant_args("tiny/stage2_light"),
             f"output_dir={out}",
             "max_steps=16",
             "log_every_n_steps=4",
@@ -46,8 +46,7 @@ def test_regularizer_off_logs_no_regularizer(tmp_path, tune):
         [
             "run",
             "speechmapper_adapt",
-            "--config",
-            "tiny/stage2_light",
+            *variant_args("tiny/stage2_light"),
             f"output_dir={out}",
             "max_steps=2",
             "log_every_n_steps=1",

@@ -4,6 +4,7 @@ processes and writes each once; eval and eet refuse to run in several processes.
 import json
 
 import pytest
+from documented_variants import fixture_config
 
 pytestmark = pytest.mark.e2e
 
@@ -15,7 +16,7 @@ def _gen(tune, trained, out, *extra, nproc=1):
             *launch,
             "speechmapper_generate",
             "--config",
-            "tiny/generate",
+            fixture_config("tiny/generate"),
             f"projector_checkpoint={trained}/checkpoints/step_20",
             f"manifest={trained}/data/val.jsonl.gz",
             f"llm.checkpoint={trained}/data/llm",
@@ -111,7 +112,7 @@ def test_two_processes_on_an_audio_manifest(tmp_path, tune):
             "2",
             "speechmapper_generate",
             "--config",
-            "smollm2_135M/generate_asr",
+            "smollm2_135M/generate",
             f"manifest={tmp_path}/mine.jsonl",
             "projector_checkpoint=smollm2_135m_whisper_base_stage2_asr",
             f"output_dir={tmp_path}/gen",

@@ -4,8 +4,10 @@ import json
 import struct
 
 import pytest
+from documented_variants import shell_variables
 
 pytestmark = pytest.mark.e2e
+EUROLLM = shell_variables()["EUROLLM"].split()  # docs/recipes.md: EuroLLM-9B-Instruct is llama3_1_8B/* with these
 
 
 def sparse_safetensors(path, key, shape, dtype="BF16", itemsize=2):
@@ -18,8 +20,8 @@ def sparse_safetensors(path, key, shape, dtype="BF16", itemsize=2):
         f.truncate(8 + len(header) + nbytes)
 
 
-@pytest.mark.parametrize("name, vocab", [("llama3_1_8B/stage1", 128256), ("eurollm_9B/stage1", 128000)])
-def test_paper_config_dry_run(tmp_path, tune, name, vocab):
+@pytest.mark.parametrize("llm, vocab", [("llama3_1_8b", 128256), ("eurollm_9b", 128000)])
+def test_paper_config_dry_run(tmp_path, tune, llm, vocab):
     ckpt = tmp_path / "llm"
     ckpt.mkdir()
     sparse_safetensors(ckpt / "model.safetensors", "model.embed_tokens.weight", (vocab, 4096))
@@ -28,7 +30,8 @@ def test_paper_config_dry_run(tmp_path, tune, name, vocab):
             "run",
             "speechmapper_pretrain",
             "--config",
-            name,
+            "llama3_1_8B/stage1",
+            *(EUROLLM if llm == "eurollm_9b" else []),
             f"llm.checkpoint={ckpt}",
             "device=cpu",
             "dry_run=True",

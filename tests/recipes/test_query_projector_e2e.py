@@ -1,9 +1,11 @@
-"""`tune run` stage 1 then stage 2 with the query projector (tiny/stage1_query, tiny/stage2_query)."""
+"""`tune run` stage 1 then stage 2 with the query projector (the tiny/stage1_query and tiny/stage2_query
+variants of docs/recipes.md: tiny/stage1 and tiny/stage2 with the query projector's overrides)."""
 
 import json
 import shutil
 
 import pytest
+from documented_variants import variant_args
 
 from speechmapper_tune.checkpoint.projector_io import load_projector
 from speechmapper_tune.models.query_projector import QueryProjector
@@ -21,8 +23,7 @@ def test_query_projector_trains_in_stage_1_then_stage_2(tmp_path, tune):
         [
             "run",
             "speechmapper_pretrain",
-            "--config",
-            "tiny/stage1_query",
+            *variant_args("tiny/stage1_query"),
             f"output_dir={s1}",
             "max_steps=12",
             "log_every_n_steps=4",
@@ -42,8 +43,7 @@ def test_query_projector_trains_in_stage_1_then_stage_2(tmp_path, tune):
         [
             "run",
             "speechmapper_adapt",
-            "--config",
-            "tiny/stage2_query",
+            *variant_args("tiny/stage2_query"),
             f"output_dir={s2}",
             "from_scratch=False",
             f"projector_checkpoint={s1}/checkpoints/step_12",
