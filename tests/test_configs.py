@@ -2,7 +2,7 @@ import importlib
 from collections import defaultdict
 
 import pytest
-from documented_variants import fixture_config, fixture_configs
+from documented_variants import fixture_config, fixture_configs, variant_args
 from omegaconf import OmegaConf
 
 from speechmapper_tune.configs import CONFIG_DIR, available_configs, resolve_config, resolve_config_argv
@@ -67,3 +67,16 @@ def test_few_configs_and_no_block_copied_into_many():
             where[tuple(lines[i : i + BLOCK_LINES])].add(name)
     copied = {block: sorted(found) for block, found in where.items() if len(found) > MAX_COPIES}
     assert not copied, "\n\n".join(f"{found}:\n" + "\n".join(block) for block, found in copied.items())
+
+
+def test_the_demo_runs_the_documented_variants():
+    """`make demo`'s stages are the variants docs/recipes.md lists (the demo sets its own paths and output_dir)."""
+    from speechmapper_tune import demo
+
+    def documented(name):
+        return [a for a in variant_args(name) if not a.startswith(("output_dir=", "manifest=", "instructions="))]
+
+    assert demo.STAGE1 == documented("smollm2_135M/stage1_demo")
+    assert demo.STAGE2 == documented("smollm2_135M/stage2_demo")
+    assert demo.ZERO_SHOT == documented("smollm2_135M/generate_asr_zeroshot")
+    assert demo.ST == documented("smollm2_135M/generate_st")
