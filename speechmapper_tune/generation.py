@@ -236,25 +236,23 @@ def _check_model(model: nn.Module) -> None:
         _refuse(f"the model ({type(model).__name__})", "it has no layers")
 
 
+def _check_part(where: str, module: nn.Module, class_name: str, parts: Sequence[str]) -> None:
+    """Refuse ``module`` unless it is torchtune's ``class_name`` (own forward), unhooked, with every attribute of ``parts``."""
+    if not _torchtune(module, class_name):
+        _refuse(where, f"only torchtune's {class_name} (with its own forward) is supported")
+    if _hooked(module):
+        _refuse(where, "it has forward hooks, which would not run")
+    missing = [n for n in parts if getattr(module, n, None) is None]
+    if missing:
+        _refuse(where, f"it has no {', '.join(missing)}")
+
+
 def _check_layer(i: int, layer: nn.Module) -> None:
     """Raise a ValueError naming what the lean decoder does not recognise in ``layer``."""
-    where = f"layer {i} ({type(layer).__name__})"
-    if not _torchtune(layer, "TransformerSelfAttentionLayer"):
-        _refuse(where, "only torchtune's TransformerSelfAttentionLayer (with its own forward) is supported")
-    if _hooked(layer):
-        _refuse(where, "it has forward hooks, which would not run")
-    missing = [n for n in _LAYER_PARTS if getattr(layer, n, None) is None]
-    if missing:
-        _refuse(where, f"it has no {', '.join(missing)}")
+    _check_part(f"layer {i} ({type(layer).__name__})", layer, "TransformerSelfAttentionLayer", _LAYER_PARTS)
     attn = layer.attn
     where = f"layer {i}'s attention ({type(attn).__name__})"
-    if not _torchtune(attn, "MultiHeadAttention"):
-        _refuse(where, "only torchtune's MultiHeadAttention (with its own forward) is supported")
-    if _hooked(attn):
-        _refuse(where, "it has forward hooks, which would not run")
-    missing = [n for n in _ATTENTION_PARTS if getattr(attn, n, None) is None]
-    if missing:
-        _refuse(where, f"it has no {', '.join(missing)}")
+    _check_part(where, attn, "MultiHeadAttention", _ATTENTION_PARTS)
     if attn.num_heads % attn.num_kv_heads:
         _refuse(where, f"num_heads {attn.num_heads} is not a multiple of num_kv_heads {attn.num_kv_heads}")
     rope = getattr(attn, "pos_embeddings", None)
