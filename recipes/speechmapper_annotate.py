@@ -43,7 +43,7 @@ from torchtune import config, training, utils
 
 from speechmapper_tune.checkpoint.atomic import atomic_write_json
 from speechmapper_tune.config_schema import MISSING, TextLLMSettings, at_least, load_settings, settings
-from speechmapper_tune.configs import resolve_config_argv
+from speechmapper_tune.configs import resolve_config_argv, resolve_path_setting
 from speechmapper_tune.corpus.manifest_io import load_audio_manifest
 from speechmapper_tune.data.generation_data import append_rows, done_ids, start_resumable_output
 from speechmapper_tune.data.manifest import written_text
@@ -155,11 +155,7 @@ class AnnotateRecipe:
                 cfg.overwrite,
             )
             return
-        ckpt = (
-            str(config.instantiate(cfg.llm.checkpoint))
-            if isinstance(cfg.llm.checkpoint, DictConfig)
-            else str(cfg.llm.checkpoint)
-        )
+        ckpt, chat_format = TextLLMSettings.resolve(cfg.llm, resolve_path_setting)
         settings = {
             "manifest": str(cfg.manifest),
             "task": cfg.task,
@@ -167,7 +163,7 @@ class AnnotateRecipe:
             "llm": {
                 "name": cfg.llm.name,
                 "checkpoint": ckpt,
-                "chat_format": cfg.llm.chat_format,
+                "chat_format": chat_format,
                 "dtype": cfg.llm.dtype,
             },
             "prompt": OmegaConf.to_container(cfg.prompt, resolve=True),
@@ -175,7 +171,7 @@ class AnnotateRecipe:
         }
         self._start(json.loads(json.dumps(settings)), cfg.overwrite)
         self.model, _, _ = load_llm(cfg.llm.name, ckpt, dtype=resolve_dtype(cfg.llm.dtype, "cpu", setting="llm.dtype"))
-        self.chat = ChatTokenizer.from_dir(ckpt, chat_format=cfg.llm.chat_format)
+        self.chat = ChatTokenizer.from_dir(ckpt, chat_format=chat_format)
 
     def _start(self, settings: Dict, overwrite: bool) -> None:
         out = self.output_dir

@@ -26,7 +26,7 @@ from torchtune import config, training, utils
 
 from speechmapper_tune.checkpoint.atomic import atomic_write_json, atomic_write_text
 from speechmapper_tune.config_schema import MISSING, TextLLMSettings, at_least, load_settings, settings
-from speechmapper_tune.configs import resolve_config_argv
+from speechmapper_tune.configs import resolve_config_argv, resolve_path_setting
 from speechmapper_tune.dtypes import resolve_dtype
 from speechmapper_tune.generation import greedy_generate, newline_token_ids
 from speechmapper_tune.metrics import asr_scores
@@ -102,14 +102,10 @@ class EETRecipe:
     def setup(self) -> None:
         cfg = self.cfg
         training.set_seed(seed=cfg.seed)
-        ckpt = (
-            str(config.instantiate(cfg.llm.checkpoint))
-            if isinstance(cfg.llm.checkpoint, DictConfig)
-            else str(cfg.llm.checkpoint)
-        )
+        ckpt, chat_format = TextLLMSettings.resolve(cfg.llm, resolve_path_setting)
         self.sentences = load_sentences(cfg.sentences)
         self.model, _, _ = load_llm(cfg.llm.name, ckpt, dtype=resolve_dtype(cfg.llm.dtype, "cpu", setting="llm.dtype"))
-        self.chat = ChatTokenizer.from_dir(ckpt, chat_format=cfg.llm.chat_format)
+        self.chat = ChatTokenizer.from_dir(ckpt, chat_format=chat_format)
         msgs = [{"role": "user", "content": cfg.prompt.user}]
         ids, start = self.chat.render_with_speech(msgs, 0, placeholder="<sentence>", fill_id=0)
         self.prefix, self.suffix = (

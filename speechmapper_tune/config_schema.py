@@ -91,9 +91,22 @@ class TextLLMSettings:
     """An LLM that reads text only, loaded by name from its folder (speechmapper_eet, speechmapper_annotate)."""
 
     name: str = MISSING  # a load_llm name
-    checkpoint: Any = MISSING  # a folder, or a _component_ returning one
-    chat_format: str = MISSING
+    checkpoint: Any = None  # a folder, or a _component_ returning one; None: the named LLM's offline copy (SmolLM2)
+    chat_format: Optional[str] = None  # None: the named LLM's own (models.llms.LLMS)
     dtype: str = "fp32"
+
+    @staticmethod
+    def resolve(llm: Any, resolve_path: Any) -> tuple:
+        """(checkpoint folder, chat format) of a TextLLMSettings section, the unset ones from the named LLM."""
+        from speechmapper_tune.models.llms import default_chat_format, default_checkpoint
+
+        ckpt = resolve_path(llm.checkpoint) or default_checkpoint(llm.name)
+        if not ckpt:
+            raise ValueError(f"llm.checkpoint is not set and {llm.name!r} has no offline copy: pass the LLM's folder")
+        chat_format = llm.chat_format or default_chat_format(llm.name)
+        if not chat_format:
+            raise ValueError(f"llm.chat_format is not set and {llm.name!r} has no default one")
+        return ckpt, chat_format
 
 
 @settings

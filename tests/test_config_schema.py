@@ -304,3 +304,29 @@ def test_each_recipe_stops_on_a_bad_setting_before_any_work(tmp_path, tune, reci
     )
     assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-3000:]
     assert not out.exists()
+
+
+def test_an_llm_named_in_a_config_brings_its_chat_format_and_offline_folder(tmp_path):
+    """A text-LLM section that names SmolLM2 needs no folder or chat format; a named folder and format win; an LLM
+    with no offline copy and no folder is refused naming the setting."""
+    from speechmapper_tune.config_schema import TextLLMSettings
+    from speechmapper_tune.models.llms import default_chat_format
+
+    assert (default_chat_format("smollm2_135m"), default_chat_format("llama3_1_8b")) == ("smollm2", "llama3")
+    assert default_chat_format("no_such_llm") is None
+
+    def as_is(value):  # what resolve_path_setting does to a plain folder or None
+        return None if value is None else str(value)
+
+    named = OmegaConf.create({"name": "llama3_1_8b", "checkpoint": str(tmp_path), "chat_format": "chatml"})
+    assert TextLLMSettings.resolve(named, as_is) == (str(tmp_path), "chatml")
+    defaults = OmegaConf.create({"name": "llama3_1_8b", "checkpoint": str(tmp_path), "chat_format": None})
+    assert TextLLMSettings.resolve(defaults, as_is) == (str(tmp_path), "llama3")
+    with pytest.raises(ValueError, match="llm.checkpoint is not set"):
+        TextLLMSettings.resolve(
+            OmegaConf.create({"name": "llama3_1_8b", "checkpoint": None, "chat_format": None}), as_is
+        )
+    with pytest.raises(ValueError, match="llm.chat_format is not set"):
+        TextLLMSettings.resolve(
+            OmegaConf.create({"name": "x", "checkpoint": str(tmp_path), "chat_format": None}), as_is
+        )

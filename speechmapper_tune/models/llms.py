@@ -239,18 +239,34 @@ class _Entry:
     build: Callable[[], TransformerDecoder]
     hparams: LlamaHParams
     model_type: str  # torchtune ModelType name for FullModelHFCheckpointer
+    chat_format: Optional[str] = None  # the default ``chat_format`` (None: the config must set it)
 
     def build_with(self, lora: Optional[LoraConfig]) -> TransformerDecoder:
         return self.build() if lora is None else _build(self.hparams, lora)
 
 
 LLMS: Dict[str, _Entry] = {
-    "smollm2_135m": _Entry(smollm2_135m, SMOLLM2_135M, "LLAMA3_2"),
-    "llama3_1_8b": _Entry(llama3_1_8b, LLAMA3_1_8B, "LLAMA3"),
-    "eurollm_9b": _Entry(eurollm_9b, EUROLLM_9B, "LLAMA3"),
+    "smollm2_135m": _Entry(smollm2_135m, SMOLLM2_135M, "LLAMA3_2", "smollm2"),
+    "llama3_1_8b": _Entry(llama3_1_8b, LLAMA3_1_8B, "LLAMA3", "llama3"),
+    "eurollm_9b": _Entry(eurollm_9b, EUROLLM_9B, "LLAMA3", "template"),
     "tiny_llm": _Entry(tiny_llm, tiny_hparams(True), "LLAMA3_2"),
     "tiny_llm_untied": _Entry(lambda: tiny_llm(False), tiny_hparams(False), "LLAMA3"),
 }
+
+
+def default_checkpoint(name: str) -> Optional[str]:
+    """Where an LLM that installs offline lives (SmolLM2-135M-Instruct, converted once); None for the others."""
+    if name == "smollm2_135m":
+        from speechmapper_tune.assets import smollm2_dir
+
+        return str(smollm2_dir())
+    return None
+
+
+def default_chat_format(name: str) -> Optional[str]:
+    """The chat format a named LLM speaks (None for a name not in ``LLMS``)."""
+    entry = LLMS.get(name)
+    return entry.chat_format if entry is not None else None
 
 
 def _hf_rope_theta(config: dict) -> Optional[float]:
@@ -501,7 +517,7 @@ __all__ = [
     "HF_LLAMA", "LORA_ATTN_MODULES", "LoraConfig", "hparams_from_hf_config", "load_lora_adapters", "load_lora_state_dict",
     "lora_state_dict",
     "EUROLLM_9B", "LLAMA3_1_8B", "LLMS", "Llama3RopeScaling", "LlamaHParams", "SMOLLM2_135M", "check_hf_config",
-    "eurollm_9b", "hf_checkpoint_files", "llama3_1_8b", "load_llm", "smollm2_135m", "tiny_hparams",
+    "default_chat_format", "default_checkpoint", "eurollm_9b", "hf_checkpoint_files", "llama3_1_8b", "load_llm", "smollm2_135m", "tiny_hparams",
     "tiny_llm",
 ]  # fmt: skip
 

@@ -38,7 +38,15 @@ from speechmapper_tune.generation import GenerationResult, greedy_generate, newl
 from speechmapper_tune.losses import IGNORE_INDEX
 from speechmapper_tune.models.chat_format import ChatTokenizer
 from speechmapper_tune.models.injector import inject_speech, trailing_pad_lengths
-from speechmapper_tune.models.llms import adapters_off, embed_tokens, forward_embeds, load_llm, load_lora_adapters
+from speechmapper_tune.models.llms import (
+    adapters_off,
+    default_chat_format,
+    default_checkpoint,
+    embed_tokens,
+    forward_embeds,
+    load_llm,
+    load_lora_adapters,
+)
 
 FROM_CHECKPOINT = "checkpoint"  # lora=...: the adapters the checkpoint was trained with, if any
 # An instruction prompt for `ask` when the checkpoint's own prompt has no {instruction} (stage 1):
@@ -57,15 +65,6 @@ ZERO_SHOT_PROMPT = {
 }
 
 Audio = Union[str, Path, np.ndarray, Tuple[np.ndarray, int]]
-
-
-def _default_llm_checkpoint(name: str) -> Optional[str]:
-    """Where an LLM that installs offline lives (SmolLM2-135M-Instruct, converted once)."""
-    if name == "smollm2_135m":
-        from speechmapper_tune.assets import smollm2_dir
-
-        return str(smollm2_dir())
-    return None
 
 
 def resolve_projector(checkpoint: Union[str, Path]) -> Path:
@@ -151,7 +150,8 @@ class SpeechLM(nn.Module):
         """Load a projector checkpoint (folder or shipped name) with the LLM it was trained for.
 
         ``llm``: ``{name, checkpoint, tokenizer, chat_format, dtype, pad_id}``, each defaulting to what
-        the checkpoint records (SmolLM2 is found offline). ``prompt``: a ``PromptTemplate`` mapping;
+        the checkpoint records, then to the named LLM's own (``models.llms``: its chat format; SmolLM2's
+        folder, found offline). ``prompt``: a ``PromptTemplate`` mapping;
         default the checkpoint's training prompt (stage 1: the paper's zero-shot prompt). ``lora``: the
         adapters' settings (None: none); default the checkpoint's. ``checkpoint=None`` with ``projector``
         (training from scratch) or without (text spans only: the topline and the cascade).
@@ -167,10 +167,12 @@ class SpeechLM(nn.Module):
             **{k: recorded[k] for k in ("name", "chat_format", "pad_id") if k in recorded},
             **{k: v for k, v in (llm or {}).items() if v is not None},
         }
+        if "chat_format" not in spec and default_chat_format(spec.get("name", "")):
+            spec["chat_format"] = default_chat_format(spec["name"])
         for key in ("name", "chat_format", "pad_id"):
             if key not in spec:
                 raise ValueError(f"llm.{key} is not set and {folder or 'the settings'} does not record it")
-        ckpt_dir = spec.get("checkpoint") or _default_llm_checkpoint(spec["name"]) or recorded.get("checkpoint")
+        ckpt_dir = spec.get("checkpoint") or default_checkpoint(spec["name"]) or recorded.get("checkpoint")
         if not ckpt_dir or not Path(ckpt_dir).exists():
             raise FileNotFoundError(
                 f"llm.checkpoint: the {spec['name']} checkpoint folder {ckpt_dir!r} does not exist; "
