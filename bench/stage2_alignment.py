@@ -1,0 +1,282 @@
+"""Task-agnostic stage 2 on dev: the paper's sigma-mix against behaviour alignment, at equal steps.
+
+    .venv/bin/python bench/stage2_alignment.py                        # everything not done yet, then the table
+    .venv/bin/python bench/stage2_alignment.py --steps 200 --train-items 1600 --out runs/alignment
+    .venv/bin/python bench/stage2_alignment.py --report               # the table from what exists
+
+From the shipped stage-1 projector (``--stage1``), four stage-2 runs of ``speechmapper_adapt`` with the same
+steps, batch and learning rate, each validated on dev:
+
+* ``sigma_mix``: ``smollm2_135M/stage2_asr_ce_mse`` (Eq. 3, sigma 0.9, on ASR transcripts);
+* ``self_ce``: ``smollm2_135M/stage2_self_ce`` (CE on the LLM's own answers to self-generated instructions);
+* ``kl``: the same rows, ``loss.kl_ratio=1`` (KL from the LLM reading the transcript, temperature 2);
+* ``kl_mse``: KL + the stage-1 MSE (``loss.sigma=0.9``, ``weighting=balanced``).
+
+The instruction rows come first (``speechmapper_instructions``: ``instructions/self_train`` on the first
+``--train-items`` training utterances, ``instructions/self_heldout`` on ``--dev-items`` dev ones, with the
+shuffled-transcript answers that give chance agreement). Then one ``speechmapper_generate`` process (the LLM
+loads once) decodes, on the same dev utterances, for each system, stage 1 alone and the Whisper-base cascade:
+the held-out instructions (the agreement metric), ASR with the paper's zero-shot prompt (WER), the first-word
+probe (an instruction in neither pool) and English -> French ST (``tts_en_fr``: the target-language share).
+``speechmapper_eval`` scores them; the table (``<out>/summary.md``) adds each run's wall time and its dev
+curves (``<out>/<system>/metrics.jsonl``). Every phase resumes: rerun after a stop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List
+
+REPO = Path(__file__).resolve().parents[1]
+TUNE = str(Path(sys.executable).with_name("tune"))
+FEATURES = "runs/features/whisper_base_trimmed"
+PROBE = "What is the first word of the Speech content? Answer with that word only."
+SYSTEMS = {  # name: (config, overrides)
+    "sigma_mix": ("smollm2_135M/stage2_asr_ce_mse", []),
+    "self_ce": ("smollm2_135M/stage2_self_ce", []),
+    "kl": ("smollm2_135M/stage2_self_ce", ["loss.kl_ratio=1.0", "loss.kl_temperature=2.0"]),
+    "kl_mse": (
+        "smollm2_135M/stage2_self_ce",
+        ["loss.kl_ratio=1.0", "loss.kl_temperature=2.0", "loss.sigma=0.9", "loss.weighting=balanced"],
+    ),
+}
+
+
+def run(cmd: List[str], log: Path) -> float:
+    """``tune run ...`` with its output in ``log``; wall seconds. A failure stops the bench, naming the log."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    print(f"[alignment] {' '.join(cmd[:4])} ... (log {log})", flush=True)
+    with open(log, "a") as f:
+        code = subprocess.call([TUNE, "run", *cmd], stdout=f, stderr=subprocess.STDOUT, cwd=REPO)
+    if code:
+        raise SystemExit(f"[alignment] failed ({code}): {' '.join(cmd)}; see {log}")
+    return time.perf_counter() - t0
+
+
+def _timings(out: Path) -> Dict[str, float]:
+    path = out / "timings.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _add_timing(out: Path, key: str, seconds: float) -> None:
+    t = _timings(out)
+    t[key] = t.get(key, 0.0) + seconds
+    tmp = out / "timings.json.tmp"
+    tmp.write_text(json.dumps(t, indent=1))
+    os.replace(tmp, out / "timings.json")
+
+
+def rows(args, out: Path) -> Dict[str, Path]:
+    """Instruction rows: self-generated training answers, held-out dev ones, dev ST rows."""
+    made = {"train": out / "rows" / "train", "dev": out / "rows" / "dev", "st": out / "rows" / "st_dev"}
+    jobs = {
+        "train": [
+            "speechmapper_instructions",
+            "--config",
+            "instructions/self_train",
+            f"max_items={args.train_items}",
+            f"manifest={FEATURES}/train/cuts.jsonl.gz",
+            "answer.llm.dtype=fp32",
+        ],
+        "dev": [
+            "speechmapper_instructions",
+            "--config",
+            "instructions/self_heldout",
+            f"max_items={args.dev_items}",
+            f"manifest={FEATURES}/dev/cuts.jsonl.gz",
+            "answer.llm.dtype=fp32",
+        ],
+        "st": [
+            "speechmapper_instructions",
+            "--config",
+            "instructions/st",
+            "translations=tts_en_fr",
+            f"manifest={FEATURES}/dev/cuts.jsonl.gz",
+        ],
+    }
+    for name, cmd in jobs.items():
+        if not (made[name] / "instructions.jsonl").is_file():
+            _add_timing(out, f"rows_{name}", run([*cmd, f"output_dir={made[name]}"], out / "logs" / f"rows_{name}.log"))
+    return made
+
+
+def train(args, out: Path, made: Dict[str, Path]) -> None:
+    for name, (config, overrides) in SYSTEMS.items():
+        folder = out / name
+        if (folder / "checkpoints" / f"step_{args.steps}").is_dir():
+            continue
+        data = (
+            [f"data.train.manifest={FEATURES}/train/cuts.jsonl.gz", f"data.val.manifest={FEATURES}/dev/cuts.jsonl.gz"]
+            if name == "sigma_mix"
+            else [
+                f"data.train.manifest={FEATURES}/train/cuts.jsonl.gz",
+                f"data.train.instructions={made['train'] / 'instructions.jsonl'}",
+                f"data.val.manifest={FEATURES}/dev/cuts.jsonl.gz",
+                f"data.val.instructions={made['dev'] / 'instructions.jsonl'}",
+            ]
+        )
+        cmd = [
+            "speechmapper_adapt",
+            "--config",
+            config,
+            f"projector_checkpoint={args.stage1}",
+            f"output_dir={folder}",
+            "llm.dtype=fp32",
+            f"max_steps={args.steps}",
+            f"val_every_n_steps={args.val_every}",
+            f"save_every_n_steps={args.val_every}",
+            f"data.val.max_items={args.dev_items}",
+            f"resume={(folder / 'checkpoints').is_dir()}",
+            *data,
+            *overrides,
+        ]
+        _add_timing(out, f"train_{name}", run(cmd, out / "logs" / f"train_{name}.log"))
+
+
+def generate(args, out: Path, made: Dict[str, Path]) -> Dict[str, str]:
+    """Every decode in one speechmapper_generate process; {row name: generations file}."""
+    from omegaconf import OmegaConf
+
+    from speechmapper_tune.configs import resolve_config
+    from speechmapper_tune.models.speech_lm import ZERO_SHOT_PROMPT
+
+    ckpts = {"stage1": args.stage1, **{n: str(out / n / "checkpoints" / f"step_{args.steps}") for n in SYSTEMS}}
+    dev = f"manifest={FEATURES}/dev/cuts.jsonl.gz"
+    items = f"max_items={args.dev_items}"
+    jobs = {}
+    for name, ckpt in [*ckpts.items(), ("cascade", args.stage1)]:
+        source = ["span_source=asr"] if name == "cascade" else []
+        common = [f"projector_checkpoint={ckpt}", dev, *source]
+        jobs[f"{name}_self"] = [
+            *common,
+            "task=self",
+            'prompt.instruction=""',
+            "max_new_tokens=48",
+            "batch_size=16",
+            f"instructions={made['dev'] / 'instructions.jsonl'}",
+        ]
+        jobs[f"{name}_zeroshot"] = [*common, items, "stop_at_newline=True"]  # + the zero-shot prompt, below
+        jobs[f"{name}_probe"] = [
+            *common,
+            items,
+            f"prompt.instruction={PROBE}",
+            "max_new_tokens=8",
+            "stop_at_newline=True",
+        ]
+        jobs[f"{name}_st"] = [
+            *common,
+            items,
+            "task=st",
+            'prompt.instruction=""',
+            "max_new_tokens=64",
+            "stop_at_newline=True",
+            f"instructions={made['st'] / 'instructions.jsonl'}",
+        ]
+    base = OmegaConf.load(resolve_config("smollm2_135M/generate"))
+    configs, gens = [], {}
+    for row, overrides in jobs.items():
+        folder = out / "generations" / row
+        gens[row] = str(folder / "generations.jsonl")
+        cfg = OmegaConf.merge(base, OmegaConf.from_dotlist([*overrides, f"output_dir={folder}", "llm.dtype=fp32"]))
+        if row.endswith("_zeroshot"):  # the paper's zero-shot prompt (table 11) for every system, not its own
+            cfg.prompt = dict(ZERO_SHOT_PROMPT)
+        configs.append(cfg)
+    plan = out / "generations" / "plan.yaml"
+    plan.parent.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(OmegaConf.create({"runs": configs}), plan)
+    _add_timing(out, "generate", run(["speechmapper_generate", "--config", str(plan)], out / "logs" / "generate.log"))
+    return gens
+
+
+def evaluate(out: Path, gens: Dict[str, str]) -> None:
+    scored = {k: v for k, v in gens.items() if not k.endswith("_probe")}
+    spec = "{" + ", ".join(f"{k}: {v}" for k, v in scored.items()) + "}"
+    _add_timing(
+        out,
+        "eval",
+        run(
+            ["speechmapper_eval", "--config", "eval/default", f"output_dir={out / 'eval'}", f"generations={spec}"],
+            out / "logs" / "eval.log",
+        ),
+    )
+
+
+def report(args, out: Path) -> str:
+    from speechmapper_tune.demo import _probe
+
+    results_file = out / "eval" / "results.json"
+    res = {r["name"]: r for r in json.loads(results_file.read_text())} if results_file.is_file() else {}
+    timings = _timings(out)
+    lines = [
+        f"Dev, {args.dev_items} utterances (held-out voices); every system from `{args.stage1}`, {args.steps} steps, "
+        "batch 8, LR 5e-4, SmolLM2-135M-Instruct frozen, fp32.",
+        "",
+        "| system | steps | wall min | val CE first -> last | val KL first -> last | zero-shot WER (stuck) "
+        "| agreement chrF / exact % (chance) | first word % (baseline) | ST fr share % |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name in ["stage1", *SYSTEMS, "cascade"]:
+        m = out / name / "metrics.jsonl"
+        ce = kl = "-"
+        steps = "0" if name in ("stage1", "cascade") else "-"
+        if m.is_file():
+            val = [json.loads(l) for l in m.read_text().splitlines() if '"val_' in l]
+            if val:
+                steps = str(max(v["step"] for v in val))
+                ce = f"{val[0].get('val_ce', float('nan')):.2f} -> {val[-1].get('val_ce', float('nan')):.2f}"
+                if "val_kl" in val[0]:
+                    kl = f"{val[0]['val_kl']:.2f} -> {val[-1]['val_kl']:.2f}"
+        wall = timings.get(f"train_{name}")
+        z, s, st = res.get(f"{name}_zeroshot", {}), res.get(f"{name}_self", {}), res.get(f"{name}_st", {})
+        wer = f"{z['wer']:.1f} ({z.get('stuck', 0)})" if "wer" in z else "-"
+        agree = (
+            f"{s['agreement_chrf']:.1f} / {s['agreement_exact']:.1f} ({s.get('chance_chrf', float('nan')):.1f} / "
+            f"{s.get('chance_exact', float('nan')):.1f})"
+            if "agreement_chrf" in s
+            else "-"
+        )
+        probe_file = out / "generations" / f"{name}_probe" / "generations.jsonl"
+        probe = "-"
+        if probe_file.is_file():
+            p = _probe(probe_file)
+            probe = f"{p['first_word_accuracy']:.0f} ({p['majority_baseline']:.0f})"
+        share = (st.get("by_language") or {}).get("fr", {}).get("target_share")
+        lines.append(
+            f"| {name} | {steps} | {'-' if wall is None else f'{wall / 60:.0f}'} | {ce} | {kl} | {wer} | {agree} | "
+            f"{probe} | {'-' if share is None else f'{100 * share:.0f}'} |"
+        )
+    rows_t = ", ".join(f"{k} {v / 60:.1f} min" for k, v in timings.items() if not k.startswith("train_"))
+    lines += ["", f"Other phases: {rows_t or '-'}."]
+    text = "\n".join(lines) + "\n"
+    (out / "summary.md").write_text(text)
+    return text
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="runs/alignment")
+    parser.add_argument("--stage1", default="smollm2_135m_whisper_base_stage1")
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--val-every", type=int, default=50)
+    parser.add_argument("--train-items", type=int, default=1600)
+    parser.add_argument("--dev-items", type=int, default=50)
+    parser.add_argument("--report", action="store_true", help="only the table, from what exists")
+    args = parser.parse_args()
+    out = (REPO / args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    if not args.report:
+        made = rows(args, out)
+        train(args, out, made)
+        evaluate(out, generate(args, out, made))
+    print(report(args, out))
+
+
+if __name__ == "__main__":
+    main()
