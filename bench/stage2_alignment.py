@@ -15,9 +15,12 @@ steps, batch and learning rate, each validated on dev:
 The instruction rows come first (``speechmapper_instructions``: ``instructions/self_train`` on the first
 ``--train-items`` training utterances, ``instructions/self_heldout`` on ``--dev-items`` dev ones, with the
 shuffled-transcript answers that give chance agreement). Then one ``speechmapper_generate`` process (the LLM
-loads once) decodes, on the same dev utterances, for each system, stage 1 alone and the Whisper-base cascade:
+loads once) decodes, on the same dev utterances, for each system, stage 1 alone, the shipped task-agnostic
+projector (``--shipped``, the one to beat) and the Whisper-base cascade:
 the held-out instructions (the agreement metric), ASR with the paper's zero-shot prompt (WER), the first-word
-probe (an instruction in neither pool) and English -> French ST (``tts_en_fr``: the target-language share).
+probe (an instruction in neither pool) and English -> French ST (the target-language share; on ``--st-manifest``,
+the demo corpus's dev sentences, read by the same held-out voices: tts_en's dev sentences have no reference
+translations).
 ``speechmapper_eval`` scores them; the table (``<out>/summary.md``) adds each run's wall time and its dev
 curves (``<out>/<system>/metrics.jsonl``). Every phase resumes: rerun after a stop.
 """
@@ -75,6 +78,8 @@ def _add_timing(out: Path, key: str, seconds: float) -> None:
 
 def rows(args, out: Path) -> Dict[str, Path]:
     """Instruction rows: self-generated training answers, held-out dev ones, dev ST rows."""
+    from speechmapper_tune.corpus import translations_file
+
     made = {"train": out / "rows" / "train", "dev": out / "rows" / "dev", "st": out / "rows" / "st_dev"}
     jobs = {
         "train": [
@@ -97,10 +102,13 @@ def rows(args, out: Path) -> Dict[str, Path]:
             "speechmapper_instructions",
             "--config",
             "instructions/st",
-            "translations=tts_en_fr",
-            f"manifest={FEATURES}/dev/cuts.jsonl.gz",
+            f"translations={translations_file('tts_en_fr')}",
+            f"manifest={args.st_manifest}",
         ],
     }
+    if not Path(args.st_manifest).is_file():
+        print(f"[alignment] no {args.st_manifest} (make demo writes it): no ST row", flush=True)
+        del jobs["st"], made["st"]
     for name, cmd in jobs.items():
         if not (made[name] / "instructions.jsonl").is_file():
             _add_timing(out, f"rows_{name}", run([*cmd, f"output_dir={made[name]}"], out / "logs" / f"rows_{name}.log"))
@@ -147,7 +155,11 @@ def generate(args, out: Path, made: Dict[str, Path]) -> Dict[str, str]:
     from speechmapper_tune.configs import resolve_config
     from speechmapper_tune.models.speech_lm import ZERO_SHOT_PROMPT
 
-    ckpts = {"stage1": args.stage1, **{n: str(out / n / "checkpoints" / f"step_{args.steps}") for n in SYSTEMS}}
+    ckpts = {
+        "stage1": args.stage1,
+        "shipped": args.shipped,
+        **{n: str(out / n / "checkpoints" / f"step_{args.steps}") for n in SYSTEMS},
+    }
     dev = f"manifest={FEATURES}/dev/cuts.jsonl.gz"
     items = f"max_items={args.dev_items}"
     jobs = {}
@@ -170,8 +182,11 @@ def generate(args, out: Path, made: Dict[str, Path]) -> Dict[str, str]:
             "max_new_tokens=8",
             "stop_at_newline=True",
         ]
+        if "st" not in made:
+            continue
         jobs[f"{name}_st"] = [
             *common,
+            f"manifest={args.st_manifest}",  # replaces dev's: the sentences with reference translations
             items,
             "task=st",
             'prompt.instruction=""',
@@ -222,10 +237,10 @@ def report(args, out: Path) -> str:
         "| agreement chrF / exact % (chance) | first word % (baseline) | ST fr share % |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    for name in ["stage1", *SYSTEMS, "cascade"]:
+    for name in ["stage1", "shipped", *SYSTEMS, "cascade"]:
         m = out / name / "metrics.jsonl"
         ce = kl = "-"
-        steps = "0" if name in ("stage1", "cascade") else "-"
+        steps = {"stage1": "0", "cascade": "0", "shipped": "(shipped)"}.get(name, "-")
         if m.is_file():
             val = [json.loads(l) for l in m.read_text().splitlines() if '"val_' in l]
             if val:
@@ -256,20 +271,55 @@ def report(args, out: Path) -> str:
     lines += ["", f"Other phases: {rows_t or '-'}."]
     text = "\n".join(lines) + "\n"
     (out / "summary.md").write_text(text)
+    plot_curves(out)
     return text
+
+
+def plot_curves(out: Path) -> None:
+    """``<out>/curves.png``: each run's dev validation (CE, KL, MSE) against steps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = ("val_ce", "val_kl", "val_mse")
+    fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.6))
+    for name in SYSTEMS:
+        m = out / name / "metrics.jsonl"
+        if not m.is_file():
+            continue
+        val = [json.loads(line) for line in m.read_text().splitlines() if '"val_' in line]
+        for ax, key in zip(axes, keys):
+            pts = [(v["step"], v[key]) for v in val if key in v]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=name)
+    for ax, key in zip(axes, keys):
+        ax.set_title(f"dev {key[4:].upper()}")
+        ax.set_xlabel("step")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "curves.png", dpi=80)
+    plt.close(fig)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/alignment")
     parser.add_argument("--stage1", default="smollm2_135m_whisper_base_stage1")
+    parser.add_argument("--shipped", default="smollm2_135m_whisper_base_stage2", help="the task-agnostic one shipped")
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--val-every", type=int, default=50)
     parser.add_argument("--train-items", type=int, default=1600)
     parser.add_argument("--dev-items", type=int, default=50)
+    parser.add_argument(
+        "--st-manifest",
+        default="demo_out/features/dev/cuts.jsonl.gz",
+        help="ST source: features of sentences with reference translations (tts_en_fr: the demo corpus's dev)",
+    )
     parser.add_argument("--report", action="store_true", help="only the table, from what exists")
     args = parser.parse_args()
     out = (REPO / args.out).resolve()
+    args.st_manifest = str((REPO / args.st_manifest).resolve())
     out.mkdir(parents=True, exist_ok=True)
     if not args.report:
         made = rows(args, out)

@@ -14,7 +14,9 @@ file doubles as the documentation of how to chain them:
    the answer prefix it was trained with), this run's stage 1 (zero-shot) and stage 2, the
    Whisper-base + LLM cascade, the text-embedding topline, and an unseen-instruction probe;
    speech translation into French on dev and test (an instruction no projector was trained on), scored
-   against the packaged reference translations (``speechmapper_tune/corpus/translations``);
+   against the packaged reference translations (``speechmapper_tune/corpus/translations``); held-out
+   instructions on test (``instructions/self_heldout``): the task-agnostic projectors' answers from speech
+   against the LLM's own answers from the transcript, beside the cascade and chance (the agreement metric);
 5. evaluation and the report: ``demo_out/RESULTS.md``, ``demo_out/results.json``, loss curves
    and a WER bar chart (PNG).
 
@@ -93,6 +95,7 @@ SYSTEMS = (
 ST_TRANSLATIONS = "tts_en_fr"  # speechmapper_tune/corpus/translations: the default corpus's dev and test sentences
 ST_SPLITS = ("dev", "test")
 ST_SYSTEMS = ("topline", "cascade", "shipped", "stage2")
+SELF = ["--config", "smollm2_135M/generate", "task=self", 'prompt.instruction=""', "max_new_tokens=48"]
 ST_DECODING = ["max_new_tokens=64", "stop_at_newline=True"]  # the sentences are short; a runaway decode stops early
 
 
@@ -339,6 +342,44 @@ class Demo:
             self.generate_all("st generation", runs)
         return gens
 
+    def agreement(self) -> Dict[str, str]:
+        """Held-out instructions on test (``instructions/self_heldout``): each task-agnostic system's answer from
+        speech against the LLM's own answer from the transcript, beside the cascade and chance (a shuffled
+        transcript's answer, in the rows)."""
+        if "test" not in self.splits:
+            return {}
+        rows = self.out / "self" / "test"
+        self.run(
+            "self instructions",
+            [
+                "speechmapper_instructions",
+                "--config",
+                "instructions/self_heldout",
+                f"manifest={self.feats('test')}/cuts.jsonl.gz",
+                f"output_dir={rows}",
+                *self.items,
+            ],
+        )
+        ckpts = {"stage2": self.ckpt2, "shipped": _shipped("shipped"), "cascade": self.ckpt2}
+        gens, runs = {}, []
+        for system, ckpt in ckpts.items():
+            if ckpt is None:
+                continue
+            out = self.out / "generations" / f"self_{system}_test"
+            runs.append(
+                [
+                    *SELF,
+                    *(["span_source=asr"] if system == "cascade" else []),
+                    f"projector_checkpoint={ckpt}",
+                    f"manifest={self.feats('test')}/cuts.jsonl.gz",
+                    f"instructions={rows / 'instructions.jsonl'}",
+                    f"output_dir={out}",
+                ]
+            )
+            gens[f"self_{system}/test"] = str(out / "generations.jsonl")
+        self.generate_all("agreement generation", runs)
+        return gens
+
     def evaluate(self, gens: Dict[str, str]) -> List[Dict]:
         ev = self.out / "eval"
         mapping = "{" + ", ".join(f"{k.replace('/', '__')}: {v}" for k, v in gens.items()) + "}"
@@ -350,9 +391,15 @@ class Demo:
 
     # ------------------------------------------------------------------ report
     def report(self, results: List[Dict], wall: float) -> None:
-        rows, st_rows = [], []
+        rows, st_rows, agree_rows = [], [], []
         for r in results:
             system, split = r["name"].split("__")
+            if r["task"] == "self":
+                keys = ("n", "stuck", "agreement_chrf", "agreement_exact", "chance_chrf", "chance_exact")
+                agree_rows.append(
+                    {"split": split, "system": system.removeprefix("self_"), **{k: r.get(k) for k in keys}}
+                )
+                continue
             if r["task"] == "st":
                 fr = r["by_language"].get("fr", {})
                 st_rows.append(
@@ -386,6 +433,7 @@ class Demo:
         summary = {
             "rows": rows,
             "st_rows": st_rows,
+            "agreement_rows": agree_rows,
             "unseen_instruction_probe": probes,
             "training": learning,
             "wall_seconds": {**{k: round(v, 1) for k, v in self.timings.items()}, "total": round(wall, 1)},
@@ -433,6 +481,21 @@ class Demo:
                 f"{pr['first_word_accuracy']:.1f}% over {pr['n']} utterances (always answering the "
                 f"commonest first word: {pr['majority_baseline']:.1f}%)."
             )
+        if agree_rows:
+            md += [
+                "",
+                "Held-out instructions (`instructions/self_heldout`, none trained on), test: the answer from speech "
+                "scored against the same LLM's answer from the transcript (chrF, exact match %); chance = the answer "
+                "to another utterance's transcript.",
+                "",
+                "| system | n | agreement chrF | exact % | chance chrF | chance exact % | stuck |",
+                "|---|---|---|---|---|---|---|",
+            ]
+            for r in agree_rows:
+                md.append(
+                    f"| {r['system']} | {r['n']} | {_f(r['agreement_chrf'])} | {_f(r['agreement_exact'])} | "
+                    f"{_f(r['chance_chrf'])} | {_f(r['chance_exact'])} | {r['stuck']} |"
+                )
         if st_rows:
             md += [
                 "",
@@ -591,6 +654,7 @@ def main() -> None:
     demo.train()
     gens = demo.generate()
     gens.update(demo.translate())
+    gens.update(demo.agreement())
     results = demo.evaluate(gens)
     demo.report(results, time.perf_counter() - t0)
 

@@ -66,6 +66,12 @@ def test_reduced_demo_end_to_end(tmp_path):
         for r in st.values()
     )
     assert "English -> French" in (out / "RESULTS.md").read_text()
+    # held-out instructions on test: agreement with the transcript-fed answers, and the chance level beside it
+    agree = {r["system"]: r for r in res["agreement_rows"]}
+    assert set(agree) == {"stage2", "cascade"} | ({"shipped"} & systems)
+    assert all(r["split"] == "test" and r["n"] == 2 and r["agreement_chrf"] is not None for r in agree.values())
+    assert all(r["chance_chrf"] is not None for r in agree.values())
+    assert "Held-out instructions" in (out / "RESULTS.md").read_text()
     row = json.loads((out / "generations" / "st_topline_test" / "generations.jsonl").read_text().splitlines()[0])
     assert (
         row["task"] == "st" and row["target_lang"] == "fr" and "Peux-tu traduire" in row["prompt"]
