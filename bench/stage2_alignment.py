@@ -17,7 +17,8 @@ The instruction rows come first (``speechmapper_instructions``: ``instructions/s
 shuffled-transcript answers that give chance agreement). Then one ``speechmapper_generate`` process (the LLM
 loads once) decodes, on the same dev utterances, for each system, stage 1 alone, the shipped task-agnostic
 projector (``--shipped``, the one to beat) and the Whisper-base cascade:
-the held-out instructions (the agreement metric), ASR with the paper's zero-shot prompt (WER), the first-word
+the held-out instructions (the agreement metric), ASR with the paper's zero-shot prompt (WER; decoded as `make demo`
+does, with a length cap from the audio duration), the first-word
 probe (an instruction in neither pool) and English -> French ST (the target-language share; on ``--st-manifest``,
 the demo corpus's dev sentences, read by the same held-out voices: tts_en's dev sentences have no reference
 translations).
@@ -39,6 +40,7 @@ from typing import Dict, List
 REPO = Path(__file__).resolve().parents[1]
 TUNE = str(Path(sys.executable).with_name("tune"))
 FEATURES = "runs/features/whisper_base_trimmed"
+DEMO_DECODING = ["length_cap.tokens_per_second=4.0", "length_cap.extra=4"]  # as make demo: no runaway decode
 PROBE = "What is the first word of the Speech content? Answer with that word only."
 SYSTEMS = {  # name: (config, overrides)
     "sigma_mix": ("smollm2_135M/stage2_asr_ce_mse", []),
@@ -174,7 +176,12 @@ def generate(args, out: Path, made: Dict[str, Path]) -> Dict[str, str]:
             "batch_size=16",
             f"instructions={made['dev'] / 'instructions.jsonl'}",
         ]
-        jobs[f"{name}_zeroshot"] = [*common, items, "stop_at_newline=True"]  # + the zero-shot prompt, below
+        jobs[f"{name}_zeroshot"] = [
+            *common,
+            items,
+            "stop_at_newline=True",
+            *DEMO_DECODING,
+        ]  # + the zero-shot prompt, below
         jobs[f"{name}_probe"] = [
             *common,
             items,
@@ -265,7 +272,7 @@ def report(args, out: Path) -> str:
         share = (st.get("by_language") or {}).get("fr", {}).get("target_share")
         lines.append(
             f"| {name} | {steps} | {'-' if wall is None else f'{wall / 60:.0f}'} | {ce} | {kl} | {wer} | {agree} | "
-            f"{probe} | {'-' if share is None else f'{100 * share:.0f}'} |"
+            f"{probe} | {'-' if share is None else f'{share:.0f}'} |"
         )
     rows_t = ", ".join(f"{k} {v / 60:.1f} min" for k, v in timings.items() if not k.startswith("train_"))
     lines += ["", f"Other phases: {rows_t or '-'}."]
@@ -295,6 +302,7 @@ def plot_curves(out: Path) -> None:
                 ax.plot(*zip(*pts), marker="o", label=name)
     for ax, key in zip(axes, keys):
         ax.set_title(f"dev {key[4:].upper()}")
+        ax.set_yscale("log" if key == "val_mse" else "linear")  # CE alone lets the MSE grow 400x
         ax.set_xlabel("step")
         ax.legend(fontsize=8)
     fig.tight_layout()
