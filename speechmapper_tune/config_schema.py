@@ -97,7 +97,10 @@ class TextLLMSettings:
 
     @staticmethod
     def resolve(llm: Any, resolve_path: Any) -> tuple:
-        """(checkpoint folder, chat format) of a TextLLMSettings section, the unset ones from the named LLM."""
+        """(checkpoint folder, chat format) of a TextLLMSettings section, the unset ones from the named LLM.
+
+        ``resolve_path``: the recipes' ``configs.resolve_path_setting`` (it instantiates a ``_component_`` with
+        torchtune, which stays out of the library)."""
         from speechmapper_tune.models.llms import default_chat_format, default_checkpoint
 
         ckpt = resolve_path(llm.checkpoint) or default_checkpoint(llm.name)
