@@ -36,8 +36,9 @@ Speed (bench/generate.py, against transformers' ``generate(inputs_embeds=...)``)
 per-module bookkeeping; query heads of a kv group folded into the query axis instead of copying
 the cache to every query head; attention reads the cache only up to its filled length, with an
 additive mask built once per step for all layers; RoPE factors looked up once per step and
-applied as one complex product; and ``_Linears``: on CPU, the LM head as ``W @ x^T`` in fp32, and bf16
-weights widened to fp32 a slice at a time where the CPU has no native bf16.
+applied as one complex product; and ``_Linears``: on CPU in fp32, decode steps multiply oneDNN-prepacked
+copies of the weights (kept with the model: ``_PackedWeights``), and bf16 weights are widened to fp32 a
+slice at a time where the CPU has no native bf16.
 
 Stuck decodings (paper appendix B.2, table 10: "her sister her sister ..." until the token
 limit) are *flagged* by ``detect_stuck``; see its docstring for the exact rule.
@@ -53,6 +54,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import weakref
 from dataclasses import dataclass, field
 from typing import FrozenSet, Iterable, List, Optional, Sequence, Tuple
 
@@ -266,39 +268,88 @@ def _check_layer(i: int, layer: nn.Module) -> None:
 
 # ----------------------------------------------------------------------------- linear maps
 _SCRATCH_BYTES = 1 << 20  # bf16 weights are widened to fp32 this many bytes at a time (stays in cache)
+_PACK_MAX_ROWS = 64  # products with at most this many rows (decode steps) use the packed weights
+_PACK_MAX_BYTES = 4 << 30  # a model with more fp32 weight bytes than this is not packed (the copy doubles them)
+
+
+class _PackedWeights:
+    """oneDNN's prepacked copies of a model's fp32 ``nn.Linear`` weights, for the few-row products of decode
+    steps on CPU, where torch's sgemm on unpacked weights is the step's bottleneck (79% of a step; 1.2-1.25x
+    faster decoding end to end with packed ones, BENCHMARKS.md). Weights applied to the same input are
+    packed as one (q/k/v, w1/w3). The price is a second copy of the weights, kept as long as the model
+    lives (+540 MB for SmolLM2-135M fp32; packing it takes ~0.6 s, once), so models over ``_PACK_MAX_BYTES``
+    are not packed. A weight changed in place (its version counter) or replaced is packed again before use.
+    """
+
+    _by_model: "weakref.WeakKeyDictionary[nn.Module, _PackedWeights]" = weakref.WeakKeyDictionary()
+
+    @classmethod
+    def of(cls, model: nn.Module) -> Optional["_PackedWeights"]:
+        """The model's packed weights, or None where packing does not apply (no oneDNN, too large)."""
+        if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")):
+            return None
+        if model not in cls._by_model:
+            if sum(p.numel() * 4 for p in model.parameters()) > _PACK_MAX_BYTES:
+                return None
+            cls._by_model[model] = cls()
+        return cls._by_model[model]
+
+    def __init__(self):
+        self._packs = {}  # ids of the weights -> (their data pointers and versions, packed weight)
+
+    def __call__(self, weights: Sequence[torch.Tensor]) -> torch.Tensor:
+        key = tuple(id(w) for w in weights)
+        stamp = tuple((w.data_ptr(), w._version) for w in weights)
+        hit = self._packs.get(key)
+        if hit is None or hit[0] != stamp:
+            w = torch.cat([w.detach() for w in weights]) if len(weights) > 1 else weights[0].detach().contiguous()
+            hit = self._packs[key] = (stamp, torch.ops.mkldnn._reorder_linear_weight(w, _PACK_MAX_ROWS))
+        return hit[1]
 
 
 class _Linears:
     """The products ``x W^T (+ b)`` of this call's plain ``nn.Linear`` weights, on its device and dtype.
 
-    Everywhere, several weights applied to the same input are given together (q/k/v, the MLP's w1/w3). Two
+    Everywhere, several weights applied to the same input are given together (q/k/v, the MLP's w1/w3). Three
     CPU cases are computed differently from ``F.linear``, for speed, with the same inputs and fp32 sums:
 
+    * fp32, products of at most ``_PACK_MAX_ROWS`` rows (decode steps) with weights without bias: oneDNN's
+      linear on the weights prepacked for it (``_PackedWeights``, given as ``packed``), the grouped weights as
+      one product. Prefill keeps ``F.linear``: packed weights were slower there (measured).
+    * fp32, the LM head (vocabulary x width) otherwise: ``W @ x^T`` streams the large weight once; ``F.linear``
+      with a few rows was 1.4-1.7x slower on it (measured; the layers' own weights show no such difference).
     * bf16 on a CPU without native bf16 (``dtypes.native_bf16``: AVX2 only): torch emulates bf16 products,
       2-8x slower than fp32 (BENCHMARKS.md). Here the weights are widened to fp32 a slice of rows at a time
       into a small buffer, multiplied in fp32 and the result rounded to bf16: the products of bf16 numbers
       are exact in fp32 and torch's bf16 kernels also sum in fp32, so only the order of the sums differs
       (results within a bf16 rounding, tested), at fp32 speed, with no extra copy of the weights kept.
-    * fp32 on CPU, the LM head (vocabulary x width): ``W @ x^T`` streams the large weight once; ``F.linear``
-      with a few rows was 1.4-1.7x slower on it (measured; the layers' own weights show no such difference).
     """
 
-    def __init__(self, dtype: torch.dtype, device: torch.device):
+    def __init__(self, dtype: torch.dtype, device: torch.device, packed: Optional[_PackedWeights] = None):
         from speechmapper_tune.dtypes import native_bf16
 
         cpu = device.type == "cpu"
         self.dtype = dtype
         self.widen = cpu and dtype == torch.bfloat16 and not native_bf16("cpu")
         self.rows_first_head = cpu and dtype == torch.float32
+        self.packed = packed if cpu and dtype == torch.float32 else None
         self._scratch: Optional[torch.Tensor] = None
+
+    def _use_packed(self, x: torch.Tensor, biases: Sequence) -> bool:
+        return self.packed is not None and x.numel() <= _PACK_MAX_ROWS * x.shape[-1] and all(b is None for b in biases)
 
     def __call__(self, x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence) -> List[torch.Tensor]:
         """``[x W_i^T + b_i for each weight]``."""
+        if self._use_packed(x, biases):
+            y = torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.packed(weights), None, "none", [], "")
+            return list(y.split([w.shape[0] for w in weights], -1))
         if not self.widen:
             return [F.linear(x, w, b) for w, b in zip(weights, biases)]
         return list(self._widened(x, weights, biases).split([w.shape[0] for w in weights], -1))
 
     def head(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        if self._use_packed(x, [bias]):
+            return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.packed([weight]), None, "none", [], "")
         if self.widen:
             return self._widened(x, [weight], [bias])
         if self.rows_first_head and bias is None and x.dim() == 2:
@@ -403,7 +454,7 @@ class _LeanDecoder:
             _check_layer(i, layer)
         emb = model.tok_embeddings.weight
         self.model, self.dtype, self.device = model, emb.dtype, emb.device
-        self.linears = _Linears(self.dtype, self.device)
+        self.linears = _Linears(self.dtype, self.device, _PackedWeights.of(model))
         self.layers = [_Layer(layer, self.linears) for layer in model.layers]
         self.head = self._head(model.output)
 

@@ -547,3 +547,35 @@ def test_leading_newlines_do_not_stop_the_answer():
     assert _advance(7, out, 50, 50, frozenset({2}), newlines, None) is None
     res = _advance(10, out, 50, 50, frozenset({2}), newlines, None)
     assert res.stopped_by == "newline" and res.ids == [10, 7, 10]
+
+
+def test_packed_fp32_products_equal_f_linear():
+    """Decode-step products on oneDNN-packed weights (grouped weights as one) match ``F.linear``."""
+    from speechmapper_tune.generation import _Linears, _PackedWeights
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 1, 576, generator=g)
+    ws = [torch.randn(n, 576, generator=g) / 24 for n in (576, 192, 192)]
+    lin = _Linears(torch.float32, torch.device("cpu"), _PackedWeights())
+    assert lin._use_packed(x, [None] * 3) and not lin._use_packed(torch.randn(480, 576), [None])
+    for ours, w in zip(lin(x, ws, [None] * 3), ws):
+        ref, size = F.linear(x, w), x.abs() @ w.abs().t()  # size: the sum of the terms' magnitudes
+        assert ours.shape == ref.shape
+        assert ((ours - ref).abs() <= 2 * 576 * 2**-24 * size).all()  # two orders of the same fp32 sums
+
+
+def test_packed_weights_follow_in_place_updates_and_skip_large_models(monkeypatch):
+    from speechmapper_tune import generation
+    from speechmapper_tune.generation import _PackedWeights
+
+    packs = _PackedWeights()
+    w = torch.randn(64, 32)
+    x = torch.randn(4, 32)
+    first = torch.ops.mkldnn._linear_pointwise(x, packs([w]), None, "none", [], "")
+    with torch.no_grad():
+        w.mul_(2.0)  # an optimizer step: same storage, new version
+    second = torch.ops.mkldnn._linear_pointwise(x, packs([w]), None, "none", [], "")
+    assert torch.allclose(second, 2 * first, rtol=1e-5, atol=1e-5 * first.abs().max().item())
+    model = torch.nn.Linear(32, 64)
+    monkeypatch.setattr(generation, "_PACK_MAX_BYTES", 64 * 32 * 4)  # smaller than the model's weights + bias
+    assert _PackedWeights.of(model) is None
