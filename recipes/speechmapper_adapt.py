@@ -56,6 +56,7 @@ from speechmapper_tune.checkpoint.projector_io import (
 from speechmapper_tune.config_schema import (
     MISSING,
     AugmentSettings,
+    Component,
     LLMSettings,
     LoraSettings,
     PromptSettings,
@@ -137,6 +138,10 @@ class AdaptSettings(TrainingSettings):
     prompt: PromptSettings = field(default_factory=PromptSettings)
     asr_prompt: Optional[PromptSettings] = None  # for the ASR samples of data.train.asr_mix_ratio
     lora: Optional[LoraSettings] = None  # LoRA adapters on the frozen LLM, trained with the projector
+    validate_at_start: bool = True  # the starting projector's validation at step 0: the run's baseline
+    lr_scheduler: Component = field(  # section 3: a constant learning rate
+        default_factory=lambda: {"_component_": "speechmapper_tune.schedules.constant_schedule"}
+    )
     trim_pad_vectors: bool = False  # the paper keeps the projector's trailing pad vectors
     batch_size: int = at_least(1)
     max_seq_len: Optional[int] = None  # default: the LLM's

@@ -154,6 +154,13 @@ class StuckGuardSettings:
     trim: Optional[bool] = None
 
 
+# unset ``metric_loggers``: the console and ``<output_dir>/logs`` (metrics.jsonl is written besides, always)
+DEFAULT_METRIC_LOGGERS = (
+    {"_component_": "torchtune.training.metric_logging.StdoutLogger"},
+    {"_component_": "torchtune.training.metric_logging.DiskLogger", "log_dir": "${output_dir}/logs"},
+)
+
+
 @settings
 class TrainingSettings:
     """The training loop's settings, shared by speechmapper_pretrain and speechmapper_adapt."""
@@ -170,11 +177,11 @@ class TrainingSettings:
     max_steps: int = at_least(0)
     gradient_accumulation_steps: int = at_least(1, 1)
     clip_grad_norm: Optional[float] = None
-    log_every_n_steps: Optional[int] = 0
+    log_every_n_steps: Optional[int] = 10  # the console line and metrics.jsonl every 10 steps
     val_every_n_steps: Optional[int] = 0
     save_every_n_steps: Optional[int] = 0
     keep_last_n_checkpoints: Optional[int] = 2
-    metric_loggers: List[Component] = field(default_factory=list)
+    metric_loggers: List[Component] = field(default_factory=lambda: list(DEFAULT_METRIC_LOGGERS))
     validate_at_start: bool = False  # the starting point's validation figures (e.g. of init_projector)
 
 
