@@ -2,6 +2,8 @@
 
     .venv/bin/python bench/stage2_alignment.py                        # everything not done yet, then the table
     .venv/bin/python bench/stage2_alignment.py --steps 200 --train-items 1600 --out runs/alignment
+    .venv/bin/python bench/stage2_alignment.py --items 150 --rows self --candidate kl_600=<run>/checkpoints/step_600
+    .venv/bin/python bench/stage2_alignment.py --split test --items 150 --no-train   # the report, once
     .venv/bin/python bench/stage2_alignment.py --report               # the table from what exists
 
 From the shipped stage-1 projector (``--stage1``), four stage-2 runs of ``speechmapper_adapt`` with the same
@@ -13,17 +15,19 @@ steps, batch and learning rate, each validated on dev:
 * ``kl_mse``: KL + the stage-1 MSE (``loss.sigma=0.9``, ``weighting=balanced``).
 
 The instruction rows come first (``speechmapper_instructions``: ``instructions/self_train`` on the first
-``--train-items`` training utterances, ``instructions/self_heldout`` on ``--dev-items`` dev ones, with the
-shuffled-transcript answers that give chance agreement). Then one ``speechmapper_generate`` process (the LLM
-loads once) decodes, on the same dev utterances, for each system, stage 1 alone, the shipped task-agnostic
-projector (``--shipped``, the one to beat) and the Whisper-base cascade:
+``--train-items`` training utterances, ``instructions/self_heldout`` on the first ``--items`` utterances of
+``--split`` (dev, or test for the report), with the shuffled-transcript answers that give chance agreement).
+Then one ``speechmapper_generate`` process (the LLM loads once) decodes, on the same utterances, for each
+trained system, each ``--candidate NAME=CHECKPOINT`` (e.g. a longer run's later checkpoints), stage 1 alone,
+the shipped task-agnostic projector (``--shipped``, the one to beat) and the Whisper-base cascade
+(``--rows`` picks which of these decodes run):
 the held-out instructions (the agreement metric), ASR with the paper's zero-shot prompt (WER; decoded as `make demo`
 does, with a length cap from the audio duration), the first-word
 probe (an instruction in neither pool) and English -> French ST (the target-language share; on ``--st-manifest``,
-the demo corpus's dev sentences, read by the same held-out voices: tts_en's dev sentences have no reference
-translations).
-``speechmapper_eval`` scores them; the table (``<out>/summary.md``) adds each run's wall time and its dev
-curves (``<out>/<system>/metrics.jsonl``). Every phase resumes: rerun after a stop.
+the demo corpus's sentences of the split, read by the same held-out voices: tts_en's have no reference
+translations). ``--split test`` trains nothing (choices are made on dev).
+``speechmapper_eval`` scores them; the table (``<out>/summary_<split>_<items>.md``) adds each run's wall time and
+its dev curves (``<out>/<system>/metrics.jsonl``). Every phase resumes: rerun after a stop.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from typing import Dict, List
 REPO = Path(__file__).resolve().parents[1]
 TUNE = str(Path(sys.executable).with_name("tune"))
 FEATURES = "runs/features/whisper_base_trimmed"
+ROW_KINDS = ("self", "zeroshot", "probe", "st")
 DEMO_DECODING = ["length_cap.tokens_per_second=4.0", "length_cap.extra=4"]  # as make demo: no runaway decode
 PROBE = "What is the first word of the Speech content? Answer with that word only."
 SYSTEMS = {  # name: (config, overrides)
@@ -78,11 +83,15 @@ def _add_timing(out: Path, key: str, seconds: float) -> None:
     os.replace(tmp, out / "timings.json")
 
 
+def _tag(args) -> str:
+    return f"{args.split}_{args.items}"
+
+
 def rows(args, out: Path) -> Dict[str, Path]:
-    """Instruction rows: self-generated training answers, held-out dev ones, dev ST rows."""
+    """Instruction rows: self-generated training answers, held-out ones on the split, the split's ST rows."""
     from speechmapper_tune.corpus import translations_file
 
-    made = {"train": out / "rows" / "train", "dev": out / "rows" / "dev", "st": out / "rows" / "st_dev"}
+    made = {"train": out / "rows" / "train", "held": out / "rows" / _tag(args), "st": out / "rows" / f"st_{args.split}"}
     jobs = {
         "train": [
             "speechmapper_instructions",
@@ -92,12 +101,12 @@ def rows(args, out: Path) -> Dict[str, Path]:
             f"manifest={FEATURES}/train/cuts.jsonl.gz",
             "answer.llm.dtype=fp32",
         ],
-        "dev": [
+        "held": [
             "speechmapper_instructions",
             "--config",
             "instructions/self_heldout",
-            f"max_items={args.dev_items}",
-            f"manifest={FEATURES}/dev/cuts.jsonl.gz",
+            f"max_items={args.items}",
+            f"manifest={FEATURES}/{args.split}/cuts.jsonl.gz",
             "answer.llm.dtype=fp32",
         ],
         "st": [
@@ -108,16 +117,22 @@ def rows(args, out: Path) -> Dict[str, Path]:
             f"manifest={args.st_manifest}",
         ],
     }
-    if not Path(args.st_manifest).is_file():
-        print(f"[alignment] no {args.st_manifest} (make demo writes it): no ST row", flush=True)
+    if args.split == "test":
+        del jobs["train"], made["train"]  # nothing trains on a test run
+    if "st" not in args.rows or not Path(args.st_manifest).is_file():
+        if "st" in args.rows:
+            print(f"[alignment] no {args.st_manifest} (make demo writes it): no ST row", flush=True)
         del jobs["st"], made["st"]
     for name, cmd in jobs.items():
         if not (made[name] / "instructions.jsonl").is_file():
-            _add_timing(out, f"rows_{name}", run([*cmd, f"output_dir={made[name]}"], out / "logs" / f"rows_{name}.log"))
+            key = name if name == "train" else f"{name}_{_tag(args)}"
+            _add_timing(out, f"rows_{key}", run([*cmd, f"output_dir={made[name]}"], out / "logs" / f"rows_{key}.log"))
     return made
 
 
 def train(args, out: Path, made: Dict[str, Path]) -> None:
+    if args.split != "dev" or not args.train:
+        return
     for name, (config, overrides) in SYSTEMS.items():
         folder = out / name
         if (folder / "checkpoints" / f"step_{args.steps}").is_dir():
@@ -129,7 +144,7 @@ def train(args, out: Path, made: Dict[str, Path]) -> None:
                 f"data.train.manifest={FEATURES}/train/cuts.jsonl.gz",
                 f"data.train.instructions={made['train'] / 'instructions.jsonl'}",
                 f"data.val.manifest={FEATURES}/dev/cuts.jsonl.gz",
-                f"data.val.instructions={made['dev'] / 'instructions.jsonl'}",
+                f"data.val.instructions={made['held'] / 'instructions.jsonl'}",
             ]
         )
         cmd = [
@@ -142,7 +157,7 @@ def train(args, out: Path, made: Dict[str, Path]) -> None:
             f"max_steps={args.steps}",
             f"val_every_n_steps={args.val_every}",
             f"save_every_n_steps={args.val_every}",
-            f"data.val.max_items={args.dev_items}",
+            f"data.val.max_items={args.items}",
             f"resume={(folder / 'checkpoints').is_dir()}",
             *data,
             *overrides,
@@ -157,13 +172,9 @@ def generate(args, out: Path, made: Dict[str, Path]) -> Dict[str, str]:
     from speechmapper_tune.configs import resolve_config
     from speechmapper_tune.models.speech_lm import ZERO_SHOT_PROMPT
 
-    ckpts = {
-        "stage1": args.stage1,
-        "shipped": args.shipped,
-        **{n: str(out / n / "checkpoints" / f"step_{args.steps}") for n in SYSTEMS},
-    }
-    dev = f"manifest={FEATURES}/dev/cuts.jsonl.gz"
-    items = f"max_items={args.dev_items}"
+    ckpts = {"stage1": args.stage1, "shipped": args.shipped, **_trained(args, out), **args.candidates}
+    dev = f"manifest={FEATURES}/{args.split}/cuts.jsonl.gz"
+    items = f"max_items={args.items}"
     jobs = {}
     for name, ckpt in [*ckpts.items(), ("cascade", args.stage1)]:
         source = ["span_source=asr"] if name == "cascade" else []
@@ -174,7 +185,7 @@ def generate(args, out: Path, made: Dict[str, Path]) -> Dict[str, str]:
             'prompt.instruction=""',
             "max_new_tokens=48",
             "batch_size=16",
-            f"instructions={made['dev'] / 'instructions.jsonl'}",
+            f"instructions={made['held'] / 'instructions.jsonl'}",
         ]
         jobs[f"{name}_zeroshot"] = [
             *common,
@@ -201,31 +212,48 @@ def generate(args, out: Path, made: Dict[str, Path]) -> Dict[str, str]:
             "stop_at_newline=True",
             f"instructions={made['st'] / 'instructions.jsonl'}",
         ]
+    jobs = {row: o for row, o in jobs.items() if row.rsplit("_", 1)[1] in args.rows}
     base = OmegaConf.load(resolve_config("smollm2_135M/generate"))
     configs, gens = [], {}
     for row, overrides in jobs.items():
-        folder = out / "generations" / row
+        folder = out / "generations" / _tag(args) / row
         gens[row] = str(folder / "generations.jsonl")
         cfg = OmegaConf.merge(base, OmegaConf.from_dotlist([*overrides, f"output_dir={folder}", "llm.dtype=fp32"]))
         if row.endswith("_zeroshot"):  # the paper's zero-shot prompt (table 11) for every system, not its own
             cfg.prompt = dict(ZERO_SHOT_PROMPT)
         configs.append(cfg)
-    plan = out / "generations" / "plan.yaml"
+    plan = out / "generations" / _tag(args) / "plan.yaml"
     plan.parent.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(OmegaConf.create({"runs": configs}), plan)
-    _add_timing(out, "generate", run(["speechmapper_generate", "--config", str(plan)], out / "logs" / "generate.log"))
+    log = out / "logs" / f"generate_{_tag(args)}.log"
+    _add_timing(out, f"generate_{_tag(args)}", run(["speechmapper_generate", "--config", str(plan)], log))
     return gens
 
 
-def evaluate(out: Path, gens: Dict[str, str]) -> None:
+def _trained(args, out: Path) -> Dict[str, str]:
+    """The trained systems' last checkpoints; none on a test run (choices are made on dev: name the chosen ones
+    with ``--candidate``)."""
+    if args.split != "dev":
+        return {}
+    ckpts = {n: out / n / "checkpoints" / f"step_{args.steps}" for n in SYSTEMS}
+    return {n: str(c) for n, c in ckpts.items() if args.train or c.is_dir()}
+
+
+def evaluate(args, out: Path, gens: Dict[str, str]) -> None:
     scored = {k: v for k, v in gens.items() if not k.endswith("_probe")}
     spec = "{" + ", ".join(f"{k}: {v}" for k, v in scored.items()) + "}"
     _add_timing(
         out,
-        "eval",
+        f"eval_{_tag(args)}",
         run(
-            ["speechmapper_eval", "--config", "eval/default", f"output_dir={out / 'eval'}", f"generations={spec}"],
-            out / "logs" / "eval.log",
+            [
+                "speechmapper_eval",
+                "--config",
+                "eval/default",
+                f"output_dir={out / 'eval' / _tag(args)}",
+                f"generations={spec}",
+            ],
+            out / "logs" / f"eval_{_tag(args)}.log",
         ),
     )
 
@@ -233,21 +261,23 @@ def evaluate(out: Path, gens: Dict[str, str]) -> None:
 def report(args, out: Path) -> str:
     from speechmapper_tune.demo import _probe
 
-    results_file = out / "eval" / "results.json"
+    results_file = out / "eval" / _tag(args) / "results.json"
     res = {r["name"]: r for r in json.loads(results_file.read_text())} if results_file.is_file() else {}
     timings = _timings(out)
     lines = [
-        f"Dev, {args.dev_items} utterances (held-out voices); every system from `{args.stage1}`, {args.steps} steps, "
-        "batch 8, LR 5e-4, SmolLM2-135M-Instruct frozen, fp32.",
+        f"{args.split.capitalize()}, {args.items} utterances (held-out voices); every system from `{args.stage1}`, "
+        f"{args.steps} steps (candidates: their own), batch 8, LR 5e-4, SmolLM2-135M-Instruct frozen, fp32.",
         "",
         "| system | steps | wall min | val CE first -> last | val KL first -> last | zero-shot WER (stuck) "
         "| agreement chrF / exact % (chance) | first word % (baseline) | ST fr share % |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    for name in ["stage1", "shipped", *SYSTEMS, "cascade"]:
+    for name in ["stage1", "shipped", *_trained(args, out), *args.candidates, "cascade"]:
         m = out / name / "metrics.jsonl"
         ce = kl = "-"
         steps = {"stage1": "0", "cascade": "0", "shipped": "(shipped)"}.get(name, "-")
+        if name in args.candidates:
+            steps = Path(args.candidates[name]).name.removeprefix("step_")
         if m.is_file():
             val = [json.loads(l) for l in m.read_text().splitlines() if '"val_' in l]
             if val:
@@ -264,7 +294,7 @@ def report(args, out: Path) -> str:
             if "agreement_chrf" in s
             else "-"
         )
-        probe_file = out / "generations" / f"{name}_probe" / "generations.jsonl"
+        probe_file = out / "generations" / _tag(args) / f"{name}_probe" / "generations.jsonl"
         probe = "-"
         if probe_file.is_file():
             p = _probe(probe_file)
@@ -277,7 +307,7 @@ def report(args, out: Path) -> str:
     rows_t = ", ".join(f"{k} {v / 60:.1f} min" for k, v in timings.items() if not k.startswith("train_"))
     lines += ["", f"Other phases: {rows_t or '-'}."]
     text = "\n".join(lines) + "\n"
-    (out / "summary.md").write_text(text)
+    (out / f"summary_{_tag(args)}.md").write_text(text)
     plot_curves(out)
     return text
 
@@ -318,21 +348,39 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--val-every", type=int, default=50)
     parser.add_argument("--train-items", type=int, default=1600)
-    parser.add_argument("--dev-items", type=int, default=50)
+    parser.add_argument("--split", choices=("dev", "test"), default="dev", help="test: for the report, once")
+    parser.add_argument("--items", type=int, default=50, help="the split's first N utterances")
+    parser.add_argument("--rows", default=",".join(ROW_KINDS), help=f"decodes to run, of {','.join(ROW_KINDS)}")
+    parser.add_argument(
+        "--candidate", action="append", default=[], metavar="NAME=CHECKPOINT", help="another checkpoint (repeatable)"
+    )
+    parser.add_argument("--no-train", dest="train", action="store_false", help="decode what exists, train nothing")
     parser.add_argument(
         "--st-manifest",
-        default="demo_out/features/dev/cuts.jsonl.gz",
-        help="ST source: features of sentences with reference translations (tts_en_fr: the demo corpus's dev)",
+        default=None,
+        help="ST source: features of sentences with reference translations (tts_en_fr: the demo corpus's; "
+        "default demo_out/features/<split>/cuts.jsonl.gz)",
     )
     parser.add_argument("--report", action="store_true", help="only the table, from what exists")
     args = parser.parse_args()
     out = (REPO / args.out).resolve()
-    args.st_manifest = str((REPO / args.st_manifest).resolve())
+    args.st_manifest = str((REPO / (args.st_manifest or f"demo_out/features/{args.split}/cuts.jsonl.gz")).resolve())
+    args.rows = [r for r in args.rows.split(",") if r]
+    if set(args.rows) - set(ROW_KINDS):
+        parser.error(f"--rows: unknown {sorted(set(args.rows) - set(ROW_KINDS))}; choose from {ROW_KINDS}")
+    args.candidates = {}
+    for spec in args.candidate:
+        name, sep, ckpt = spec.partition("=")
+        if not sep or not name or name in ("stage1", "shipped", "cascade", *SYSTEMS):
+            parser.error(f"--candidate {spec!r}: NAME=CHECKPOINT with a new name")
+        if not Path(ckpt).is_dir():
+            parser.error(f"--candidate {spec!r}: no checkpoint folder {ckpt}")
+        args.candidates[name] = str(Path(ckpt).resolve())
     out.mkdir(parents=True, exist_ok=True)
     if not args.report:
         made = rows(args, out)
         train(args, out, made)
-        evaluate(out, generate(args, out, made))
+        evaluate(args, out, generate(args, out, made))
     print(report(args, out))
 
 

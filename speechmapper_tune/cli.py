@@ -55,17 +55,23 @@ def _notice(message: str) -> None:
 
 
 def describe(meta: dict) -> str:
-    """What a projector is for, from what its checkpoint records."""
+    """What a projector is for, from what its checkpoint records; a shipped one adds what it was measured to do."""
     llm = meta.get("llm", {}).get("name", "?")
     feats = (meta.get("features") or {}).get("feature_type", "?")
     if meta.get("stage") == 1:
         use = "stage 1 only: read zero-shot by the LLM (paper's repeat prompt); a start for stage 2"
     else:
-        sigma = meta.get("sigma")
-        use = "ASR specialist (sigma 0)" if sigma == 0 else f"trained task-agnostic (sigma {sigma})"
+        sigma, kl = meta.get("sigma"), meta.get("kl_ratio") or 0.0
+        if kl:
+            use = f"task-agnostic by behaviour alignment (KL to the LLM reading the transcript, ratio {kl:g}"
+            use += f", sigma {sigma:g})" if sigma else ")"
+        else:
+            use = "ASR specialist (sigma 0)" if sigma == 0 else f"trained task-agnostic (sigma {sigma})"
         if meta.get("lora"):
             use += f", LoRA r{meta['lora']['rank']} on the LLM"
-    return f"{use}; {llm}, {feats} features, step {meta.get('step')}"
+    text = f"{use}; {llm}, {feats} features, step {meta.get('step')}"
+    summary = (meta.get("shipped") or {}).get("summary")
+    return f"{text}\n    {summary}" if summary else text
 
 
 def cmd_list(_args) -> int:

@@ -90,6 +90,7 @@ def test_ask(librivox):
 def test_list_and_clear_errors(tmp_path):
     proc = speechmapper("list")
     assert proc.returncode == 0 and "smollm2_135m_whisper_base_stage2_asr_lora (transcribe default)" in proc.stdout
+    assert proc.stdout.count("    measured: ") == proc.stdout.count("default)") + 2  # each shipped one, measured
     proc = speechmapper("transcribe", tmp_path / "nothing.wav", "--projector", "no_such_projector")
     assert proc.returncode == 1 and "nothing.wav: no such file" in proc.stderr  # inputs first: nothing else is loaded
     proc = speechmapper(

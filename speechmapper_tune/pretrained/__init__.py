@@ -8,7 +8,8 @@ needs to reproduce it:
         projector.safetensors   fp16 weights (loaded back in fp32)
         projector_config.json   the projector and LLM description the recipes check
         metrics.jsonl           the training curve of the run that produced it
-        PROVENANCE.md           the exact commands and data settings
+        PROVENANCE.md           the exact commands and data settings, and what it was measured to do
+                                (in one line, ``shipped.summary`` of the config: what ``speechmapper list`` says)
         lora_adapters.safetensors   fp16 LoRA adapters, only when stage 2 trained them
 
 Use one anywhere a checkpoint folder is expected::
@@ -18,7 +19,8 @@ Use one anywhere a checkpoint folder is expected::
 
 Export one from a finished run (what produced the shipped ones)::
 
-    python -m speechmapper_tune.pretrained export runs/.../checkpoints/step_N NAME --provenance notes.md
+    python -m speechmapper_tune.pretrained export runs/.../checkpoints/step_N NAME --provenance notes.md \\
+        --summary "what it does and does not do, measured"
 """
 
 from __future__ import annotations
@@ -54,12 +56,13 @@ def shipped_projector(name: str) -> str:
 
 
 def export_projector(checkpoint: str | Path, name: str, provenance: Optional[str | Path] = None,
-                     metrics: Optional[str | Path] = None, root: Path = ROOT) -> Path:
-    """Write checkpoint ``checkpoint`` as shipped projector ``name`` (fp16, no recipe state), atomically."""
+                     metrics: Optional[str | Path] = None, root: Path = ROOT, summary: Optional[str] = None) -> Path:
+    """Write checkpoint ``checkpoint`` as shipped projector ``name`` (fp16, no recipe state), atomically.
+    ``summary``: one line on what it does and does not do, measured (``speechmapper list`` prints it)."""
     checkpoint = Path(checkpoint)
     model, meta = load_projector(checkpoint)
     meta = {k: v for k, v in meta.items() if k != "projector"}
-    meta["shipped"] = {"from": str(checkpoint), "dtype": "fp16"}
+    meta["shipped"] = {"from": str(checkpoint), "dtype": "fp16", **({"summary": summary} if summary else {})}
     metrics = Path(metrics) if metrics else _run_metrics(checkpoint)
     final, tmp, old = root / name, root / f".{name}.tmp", root / f".{name}.old"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -100,6 +103,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     e.add_argument("name", help="the shipped name (a folder under speechmapper_tune/pretrained/)")
     e.add_argument("--provenance", help="a Markdown file: commands and data settings that produced it")
     e.add_argument("--metrics", help="metrics.jsonl to ship (default: the run's own)")
+    e.add_argument("--summary", help="one line: what it does and does not do, measured (speechmapper list)")
     a = ap.parse_args(argv)
     if a.cmd == "list":
         for n in available():
@@ -107,7 +111,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     elif a.cmd == "path":
         print(shipped_projector(a.name))
     else:
-        print(export_projector(a.checkpoint, a.name, a.provenance, a.metrics))
+        print(export_projector(a.checkpoint, a.name, a.provenance, a.metrics, summary=a.summary))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 import torch
@@ -24,7 +25,7 @@ def test_export_writes_fp16_weights_config_curve_and_provenance(tmp_path):
     notes = tmp_path / "notes.md"
     notes.write_text("tune run speechmapper_adapt --config x\n")
     root = tmp_path / "shipped"
-    out = pretrained.export_projector(folder, "demo_proj", provenance=notes, root=root)
+    out = pretrained.export_projector(folder, "demo_proj", provenance=notes, root=root, summary="measured: 1% WER")
     assert sorted(p.name for p in out.iterdir()) == [
         "PROVENANCE.md",
         "metrics.jsonl",
@@ -35,6 +36,7 @@ def test_export_writes_fp16_weights_config_curve_and_provenance(tmp_path):
         assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}
     loaded, meta = load_projector(out)
     assert meta["step"] == 7 and meta["stage"] == 2 and meta["shipped"]["dtype"] == "fp16"
+    assert meta["shipped"]["summary"] == "measured: 1% WER"
     x, lengths = torch.randn(2, 40, 16), torch.tensor([40, 25])
     model.eval(), loaded.eval()
     with torch.no_grad():
@@ -93,6 +95,7 @@ def test_shipped_projectors_load_and_say_how_they_were_made(name):
     assert meta["llm"]["dim"] == 576 and meta["llm"]["pad_id"] == 16 and meta["shipped"]["dtype"] == "fp16"
     provenance = (pretrained.ROOT / name / "PROVENANCE.md").read_text()
     assert f"tune run {COMMANDS[name]}" in provenance
+    assert re.match(r"measured: .*\d%", meta["shipped"]["summary"])  # what `speechmapper list` says it does
     curve = [json.loads(l) for l in (pretrained.ROOT / name / "metrics.jsonl").read_text().splitlines()]
     assert curve[-1]["step"] == meta["step"]
     x = torch.randn(1, 100, 512)
