@@ -313,7 +313,7 @@ def report(args, out: Path) -> str:
 
 
 def plot_curves(out: Path) -> None:
-    """``<out>/curves.png``: each run's dev validation (CE, KL, MSE) against steps."""
+    """``<out>/curves.png``: each run's dev validation (CE, KL, MSE) against steps, every run folder in ``out``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -321,7 +321,11 @@ def plot_curves(out: Path) -> None:
 
     keys = ("val_ce", "val_kl", "val_mse")
     fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.6))
-    for name in SYSTEMS:
+    runs = [
+        *SYSTEMS,
+        *sorted(p.name for p in out.iterdir() if p.name not in SYSTEMS and (p / "metrics.jsonl").is_file()),
+    ]
+    for name in runs:  # the compared systems, then any other run in <out> (e.g. one continued for longer)
         m = out / name / "metrics.jsonl"
         if not m.is_file():
             continue

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import List, Optional, Tuple
 
 DEFAULT_TRANSCRIBE = "smollm2_135m_whisper_base_stage2_asr_lora"  # the best shipped ASR projector
-DEFAULT_ASK = "smollm2_135m_whisper_base_stage2"  # the one trained task-agnostic (sigma 0.9), for other instructions
+DEFAULT_ASK = "smollm2_135m_whisper_base_stage2"  # the task-agnostic one (behaviour alignment), for other instructions
 RECIPES = (
     "speechmapper_corpus",
     "speechmapper_extract",

@@ -45,7 +45,7 @@ PROBE = "What is the first word of the Speech content? Answer with that word onl
 FEATURES = "features/whisper_base_trimmed"  # the shipped projectors were trained on these features
 # speechmapper_tune/pretrained/<name>, evaluated next to the demo's own run, each with the answer prefix recorded in
 # its config: the ASR specialist (sigma 0, frozen LLM), the same with LoRA adapters on the LLM (a deviation from
-# the paper, which keeps the LLM frozen), and the task-agnostic projector (sigma 0.9)
+# the paper, which keeps the LLM frozen), and the task-agnostic projector (KL to the LLM reading the transcript)
 SHIPPED = {
     "shipped_asr": "smollm2_135m_whisper_base_stage2_asr",
     "shipped_asr_lora": "smollm2_135m_whisper_base_stage2_asr_lora",
@@ -460,8 +460,9 @@ class Demo:
             f"(both with the answer prefix {PREFIX!r}); `shipped_asr` = the ASR-specialist stage-2 projector shipped "
             f"in the package (`{SHIPPED['shipped_asr']}`: sigma 0, frozen LLM, `smollm2_135M/stage2_asr_full`, 10000 steps in five "
             f"rounds, prefix {PREFIX!r}); `shipped_asr_lora` = the same from round 4 on with LoRA adapters (rank 8, q/v) on the LLM, "
-            f"shipped beside it (`{SHIPPED['shipped_asr_lora']}`; the paper keeps the LLM frozen); `shipped` = the task-agnostic one (`{SHIPPED['shipped']}`: sigma 0.9, "
-            "`smollm2_135M/stage1_full` + `stage2_asr_ce_mse` on its features, on this CPU, no prefix); `stage2` = this "
+            f"shipped beside it (`{SHIPPED['shipped_asr_lora']}`; the paper keeps the LLM frozen); `shipped` = the task-agnostic one (`{SHIPPED['shipped']}`: "
+            "`smollm2_135M/stage2_self_ce` with `loss.kl_ratio=1`, 400 steps of KL to the LLM reading the transcript, "
+            "on self-generated instructions, no prefix); `stage2` = this "
             "run's projector after "
             f"stage-2 CE+MSE. With the paper's zero-shot prompt (table 11) instead: `shipped_stage1` = the stage-1 "
             f"projector shipped in the package (`{SHIPPED_STAGE1}`, stage 1 alone, no LLM in its training), "

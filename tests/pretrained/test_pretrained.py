@@ -79,7 +79,7 @@ def test_unknown_shipped_name_lists_what_exists():
 
 COMMANDS = {
     "smollm2_135m_whisper_base_stage1": "speechmapper_pretrain --config smollm2_135M/stage1_full",
-    "smollm2_135m_whisper_base_stage2": "speechmapper_adapt --config smollm2_135M/stage2_asr_ce_mse",
+    "smollm2_135m_whisper_base_stage2": "speechmapper_adapt --config smollm2_135M/stage2_self_ce",
     "smollm2_135m_whisper_base_stage2_asr": "speechmapper_adapt --config smollm2_135M/stage2_asr_full",
     "smollm2_135m_whisper_base_stage2_asr_lora": "speechmapper_adapt --config smollm2_135M/stage2_asr_full",
 }
