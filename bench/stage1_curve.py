@@ -10,6 +10,9 @@ data.train_manifest=... data.val_manifest=<dev_manifest> max_steps=... resume=Tr
 run under ``nice -n 19`` (``--nice``). Stopping the runner (or the machine) at any time and running it again resumes:
 finished points are skipped, the running one continues from its last checkpoint (the recipe's exact resume),
 and its CPU and wall seconds add up over the runs (``<output_dir>/state.json``, written atomically).
+With ``results_dir`` set, every report also writes each started point's figures (state, validations, machine)
+to ``<results_dir>/<name>.json``: committed, they outlive the machine, so a point done there is not run
+again on a new one and the table and plot still show it (its checkpoints and features stay behind).
 
 A point's training data is ``data.<name>.manifest`` or, with ``sentences: N``, its first N utterances
 (``cuts_first<N>.jsonl.gz`` beside it, so the features' ``extract_info.json`` still applies); while that
@@ -73,6 +76,8 @@ def load_curve(path: str) -> dict:
             raise ValueError(f"{where}: steps_of={p['steps_of']!r} must name an earlier point")
         names.add(p["name"])
     cfg["output_dir"] = str(_abs(cfg["output_dir"]))
+    if cfg.get("results_dir"):
+        cfg["results_dir"] = str(_abs(cfg["results_dir"]))
     return cfg
 
 
@@ -96,6 +101,51 @@ class State:
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_json(self.path, self.data)
+
+
+def machine() -> str:
+    """The CPU a point ran on (CPU-hours compare only on the same kind), and whether it has native bf16."""
+    import platform
+
+    import torch
+
+    model = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    bf16 = "native bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "no native bf16"
+    return f"{os.cpu_count()}-core {model}, {bf16}"
+
+
+class Results:
+    """``<results_dir>/<name>.json`` per point: what a new machine keeps of a point run elsewhere."""
+
+    def __init__(self, results_dir: Optional[str]):
+        self.dir = Path(results_dir) if results_dir else None
+
+    def get(self, name: str) -> dict:
+        path = self.dir / f"{name}.json" if self.dir else None
+        return json.loads(path.read_text()) if path and path.is_file() else {}
+
+    def done(self, name: str) -> bool:
+        return self.get(name).get("state", {}).get("status") == "done"
+
+    def save(self, name: str, state: dict, metrics: List[dict]) -> None:
+        from speechmapper_tune.checkpoint.atomic import atomic_write_json
+
+        kept = [m for m in metrics if "val_token_acc" in m]  # validations, and the last training row's epoch
+        kept += [m for m in metrics if "epoch" in m][-1:]
+        previous = self.get(name)
+        record = {"state": state, "metrics": kept, "machine": previous.get("machine") or machine()}
+        if previous and {k: previous.get(k) for k in ("state", "metrics")} == {
+            k: record[k] for k in ("state", "metrics")
+        }:
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(self.dir / f"{name}.json", record)
 
 
 # ---------------------------------------------------------------- data
@@ -206,7 +256,10 @@ def plan_steps(cfg: dict, point: dict, state: State, manifest: Path, base_cfg) -
     if "steps" in point:
         return int(point["steps"])
     if "steps_of" in point:
-        other = state.data.get(point["steps_of"], {}).get("steps")
+        of = point["steps_of"]
+        other = state.data.get(of, {}).get("steps") or Results(cfg.get("results_dir")).get(of).get("state", {}).get(
+            "steps"
+        )
         return int(other) if other else None  # known once the other point has started
     per_epoch = batches_per_epoch(manifest, base_cfg, list(cfg.get("common", [])) + list(point.get("overrides", [])))
     st["batches_per_epoch"] = per_epoch
@@ -220,12 +273,14 @@ def run_all(cfg: dict, only: List[str], wait: float, retry_failed: bool, nice: i
 
     base_cfg = OmegaConf.load(resolve_config(cfg["base_config"]))
     state = State(Path(cfg["output_dir"]))
+    results = Results(cfg.get("results_dir"))
     points = [p for p in cfg["points"] if not only or p["name"] in only]
     while True:
         todo = [
             p
             for p in points
             if state.point(p["name"])["status"] not in ("done",)
+            and not results.done(p["name"])  # done on another machine
             and (retry_failed or state.point(p["name"])["status"] != "failed")
         ]
         if not todo:
@@ -272,10 +327,15 @@ def _metrics(out: Path) -> List[dict]:
 
 def summarize(cfg: dict) -> List[dict]:
     state = State(Path(cfg["output_dir"]))
+    results = Results(cfg.get("results_dir"))
     rows = []
     for p in cfg["points"]:
         st = state.data.get(p["name"], {})
         metrics = _metrics(Path(cfg["output_dir"]) / p["name"])
+        if st.get("status", "pending") != "pending" and results.dir:
+            results.save(p["name"], st, metrics)
+        elif results.get(p["name"]):  # run on another machine: its committed figures
+            st, metrics = results.get(p["name"])["state"], results.get(p["name"])["metrics"]
         val = [m for m in metrics if "val_token_acc" in m]
         train = [m for m in metrics if "epoch" in m]
         best = max(val, key=lambda m: m["val_token_acc"]) if val else None

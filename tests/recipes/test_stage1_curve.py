@@ -88,6 +88,7 @@ def test_tiny_curve_runs_resumes_and_reports(tmp_path, trained):
             {
                 "base_config": str(tmp_path / "base.yaml"),
                 "output_dir": str(tmp_path / "curve"),
+                "results_dir": str(tmp_path / "results"),
                 "dev_manifest": str(data / "val.jsonl.gz"),
                 "data": {"tiny": {"manifest": str(data / "train.jsonl.gz"), "voices": 1}},
                 "common": ["val_every_n_steps=2", "save_every_n_steps=2", "log_every_n_steps=1"],
@@ -117,3 +118,15 @@ def test_tiny_curve_runs_resumes_and_reports(tmp_path, trained):
     assert any("val_token_acc_seen_0_9" in m or "val_token_share_seen_0_9" in m for m in metrics)
     curve.main(["--config", str(cfg), "--wait", "0", "--nice", "0"])  # everything done: nothing runs again
     assert json.loads((tmp_path / "curve" / "state.json").read_text()) == state
+    kept = json.loads((tmp_path / "results" / "sampled.json").read_text())
+    assert kept["state"] == state["sampled"] and "-core" in kept["machine"]
+    assert [m["step"] for m in kept["metrics"] if "val_token_acc" in m] == [
+        m["step"] for m in metrics if "val_token_acc" in m
+    ]
+    # a new machine: no runs folder, only the committed results; nothing runs, the table still shows both points
+    import shutil
+
+    shutil.rmtree(tmp_path / "curve")
+    curve.main(["--config", str(cfg), "--wait", "0", "--nice", "0"])
+    assert not (tmp_path / "curve" / "first100").exists()
+    assert table == (tmp_path / "curve" / "curve.md").read_text()
