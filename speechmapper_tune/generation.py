@@ -285,8 +285,11 @@ class _PackedWeights:
 
     @classmethod
     def of(cls, model: nn.Module) -> Optional["_PackedWeights"]:
-        """The model's packed weights, or None where packing does not apply (no oneDNN, too large)."""
+        """The model's packed weights, or None where packing does not apply (not fp32 on CPU, no oneDNN, too large)."""
         if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")):
+            return None
+        weight = next(model.parameters(), None)
+        if weight is None or weight.device.type != "cpu" or weight.dtype != torch.float32:
             return None
         if model not in cls._by_model:
             if sum(p.numel() * 4 for p in model.parameters()) > _PACK_MAX_BYTES:
@@ -295,16 +298,21 @@ class _PackedWeights:
         return cls._by_model[model]
 
     def __init__(self):
-        self._packs = {}  # ids of the weights -> (their data pointers and versions, packed weight)
+        # ids of the weights -> (weak references to them, their data pointers and versions, packed weight);
+        # the references tell a live weight from a new tensor that got a freed one's id
+        self._packs = {}
 
     def __call__(self, weights: Sequence[torch.Tensor]) -> torch.Tensor:
         key = tuple(id(w) for w in weights)
         stamp = tuple((w.data_ptr(), w._version) for w in weights)
         hit = self._packs.get(key)
-        if hit is None or hit[0] != stamp:
+        if hit is None or hit[1] != stamp or any(ref() is not w for ref, w in zip(hit[0], weights)):
+            if hit is None:  # a new set of weights: forget the packs of weights that no longer exist
+                self._packs = {k: v for k, v in self._packs.items() if all(ref() is not None for ref in v[0])}
             w = torch.cat([w.detach() for w in weights]) if len(weights) > 1 else weights[0].detach().contiguous()
-            hit = self._packs[key] = (stamp, torch.ops.mkldnn._reorder_linear_weight(w, _PACK_MAX_ROWS))
-        return hit[1]
+            packed = torch.ops.mkldnn._reorder_linear_weight(w, _PACK_MAX_ROWS)
+            hit = self._packs[key] = (tuple(weakref.ref(w) for w in weights), stamp, packed)
+        return hit[2]
 
 
 class _Linears:

@@ -579,3 +579,27 @@ def test_packed_weights_follow_in_place_updates_and_skip_large_models(monkeypatc
     model = torch.nn.Linear(32, 64)
     monkeypatch.setattr(generation, "_PACK_MAX_BYTES", 64 * 32 * 4)  # smaller than the model's weights + bias
     assert _PackedWeights.of(model) is None
+
+
+def test_packed_weights_follow_a_replaced_weight_and_skip_other_dtypes():
+    """A new tensor given where an old one was (an id Python may reuse) is packed anew; bf16 models get no packs."""
+    import gc
+
+    from speechmapper_tune.generation import _PackedWeights
+
+    packs, x = _PackedWeights(), torch.randn(4, 32)
+    w = torch.randn(64, 32)
+    packs([w])
+    for _ in range(20):  # free the weight and make new ones until one lands on its id (CPython reuses them)
+        old = id(w)
+        del w
+        gc.collect()
+        w = torch.randn(64, 32)
+        if id(w) == old:
+            break
+    got = torch.ops.mkldnn._linear_pointwise(x, packs([w]), None, "none", [], "")
+    ref = x @ w.t()
+    assert torch.allclose(got, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+    assert len(packs._packs) == 1  # the freed weight's pack was dropped
+    assert _PackedWeights.of(torch.nn.Linear(32, 64).to(torch.bfloat16)) is None
+    assert _PackedWeights.of(torch.nn.Linear(32, 64)) is not None
