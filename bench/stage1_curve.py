@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/stage1_curve.py                           # bench/stage1_curve.yaml
     .venv/bin/python bench/stage1_curve.py --report                  # curve.md + curve.png from what exists
-    .venv/bin/python bench/stage1_curve.py --only v46_3k --only v17_3k
+    .venv/bin/python bench/stage1_curve.py --only v46_3k --only v17_3k   # these points, in this order
     .venv/bin/python bench/stage1_curve.py --config my_curve.yaml --wait 0   # do not wait for missing features
 
 Each point is one ``tune run speechmapper_pretrain --config <base_config> output_dir=<output_dir>/<name>
@@ -274,7 +274,8 @@ def run_all(cfg: dict, only: List[str], wait: float, retry_failed: bool, nice: i
     base_cfg = OmegaConf.load(resolve_config(cfg["base_config"]))
     state = State(Path(cfg["output_dir"]))
     results = Results(cfg.get("results_dir"))
-    points = [p for p in cfg["points"] if not only or p["name"] in only]
+    by_name = {p["name"]: p for p in cfg["points"]}
+    points = [by_name[name] for name in only] if only else cfg["points"]  # --only: in the order given
     while True:
         todo = [
             p
@@ -440,7 +441,7 @@ def report(cfg: dict) -> None:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default=DEFAULT_CONFIG, help="curve config: a packaged name or a .yaml path")
-    ap.add_argument("--only", action="append", default=[], help="run only these points (repeatable)")
+    ap.add_argument("--only", action="append", default=[], help="run only these points, in this order (repeatable)")
     ap.add_argument("--report", action="store_true", help="only write curve.md and curve.png")
     ap.add_argument("--wait", type=float, default=600, help="seconds between looks when no point's data is ready")
     ap.add_argument("--retry-failed", action="store_true")

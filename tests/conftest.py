@@ -1,3 +1,4 @@
+import logging
 import os
 import subprocess
 import sys
@@ -18,6 +19,30 @@ def run_tune(args, cwd, env=None, timeout=600, check=True):
             f"tune {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
         )
     return proc
+
+
+def run_tune_in_process(args, cwd, monkeypatch, capfd):
+    """``tune ARGS`` through torchtune's own CLI entry point, in this process: for runs that stop at their
+    settings, where a subprocess would spend ~5 s importing torchtune (torchao, datasets) for a sub-second check.
+    Returns a CompletedProcess like ``run_tune``'s (exit status, captured stdout and stderr)."""
+    from torchtune._cli.tune import main
+
+    monkeypatch.chdir(cwd)
+    monkeypatch.setattr(sys, "argv", ["tune", *[str(a) for a in args]])
+    monkeypatch.setattr(sys, "path", list(sys.path))  # `tune run` appends the working directory
+    capfd.readouterr()
+    log = logging.StreamHandler(sys.stderr)  # what the recipe logs, on stderr as in a subprocess
+    log.setLevel(logging.INFO)
+    logging.getLogger().addHandler(log)
+    try:
+        code = main()
+    except SystemExit as e:
+        code = e.code
+    finally:
+        logging.getLogger().removeHandler(log)
+    out, err = capfd.readouterr()
+    code = code if isinstance(code, int) else (0 if code is None else 1)
+    return subprocess.CompletedProcess(["tune", *args], code, out, err)
 
 
 def pytest_configure(config):
@@ -47,6 +72,11 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def tune():
     return run_tune
+
+
+@pytest.fixture
+def tune_in_process(monkeypatch, capfd):
+    return lambda args, cwd: run_tune_in_process(args, cwd, monkeypatch, capfd)
 
 
 @pytest.hookimpl(hookwrapper=True)

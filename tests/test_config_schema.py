@@ -297,11 +297,12 @@ def test_the_shared_sections_match_the_library():
         ),
     ],
 )
-def test_each_recipe_stops_on_a_bad_setting_before_any_work(tmp_path, tune, recipe, name, overrides, message):
+def test_each_recipe_stops_on_a_bad_setting_before_any_work(
+    tmp_path, tune_in_process, recipe, name, overrides, message
+):
+    """Through `tune run`'s entry point, in process (test_recipe_errors runs the CLI in a subprocess)."""
     out = tmp_path / "o"
-    proc = tune(
-        ["run", recipe, "--config", name, f"output_dir={out}", *overrides], cwd=tmp_path, check=False, timeout=300
-    )
+    proc = tune_in_process(["run", recipe, "--config", name, f"output_dir={out}", *overrides], cwd=tmp_path)
     assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-3000:]
     assert not out.exists()
 

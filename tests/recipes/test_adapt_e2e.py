@@ -80,19 +80,17 @@ def test_adapt_from_stage1_learns_and_resumes_exactly(tmp_path, tune, stage1):
         ("llm.pad_id=500", "llm.pad_id=500 is outside the vocabulary"),
     ],
 )
-def test_config_errors(tmp_path, tune, stage1, override, message):
+def test_config_errors(tmp_path, tune_in_process, stage1, override, message):
     out = _stage2_dir(tmp_path, stage1, "o")
-    proc = tune(
-        ["run", "speechmapper_adapt", "--config", "tiny/stage2", f"output_dir={out}", override],
-        cwd=tmp_path,
-        check=False,
+    proc = tune_in_process(
+        ["run", "speechmapper_adapt", "--config", "tiny/stage2", f"output_dir={out}", override], tmp_path
     )
     assert proc.returncode != 0 and message in proc.stderr
 
 
-def test_projector_for_another_llm_is_refused_before_loading_it(tmp_path, tune, stage1):
+def test_projector_for_another_llm_is_refused_before_loading_it(tmp_path, tune_in_process, stage1):
     out = tmp_path / "other"  # its prepare writes a tiny LLM with another seed: another embedding table
-    proc = tune(
+    proc = tune_in_process(
         [
             "run",
             "speechmapper_adapt",
@@ -103,8 +101,7 @@ def test_projector_for_another_llm_is_refused_before_loading_it(tmp_path, tune, 
             "from_scratch=False",
             f"projector_checkpoint={stage1}/checkpoints/step_30",
         ],
-        cwd=tmp_path,
-        check=False,
+        tmp_path,
     )
     assert proc.returncode != 0
     assert "was trained for another LLM" in proc.stderr
@@ -246,7 +243,9 @@ def test_a_new_run_from_a_lora_checkpoint_goes_on_with_its_adapters(tmp_path, tu
     assert "was trained with LoRA adapters on the LLM" in proc.stderr + proc.stdout
 
 
-def test_a_finished_run_resumed_is_left_as_it_is_and_a_new_run_in_its_folder_is_refused(tmp_path, tune, stage1):
+def test_a_finished_run_resumed_is_left_as_it_is_and_a_new_run_in_its_folder_is_refused(
+    tmp_path, tune, tune_in_process, stage1
+):
     out = _stage2_dir(tmp_path, stage1, "done")
     args = [
         "run",
@@ -260,9 +259,9 @@ def test_a_finished_run_resumed_is_left_as_it_is_and_a_new_run_in_its_folder_is_
     ]
     tune(args, cwd=tmp_path)
     files = {p: p.read_bytes() for p in [out / "metrics.jsonl", *(out / "checkpoints").rglob("*")] if p.is_file()}
-    proc = tune([*args, "resume=True"], cwd=tmp_path)
-    assert "nothing to do" in proc.stderr + proc.stdout
-    proc = tune(args, cwd=tmp_path, check=False)  # resume=False into the same folder
+    proc = tune_in_process([*args, "resume=True"], tmp_path)
+    assert proc.returncode == 0 and "nothing to do" in proc.stderr + proc.stdout
+    proc = tune_in_process(args, tmp_path)  # resume=False into the same folder
     assert proc.returncode != 0
     assert "pass resume=True to continue that run, or choose a new output_dir" in proc.stderr
     assert "Loading frozen LLM" not in proc.stderr + proc.stdout  # refused before any work

@@ -121,8 +121,9 @@ def test_annotate_resume_and_stage2_reads_the_rows(tmp_path, tune, setup):
     assert json.loads((out / "annotate_summary.json").read_text())["task"] == "ner"
 
 
-def test_unknown_setting_and_bad_task(tmp_path, tune, setup):
+def test_unknown_setting_and_bad_task(tmp_path, tune_in_process, setup):
     root, llm, manifest = setup
+    tune = lambda args, cwd, check: tune_in_process(args, cwd)  # noqa: E731  (refused at the settings)
     proc = _run(tune, root, llm, manifest, tmp_path / "o", "max_new_token=3", check=False)
     assert proc.returncode != 0 and "did you mean 'max_new_tokens'" in proc.stderr + proc.stdout
     proc = _run(tune, root, llm, manifest, tmp_path / "o", "task=qa", check=False)

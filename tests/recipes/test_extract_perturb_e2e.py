@@ -13,7 +13,7 @@ from speechmapper_tune.data.manifest import load_feature_items
 pytestmark = pytest.mark.e2e
 
 
-def test_extract_with_perturbed_copies_resumes_to_the_same_features(tmp_path, tune):
+def test_extract_with_perturbed_copies_resumes_to_the_same_features(tmp_path, tune, tune_in_process):
     rows = []
     for i, sec in enumerate([1.0, 1.6]):
         t = np.arange(int(16000 * sec)) / 16000
@@ -50,5 +50,5 @@ def test_extract_with_perturbed_copies_resumes_to_the_same_features(tmp_path, tu
     tune(args, cwd=tmp_path)
     after = dict(iter_features(out / "cuts.jsonl.gz"))
     assert before.keys() == after.keys() and all(np.array_equal(before[k], after[k]) for k in before)
-    proc = tune(args[:-3], cwd=tmp_path, check=False)  # the same folder without perturbation: refused
+    proc = tune_in_process(args[:-3], tmp_path)  # the same folder without perturbation: refused
     assert proc.returncode != 0 and "extracted with" in proc.stderr

@@ -80,7 +80,9 @@ def test_two_process_ddp_on_cpu(tmp_path, tune):
     assert state["sampler"]["world_size"] == 2 and len(state["rng"]) == 2
 
 
-def test_a_finished_run_resumed_is_left_as_it_is_and_a_new_run_in_its_folder_is_refused(tmp_path, tune):
+def test_a_finished_run_resumed_is_left_as_it_is_and_a_new_run_in_its_folder_is_refused(
+    tmp_path, tune, tune_in_process
+):
     out = tmp_path / "run"
     args = [
         "run",
@@ -93,10 +95,10 @@ def test_a_finished_run_resumed_is_left_as_it_is_and_a_new_run_in_its_folder_is_
     ]
     tune(args, cwd=tmp_path)
     files = {p: p.read_bytes() for p in [out / "metrics.jsonl", *(out / "checkpoints").rglob("*")] if p.is_file()}
-    proc = tune([*args, "resume=True"], cwd=tmp_path)
-    assert "nothing to do" in proc.stderr + proc.stdout
+    proc = tune_in_process([*args, "resume=True"], tmp_path)
+    assert proc.returncode == 0 and "nothing to do" in proc.stderr + proc.stdout
     assert all(p.read_bytes() == b for p, b in files.items())  # no second validation line, no checkpoint rewritten
-    proc = tune(args, cwd=tmp_path, check=False)  # resume=False into the same folder
+    proc = tune_in_process(args, tmp_path)  # resume=False into the same folder
     assert proc.returncode != 0
     assert "pass resume=True to continue that run, or choose a new output_dir" in proc.stderr
     assert all(p.read_bytes() == b for p, b in files.items())  # its metrics are not wiped
@@ -111,11 +113,9 @@ def test_a_finished_run_resumed_is_left_as_it_is_and_a_new_run_in_its_folder_is_
         ("dtype=fp16", "dtype='fp16'"),
     ],
 )
-def test_config_errors_stop_before_training(tmp_path, tune, override, message):
-    proc = tune(
-        ["run", "speechmapper_pretrain", "--config", "tiny/stage1", f"output_dir={tmp_path}/o", override],
-        cwd=tmp_path,
-        check=False,
+def test_config_errors_stop_before_training(tmp_path, tune_in_process, override, message):
+    proc = tune_in_process(
+        ["run", "speechmapper_pretrain", "--config", "tiny/stage1", f"output_dir={tmp_path}/o", override], cwd=tmp_path
     )
     assert proc.returncode != 0
     assert message in proc.stderr
@@ -132,7 +132,9 @@ def test_dry_run_prints_parameter_count(tmp_path, tune):
     assert not (tmp_path / "o" / "checkpoints").exists()
 
 
-def test_init_projector_starts_from_another_run_and_names_a_different_architecture(tmp_path, tune, trained):
+def test_init_projector_starts_from_another_run_and_names_a_different_architecture(
+    tmp_path, tune, tune_in_process, trained
+):
     """A warm start reads another projector's weights: its step-0 validation equals that projector's own
     validation on the same data (same weights, same batches); a differently shaped model is refused by name."""
     source = trained / "checkpoints" / "step_20"
@@ -155,7 +157,5 @@ def test_init_projector_starts_from_another_run_and_names_a_different_architectu
     for k in ("val_loss", "val_cosine", "val_token_acc"):
         assert abs(first[k] - own[k]) <= 1e-5 * max(1.0, abs(own[k])), (k, first[k], own[k])
     shutil.copytree(trained / "data", tmp_path / "wide" / "data")
-    err = tune(
-        [*common, f"output_dir={tmp_path / 'wide'}", "max_steps=1", "model.num_layers=2"], cwd=tmp_path, check=False
-    )
+    err = tune_in_process([*common, f"output_dir={tmp_path / 'wide'}", "max_steps=1", "model.num_layers=2"], tmp_path)
     assert err.returncode != 0 and "num_layers" in err.stderr and str(source) in err.stderr
