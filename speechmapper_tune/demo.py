@@ -35,7 +35,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 LIBRIVOX = Path("/usr/share/pocketsphinx/test/data/librivox")
 # corpus sizes (sentences)
@@ -237,7 +237,8 @@ class Demo:
             )
         self.ckpt1, self.ckpt2 = _final(self.s1), _final(self.s2)  # read once: each holds optimizer state
 
-    def generate(self) -> Dict[str, str]:
+    def generate(self) -> Tuple[Dict[str, str], List[List[str]]]:
+        """The ASR runs of every system and split and the unseen-instruction probe: (generation files, runs)."""
         gens = {}
         common = ["length_cap.tokens_per_second=4.0", "length_cap.extra=4", "stop_at_newline=True"]
         asr = ["--config", "smollm2_135M/generate", _prefix(PREFIX)]
@@ -290,11 +291,11 @@ class Demo:
                 ]
             )
             self.probes[name] = probe / "generations.jsonl"
-        self.generate_all("generation", runs)  # one process: the LLM loads once for every system and split
-        return gens
+        return gens, runs
 
-    def translate(self) -> Dict[str, str]:
-        """English speech -> French text: the text topline, the cascade, and the task-agnostic projectors."""
+    def translate(self) -> Tuple[Dict[str, str], List[List[str]]]:
+        """English speech -> French text: the text topline, the cascade, and the task-agnostic projectors
+        (their instruction rows are written here; the runs are returned)."""
         from speechmapper_tune.corpus import translations_file
         from speechmapper_tune.data.instructions import load_translations
         from speechmapper_tune.text import normalize_text
@@ -338,16 +339,14 @@ class Demo:
                     ]
                 )
                 gens[f"st_{system}/{split}"] = str(out / "generations.jsonl")
-        if runs:
-            self.generate_all("st generation", runs)
-        return gens
+        return gens, runs
 
-    def agreement(self) -> Dict[str, str]:
+    def agreement(self) -> Tuple[Dict[str, str], List[List[str]]]:
         """Held-out instructions on test (``instructions/self_heldout``): each task-agnostic system's answer from
         speech against the LLM's own answer from the transcript, beside the cascade and chance (a shuffled
-        transcript's answer, in the rows)."""
+        transcript's answer, in the rows; written here, the runs returned)."""
         if "test" not in self.splits:
-            return {}
+            return {}, []
         rows = self.out / "self" / "test"
         self.run(
             "self instructions",
@@ -377,8 +376,7 @@ class Demo:
                 ]
             )
             gens[f"self_{system}/test"] = str(out / "generations.jsonl")
-        self.generate_all("agreement generation", runs)
-        return gens
+        return gens, runs
 
     def evaluate(self, gens: Dict[str, str]) -> List[Dict]:
         ev = self.out / "eval"
@@ -653,9 +651,12 @@ def main() -> None:
     demo.data()
     demo.features()
     demo.train()
-    gens = demo.generate()
-    gens.update(demo.translate())
-    gens.update(demo.agreement())
+    gens, runs = {}, []
+    for phase in (demo.generate, demo.translate, demo.agreement):
+        phase_gens, phase_runs = phase()
+        gens.update(phase_gens)
+        runs += phase_runs
+    demo.generate_all("generation", runs)  # one process: the LLM loads once for every system, split and task
     results = demo.evaluate(gens)
     demo.report(results, time.perf_counter() - t0)
 
