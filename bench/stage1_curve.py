@@ -107,7 +107,7 @@ def machine() -> str:
     """The CPU a point ran on (CPU-hours compare only on the same kind), and whether it has native bf16."""
     import platform
 
-    import torch
+    from speechmapper_tune.dtypes import native_bf16
 
     model = platform.processor() or platform.machine()
     cpuinfo = Path("/proc/cpuinfo")
@@ -116,7 +116,7 @@ def machine() -> str:
             if line.startswith("model name"):
                 model = line.split(":", 1)[1].strip()
                 break
-    bf16 = "native bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "no native bf16"
+    bf16 = "native bf16" if native_bf16("cpu") else "no native bf16"
     return f"{os.cpu_count()}-core {model}, {bf16}"
 
 
@@ -140,10 +140,8 @@ class Results:
         kept += [m for m in metrics if "epoch" in m][-1:]
         previous = self.get(name)
         record = {"state": state, "metrics": kept, "machine": previous.get("machine") or machine()}
-        if previous and {k: previous.get(k) for k in ("state", "metrics")} == {
-            k: record[k] for k in ("state", "metrics")
-        }:
-            return
+        if (previous.get("state"), previous.get("metrics")) == (state, kept):
+            return  # unchanged: no rewrite of a committed file
         self.dir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(self.dir / f"{name}.json", record)
 
@@ -335,8 +333,8 @@ def summarize(cfg: dict) -> List[dict]:
         metrics = _metrics(Path(cfg["output_dir"]) / p["name"])
         if st.get("status", "pending") != "pending" and results.dir:
             results.save(p["name"], st, metrics)
-        elif results.get(p["name"]):  # run on another machine: its committed figures
-            st, metrics = results.get(p["name"])["state"], results.get(p["name"])["metrics"]
+        elif results.dir and (kept := results.get(p["name"])):  # run on another machine: its committed figures
+            st, metrics = kept["state"], kept["metrics"]
         val = [m for m in metrics if "val_token_acc" in m]
         train = [m for m in metrics if "epoch" in m]
         best = max(val, key=lambda m: m["val_token_acc"]) if val else None
