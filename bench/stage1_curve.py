@@ -23,9 +23,13 @@ A point whose data is not there yet is passed over for the next ready one; with 
 sleeps ``--wait`` seconds and looks again (``--wait 0``: stop). A point that fails is marked failed with its
 log's last lines and skipped on later runs (``--retry-failed`` runs it again).
 
+With ``end_wer`` set (``config`` and ``overrides`` of a ``speechmapper_generate`` run), a point that finishes here
+has its last checkpoint decoded on the dev manifest and scored for WER (as ``speechmapper_eval`` scores ASR),
+once; the figure joins its state.
+
 The report reads each point's ``metrics.jsonl``: dev nearest-token accuracy at every validation (overall and
 by how often each dev token occurs in the point's training targets: 0-9, 10-49, 50-499, 500+), the dev
-classifier CE, steps, epochs, CPU-hours and wall hours; ``curve.md`` holds the table, ``curve.png`` the
+classifier CE, the end point's dev zero-shot WER, steps, epochs, CPU-hours and wall hours; ``curve.md`` holds the table, ``curve.png`` the
 curves (dev accuracy against steps, one line per point, a panel per group) and the last accuracy by bucket.
 """
 
@@ -75,6 +79,8 @@ def load_curve(path: str) -> dict:
         if "steps_of" in p and p["steps_of"] not in names:
             raise ValueError(f"{where}: steps_of={p['steps_of']!r} must name an earlier point")
         names.add(p["name"])
+    if cfg.get("end_wer") is not None and not (isinstance(cfg["end_wer"], dict) and cfg["end_wer"].get("config")):
+        raise ValueError(f"{file}: end_wer needs config (a speechmapper_generate config) and optional overrides")
     cfg["output_dir"] = str(_abs(cfg["output_dir"]))
     if cfg.get("results_dir"):
         cfg["results_dir"] = str(_abs(cfg["results_dir"]))
@@ -240,6 +246,34 @@ def run_point(cfg: dict, point: dict, state: State, steps: int, manifest: Path, 
     return rc == 0
 
 
+def score_point(cfg: dict, point: dict, state: State, nice: int = 19) -> None:
+    """Dev zero-shot WER of a point finished here: its last checkpoint decoded as ``end_wer`` says (the demo's
+    decoding and the paper's zero-shot prompt), scored as ``speechmapper_eval`` scores ASR; kept in its state."""
+    from speechmapper_tune.checkpoint.projector_io import CheckpointManager
+    from speechmapper_tune.metrics import asr_scores, with_and_without
+
+    st, spec = state.point(point["name"]), cfg.get("end_wer")
+    out = Path(cfg["output_dir"]) / point["name"]
+    latest = CheckpointManager(out).latest() if out.is_dir() else None
+    if not spec or st.get("status") != "done" or "dev_wer" in st or latest is None:
+        return
+    gen = out / "dev_generation"
+    cmd = ["nice", "-n", str(nice), str(REPO / ".venv" / "bin" / "tune"), "run", "speechmapper_generate"]
+    cmd += ["--config", spec["config"], f"projector_checkpoint={latest}", f"manifest={_abs(cfg['dev_manifest'])}"]
+    cmd += [f"output_dir={gen}", *spec.get("overrides", [])]
+    print(f"[curve] {point['name']}: dev zero-shot WER of {latest.name}", flush=True)
+    with open(out / "dev_generation.log", "a") as log:
+        rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO).returncode
+    if rc != 0:
+        print(f"[curve] {point['name']}: generation failed (exit {rc}); log {out / 'dev_generation.log'}", flush=True)
+        return
+    rows = [json.loads(line) for line in (gen / "generations.jsonl").read_text().splitlines() if line.strip()]
+    wer = with_and_without([r for r in rows if r.get("reference")], lambda r, h: asr_scores(r, h)["wer"])
+    st.update(dev_wer=wer["all"], dev_wer_without_stuck=wer["without"], dev_wer_n=wer["num_items"])
+    st.update(dev_wer_stuck=wer["num_flagged"], dev_wer_step=int(latest.name.rsplit("_", 1)[-1]))
+    state.save()
+
+
 def _account(state: State, st: dict, usage, t0: float, status: str) -> None:
     st["cpu_s"] = st.get("cpu_s", 0.0) + usage.ru_utime + usage.ru_stime
     st["wall_s"] = st.get("wall_s", 0.0) + time.time() - t0
@@ -274,6 +308,8 @@ def run_all(cfg: dict, only: List[str], wait: float, retry_failed: bool, nice: i
     results = Results(cfg.get("results_dir"))
     by_name = {p["name"]: p for p in cfg["points"]}
     points = [by_name[name] for name in only] if only else cfg["points"]  # --only: in the order given
+    for point in points:  # finished before end_wer was set, or stopped while scoring
+        score_point(cfg, point, state, nice)
     while True:
         todo = [
             p
@@ -293,7 +329,8 @@ def run_all(cfg: dict, only: List[str], wait: float, retry_failed: bool, nice: i
             steps = plan_steps(cfg, point, state, manifest, base_cfg)
             if steps is None:
                 continue
-            run_point(cfg, point, state, steps, manifest, nice)
+            if run_point(cfg, point, state, steps, manifest, nice):
+                score_point(cfg, point, state, nice)
             report(cfg)
             started = True
             break  # re-read from the top: an earlier point may have become ready
@@ -356,6 +393,8 @@ def summarize(cfg: dict) -> List[dict]:
                 "best_acc": best["val_token_acc"] if best else None,
                 "best_step": best["step"] if best else None,
                 "ce": last.get("val_classifier_ce") if last else None,
+                "wer": st.get("dev_wer"),
+                "wer_stuck": st.get("dev_wer_stuck"),
                 "buckets": {b: last.get(f"val_token_acc_{b}") for b in BUCKETS} if last else {},
                 "shares": {b: last.get(f"val_token_share_{b}") for b in BUCKETS} if last else {},
                 "curve": [(m["step"], m["val_token_acc"]) for m in val],
@@ -373,17 +412,19 @@ def _pct(x) -> str:
 def markdown(rows: List[dict]) -> str:
     lines = [
         "| point | group | sentences | voices | changes | steps done / planned | epochs | dev token acc % (last) | "
-        "best (step) | last by train count 0-9 / 10-49 / 50-499 / 500+ % | dev classifier CE | CPU-h | wall h | status |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "best (step) | last by train count 0-9 / 10-49 / 50-499 / 500+ % | dev classifier CE | "
+        "dev zero-shot WER % (stuck) | CPU-h | wall h | status |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         buckets = " / ".join(_pct(r["buckets"].get(b)) for b in BUCKETS) if r["buckets"] else "-"
         best = f"{_pct(r['best_acc'])} ({r['best_step']})" if r["best_acc"] is not None else "-"
         ce = f"{r['ce']:.2f}" if r["ce"] is not None else "-"
         epochs = f"{r['epoch'] + 1}" if r["epoch"] is not None else "-"
+        wer = f"{r['wer']:.1f} ({r['wer_stuck']})" if r["wer"] is not None else "-"
         lines.append(
             f"| {r['name']} | {r['group']} | {r['sentences']} | {r['voices']} | {r['overrides'] or '-'} | "
-            f"{r['step']} / {r['steps'] or '?'} | {epochs} | {_pct(r['acc'])} | {best} | {buckets} | {ce} | "
+            f"{r['step']} / {r['steps'] or '?'} | {epochs} | {_pct(r['acc'])} | {best} | {buckets} | {ce} | {wer} | "
             f"{r['cpu_h']:.2f} | {r['wall_h']:.2f} | {r['status']} |"
         )
     return "\n".join(lines) + "\n"

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+from documented_variants import fixture_config
 
 REPO = Path(__file__).resolve().parents[2]
 spec = importlib.util.spec_from_file_location("stage1_curve", REPO / "bench" / "stage1_curve.py")
@@ -64,8 +65,17 @@ def test_curve_config_errors_name_the_point(tmp_path, point, message):
         curve.load_curve(str(cfg))
 
 
+def test_end_wer_needs_a_generate_config(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    plan = {"base_config": "b", "output_dir": "o", "dev_manifest": "d", "data": {"x": {"manifest": "m"}}, "points": []}
+    cfg.write_text(json.dumps({**plan, "end_wer": {"overrides": ["prompt=null"]}}))
+    with pytest.raises(ValueError, match="end_wer needs config"):
+        curve.load_curve(str(cfg))
+
+
 def test_shipped_curve_config_loads():
     cfg = curve.load_curve(curve.DEFAULT_CONFIG)
+    assert cfg["end_wer"]["config"] == "smollm2_135M/generate" and "prompt=null" in cfg["end_wer"]["overrides"]
     assert len(cfg["points"]) >= 10 and {"voices", "sentences", "capacity", "levers", "classifier"} <= {
         p.get("group") for p in cfg["points"]
     }
@@ -91,6 +101,7 @@ def test_tiny_curve_runs_resumes_and_reports(tmp_path, trained):
                 "results_dir": str(tmp_path / "results"),
                 "dev_manifest": str(data / "val.jsonl.gz"),
                 "data": {"tiny": {"manifest": str(data / "train.jsonl.gz"), "voices": 1}},
+                "end_wer": {"config": fixture_config("tiny/generate"), "overrides": [f"llm.checkpoint={data / 'llm'}"]},
                 "common": ["val_every_n_steps=2", "save_every_n_steps=2", "log_every_n_steps=1"],
                 "points": [
                     {"name": "first100", "data": "tiny", "sentences": 100, "epochs": 1, "group": "g"},
@@ -111,8 +122,16 @@ def test_tiny_curve_runs_resumes_and_reports(tmp_path, trained):
     steps = state["first100"]["steps"]
     assert state["first100"]["batches_per_epoch"] == steps >= 1 and state["sampled"]["steps"] == steps
     assert all(s["status"] == "done" and s["cpu_s"] > 0 for s in state.values())
+    # each end point decoded once on dev (tiny/generate: its first 10 items), scored as speechmapper_eval scores ASR
+    from speechmapper_tune.metrics import asr_scores
+
+    rows = [json.loads(l) for l in (tmp_path / "curve" / "sampled" / "dev_generation" / "generations.jsonl").open()]
+    assert state["sampled"]["dev_wer_n"] == len(rows) == 10 and state["sampled"]["dev_wer_step"] == steps
+    wer = asr_scores([r["reference"] for r in rows], [r["hypothesis"] for r in rows])["wer"]
+    assert state["sampled"]["dev_wer"] == pytest.approx(wer, rel=1e-9)
     table = (tmp_path / "curve" / "curve.md").read_text()
     assert "| first100 | g | 100 | 1 |" in table and "| sampled |" in table
+    assert f"| {state['sampled']['dev_wer']:.1f} ({state['sampled']['dev_wer_stuck']}) |" in table
     assert (tmp_path / "curve" / "curve.png").stat().st_size > 1000
     metrics = [json.loads(l) for l in (tmp_path / "curve" / "sampled" / "metrics.jsonl").read_text().splitlines()]
     assert any("val_token_acc_seen_0_9" in m or "val_token_share_seen_0_9" in m for m in metrics)
