@@ -79,6 +79,8 @@ def load_curve(path: str) -> dict:
         if "steps_of" in p and p["steps_of"] not in names:
             raise ValueError(f"{where}: steps_of={p['steps_of']!r} must name an earlier point")
         names.add(p["name"])
+    if cfg.get("reference") is not None and cfg["reference"] not in names:
+        raise ValueError(f"{file}: reference={cfg['reference']!r} names no point")
     if cfg.get("end_wer") is not None and not (isinstance(cfg["end_wer"], dict) and cfg["end_wer"].get("config")):
         raise ValueError(f"{file}: end_wer needs config (a speechmapper_generate config) and optional overrides")
     cfg["output_dir"] = str(_abs(cfg["output_dir"]))
@@ -430,7 +432,7 @@ def markdown(rows: List[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(rows: List[dict], path: Path) -> None:
+def plot(rows: List[dict], path: Path, reference: Optional[str] = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -438,7 +440,11 @@ def plot(rows: List[dict], path: Path) -> None:
 
     groups = sorted({r["group"] for r in rows if r["curve"]})
     fig, axes = plt.subplots(1, len(groups) + 1, figsize=(5 * (len(groups) + 1), 4), squeeze=False)
+    ref = next((r for r in rows if r["name"] == reference and r["curve"]), None)
     for ax, group in zip(axes[0], groups):
+        if ref is not None and ref["group"] != group:  # the point the others change one thing of, in every panel
+            steps, acc = zip(*ref["curve"])
+            ax.plot(steps, [100 * a for a in acc], color="grey", ls="--", label=f"{ref['name']} (reference)")
         for r in [r for r in rows if r["group"] == group and r["curve"]]:
             steps, acc = zip(*r["curve"])
             ax.plot(steps, [100 * a for a in acc], marker=".", label=r["name"])
@@ -473,7 +479,7 @@ def report(cfg: dict) -> None:
         out / "curve.md", f"Stage-1 learning curve ({cfg['base_config']}; dev = held-out voices)\n\n" + table
     )
     if any(r["curve"] for r in rows):
-        plot(rows, out / "curve.png")
+        plot(rows, out / "curve.png", cfg.get("reference"))
     print(table, flush=True)
 
 

@@ -65,17 +65,28 @@ def test_curve_config_errors_name_the_point(tmp_path, point, message):
         curve.load_curve(str(cfg))
 
 
-def test_end_wer_needs_a_generate_config(tmp_path):
+@pytest.mark.parametrize(
+    "setting, message",
+    [
+        ({"end_wer": {"overrides": ["prompt=null"]}}, "end_wer needs config"),
+        ({"reference": "b"}, "reference='b' names no point"),
+    ],
+)
+def test_curve_settings_errors(tmp_path, setting, message):
     cfg = tmp_path / "c.yaml"
-    plan = {"base_config": "b", "output_dir": "o", "dev_manifest": "d", "data": {"x": {"manifest": "m"}}, "points": []}
-    cfg.write_text(json.dumps({**plan, "end_wer": {"overrides": ["prompt=null"]}}))
-    with pytest.raises(ValueError, match="end_wer needs config"):
+    plan = {"base_config": "b", "output_dir": "o", "dev_manifest": "d", "data": {"x": {"manifest": "m"}}}
+    cfg.write_text(json.dumps({**plan, "points": [{"name": "a", "data": "x", "steps": 2}], **setting}))
+    with pytest.raises(ValueError, match=message):
         curve.load_curve(str(cfg))
 
 
 def test_shipped_curve_config_loads():
     cfg = curve.load_curve(curve.DEFAULT_CONFIG)
-    assert cfg["end_wer"]["config"] == "smollm2_135M/generate" and "prompt=null" in cfg["end_wer"]["overrides"]
+    assert (
+        cfg["reference"] == "v46_3k"
+        and cfg["end_wer"]["config"] == "smollm2_135M/generate"
+        and "prompt=null" in cfg["end_wer"]["overrides"]
+    )
     assert len(cfg["points"]) >= 10 and {"voices", "sentences", "capacity", "levers", "classifier"} <= {
         p.get("group") for p in cfg["points"]
     }
@@ -101,6 +112,7 @@ def test_tiny_curve_runs_resumes_and_reports(tmp_path, trained):
                 "results_dir": str(tmp_path / "results"),
                 "dev_manifest": str(data / "val.jsonl.gz"),
                 "data": {"tiny": {"manifest": str(data / "train.jsonl.gz"), "voices": 1}},
+                "reference": "first100",
                 "end_wer": {"config": fixture_config("tiny/generate"), "overrides": [f"llm.checkpoint={data / 'llm'}"]},
                 "common": ["val_every_n_steps=2", "save_every_n_steps=2", "log_every_n_steps=1"],
                 "points": [
