@@ -322,8 +322,10 @@ class PretrainRecipe:
         )
         clip = cfg.clip_grad_norm
         batches = self.train_loader.batches()
+        validated_at = None
         if cfg.validate_at_start and self.step == 0:  # the starting point's figures (e.g. of init_projector)
             self._log(self.validate())
+            validated_at = 0
         pbar = tqdm(
             total=self.max_steps, initial=self.step, disable=not self.is_main, desc="stage 1", dynamic_ncols=True
         )
@@ -362,7 +364,8 @@ class PretrainRecipe:
             if save_every and self.step % save_every == 0 and self.step < self.max_steps:
                 self.save_checkpoint()
         pbar.close()
-        self._log(self.validate())
+        if validated_at != self.step:  # max_steps=0 with validate_at_start: logged once
+            self._log(self.validate())
         self.save_checkpoint()
         log.info(f"Done: {self.step} steps; skipped items: {self.skipped.total()} ({self.skipped.summary()})")
 

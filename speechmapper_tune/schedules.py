@@ -19,8 +19,9 @@ def warmup_cosine_schedule(
 
     The paper warms up from 1e-8 over 100K steps and decays with a cosine over training;
     the LR reaches ``min_lr_ratio * peak`` at ``num_training_steps`` and stays there.
+    ``num_training_steps=0`` is allowed: a run of ``max_steps=0`` only validates its starting point.
     """
-    if num_training_steps < 1 or num_warmup_steps < 0:
+    if num_training_steps < 0 or num_warmup_steps < 0:
         raise ValueError(f"bad schedule: num_warmup_steps={num_warmup_steps}, num_training_steps={num_training_steps}")
     peaks = [g["lr"] for g in optimizer.param_groups]
 
