@@ -4,6 +4,7 @@
     .venv/bin/python bench/stage1_curve.py --report                  # curve.md + curve.png from what exists
     .venv/bin/python bench/stage1_curve.py --only v46_3k --only v17_3k   # these points, in this order
     .venv/bin/python bench/stage1_curve.py --config my_curve.yaml --wait 0   # do not wait for missing features
+    .venv/bin/python bench/stage1_curve.py --test s34k_e40           # the point chosen on dev, on test: once
 
 Each point is one ``tune run speechmapper_pretrain --config <base_config> output_dir=<output_dir>/<name>
 data.train_manifest=... data.val_manifest=<dev_manifest> max_steps=... resume=True <common> <overrides>``,
@@ -25,12 +26,14 @@ log's last lines and skipped on later runs (``--retry-failed`` runs it again).
 
 With ``end_wer`` set (``config`` and ``overrides`` of a ``speechmapper_generate`` run), a point that finishes here
 has its last checkpoint decoded on the dev manifest and scored for WER (as ``speechmapper_eval`` scores ASR),
-once; the figure joins its state.
+once; the figure joins its state. ``--test POINT`` scores a point chosen on dev on ``test_manifest``, once (a second
+call is refused): the recipe's own validation of its last checkpoint (``init_projector=... max_steps=0
+validate_at_start=True``) and the same decoding; kept in its state as ``test``.
 
 The report reads each point's ``metrics.jsonl``: dev nearest-token accuracy at every validation (overall and
 by how often each dev token occurs in the point's training targets: 0-9, 10-49, 50-499, 500+), the dev
-classifier CE, the end point's dev zero-shot WER, steps, epochs, CPU-hours and wall hours; ``curve.md`` holds the table, ``curve.png`` the
-curves (dev accuracy against steps, one line per point, a panel per group) and the last accuracy by bucket.
+classifier CE, the end point's dev zero-shot WER, steps, epochs, CPU-hours and wall hours; ``curve.md`` holds
+the table, ``curve.png`` the curves (dev accuracy against steps, one line per point, a panel per group) and the last accuracy by bucket.
 """
 
 from __future__ import annotations
@@ -248,32 +251,80 @@ def run_point(cfg: dict, point: dict, state: State, steps: int, manifest: Path, 
     return rc == 0
 
 
+def _decode_wer(cfg: dict, out: Path, checkpoint: Path, manifest: Path, name: str, nice: int) -> Optional[dict]:
+    """``checkpoint`` decoded on ``manifest`` as ``end_wer`` says, scored as ``speechmapper_eval`` scores ASR."""
+    from speechmapper_tune.metrics import asr_scores, with_and_without
+
+    spec, gen = cfg["end_wer"], out / f"{name}_generation"
+    cmd = ["nice", "-n", str(nice), str(REPO / ".venv" / "bin" / "tune"), "run", "speechmapper_generate"]
+    cmd += ["--config", spec["config"], f"projector_checkpoint={checkpoint}", f"manifest={manifest}"]
+    cmd += [f"output_dir={gen}", *spec.get("overrides", [])]
+    with open(out / f"{name}_generation.log", "a") as log:
+        rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO).returncode
+    if rc != 0:
+        print(f"[curve] generation failed (exit {rc}); log {out / f'{name}_generation.log'}", flush=True)
+        return None
+    rows = [json.loads(line) for line in (gen / "generations.jsonl").read_text().splitlines() if line.strip()]
+    wer = with_and_without([r for r in rows if r.get("reference")], lambda r, h: asr_scores(r, h)["wer"])
+    return {"wer": wer["all"], "wer_without_stuck": wer["without"], "n": wer["num_items"], "stuck": wer["num_flagged"]}
+
+
+def _latest(out: Path) -> Optional[Path]:
+    from speechmapper_tune.checkpoint.projector_io import CheckpointManager
+
+    return CheckpointManager(out).latest() if out.is_dir() else None
+
+
 def score_point(cfg: dict, point: dict, state: State, nice: int = 19) -> None:
     """Dev zero-shot WER of a point finished here: its last checkpoint decoded as ``end_wer`` says (the demo's
     decoding and the paper's zero-shot prompt), scored as ``speechmapper_eval`` scores ASR; kept in its state."""
-    from speechmapper_tune.checkpoint.projector_io import CheckpointManager
-    from speechmapper_tune.metrics import asr_scores, with_and_without
-
-    st, spec = state.point(point["name"]), cfg.get("end_wer")
-    out = Path(cfg["output_dir"]) / point["name"]
-    latest = CheckpointManager(out).latest() if out.is_dir() else None
-    if not spec or st.get("status") != "done" or "dev_wer" in st or latest is None:
+    st, out = state.point(point["name"]), Path(cfg["output_dir"]) / point["name"]
+    latest = _latest(out)
+    if not cfg.get("end_wer") or st.get("status") != "done" or "dev_wer" in st or latest is None:
         return
-    gen = out / "dev_generation"
-    cmd = ["nice", "-n", str(nice), str(REPO / ".venv" / "bin" / "tune"), "run", "speechmapper_generate"]
-    cmd += ["--config", spec["config"], f"projector_checkpoint={latest}", f"manifest={_abs(cfg['dev_manifest'])}"]
-    cmd += [f"output_dir={gen}", *spec.get("overrides", [])]
     print(f"[curve] {point['name']}: dev zero-shot WER of {latest.name}", flush=True)
-    with open(out / "dev_generation.log", "a") as log:
-        rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO).returncode
-    if rc != 0:
-        print(f"[curve] {point['name']}: generation failed (exit {rc}); log {out / 'dev_generation.log'}", flush=True)
-        return
-    rows = [json.loads(line) for line in (gen / "generations.jsonl").read_text().splitlines() if line.strip()]
-    wer = with_and_without([r for r in rows if r.get("reference")], lambda r, h: asr_scores(r, h)["wer"])
-    st.update(dev_wer=wer["all"], dev_wer_without_stuck=wer["without"], dev_wer_n=wer["num_items"])
-    st.update(dev_wer_stuck=wer["num_flagged"], dev_wer_step=int(latest.name.rsplit("_", 1)[-1]))
+    wer = _decode_wer(cfg, out, latest, _abs(cfg["dev_manifest"]), "dev", nice)
+    if wer:
+        st.update(dev_wer=wer["wer"], dev_wer_without_stuck=wer["wer_without_stuck"], dev_wer_n=wer["n"])
+        st.update(dev_wer_stuck=wer["stuck"], dev_wer_step=int(latest.name.rsplit("_", 1)[-1]))
+        state.save()
+
+
+def score_test(cfg: dict, name: str, nice: int = 0) -> dict:
+    """The test split, once, for the report of a point chosen on dev: its last checkpoint's nearest-token accuracy
+    (the recipe's own validation, ``max_steps=0``) and zero-shot WER; refused when the point has test figures."""
+    state = State(Path(cfg["output_dir"]))
+    st, out = state.point(name), Path(cfg["output_dir"]) / name
+    if "test" in st or "test" in Results(cfg.get("results_dir")).get(name).get("state", {}):
+        raise SystemExit(f"{name}: the test split was scored already ({st.get('test')}); it is scored once")
+    latest = _latest(out)
+    if st.get("status") != "done" or latest is None or not cfg.get("end_wer"):
+        raise SystemExit(f"{name}: --test needs a point finished on this machine (its checkpoint) and end_wer")
+    if not cfg.get("test_manifest") or not _abs(cfg["test_manifest"]).is_file():
+        raise SystemExit(f"--test: test_manifest {cfg.get('test_manifest')!r} is not there (extract the test split)")
+    point = next(p for p in cfg["points"] if p["name"] == name)
+    read = out / "test_validation"
+    cmd = ["nice", "-n", str(nice), str(REPO / ".venv" / "bin" / "tune"), "run", "speechmapper_pretrain"]
+    cmd += ["--config", cfg["base_config"], f"output_dir={read}", f"init_projector={latest}", "max_steps=0"]
+    cmd += ["validate_at_start=True", f"data.train_manifest={st['manifest']}"]
+    cmd += [f"data.val_manifest={_abs(cfg['test_manifest'])}", *cfg.get("common", []), *point.get("overrides", [])]
+    print(f"[curve] {name}: test split, once: nearest-token accuracy and zero-shot WER of {latest.name}", flush=True)
+    with open(out / "test_validation.log", "a") as log:
+        if subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO).returncode != 0:
+            raise SystemExit(f"{name}: the test validation failed; log {out / 'test_validation.log'}")
+    val = [m for m in _metrics(read) if "val_token_acc" in m][-1]
+    wer = _decode_wer(cfg, out, latest, _abs(cfg["test_manifest"]), "test", nice)
+    if wer is None:
+        raise SystemExit(f"{name}: the test generation failed")
+    st["test"] = {
+        "step": int(latest.name.rsplit("_", 1)[-1]),
+        "token_acc": val["val_token_acc"],
+        "classifier_ce": val.get("val_classifier_ce"),
+        **{f"token_acc_{b}": val.get(f"val_token_acc_{b}") for b in BUCKETS},
+        **wer,
+    }
     state.save()
+    return st["test"]
 
 
 def _account(state: State, st: dict, usage, t0: float, status: str) -> None:
@@ -488,6 +539,7 @@ def main(argv=None) -> None:
     ap.add_argument("--config", default=DEFAULT_CONFIG, help="curve config: a packaged name or a .yaml path")
     ap.add_argument("--only", action="append", default=[], help="run only these points, in this order (repeatable)")
     ap.add_argument("--report", action="store_true", help="only write curve.md and curve.png")
+    ap.add_argument("--test", metavar="POINT", help="score POINT on the test split, once (after choosing it on dev)")
     ap.add_argument("--wait", type=float, default=600, help="seconds between looks when no point's data is ready")
     ap.add_argument("--retry-failed", action="store_true")
     ap.add_argument("--nice", type=int, default=19, help="niceness of the training runs (default 19: background)")
@@ -498,7 +550,12 @@ def main(argv=None) -> None:
     unknown = set(a.only) - {p["name"] for p in cfg["points"]}
     if unknown:
         sys.exit(f"--only names unknown points {sorted(unknown)}")
-    if a.report:
+    if a.test:
+        if a.test not in {p["name"] for p in cfg["points"]}:
+            sys.exit(f"--test names an unknown point {a.test!r}")
+        print(json.dumps(score_test(cfg, a.test, a.nice), indent=1))
+        report(cfg)
+    elif a.report:
         report(cfg)
     else:
         run_all(cfg, a.only, a.wait, a.retry_failed, a.nice)

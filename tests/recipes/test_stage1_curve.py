@@ -111,6 +111,7 @@ def test_tiny_curve_runs_resumes_and_reports(tmp_path, trained):
                 "output_dir": str(tmp_path / "curve"),
                 "results_dir": str(tmp_path / "results"),
                 "dev_manifest": str(data / "val.jsonl.gz"),
+                "test_manifest": str(data / "val.jsonl.gz"),  # the same split: test figures must equal dev's
                 "data": {"tiny": {"manifest": str(data / "train.jsonl.gz"), "voices": 1}},
                 "reference": "first100",
                 "end_wer": {"config": fixture_config("tiny/generate"), "overrides": [f"llm.checkpoint={data / 'llm'}"]},
@@ -154,6 +155,15 @@ def test_tiny_curve_runs_resumes_and_reports(tmp_path, trained):
     assert [m["step"] for m in kept["metrics"] if "val_token_acc" in m] == [
         m["step"] for m in metrics if "val_token_acc" in m
     ]
+    # the test split, once: the recipe's validation-only run and the same decoding (here on the dev items again)
+    curve.main(["--config", str(cfg), "--test", "sampled", "--nice", "0"])
+    test = json.loads((tmp_path / "curve" / "state.json").read_text())["sampled"]["test"]
+    last = [m for m in metrics if "val_token_acc" in m][-1]
+    assert test["step"] == steps and abs(test["token_acc"] - last["val_token_acc"]) <= 1e-6
+    assert test["wer"] == pytest.approx(state["sampled"]["dev_wer"], rel=1e-9) and test["n"] == 10
+    with pytest.raises(SystemExit, match="scored already"):
+        curve.main(["--config", str(cfg), "--test", "sampled", "--nice", "0"])
+    table = (tmp_path / "curve" / "curve.md").read_text()
     # a new machine: no runs folder, only the committed results; nothing runs, the table still shows both points
     import shutil
 
