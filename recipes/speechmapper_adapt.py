@@ -84,6 +84,7 @@ from speechmapper_tune.models.projector import build_projector_from_config, coun
 from speechmapper_tune.models.sharding import full_optimizer_state, full_state_dict, full_tensor, shard_optimizer_state
 from speechmapper_tune.models.speech_lm import SpeechLM
 from speechmapper_tune.training import (
+    BestValidation,
     all_reduce_mean,
     gather_rng,
     gradient_sync,
@@ -229,6 +230,7 @@ class AdaptRecipe:
         self.optimizer = config.instantiate(cfg.optimizer, [*self.projector.parameters(), *self.lora_params])
         self.scheduler = config.instantiate(cfg.lr_scheduler, self.optimizer)
         self.checkpoints = CheckpointManager(self.output_dir, cfg.keep_last_n_checkpoints)
+        self.best = BestValidation(**cfg.best_checkpoint).check(self.val_loader is not None, cfg.val_every_n_steps)
         torch.manual_seed(cfg.seed + 1000 * self.rank)
         if self.resume_from is not None:
             self._resume_state(self.resume_from)
@@ -381,8 +383,9 @@ class AdaptRecipe:
         return folder
 
     def _resume_state(self, folder: Path) -> None:
+        state = self.checkpoints.load_state(folder)
         self.step = restore_training_state(
-            self.checkpoints.load_state(folder),
+            state,
             optimizer=self.optimizer,
             scheduler=self.scheduler,
             train_loader=self.train_loader,
@@ -390,6 +393,7 @@ class AdaptRecipe:
             # the file holds full tensors: each rank keeps the shard of its parameters
             optimizer_state=(lambda full: shard_optimizer_state(self.optimizer, full)) if self.world_size > 1 else None,
         )
+        self.best.load_state_dict(state.get("best"))
         log.info(f"Resumed from {folder} at step {self.step}")
 
     def _open_metrics_file(self) -> None:
@@ -423,6 +427,9 @@ class AdaptRecipe:
             self.step and self.step >= self.max_steps
         ):  # resumed a finished run: validating and saving again would repeat them
             log.info(f"Already at step {self.step} (max_steps={self.max_steps}): nothing to do")
+            return
+        if self.best.stopped_at is not None:  # resumed a run that stopped early: it stays stopped
+            log.info(f"Stopped early at step {self.best.stopped_at} (best {self.best.describe()}): nothing to do")
             return
         log_every, val_every, save_every = (
             cfg[k] or 0 for k in ("log_every_n_steps", "val_every_n_steps", "save_every_n_steps")
@@ -469,15 +476,28 @@ class AdaptRecipe:
                 )
                 self._log(metrics)
                 t0, tokens = time.perf_counter(), 0
+            due = save_every and self.step % save_every == 0 and self.step < self.max_steps
             if val_every and self.step % val_every == 0 and self.step < self.max_steps:
-                self._log(self.validate())
-            if save_every and self.step % save_every == 0 and self.step < self.max_steps:
+                best = self._validate()
+                stop = self.best.should_stop(self.step)  # before the save: a resume of it stays stopped
+                if due or best or stop:
+                    self.save_checkpoint(best=best)
+                if stop:
+                    log.info(f"No better {self.best.metric} in {self.best.since} validations: stopped early")
+                    break
+            elif due:
                 self.save_checkpoint()
         pbar.close()
-        if validated_at != self.step:  # max_steps=0 with validate_at_start: logged once
-            self._log(self.validate())
-        self.save_checkpoint()
+        if self.best.stopped_at is None:  # (a run that stopped early validated and saved at its last step)
+            best = self._validate() if validated_at != self.step else False  # max_steps=0 + validate_at_start: once
+            self.save_checkpoint(best=best)
         log.info(f"Done: {self.step} steps; skipped items: {self.skipped.total()} ({self.skipped.summary()})")
+
+    def _validate(self) -> bool:
+        """One validation, logged; True when it is the best so far by ``best_checkpoint.metric``."""
+        metrics = self.validate()
+        self._log(metrics)
+        return self.best.update(self.step, metrics)
 
     @torch.no_grad()
     def validate(self) -> Dict[str, float]:
@@ -497,7 +517,7 @@ class AdaptRecipe:
         projector.train()
         return {f"val_{k}": v / max(weight, 1) for k, v in sums.items()}
 
-    def save_checkpoint(self) -> None:
+    def save_checkpoint(self, best: bool = False) -> None:
         rng = gather_rng(self.world_size)
         # every rank takes part in gathering the full tensors; rank 0 writes them
         projector = self._full_projector() if self.world_size > 1 else self.projector
@@ -511,6 +531,7 @@ class AdaptRecipe:
                 train_loader=self.train_loader,
                 rng=rng,
                 config=OmegaConf.to_container(self.cfg, resolve=True),
+                best=self.best,
             )
             meta = {
                 "stage": 2,
@@ -533,8 +554,8 @@ class AdaptRecipe:
                 meta["llm_quantize"] = self.quantize
             extra = {LORA_WEIGHTS: lora} if self.lora_params else None
             meta["lora"] = OmegaConf.to_container(self.cfg.lora, resolve=True) if self.lora_params else None
-            folder = self.checkpoints.save(self.step, projector, meta, state, extra_weights=extra)
-            log.info(f"Saved checkpoint {folder}")
+            folder = self.checkpoints.save(self.step, projector, meta, state, extra_weights=extra, best=best)
+            log.info(f"Saved checkpoint {folder}" + (f" (best: {self.best.describe()})" if best else ""))
         self._barrier()
 
     # ------------------------------------------------------------------ helpers

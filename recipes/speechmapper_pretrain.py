@@ -67,6 +67,7 @@ from speechmapper_tune.dtypes import autocast_dtype
 from speechmapper_tune.losses import nearest_token_ids, norm_ratio, position_masks
 from speechmapper_tune.models.projector import count_parameters
 from speechmapper_tune.training import (
+    BestValidation,
     all_reduce_mean,
     gather_rng,
     gradient_sync,
@@ -201,6 +202,7 @@ class PretrainRecipe:
         self.optimizer = config.instantiate(cfg.optimizer, self.model.parameters())
         self.scheduler = config.instantiate(cfg.lr_scheduler, self.optimizer)
         self.checkpoints = CheckpointManager(self.output_dir, cfg.keep_last_n_checkpoints)
+        self.best = BestValidation(**cfg.best_checkpoint).check(self.val_loader is not None, cfg.val_every_n_steps)
         torch.manual_seed(cfg.seed + 1000 * self.rank)  # per-rank dropout stream
         if cfg.resume:
             self._resume()  # restores the RNG state saved with the checkpoint
@@ -279,13 +281,15 @@ class PretrainRecipe:
             return
         model, _ = load_checked_projector(folder, self.embedding)  # the same checks as every recipe
         self.model.load_state_dict(model.state_dict())
+        state = self.checkpoints.load_state(folder)
         self.step = restore_training_state(
-            self.checkpoints.load_state(folder),
+            state,
             optimizer=self.optimizer,
             scheduler=self.scheduler,
             train_loader=self.train_loader,
             rank=self.rank,
         )
+        self.best.load_state_dict(state.get("best"))
         data = self.train_loader.state_dict()
         log.info(f"Resumed from {folder} at step {self.step} (epoch {data['epoch']}, batch {data['consumed']})")
 
@@ -316,6 +320,9 @@ class PretrainRecipe:
             self.step and self.step >= self.max_steps
         ):  # resumed a finished run: validating and saving again would repeat them
             log.info(f"Already at step {self.step} (max_steps={self.max_steps}): nothing to do")
+            return
+        if self.best.stopped_at is not None:  # resumed a run that stopped early: it stays stopped
+            log.info(f"Stopped early at step {self.best.stopped_at} (best {self.best.describe()}): nothing to do")
             return
         log_every, val_every, save_every = (
             cfg[k] or 0 for k in ("log_every_n_steps", "val_every_n_steps", "save_every_n_steps")
@@ -359,15 +366,28 @@ class PretrainRecipe:
                 )
                 self._log(metrics)
                 t0, vectors = time.perf_counter(), 0
+            due = save_every and self.step % save_every == 0 and self.step < self.max_steps
             if val_every and self.step % val_every == 0 and self.step < self.max_steps:
-                self._log(self.validate())
-            if save_every and self.step % save_every == 0 and self.step < self.max_steps:
+                best = self._validate()
+                stop = self.best.should_stop(self.step)  # before the save: a resume of it stays stopped
+                if due or best or stop:
+                    self.save_checkpoint(best=best)
+                if stop:
+                    log.info(f"No better {self.best.metric} in {self.best.since} validations: stopped early")
+                    break
+            elif due:
                 self.save_checkpoint()
         pbar.close()
-        if validated_at != self.step:  # max_steps=0 with validate_at_start: logged once
-            self._log(self.validate())
-        self.save_checkpoint()
+        if self.best.stopped_at is None:  # (a run that stopped early validated and saved at its last step)
+            best = self._validate() if validated_at != self.step else False  # max_steps=0 + validate_at_start: once
+            self.save_checkpoint(best=best)
         log.info(f"Done: {self.step} steps; skipped items: {self.skipped.total()} ({self.skipped.summary()})")
+
+    def _validate(self) -> bool:
+        """One validation, logged; True when it is the best so far by ``best_checkpoint.metric``."""
+        metrics = self.validate()
+        self._log(metrics)
+        return self.best.update(self.step, metrics)
 
     @torch.no_grad()
     def validate(self) -> Dict[str, float]:
@@ -414,7 +434,7 @@ class PretrainRecipe:
             out[f"val_token_share_{name}"] = total / max(sum(seen_total), 1)
         return out
 
-    def save_checkpoint(self) -> None:
+    def save_checkpoint(self, best: bool = False) -> None:
         rng = gather_rng(self.world_size)
         if self.is_main:
             state = training_state(
@@ -424,6 +444,7 @@ class PretrainRecipe:
                 train_loader=self.train_loader,
                 rng=rng,
                 config=OmegaConf.to_container(self.cfg, resolve=True),
+                best=self.best,
             )
             meta = {
                 "stage": 1,
@@ -431,8 +452,8 @@ class PretrainRecipe:
                 "recipe": "speechmapper_pretrain",
                 "features": features_record(self.cfg.data.train_manifest),
             }
-            folder = self.checkpoints.save(self.step, self.model, meta, state)
-            log.info(f"Saved checkpoint {folder}")
+            folder = self.checkpoints.save(self.step, self.model, meta, state, best=best)
+            log.info(f"Saved checkpoint {folder}" + (f" (best: {self.best.describe()})" if best else ""))
         self._barrier()
 
     # ------------------------------------------------------------------ helpers

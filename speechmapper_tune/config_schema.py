@@ -154,6 +154,13 @@ class StuckGuardSettings:
     trim: Optional[bool] = None
 
 
+@settings
+class BestCheckpointSettings:
+    metric: Optional[str] = None  # a validation figure, e.g. val_token_acc: its best step's checkpoint is kept
+    mode: str = "max"  # max or min: which direction is better
+    patience: Optional[int] = None  # validations in a row without a new best before the run stops (null: never)
+
+
 # unset ``metric_loggers``: the console and ``<output_dir>/logs`` (metrics.jsonl is written besides, always)
 DEFAULT_METRIC_LOGGERS = (
     {"_component_": "torchtune.training.metric_logging.StdoutLogger"},
@@ -183,6 +190,7 @@ class TrainingSettings:
     keep_last_n_checkpoints: Optional[int] = 2
     metric_loggers: List[Component] = field(default_factory=lambda: list(DEFAULT_METRIC_LOGGERS))
     validate_at_start: bool = False  # the starting point's validation figures (e.g. of init_projector)
+    best_checkpoint: BestCheckpointSettings = field(default_factory=BestCheckpointSettings)
 
 
 # ---------------------------------------------------------------------------- checking

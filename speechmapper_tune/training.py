@@ -7,7 +7,8 @@ these for the parts that must not drift apart.
 - :func:`gradient_sync`: gradients reduced only at a step's last micro-batch (DDP or FSDP2);
 - :func:`all_reduce_mean`: a step's metrics averaged over ranks;
 - :func:`training_state` / :func:`restore_training_state`: the one layout of a checkpoint's
-  ``training_state`` (step, optimizer, scheduler, the batch sampler's position, every rank's RNG, the config).
+  ``training_state`` (step, optimizer, scheduler, the batch sampler's position, every rank's RNG, the config);
+- :class:`BestValidation`: which validation was best so far (its checkpoint is kept) and early stopping.
 
 Plain PyTorch: no torchtune import.
 """
@@ -82,7 +83,14 @@ def gather_rng(world_size: int):
 
 
 def training_state(
-    *, step: int, optimizer: Dict[str, Any], scheduler, train_loader, rng, config: Dict[str, Any]
+    *,
+    step: int,
+    optimizer: Dict[str, Any],
+    scheduler,
+    train_loader,
+    rng,
+    config: Dict[str, Any],
+    best: Optional["BestValidation"] = None,
 ) -> Dict[str, Any]:
     """A checkpoint's ``training_state``, the same layout in both stages. ``optimizer`` is a state dict
     (under FSDP the gathered full one); ``rng`` is :func:`gather_rng`'s answer."""
@@ -93,7 +101,62 @@ def training_state(
         "sampler": train_loader.state_dict(),  # the batch sampler's state at the last batch trained on
         "rng": rng,
         "config": config,
+        "best": best.state_dict() if best is not None else None,
     }
+
+
+class BestValidation:
+    """The best validation so far by one metric (``best_checkpoint`` settings): a validation that beats it is
+    a new best (the recipe keeps that step's checkpoint), and ``patience`` validations in a row without one
+    stop the run. Its state travels in the checkpoint, so a resumed run stops where an unbroken one would."""
+
+    def __init__(self, metric: Optional[str] = None, mode: str = "max", patience: Optional[int] = None):
+        if mode not in ("max", "min"):
+            raise ValueError(f"best_checkpoint.mode={mode!r}: expected max or min")
+        if patience is not None and (metric is None or patience < 1):
+            raise ValueError(f"best_checkpoint.patience={patience}: needs best_checkpoint.metric and a value >= 1")
+        self.metric, self.mode, self.patience = metric, mode, patience
+        self.value: Optional[float] = None
+        self.step: Optional[int] = None
+        self.since = 0  # validations since the best one
+        self.stopped_at: Optional[int] = None
+
+    def check(self, has_validation: bool, val_every_n_steps: Optional[int]) -> "BestValidation":
+        """Refuse settings that could never act, before any work."""
+        if self.metric is not None and not has_validation:
+            raise ValueError(f"best_checkpoint.metric={self.metric!r} needs validation data")
+        if self.patience is not None and not val_every_n_steps:
+            raise ValueError(f"best_checkpoint.patience={self.patience} needs val_every_n_steps")
+        return self
+
+    def update(self, step: int, metrics: Dict[str, float]) -> bool:
+        """Record one validation; True when it is a new best (strictly better)."""
+        if self.metric is None or not metrics:
+            return False
+        if self.metric not in metrics:
+            raise KeyError(f"best_checkpoint.metric={self.metric!r} is not a validation figure: {sorted(metrics)}")
+        value = float(metrics[self.metric])
+        better = self.value is None or (value > self.value if self.mode == "max" else value < self.value)
+        if better:
+            self.value, self.step, self.since = value, int(step), 0
+        else:
+            self.since += 1
+        return better
+
+    def should_stop(self, step: int) -> bool:
+        if self.patience is not None and self.since >= self.patience:
+            self.stopped_at = int(step)
+        return self.stopped_at is not None
+
+    def describe(self) -> str:
+        return f"{self.metric} {self.value:.6g} at step {self.step}"
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"value": self.value, "step": self.step, "since": self.since, "stopped_at": self.stopped_at}
+
+    def load_state_dict(self, state: Optional[Dict[str, Any]]) -> None:
+        for k, v in (state or {}).items():  # none saved (an older checkpoint): nothing tracked yet
+            setattr(self, k, v)
 
 
 def restore_training_state(

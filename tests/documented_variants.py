@@ -23,6 +23,18 @@ class Variant(NamedTuple):
     overrides: List[str]  # as `tune run` receives them: quotes removed, $VARIABLES expanded
 
 
+def recipe_and_config(recipe: str, config: str, overrides: dict):
+    """A recipe module loaded from recipes/ (no `tune` CLI) and its packaged config with overrides."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(recipe, REPO / "recipes" / f"{recipe}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    cfg = OmegaConf.load(REPO / "configs" / f"{config}.yaml")
+    cfg.merge_with(overrides)
+    return module, cfg
+
+
 def fixture_config(name: str) -> str:
     """The path of one of the tests' own configs, e.g. ``tiny/generate``."""
     path = FIXTURES / f"{name}.yaml"

@@ -127,7 +127,9 @@ def test_training_state_round_trips_and_reads_the_older_layout():
     state = training_state(
         step=5, optimizer=opt.state_dict(), scheduler=sched, train_loader=a, rng=rng_state(), config={}
     )
-    assert set(state) == {"step", "optimizer", "scheduler", "sampler", "rng", "config"}
+    assert (
+        set(state) == {"step", "optimizer", "scheduler", "sampler", "rng", "config", "best"} and state["best"] is None
+    )
     expected = take(stream, 2)
     for saved in (state, {**{k: v for k, v in state.items() if k != "sampler"}, "epoch": 0, "consumed": 2}):
         b = loader()

@@ -188,7 +188,8 @@ def load_recipe_state(file: str | Path) -> Dict[str, Any]:
 
 
 class CheckpointManager:
-    """``{output_dir}/checkpoints/step_N`` folders, a ``latest`` pointer, and pruning."""
+    """``{output_dir}/checkpoints/step_N`` folders, a ``latest`` pointer, a ``best`` pointer (the step of the best
+    validation, kept by pruning), and pruning."""
 
     def __init__(self, output_dir: str | Path, keep_last: int = 2):
         self.root = Path(output_dir) / "checkpoints"
@@ -201,8 +202,10 @@ class CheckpointManager:
         meta: Dict[str, Any],
         recipe_state: Optional[Dict[str, Any]],
         extra_weights: Optional[Dict[str, Dict[str, torch.Tensor]]] = None,
+        best: bool = False,
     ) -> Path:
-        """Write ``step_N``; ``extra_weights`` maps file names (e.g. LoRA adapters) to state dicts.
+        """Write ``step_N``; ``extra_weights`` maps file names (e.g. LoRA adapters) to state dicts; ``best``: it is
+        also the best validation's checkpoint (``best`` names it, and pruning keeps it).
 
         Saving the step ``latest`` already names keeps that checkpoint as it is: replacing it would mean
         deleting the one complete copy first, and a run resumed at that step has trained nothing since.
@@ -211,6 +214,8 @@ class CheckpointManager:
         current = self._resolve()[0]
         if current is not None and current.resolve() == final.resolve():
             log.warning(f"{final} is already the latest checkpoint: kept as it is, not written again")
+            if best:
+                atomic_write_text(self.root / "best", final.name + "\n")
             return final
         tmp = self.root / f".tmp-step_{step}"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -228,9 +233,17 @@ class CheckpointManager:
             shutil.rmtree(final)
         os.replace(tmp, final)
         _fsync_dir(self.root)
+        if best:  # before ``latest``: a stop in between leaves a best that exists
+            atomic_write_text(self.root / "best", final.name + "\n")
         atomic_write_text(self.root / "latest", final.name + "\n")
         self._prune(keep=final)
         return final
+
+    def best(self) -> Optional[Path]:
+        """The best validation's checkpoint (``best_checkpoint.metric``), or None when none was marked."""
+        pointer = self.root / "best"
+        folder = self.root / pointer.read_text().strip() if pointer.is_file() else None
+        return folder if folder is not None and is_complete(folder) else None
 
     def latest(self) -> Optional[Path]:
         """The checkpoint to resume from: the one ``latest`` names, or, when that pointer is missing or names
@@ -281,9 +294,10 @@ class CheckpointManager:
         return sorted(steps, key=lambda p: int(p.name[5:]))
 
     def _prune(self, keep: Path) -> None:
-        steps = self._steps()
+        steps, best = self._steps(), self.root / "best"
+        kept = {keep, self.root / best.read_text().strip()} if best.is_file() else {keep}
         for p in steps[: max(0, len(steps) - self.keep_last)]:
-            if p != keep:
+            if p not in kept:
                 shutil.rmtree(p, ignore_errors=True)
         for p in self.root.glob(".tmp-step_*"):  # left by saves killed half-way
             shutil.rmtree(p, ignore_errors=True)

@@ -3,6 +3,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from documented_variants import recipe_and_config
 from tolerances import FP32_SHALLOW, assert_close_to_scale
 
 from speechmapper_tune.data.augment import FeatureMasking, item_rng, mask_features
@@ -76,25 +77,9 @@ def test_stage2_dataset_masks_only_with_augment(tmp_path):
         assert torch.equal(b, FeatureMasking.from_config(AUG, 0)(a, 2, i))
 
 
-def _recipe_and_config(recipe: str, config: str, overrides: dict):
-    """A recipe module loaded from recipes/ (no `tune` CLI) and its packaged config with overrides."""
-    import importlib.util
-    from pathlib import Path
-
-    from omegaconf import OmegaConf
-
-    repo = Path(__file__).resolve().parents[2]
-    spec = importlib.util.spec_from_file_location(recipe, repo / "recipes" / f"{recipe}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    cfg = OmegaConf.load(repo / "configs" / f"{config}.yaml")
-    cfg.merge_with(overrides)
-    return module, cfg
-
-
 def test_pretrain_recipe_masks_training_features_only_and_logs_the_new_terms(tmp_path):
     """In process (no `tune` CLI): the stage-1 recipe wires data.augment and the loss options."""
-    recipe_module, cfg = _recipe_and_config(
+    recipe_module, cfg = recipe_and_config(
         "speechmapper_pretrain",
         "tiny/stage1",
         {
@@ -121,7 +106,7 @@ def test_pretrain_recipe_masks_training_features_only_and_logs_the_new_terms(tmp
 
 def test_adapt_recipe_masks_training_features_only_and_weights_relatively(tmp_path):
     """In process: the stage-2 recipe wires data.train.augment, loss.weighting and validate_at_start."""
-    recipe_module, cfg = _recipe_and_config(
+    recipe_module, cfg = recipe_and_config(
         "speechmapper_adapt",
         "tiny/stage2",
         {
@@ -153,7 +138,7 @@ def test_adapt_recipe_masks_training_features_only_and_weights_relatively(tmp_pa
 def test_pretrain_validate_at_start_with_no_steps_logs_the_baseline_once(tmp_path):
     """max_steps=0 with validate_at_start reads a projector (e.g. init_projector) on a split: the cosine schedule
     over 0 steps is accepted and the one validation is logged once."""
-    recipe_module, cfg = _recipe_and_config(
+    recipe_module, cfg = recipe_and_config(
         "speechmapper_pretrain",
         "tiny/stage1",
         {
@@ -174,7 +159,7 @@ def test_pretrain_validate_at_start_with_no_steps_logs_the_baseline_once(tmp_pat
 
 
 def test_adapt_validate_at_start_with_no_steps_logs_the_baseline_once(tmp_path):
-    recipe_module, cfg = _recipe_and_config(
+    recipe_module, cfg = recipe_and_config(
         "speechmapper_adapt",
         "tiny/stage2",
         {
