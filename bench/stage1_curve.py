@@ -4,7 +4,7 @@
     .venv/bin/python bench/stage1_curve.py --report                  # curve.md + curve.png from what exists
     .venv/bin/python bench/stage1_curve.py --only v46_3k --only v17_3k   # these points, in this order
     .venv/bin/python bench/stage1_curve.py --config my_curve.yaml --wait 0   # do not wait for missing features
-    .venv/bin/python bench/stage1_curve.py --test s34k_e40           # the point chosen on dev, on test: once
+    .venv/bin/python bench/stage1_curve.py --test c_small_34k          # the point chosen on dev, on test: once
 
 Each point is one ``tune run speechmapper_pretrain --config <base_config> output_dir=<output_dir>/<name>
 data.train_manifest=... data.val_manifest=<dev_manifest> max_steps=... resume=True <common> <overrides>``,
@@ -25,9 +25,9 @@ sleeps ``--wait`` seconds and looks again (``--wait 0``: stop). A point that fai
 log's last lines and skipped on later runs (``--retry-failed`` runs it again).
 
 With ``end_wer`` set (``config`` and ``overrides`` of a ``speechmapper_generate`` run), a point that finishes here
-has its last checkpoint decoded on the dev manifest and scored for WER (as ``speechmapper_eval`` scores ASR),
+has its best checkpoint (``best_checkpoint.metric`` in ``common``; else its last) decoded on the dev manifest and scored for WER (as ``speechmapper_eval`` scores ASR),
 once; the figure joins its state. ``--test POINT`` scores a point chosen on dev on ``test_manifest``, once (a second
-call is refused): the recipe's own validation of its last checkpoint (``init_projector=... max_steps=0
+call is refused): the recipe's own validation of that checkpoint (``init_projector=... max_steps=0
 validate_at_start=True``) and the same decoding; kept in its state as ``test``.
 
 The report reads each point's ``metrics.jsonl``: dev nearest-token accuracy at every validation (overall and
@@ -270,16 +270,18 @@ def _decode_wer(cfg: dict, out: Path, checkpoint: Path, manifest: Path, name: st
 
 
 def _latest(out: Path) -> Optional[Path]:
+    """A finished point's checkpoint to read: its best dev validation's (``best_checkpoint.metric``), else its last."""
     from speechmapper_tune.checkpoint.projector_io import CheckpointManager
 
-    return CheckpointManager(out).latest() if out.is_dir() else None
+    manager = CheckpointManager(out)
+    return (manager.best() or manager.latest()) if out.is_dir() else None
 
 
 def score_point(cfg: dict, point: dict, state: State, nice: int = 19) -> None:
     """Dev zero-shot WER of a point finished here: its last checkpoint decoded as ``end_wer`` says (the demo's
     decoding and the paper's zero-shot prompt), scored as ``speechmapper_eval`` scores ASR; kept in its state."""
     st, out = state.point(point["name"]), Path(cfg["output_dir"]) / point["name"]
-    latest = _latest(out)
+    latest = _latest(out)  # its best dev checkpoint where it kept one (best_checkpoint.metric), else its last
     if not cfg.get("end_wer") or st.get("status") != "done" or "dev_wer" in st or latest is None:
         return
     print(f"[curve] {point['name']}: dev zero-shot WER of {latest.name}", flush=True)
