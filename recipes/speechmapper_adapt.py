@@ -478,11 +478,7 @@ class AdaptRecipe:
                 t0, tokens = time.perf_counter(), 0
             due = save_every and self.step % save_every == 0 and self.step < self.max_steps
             if val_every and self.step % val_every == 0 and self.step < self.max_steps:
-                best = self._validate()
-                stop = self.best.should_stop(self.step)  # before the save: a resume of it stays stopped
-                if due or best or stop:
-                    self.save_checkpoint(best=best)
-                if stop:
+                if self.best.save_or_stop(self.step, self._validate(), due, self.save_checkpoint):
                     log.info(f"No better {self.best.metric} in {self.best.since} validations: stopped early")
                     break
             elif due:

@@ -144,9 +144,17 @@ class BestValidation:
         return better
 
     def should_stop(self, step: int) -> bool:
-        if self.patience is not None and self.since >= self.patience:
+        if self.stopped_at is None and self.patience is not None and self.since >= self.patience:
             self.stopped_at = int(step)
         return self.stopped_at is not None
+
+    def save_or_stop(self, step: int, improved: bool, save_due: bool, save: Callable[[bool], None]) -> bool:
+        """After a validation at ``step``: ``save(improved)`` when a save is due, on a new best, or when the run
+        stops here (saved after the stop is decided, so a resume of it stays stopped); True: stop the run."""
+        stop = self.should_stop(step)
+        if save_due or improved or stop:
+            save(improved)
+        return stop
 
     def describe(self) -> str:
         return f"{self.metric} {self.value:.6g} at step {self.step}"

@@ -29,6 +29,16 @@ def test_best_value_counts_and_patience():
     assert not low.should_stop(3)  # no patience: never stops
 
 
+def test_save_or_stop_saves_when_due_on_a_new_best_and_at_the_stop():
+    best, saved = BestValidation("val_token_acc", patience=2), []
+    decide = [
+        best.save_or_stop(step, best.update(step, {"val_token_acc": acc}), due, saved.append)
+        for step, acc, due in ((1, 0.1, False), (2, 0.1, True), (3, 0.1, False))
+    ]
+    assert decide == [False, False, True] and saved == [True, False, False]  # best; due; the stop
+    assert best.stopped_at == 3 and best.should_stop(4) and best.stopped_at == 3  # the first stop is kept
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [

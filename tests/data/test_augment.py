@@ -135,45 +135,23 @@ def test_adapt_recipe_masks_training_features_only_and_weights_relatively(tmp_pa
     assert step1["loss"] == pytest.approx(0.1 * step1["ce"] + 0.9 * step1["mse"], rel=1e-5)
 
 
-def test_pretrain_validate_at_start_with_no_steps_logs_the_baseline_once(tmp_path):
-    """max_steps=0 with validate_at_start reads a projector (e.g. init_projector) on a split: the cosine schedule
+@pytest.mark.parametrize(
+    "recipe, config, cls, figure",
+    [
+        ("speechmapper_pretrain", "tiny/stage1", "PretrainRecipe", "val_token_acc"),
+        ("speechmapper_adapt", "tiny/stage2", "AdaptRecipe", "val_ce"),
+    ],
+)
+def test_validate_at_start_with_no_steps_logs_the_baseline_once(tmp_path, recipe, config, cls, figure):
+    """max_steps=0 with validate_at_start reads a projector (e.g. init_projector) on a split: a cosine schedule
     over 0 steps is accepted and the one validation is logged once."""
+    overrides = {"output_dir": str(tmp_path), "max_steps": 0, "metric_loggers": [], "validate_at_start": True}
     recipe_module, cfg = recipe_and_config(
-        "speechmapper_pretrain",
-        "tiny/stage1",
-        {
-            "output_dir": str(tmp_path),
-            "max_steps": 0,
-            "metric_loggers": [],
-            "validate_at_start": True,
-            "save_every_n_steps": 0,
-            "val_every_n_steps": 0,
-        },
+        recipe, config, {**overrides, "save_every_n_steps": 0, "val_every_n_steps": 0}
     )
-    recipe = recipe_module.PretrainRecipe(cfg)
-    recipe.setup()
-    recipe.train()
-    recipe.cleanup()
+    run = getattr(recipe_module, cls)(cfg)
+    run.setup()
+    run.train()
+    run.cleanup()
     rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows if "val_token_acc" in r] == [0]
-
-
-def test_adapt_validate_at_start_with_no_steps_logs_the_baseline_once(tmp_path):
-    recipe_module, cfg = recipe_and_config(
-        "speechmapper_adapt",
-        "tiny/stage2",
-        {
-            "output_dir": str(tmp_path),
-            "max_steps": 0,
-            "metric_loggers": [],
-            "validate_at_start": True,
-            "save_every_n_steps": 0,
-            "val_every_n_steps": 0,
-        },
-    )
-    recipe = recipe_module.AdaptRecipe(cfg)
-    recipe.setup()
-    recipe.train()
-    recipe.cleanup()
-    rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows if "val_ce" in r] == [0]
+    assert [r["step"] for r in rows if figure in r] == [0]
