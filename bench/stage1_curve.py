@@ -25,15 +25,16 @@ sleeps ``--wait`` seconds and looks again (``--wait 0``: stop). A point that fai
 log's last lines and skipped on later runs (``--retry-failed`` runs it again).
 
 With ``end_wer`` set (``config`` and ``overrides`` of a ``speechmapper_generate`` run), a point that finishes here
-has its best checkpoint (``best_checkpoint.metric`` in ``common``; else its last) decoded on the dev manifest and scored for WER (as ``speechmapper_eval`` scores ASR),
-once; the figure joins its state. ``--test POINT`` scores a point chosen on dev on ``test_manifest``, once (a second
+has its best checkpoint (``best_checkpoint.metric`` in ``common``; else its last) decoded on the dev manifest
+and scored for WER (as ``speechmapper_eval`` scores ASR), once; the figure joins its state. ``--test POINT`` scores a point chosen on dev on ``test_manifest``, once (a second
 call is refused): the recipe's own validation of that checkpoint (``init_projector=... max_steps=0
 validate_at_start=True``) and the same decoding; kept in its state as ``test``.
 
 The report reads each point's ``metrics.jsonl``: dev nearest-token accuracy at every validation (overall and
 by how often each dev token occurs in the point's training targets: 0-9, 10-49, 50-499, 500+), the dev
 classifier CE, the end point's dev zero-shot WER, steps, epochs, CPU-hours and wall hours; ``curve.md`` holds
-the table, ``curve.png`` the curves (dev accuracy against steps, one line per point, a panel per group) and the last accuracy by bucket.
+the table, ``curve.png`` the curves (dev accuracy against steps, one line per point, a panel per group, the
+``reference`` point in each) and the last accuracy by bucket.
 """
 
 from __future__ import annotations
@@ -269,7 +270,7 @@ def _decode_wer(cfg: dict, out: Path, checkpoint: Path, manifest: Path, name: st
     return {"wer": wer["all"], "wer_without_stuck": wer["without"], "n": wer["num_items"], "stuck": wer["num_flagged"]}
 
 
-def _latest(out: Path) -> Optional[Path]:
+def _checkpoint_to_read(out: Path) -> Optional[Path]:
     """A finished point's checkpoint to read: its best dev validation's (``best_checkpoint.metric``), else its last."""
     from speechmapper_tune.checkpoint.projector_io import CheckpointManager
 
@@ -278,10 +279,10 @@ def _latest(out: Path) -> Optional[Path]:
 
 
 def score_point(cfg: dict, point: dict, state: State, nice: int = 19) -> None:
-    """Dev zero-shot WER of a point finished here: its last checkpoint decoded as ``end_wer`` says (the demo's
+    """Dev zero-shot WER of a point finished here: its checkpoint (best, else last) decoded as ``end_wer`` says (the demo's
     decoding and the paper's zero-shot prompt), scored as ``speechmapper_eval`` scores ASR; kept in its state."""
     st, out = state.point(point["name"]), Path(cfg["output_dir"]) / point["name"]
-    latest = _latest(out)  # its best dev checkpoint where it kept one (best_checkpoint.metric), else its last
+    latest = _checkpoint_to_read(out)
     if not cfg.get("end_wer") or st.get("status") != "done" or "dev_wer" in st or latest is None:
         return
     print(f"[curve] {point['name']}: dev zero-shot WER of {latest.name}", flush=True)
@@ -293,13 +294,13 @@ def score_point(cfg: dict, point: dict, state: State, nice: int = 19) -> None:
 
 
 def score_test(cfg: dict, name: str, nice: int = 0) -> dict:
-    """The test split, once, for the report of a point chosen on dev: its last checkpoint's nearest-token accuracy
+    """The test split, once, for the report of a point chosen on dev: its checkpoint's nearest-token accuracy
     (the recipe's own validation, ``max_steps=0``) and zero-shot WER; refused when the point has test figures."""
     state = State(Path(cfg["output_dir"]))
     st, out = state.point(name), Path(cfg["output_dir"]) / name
     if "test" in st or "test" in Results(cfg.get("results_dir")).get(name).get("state", {}):
         raise SystemExit(f"{name}: the test split was scored already ({st.get('test')}); it is scored once")
-    latest = _latest(out)
+    latest = _checkpoint_to_read(out)
     if st.get("status") != "done" or latest is None or not cfg.get("end_wer"):
         raise SystemExit(f"{name}: --test needs a point finished on this machine (its checkpoint) and end_wer")
     if not cfg.get("test_manifest") or not _abs(cfg["test_manifest"]).is_file():
