@@ -109,8 +109,17 @@ class State:
         return self.data.setdefault(name, {"status": "pending", "cpu_s": 0.0, "wall_s": 0.0})
 
     def save(self) -> None:
+        """Written over what is on disk, key by key: another process (``--test`` beside a running runner) may have
+        added figures since this one read the file, and keys are only ever added or updated."""
         from speechmapper_tune.checkpoint.atomic import atomic_write_json
 
+        disk = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        for name, st in self.data.items():
+            merged = {**disk.get(name, {}), **st}
+            st.clear()
+            st.update(merged)  # the same dict: callers hold it
+        for name, st in disk.items():
+            self.data.setdefault(name, st)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_json(self.path, self.data)
 

@@ -65,6 +65,22 @@ def test_curve_config_errors_name_the_point(tmp_path, point, message):
         curve.load_curve(str(cfg))
 
 
+def test_state_written_by_two_processes_keeps_both_figures(tmp_path):
+    """A runner's state and a --test run beside it: each save keeps what the other wrote since."""
+    runner = curve.State(tmp_path)
+    runner.point("a").update(status="running", steps=10)
+    runner.save()
+    tester = curve.State(tmp_path)
+    tester.point("a")["test"] = {"wer": 1.0}
+    tester.save()
+    st = runner.point("a")
+    st["status"] = "done"
+    runner.save()
+    kept = {"status": "done", "steps": 10, "test": {"wer": 1.0}, "cpu_s": 0.0, "wall_s": 0.0}
+    assert curve.State(tmp_path).data == {"a": kept}
+    assert st is runner.point("a") and st["test"] == {"wer": 1.0}
+
+
 @pytest.mark.parametrize(
     "setting, message",
     [
