@@ -5,6 +5,8 @@
     .venv/bin/python bench/stage2_alignment.py --items 150 --rows self --candidate kl_600=<run>/checkpoints/step_600
     .venv/bin/python bench/stage2_alignment.py --split test --items 150 --no-train   # the report, once
     .venv/bin/python bench/stage2_alignment.py --report               # the table from what exists
+    .venv/bin/python bench/stage2_alignment.py --features runs/features/tts_en_large --systems sigma_mix,kl \
+        --decode shipped,sigma_mix,kl --rows self,zeroshot --items 150   # two systems from another stage 1's data
 
 From the shipped stage-1 projector (``--stage1``), four stage-2 runs of ``speechmapper_adapt`` with the same
 steps, batch and learning rate, each validated on dev:
@@ -43,7 +45,6 @@ from typing import Dict, List
 
 REPO = Path(__file__).resolve().parents[1]
 TUNE = str(Path(sys.executable).with_name("tune"))
-FEATURES = "runs/features/whisper_base_trimmed"
 ROW_KINDS = ("self", "zeroshot", "probe", "st")
 DEMO_DECODING = ["length_cap.tokens_per_second=4.0", "length_cap.extra=4"]  # as make demo: no runaway decode
 PROBE = "What is the first word of the Speech content? Answer with that word only."
@@ -98,7 +99,7 @@ def rows(args, out: Path) -> Dict[str, Path]:
             "--config",
             "instructions/self_train",
             f"max_items={args.train_items}",
-            f"manifest={FEATURES}/train/cuts.jsonl.gz",
+            f"manifest={args.features}/train/cuts.jsonl.gz",
             "answer.llm.dtype=fp32",
         ],
         "held": [
@@ -106,7 +107,7 @@ def rows(args, out: Path) -> Dict[str, Path]:
             "--config",
             "instructions/self_heldout",
             f"max_items={args.items}",
-            f"manifest={FEATURES}/{args.split}/cuts.jsonl.gz",
+            f"manifest={args.features}/{args.split}/cuts.jsonl.gz",
             "answer.llm.dtype=fp32",
         ],
         "st": [
@@ -133,17 +134,21 @@ def rows(args, out: Path) -> Dict[str, Path]:
 def train(args, out: Path, made: Dict[str, Path]) -> None:
     if args.split != "dev" or not args.train:
         return
-    for name, (config, overrides) in SYSTEMS.items():
+    for name in args.systems:
+        config, overrides = SYSTEMS[name]
         folder = out / name
         if (folder / "checkpoints" / f"step_{args.steps}").is_dir():
             continue
         data = (
-            [f"data.train.manifest={FEATURES}/train/cuts.jsonl.gz", f"data.val.manifest={FEATURES}/dev/cuts.jsonl.gz"]
+            [
+                f"data.train.manifest={args.features}/train/cuts.jsonl.gz",
+                f"data.val.manifest={args.features}/dev/cuts.jsonl.gz",
+            ]
             if name == "sigma_mix"
             else [
-                f"data.train.manifest={FEATURES}/train/cuts.jsonl.gz",
+                f"data.train.manifest={args.features}/train/cuts.jsonl.gz",
                 f"data.train.instructions={made['train'] / 'instructions.jsonl'}",
-                f"data.val.manifest={FEATURES}/dev/cuts.jsonl.gz",
+                f"data.val.manifest={args.features}/dev/cuts.jsonl.gz",
                 f"data.val.instructions={made['held'] / 'instructions.jsonl'}",
             ]
         )
@@ -157,6 +162,7 @@ def train(args, out: Path, made: Dict[str, Path]) -> None:
             f"max_steps={args.steps}",
             f"val_every_n_steps={args.val_every}",
             f"save_every_n_steps={args.val_every}",
+            "keep_last_n_checkpoints=100",  # every validated checkpoint stays a --candidate
             f"data.val.max_items={args.items}",
             f"resume={(folder / 'checkpoints').is_dir()}",
             *data,
@@ -173,10 +179,12 @@ def generate(args, out: Path, made: Dict[str, Path]) -> Dict[str, str]:
     from speechmapper_tune.models.speech_lm import ZERO_SHOT_PROMPT
 
     ckpts = {"stage1": args.stage1, "shipped": args.shipped, **_trained(args, out), **args.candidates}
-    dev = f"manifest={FEATURES}/{args.split}/cuts.jsonl.gz"
+    dev = f"manifest={args.features}/{args.split}/cuts.jsonl.gz"
     items = f"max_items={args.items}"
     jobs = {}
     for name, ckpt in [*ckpts.items(), ("cascade", args.stage1)]:
+        if args.decode and name not in args.decode:
+            continue
         source = ["span_source=asr"] if name == "cascade" else []
         common = [f"projector_checkpoint={ckpt}", dev, *source]
         jobs[f"{name}_self"] = [
@@ -235,7 +243,7 @@ def _trained(args, out: Path) -> Dict[str, str]:
     with ``--candidate``)."""
     if args.split != "dev":
         return {}
-    ckpts = {n: out / n / "checkpoints" / f"step_{args.steps}" for n in SYSTEMS}
+    ckpts = {n: out / n / "checkpoints" / f"step_{args.steps}" for n in args.systems}
     return {n: str(c) for n, c in ckpts.items() if args.train or c.is_dir()}
 
 
@@ -349,6 +357,13 @@ def main() -> None:
     parser.add_argument("--out", default="runs/alignment")
     parser.add_argument("--stage1", default="smollm2_135m_whisper_base_stage1")
     parser.add_argument("--shipped", default="smollm2_135m_whisper_base_stage2", help="the task-agnostic one shipped")
+    parser.add_argument(
+        "--features", default="runs/features/whisper_base_trimmed", help="features folder with train/ and the split's"
+    )
+    parser.add_argument("--systems", default=",".join(SYSTEMS), help=f"stage-2 runs to train, of {','.join(SYSTEMS)}")
+    parser.add_argument(
+        "--decode", default="", help="decode only these systems (e.g. shipped,kl,kl_200); default every one"
+    )
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--val-every", type=int, default=50)
     parser.add_argument("--train-items", type=int, default=1600)
@@ -372,6 +387,10 @@ def main() -> None:
     args.rows = [r for r in args.rows.split(",") if r]
     if set(args.rows) - set(ROW_KINDS):
         parser.error(f"--rows: unknown {sorted(set(args.rows) - set(ROW_KINDS))}; choose from {ROW_KINDS}")
+    args.systems = [n for n in args.systems.split(",") if n]
+    if set(args.systems) - set(SYSTEMS):
+        parser.error(f"--systems: unknown {sorted(set(args.systems) - set(SYSTEMS))}; choose from {tuple(SYSTEMS)}")
+    args.decode = {n for n in args.decode.split(",") if n}
     args.candidates = {}
     for spec in args.candidate:
         name, sep, ckpt = spec.partition("=")
