@@ -10,7 +10,8 @@ Each point is one ``tune run speechmapper_pretrain --config <base_config> output
 data.train_manifest=... data.val_manifest=<dev_manifest> max_steps=... resume=True <common> <overrides>``,
 run under ``nice -n 19`` (``--nice``). Stopping the runner (or the machine) at any time and running it again resumes:
 finished points are skipped, the running one continues from its last checkpoint (the recipe's exact resume),
-and its CPU and wall seconds add up over the runs (``<output_dir>/state.json``, written atomically).
+and its CPU and wall seconds add up over the runs (``<output_dir>/state.json``, written atomically; polled each
+minute, so a runner killed with its machine loses at most a minute of them).
 With ``results_dir`` set, every report also writes each started point's figures (state, validations, machine)
 to ``<results_dir>/<name>.json``: committed, they outlive the machine, so a point done there is not run
 again on a new one and the table and plot still show it (its checkpoints and features stay behind).
@@ -236,6 +237,7 @@ def run_point(cfg: dict, point: dict, state: State, steps: int, manifest: Path, 
         *point.get("overrides", []),
     ]
     st = state.point(point["name"])
+    fold_unaccounted(st)
     st.update(status="running", steps=steps, manifest=str(manifest), command=" ".join(cmd[3:]))
     state.save()
     print(f"[curve] {point['name']}: {steps} steps on {manifest}", flush=True)
@@ -245,7 +247,17 @@ def run_point(cfg: dict, point: dict, state: State, steps: int, manifest: Path, 
         log.flush()
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
         try:
-            _, status, usage = os.wait4(proc.pid, 0)
+            saved = t0
+            while True:  # polled, so a runner killed with its machine leaves its seconds in the state
+                pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+                if pid:
+                    break
+                cpu = process_cpu_s(proc.pid)
+                if cpu is not None and time.time() - saved >= ACCOUNT_EVERY_S:
+                    saved = time.time()
+                    st.update(running_cpu_s=cpu, running_wall_s=saved - t0)
+                    state.save()
+                time.sleep(1.0)
         except KeyboardInterrupt:
             proc.terminate()
             _, status, usage = os.wait4(proc.pid, 0)
@@ -339,10 +351,29 @@ def score_test(cfg: dict, name: str, nice: int = 0) -> dict:
     return st["test"]
 
 
+ACCOUNT_EVERY_S = 60.0
+
+
+def process_cpu_s(pid: int) -> Optional[float]:
+    """CPU seconds of a running process and its waited-for children (``/proc/<pid>/stat``); None where unreadable."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return sum(int(f) for f in fields[11:15]) / os.sysconf("SC_CLK_TCK")  # utime, stime, cutime, cstime
+
+
+def fold_unaccounted(st: dict) -> None:
+    """A run killed with its runner (no exit to account) left its last polled seconds: count them once."""
+    st["cpu_s"] = st.get("cpu_s", 0.0) + st.get("running_cpu_s", 0.0)
+    st["wall_s"] = st.get("wall_s", 0.0) + st.get("running_wall_s", 0.0)
+    st.update(running_cpu_s=0.0, running_wall_s=0.0)  # zeroed, not deleted: State.save keeps keys from disk
+
+
 def _account(state: State, st: dict, usage, t0: float, status: str) -> None:
     st["cpu_s"] = st.get("cpu_s", 0.0) + usage.ru_utime + usage.ru_stime
     st["wall_s"] = st.get("wall_s", 0.0) + time.time() - t0
-    st["status"] = status
+    st.update(status=status, running_cpu_s=0.0, running_wall_s=0.0)
     state.save()
 
 

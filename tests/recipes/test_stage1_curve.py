@@ -4,6 +4,8 @@ checks, and a two-point tiny curve that runs, resumes as done, and reports a tab
 import gzip
 import importlib.util
 import json
+import os
+import time
 from pathlib import Path
 
 import pytest
@@ -79,6 +81,33 @@ def test_state_written_by_two_processes_keeps_both_figures(tmp_path):
     kept = {"status": "done", "steps": 10, "test": {"wer": 1.0}, "cpu_s": 0.0, "wall_s": 0.0}
     assert curve.State(tmp_path).data == {"a": kept}
     assert st is runner.point("a") and st["test"] == {"wer": 1.0}
+
+
+def test_cpu_seconds_read_from_proc_match_getrusage():
+    """The polled figure (``/proc/<pid>/stat``) against the kernel's own account of this process."""
+    import resource
+
+    deadline = time.process_time() + 0.3
+    while time.process_time() < deadline:  # some CPU time to compare
+        pass
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    expected = usage.ru_utime + usage.ru_stime
+    polled = curve.process_cpu_s(os.getpid())
+    assert polled == pytest.approx(expected, rel=0.05, abs=0.05)  # ticks of 10 ms, and the read itself
+    assert curve.process_cpu_s(2**22 + 1) is None  # above pid_max's default: no such process
+
+
+def test_a_killed_run_counts_its_polled_seconds_once(tmp_path):
+    """The runner died with the machine: its last poll joins the totals when the point runs again, once."""
+    state = curve.State(tmp_path)
+    st = state.point("a")
+    st.update(cpu_s=100.0, wall_s=60.0, running_cpu_s=30.0, running_wall_s=20.0, status="running")
+    state.save()
+    st = curve.State(tmp_path).point("a")
+    curve.fold_unaccounted(st)
+    assert (st["cpu_s"], st["wall_s"], st["running_cpu_s"], st["running_wall_s"]) == (130.0, 80.0, 0.0, 0.0)
+    curve.fold_unaccounted(st)
+    assert (st["cpu_s"], st["wall_s"]) == (130.0, 80.0)
 
 
 @pytest.mark.parametrize(
