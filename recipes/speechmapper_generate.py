@@ -129,6 +129,7 @@ class GenerateSettings:
     stuck_guard: Optional[StuckGuardSettings] = None  # off unless set (the paper has none)
     max_duration: float = 30.0  # seconds: longer audio is not generated
     overwrite: bool = False  # start over instead of resuming the rows of the same settings
+    restart_if_changed: bool = False  # start over where the rows were made with other settings, instead of an error
     max_items: Optional[int] = None
     instructions: Any = None  # JSON lines of instruction rows; none: ASR with the prompt
     task: str = "asr"
@@ -206,7 +207,9 @@ class GenerateRecipe:
         self.pad_id = self.model.pad_id
         self.prompt_text = self._prompt_text(None)
         if self.rank == 0:  # the settings check, overwrite, and the parts a killed multi-process run left
-            start_run(self.output_dir, self._settings(), overwrite=cfg.overwrite)
+            changed = start_run(self.output_dir, self._settings(), cfg.overwrite, cfg.get("restart_if_changed", False))
+            if changed:
+                log.info(f"{self.output_dir}: made with other settings ({'; '.join(changed)}): generating again")
             merge_parts(self.output_dir)
         self._barrier()
         self.out_path = self.output_dir / GENERATIONS

@@ -54,11 +54,16 @@ def settings_diff(old: Dict[str, Any], new: Dict[str, Any]) -> List[str]:
     return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 
-def start_run(output_dir: Path, settings: Dict[str, Any], overwrite: bool = False) -> None:
+def start_run(
+    output_dir: Path, settings: Dict[str, Any], overwrite: bool = False, restart_if_changed: bool = False
+) -> List[str]:
     """Resume the generations in ``output_dir`` only when they were made with ``settings``; with
-    ``overwrite`` start over. A mismatch is an error naming what differs."""
+    ``overwrite`` start over; with ``restart_if_changed`` start over only when they differ (returns what
+    differed). Otherwise a mismatch is an error naming what differs."""
     files = [output_dir / NOT_GENERATED, *_part_files(output_dir)]
-    start_resumable_output(output_dir / GENERATIONS, output_dir / SETTINGS, settings, overwrite, files, "generate")
+    return start_resumable_output(
+        output_dir / GENERATIONS, output_dir / SETTINGS, settings, overwrite, files, "generate", restart_if_changed
+    )
 
 
 def start_resumable_output(
@@ -68,27 +73,33 @@ def start_resumable_output(
     overwrite: bool,
     also_delete: Iterable[Path] = (),
     verb: str = "make",
-) -> None:
+    restart_if_changed: bool = False,
+) -> List[str]:
     """A resumable rows file (generations, labels) goes on only under the settings it was started with,
-    recorded beside it; ``overwrite`` deletes it, the record and ``also_delete`` first."""
+    recorded beside it; ``overwrite`` deletes it, the record and ``also_delete`` first, and so does
+    ``restart_if_changed`` where the settings differ (returned: each ``key: old -> new``)."""
     settings = json.loads(json.dumps(settings))  # as it reads back from JSON
-    if overwrite:
-        for f in (rows, recorded, *also_delete):
-            f.unlink(missing_ok=True)
+    diff: List[str] = []
     if recorded.is_file():
         diff = settings_diff(json.loads(recorded.read_text(encoding="utf-8")), settings)
-        if diff:
-            raise ValueError(
-                f"{rows} was made with other settings ({'; '.join(diff)}): pass overwrite=True "
-                f"to {verb} it again, or choose another output_dir"
-            )
     elif rows.is_file() and rows.stat().st_size:
+        diff = [f"no settings recorded ({recorded.name})"]
+    if overwrite or (diff and restart_if_changed):
+        for f in (rows, recorded, *also_delete):
+            f.unlink(missing_ok=True)
+    elif diff and recorded.is_file():
+        raise ValueError(
+            f"{rows} was made with other settings ({'; '.join(diff)}): pass overwrite=True "
+            f"to {verb} it again, or choose another output_dir"
+        )
+    elif diff:
         raise ValueError(
             f"{rows} records no settings ({recorded.name}), so it may come from another run: pass "
             f"overwrite=True to {verb} it again, or choose another output_dir"
         )
     rows.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(recorded, settings)
+    return diff if restart_if_changed and not overwrite else []
 
 
 def write_not_generated(path: Path, items: Iterable[Tuple[str, str]]) -> None:

@@ -2,7 +2,7 @@
 
 import json
 
-from speechmapper_tune.data.generation_data import GENERATIONS, NOT_GENERATED, merge_parts, part_file, start_run
+from speechmapper_tune.data.generation_data import GENERATIONS, NOT_GENERATED, SETTINGS, merge_parts, part_file, start_run
 
 
 def _write(path, rows, torn=""):
@@ -31,3 +31,19 @@ def test_merge_without_parts_writes_nothing_and_overwrite_removes_parts(tmp_path
     assert part_file(tmp_path, GENERATIONS, 1).is_file()
     start_run(tmp_path, {"k": 2}, overwrite=True)
     assert not part_file(tmp_path, GENERATIONS, 1).exists()
+
+
+def test_restart_if_changed_starts_over_only_on_other_settings(tmp_path):
+    """A shipped projector replaced since the last run (the demo): its rows go, rows of the same settings stay."""
+    import pytest
+
+    start_run(tmp_path, {"projector": {"step": 2000}})
+    _write(tmp_path / GENERATIONS, [{"id": "a"}])
+    assert start_run(tmp_path, {"projector": {"step": 2000}}, restart_if_changed=True) == []
+    assert _ids(tmp_path / GENERATIONS) == ["a"]  # same settings: resumed
+    with pytest.raises(ValueError, match=r"other settings \(projector.step: 2000 -> 5500\)"):
+        start_run(tmp_path, {"projector": {"step": 5500}})  # without it: the error, nothing deleted
+    assert _ids(tmp_path / GENERATIONS) == ["a"]
+    changed = start_run(tmp_path, {"projector": {"step": 5500}}, restart_if_changed=True)
+    assert changed == ["projector.step: 2000 -> 5500"] and not (tmp_path / GENERATIONS).exists()
+    assert json.loads((tmp_path / SETTINGS).read_text()) == {"projector": {"step": 5500}}
