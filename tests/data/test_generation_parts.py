@@ -2,7 +2,14 @@
 
 import json
 
-from speechmapper_tune.data.generation_data import GENERATIONS, NOT_GENERATED, SETTINGS, merge_parts, part_file, start_run
+from speechmapper_tune.data.generation_data import (
+    GENERATIONS,
+    NOT_GENERATED,
+    SETTINGS,
+    merge_parts,
+    part_file,
+    start_run,
+)
 
 
 def _write(path, rows, torn=""):
