@@ -87,11 +87,15 @@ def test_cpu_seconds_read_from_proc_match_getrusage():
     """The polled figure (``/proc/<pid>/stat``) against the kernel's own account of this process."""
     import resource
 
+    import subprocess
+    import sys
+
+    subprocess.run([sys.executable, "-c", "sum(range(10**7))"], check=True)  # a waited-for child's seconds
     deadline = time.process_time() + 0.3
-    while time.process_time() < deadline:  # some CPU time to compare
+    while time.process_time() < deadline:  # and some of this process's own
         pass
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    expected = usage.ru_utime + usage.ru_stime
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    expected = own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime  # waited-for children count too
     polled = curve.process_cpu_s(os.getpid())
     assert polled == pytest.approx(expected, rel=0.05, abs=0.05)  # ticks of 10 ms, and the read itself
     assert curve.process_cpu_s(2**22 + 1) is None  # above pid_max's default: no such process
