@@ -86,7 +86,6 @@ def test_state_written_by_two_processes_keeps_both_figures(tmp_path):
 def test_cpu_seconds_read_from_proc_match_getrusage():
     """The polled figure (``/proc/<pid>/stat``) against the kernel's own account of this process."""
     import resource
-
     import subprocess
     import sys
 
