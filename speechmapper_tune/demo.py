@@ -21,7 +21,8 @@ file doubles as the documentation of how to chain them:
    and a WER bar chart (PNG).
 
 Everything is resumable: a second run reuses the corpus, features, checkpoints and
-generations, and only re-evaluates (a few minutes). Sizes are set in ``SIZES``, ``STAGE1`` and
+generations, and only re-evaluates (a few minutes); a generation whose settings changed since (a newer
+shipped projector) is made again. Sizes are set in ``SIZES``, ``STAGE1`` and
 ``STAGE2`` below; a first run's time per phase is in docs/experiments.md.
 """
 
