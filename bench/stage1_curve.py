@@ -19,6 +19,7 @@ again on a new one and the table and plot still show it (its checkpoints and fea
 A point's training data is ``data.<name>.manifest`` or, with ``sentences: N``, its first N utterances
 (``cuts_first<N>.jsonl.gz`` beside it, so the features' ``extract_info.json`` still applies); while that
 manifest is still being extracted, the first N are cut from its finished shards once they hold N.
+``start_step: N`` (a point warm-started with ``init_projector`` from another's step N) draws its curve from step N on.
 ``epochs: E`` means E x the subset's batches per epoch (epoch 0's packing, at the point's
 ``max_tokens_per_batch``; items the recipe would skip still count); ``steps_of: other`` the other point's steps.
 A point whose data is not there yet is passed over for the next ready one; with none ready the runner
@@ -55,7 +56,7 @@ from typing import Dict, List, Optional
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = str(Path(__file__).with_suffix(".yaml"))  # the plan: not a recipe config, so beside its runner
 BUCKETS = ("seen_0_9", "seen_10_49", "seen_50_499", "seen_500_plus")
-POINT_KEYS = {"name", "data", "sentences", "steps", "epochs", "steps_of", "overrides", "group"}
+POINT_KEYS = {"name", "data", "sentences", "steps", "epochs", "steps_of", "overrides", "group", "start_step"}
 
 
 # ---------------------------------------------------------------- config and state
@@ -81,6 +82,8 @@ def load_curve(path: str) -> dict:
             raise ValueError(f"{where}: data={p.get('data')!r} is not one of data: {sorted(cfg['data'])}")
         if sum(k in p for k in ("steps", "epochs", "steps_of")) != 1:
             raise ValueError(f"{where}: set exactly one of steps, epochs, steps_of")
+        if not isinstance(p.get("start_step", 0), int) or p.get("start_step", 0) < 0:
+            raise ValueError(f"{where}: start_step={p['start_step']!r} must be a step count (0 or more)")
         if "steps_of" in p and p["steps_of"] not in names:
             raise ValueError(f"{where}: steps_of={p['steps_of']!r} must name an earlier point")
         names.add(p["name"])
@@ -493,7 +496,7 @@ def summarize(cfg: dict) -> List[dict]:
                 "wer_stuck": st.get("dev_wer_stuck"),
                 "buckets": {b: last.get(f"val_token_acc_{b}") for b in BUCKETS} if last else {},
                 "shares": {b: last.get(f"val_token_share_{b}") for b in BUCKETS} if last else {},
-                "curve": [(m["step"], m["val_token_acc"]) for m in val],
+                "curve": [(p.get("start_step", 0) + m["step"], m["val_token_acc"]) for m in val],
                 "cpu_h": st.get("cpu_s", 0.0) / 3600,
                 "wall_h": st.get("wall_s", 0.0) / 3600,
             }

@@ -48,6 +48,7 @@ def test_subset_from_the_finished_shards_then_from_the_manifest(tmp_path):
         ({"name": "a", "data": "y", "steps": 2}, "data='y' is not one of"),
         ({"name": "a", "data": "x", "steps_of": "b"}, "must name an earlier point"),
         ({"name": "a", "data": "x", "steps": 2, "lr": 1}, "unknown keys \\['lr'\\]"),
+        ({"name": "a", "data": "x", "steps": 2, "start_step": -1}, "start_step=-1 must be a step count"),
     ],
 )
 def test_curve_config_errors_name_the_point(tmp_path, point, message):
@@ -81,6 +82,24 @@ def test_state_written_by_two_processes_keeps_both_figures(tmp_path):
     kept = {"status": "done", "steps": 10, "test": {"wer": 1.0}, "cpu_s": 0.0, "wall_s": 0.0}
     assert curve.State(tmp_path).data == {"a": kept}
     assert st is runner.point("a") and st["test"] == {"wer": 1.0}
+
+
+def test_a_warm_started_point_is_drawn_from_its_start_step(tmp_path):
+    """``start_step``: the point's own steps 0..N plotted after the step its init checkpoint was at."""
+    results = tmp_path / "results"
+    results.mkdir()
+    metrics = [{"step": 0, "val_token_acc": 0.2}, {"step": 250, "val_token_acc": 0.25}]
+    (results / "decay.json").write_text(json.dumps({"state": {"status": "done", "steps": 250}, "metrics": metrics}))
+    cfg = {
+        "base_config": "tiny/stage1",
+        "output_dir": str(tmp_path / "curve"),
+        "results_dir": str(results),
+        "dev_manifest": "d",
+        "data": {"x": {"manifest": "m"}},
+        "points": [{"name": "decay", "data": "x", "steps": 250, "start_step": 9500}],
+    }
+    (row,) = curve.summarize(cfg)
+    assert row["curve"] == [(9500, 0.2), (9750, 0.25)] and row["step"] == 250  # the table keeps its own steps
 
 
 def test_cpu_seconds_read_from_proc_match_getrusage():
