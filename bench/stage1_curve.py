@@ -56,6 +56,7 @@ from typing import Dict, List, Optional
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = str(Path(__file__).with_suffix(".yaml"))  # the plan: not a recipe config, so beside its runner
 BUCKETS = ("seen_0_9", "seen_10_49", "seen_50_499", "seen_500_plus")
+ACCOUNT_EVERY_S = 60.0  # how often a running point's CPU and wall seconds are written to the state
 POINT_KEYS = {"name", "data", "sentences", "steps", "epochs", "steps_of", "overrides", "group", "start_step"}
 
 
@@ -255,8 +256,7 @@ def run_point(cfg: dict, point: dict, state: State, steps: int, manifest: Path, 
                 pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
                 if pid:
                     break
-                cpu = process_cpu_s(proc.pid)
-                if cpu is not None and time.time() - saved >= ACCOUNT_EVERY_S:
+                if time.time() - saved >= ACCOUNT_EVERY_S and (cpu := process_cpu_s(proc.pid)) is not None:
                     saved = time.time()
                     st.update(running_cpu_s=cpu, running_wall_s=saved - t0)
                     state.save()
@@ -352,9 +352,6 @@ def score_test(cfg: dict, name: str, nice: int = 0) -> dict:
     }
     state.save()
     return st["test"]
-
-
-ACCOUNT_EVERY_S = 60.0
 
 
 def process_cpu_s(pid: int) -> Optional[float]:

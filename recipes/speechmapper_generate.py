@@ -207,7 +207,7 @@ class GenerateRecipe:
         self.pad_id = self.model.pad_id
         self.prompt_text = self._prompt_text(None)
         if self.rank == 0:  # the settings check, overwrite, and the parts a killed multi-process run left
-            changed = start_run(self.output_dir, self._settings(), cfg.overwrite, cfg.get("restart_if_changed", False))
+            changed = start_run(self.output_dir, self._settings(), cfg.overwrite, cfg.restart_if_changed)
             if changed:
                 log.info(f"{self.output_dir}: made with other settings ({'; '.join(changed)}): generating again")
             merge_parts(self.output_dir)
